@@ -1,0 +1,49 @@
+from pathlib import Path
+
+from setuptools import setup
+
+# `converter` and `runtime` are taken on PyPI, so both install under the `coreml_sd` namespace.
+SOURCE_ROOTS = {"coreml_sd.converter": "converter", "coreml_sd.runtime": "runtime"}
+
+
+def subpackages(prefix: str, root: str) -> dict[str, str]:
+    return {
+        prefix + ".".join(("",) + init.parent.relative_to(root).parts).rstrip("."): str(init.parent)
+        for init in sorted(Path(root).rglob("__init__.py"))
+    }
+
+
+package_dir = {}
+for prefix, root in SOURCE_ROOTS.items():
+    package_dir.update(subpackages(prefix, root))
+
+setup(
+    name="coreml-sd",
+    version="0.1.0",
+    description="Convert Stable Diffusion to Core ML for the Apple Neural Engine and generate images from the packages",
+    python_requires=">=3.10",
+    package_dir=package_dir,
+    packages=sorted(package_dir),
+    package_data={"coreml_sd.converter": ["data/vocab.json", "data/merges.txt"]},
+    install_requires=[
+        "coremltools>=8.0",
+        "numpy<2.4",
+        "torch>=2.1",
+        "diffusers>=0.30",
+        "transformers>=4.40",
+        "huggingface_hub>=0.23",
+        "safetensors",
+        "scipy",
+        "pillow",
+    ],
+    extras_require={
+        "test": ["pytest"],
+        "palettize": ["scikit-learn"],
+    },
+    entry_points={
+        "console_scripts": [
+            "coreml-convert=coreml_sd.converter.cli:main",
+            "coreml-generate=coreml_sd.runtime.cli:main",
+        ]
+    },
+)
