@@ -1,0 +1,69 @@
+"""Pixels in and out: decoder output to PIL, input images to the encoder's range, PNGs with their settings."""
+import logging
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
+
+from .errors import GenerationError
+
+logger = logging.getLogger("coreml_sd.runtime")
+
+
+def to_pil(image: np.ndarray) -> Image.Image:
+    """(1, 3, H, W) in [-1, 1] (the VAEDecoder's output) to an RGB image, rounded as diffusers rounds."""
+    pixels = np.clip(image[0].transpose(1, 2, 0) / 2 + 0.5, 0, 1)
+    return Image.fromarray((pixels * 255).round().astype(np.uint8))
+
+
+def open_image(source: str | Path | Image.Image) -> Image.Image:
+    if isinstance(source, Image.Image):
+        return source.convert("RGB")
+    try:
+        with Image.open(source) as image:
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise GenerationError(f"no image at {source}; pass an existing image file to --image") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise GenerationError(f"{source} is not an image this runtime can read ({exc}); pass a PNG or JPEG") from None
+
+
+def to_encoder_input(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """(1, 3, H, W) in [-1, 1]; an image of another size is resized to the package's (width, height)."""
+    if image.size != size:
+        logger.warning("resized the input image from %dx%d to %dx%d, the package's size", *image.size, *size)
+        image = image.resize(size, Image.Resampling.LANCZOS)
+    pixels = np.asarray(image, dtype=np.float32) / 127.5 - 1
+    return pixels.transpose(2, 0, 1)[None]
+
+
+def contact_sheet(images: list[Image.Image]) -> Image.Image:
+    """The images on a near-square grid, row by row."""
+    columns = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / columns)
+    width, height = images[0].size
+    sheet = Image.new("RGB", (columns * width, rows * height), "white")
+    for index, image in enumerate(images):
+        sheet.paste(image, ((index % columns) * width, (index // columns) * height))
+    return sheet
+
+
+def save_png(image: Image.Image, path: Path, parameters: str | None = None) -> None:
+    """Write through a temporary file in the same folder and rename, so no half-written PNG is ever left."""
+    info = PngImagePlugin.PngInfo()
+    if parameters is not None:
+        info.add_text("parameters", parameters)
+    try:
+        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise GenerationError(f"cannot write to {path.parent} ({exc.strerror}); choose another -o") from None
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            image.save(file, format="PNG", pnginfo=info)
+        os.replace(temporary, path)
+    except OSError as exc:
+        os.unlink(temporary)
+        raise GenerationError(f"cannot write {path} ({exc.strerror or exc}); choose another -o") from None

@@ -1,0 +1,39 @@
+"""Prompt to text embeddings: CLIP's tokenizer and the TextEncoder, in the layout the Unet takes."""
+import logging
+from pathlib import Path
+
+import numpy as np
+from transformers import CLIPTokenizer
+
+from .backends import Model
+
+TEXT_LENGTH = 77
+logger = logging.getLogger("coreml_sd.runtime")
+
+
+class PromptEncoder:
+    def __init__(self, vocab_file: Path, merges_file: Path, text_encoder: Model):
+        # SD v1 pads with the end-of-text token.
+        self.tokenizer = CLIPTokenizer(
+            str(vocab_file), str(merges_file), model_max_length=TEXT_LENGTH, pad_token="<|endoftext|>"
+        )
+        self.text_encoder = text_encoder
+
+    def token_ids(self, prompt: str) -> np.ndarray:
+        """(1, 77) token ids; longer prompts lose their end, as in diffusers, with a warning saying how much."""
+        full = self.tokenizer(prompt, verbose=False).input_ids
+        if len(full) > TEXT_LENGTH:
+            dropped = full[TEXT_LENGTH - 1 : -1]  # what falls between the kept tokens and the end-of-text token
+            logger.warning(
+                "the prompt is %d tokens long but CLIP reads %d; the last %d tokens were dropped (%r)",
+                len(full), TEXT_LENGTH, len(dropped), self.tokenizer.decode(dropped),
+            )
+        return self.tokenizer(
+            prompt, padding="max_length", max_length=TEXT_LENGTH, truncation=True, return_tensors="np"
+        ).input_ids
+
+    def __call__(self, prompt: str) -> np.ndarray:
+        """(1, D, 1, 77): last_hidden_state (1, 77, D) with the channel axis first, as the Unet takes it."""
+        ids = self.token_ids(prompt).astype(np.float32)
+        hidden = self.text_encoder.predict({"input_ids": ids})["last_hidden_state"]
+        return np.ascontiguousarray(hidden.transpose(0, 2, 1)[:, :, None, :])
