@@ -1,5 +1,6 @@
 """The samplers, by the names users type: diffusers' schedulers configured from the package's scheduler config."""
 import inspect
+import math
 
 from diffusers import (
     DDIMScheduler,
@@ -13,20 +14,40 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from .errors import GenerationError
 
+
+class GaussLMSDiscreteScheduler(LMSDiscreteScheduler):
+    """diffusers' LMS with each coefficient integrated by two-point Gauss-Legendre instead of scipy's quadrature.
+
+    The integrand is a Lagrange basis polynomial of degree <= 3 in sigma (order <= 4), which two-point
+    Gauss-Legendre integrates exactly; scipy's adaptive quadrature gets the same number at ~0.6 ms each,
+    up to four per step.
+    """
+
+    def get_lms_coefficient(self, order: int, t: int, current_order: int) -> float:
+        sigmas = self.sigmas.tolist()
+        low, high = sigmas[t], sigmas[t + 1]
+        half, middle = (high - low) / 2, (high + low) / 2
+        others = [sigmas[t - k] for k in range(order) if k != current_order]
+        total = 0.0
+        for node in (middle - half / math.sqrt(3), middle + half / math.sqrt(3)):
+            total += math.prod((node - s) / (sigmas[t - current_order] - s) for s in others)
+        return total * half
+
+
 SCHEDULERS = {
     "pndm": PNDMScheduler,
     "ddim": DDIMScheduler,
     "euler": EulerDiscreteScheduler,
     "euler-a": EulerAncestralDiscreteScheduler,
     "dpm++": DPMSolverMultistepScheduler,
-    "lms": LMSDiscreteScheduler,
+    "lms": GaussLMSDiscreteScheduler,
 }
 DEFAULT_SCHEDULER = "pndm"
 
 
 def default_scheduler_name(config: dict) -> str:
     """The package's own scheduler when it is one of ours (as diffusers' pipelines do), else PNDM."""
-    by_class = {cls.__name__: name for name, cls in SCHEDULERS.items()}
+    by_class = {cls.__name__: name for name, cls in SCHEDULERS.items()} | {"LMSDiscreteScheduler": "lms"}
     return by_class.get(config.get("_class_name"), DEFAULT_SCHEDULER)
 
 
