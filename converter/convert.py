@@ -1,0 +1,40 @@
+"""One component, from PyTorch module to Core ML ML Program."""
+import coremltools as ct
+import numpy as np
+import torch
+
+from .components import ComponentSpec
+from .export import export_module
+
+TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+NUMPY_DTYPES = {"float16": np.float16, "float32": np.float32}
+MINIMUM_DEPLOYMENT_TARGET = ct.target.macOS13  # = iOS16: the oldest OS the Swift package supports
+
+
+def example_inputs(spec: ComponentSpec) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.zeros(t.shape, dtype=TORCH_DTYPES[t.dtype]) for t in spec.inputs)
+
+
+def trace(module: torch.nn.Module, spec: ComponentSpec) -> torch.export.ExportedProgram:
+    with torch.no_grad():
+        return export_module(module, example_inputs(spec))
+
+
+def to_ml_program(program: torch.export.ExportedProgram, spec: ComponentSpec) -> ct.models.MLModel:
+    """Convert with float16 compute and the contract's input and output names and dtypes."""
+    return ct.convert(
+        program,
+        inputs=[ct.TensorType(name=t.name, shape=t.shape, dtype=NUMPY_DTYPES[t.dtype]) for t in spec.inputs],
+        outputs=[ct.TensorType(name=t.name, dtype=NUMPY_DTYPES[t.dtype]) for t in spec.outputs],
+        convert_to="mlprogram",
+        compute_precision=ct.precision.FLOAT16,
+        minimum_deployment_target=MINIMUM_DEPLOYMENT_TARGET,
+        skip_model_load=True,
+    )
+
+
+def describe(model: ct.models.MLModel, spec: ComponentSpec, metadata: dict[str, str]) -> None:
+    """Xcode shows these descriptions; the metadata records what the package was made from."""
+    model.short_description = f"Stable Diffusion {spec.name}, converted by coreml-sd"
+    model.author = "coreml-sd"
+    model.user_defined_metadata.update(metadata)

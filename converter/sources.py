@@ -1,0 +1,224 @@
+"""Where a model comes from: an alias, a Hugging Face id, a local diffusers folder, or `tiny`.
+
+Every source is resolved to a `ModelSource`, which loads one component's modules at a time, in the
+dtype asked for, so a conversion holds only what the component it converts needs.
+"""
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import ConversionError
+
+ALIASES = {
+    "sd-v1-4": "CompVis/stable-diffusion-v1-4",
+    "sd-v1-5": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "sd-2-base": "stabilityai/stable-diffusion-2-base",
+    "sd-2-1-base": "stabilityai/stable-diffusion-2-1-base",
+}
+TINY = "tiny"
+
+# What a conversion reads from a diffusers folder; weights in safetensors, else PyTorch pickles.
+HUB_PATTERNS = [
+    "model_index.json",
+    "scheduler/*.json",
+    "tokenizer/*",
+    "text_encoder/config.json",
+    "text_encoder/model.safetensors",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.safetensors",
+]
+
+# Which pipeline modules each package component is built from.
+COMPONENT_MODULES = {
+    "TextEncoder": ("text_encoder",),
+    "Unet": ("unet",),
+    "VAEDecoder": ("vae",),
+    "VAEEncoder": ("vae",),
+}
+
+
+@dataclass
+class ModelParts:
+    """The subset of a StableDiffusionPipeline that the Neural Engine modules are built from."""
+
+    unet: torch.nn.Module | None = None
+    vae: torch.nn.Module | None = None
+    text_encoder: torch.nn.Module | None = None
+
+
+@dataclass
+class ModelSource:
+    """A resolved model: its configuration is read eagerly, its weights only per component."""
+
+    name: str
+    description: dict
+    folder: Path | None
+    scheduler_config: dict
+    text_width: int
+    sample_size: int
+    latent_scaling_factor: float
+    prediction_type: str
+    _tiny_pipeline: object = field(default=None, repr=False)
+
+    def load(self, component: str, dtype: torch.dtype) -> ModelParts:
+        """The pipeline modules `component` needs, in `dtype`, in eval mode."""
+        parts = ModelParts()
+        for module_name in COMPONENT_MODULES[component]:
+            module = self._load_module(module_name, dtype)
+            setattr(parts, module_name, module.eval().requires_grad_(False))
+        return parts
+
+    def _load_module(self, module_name: str, dtype: torch.dtype) -> torch.nn.Module:
+        if self._tiny_pipeline is not None:
+            return getattr(self._tiny_pipeline, module_name).to(dtype)
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        loader = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}[module_name]
+        try:
+            return loader.from_pretrained(self.folder, subfolder=module_name, torch_dtype=dtype)
+        except (OSError, ValueError) as error:
+            raise ConversionError(f"cannot load {module_name} from {self.folder}: {error}".splitlines()[0]) from error
+
+    def file_hashes(self, components: list[str]) -> dict[str, str]:
+        """SHA-256 of the configuration files and of the weights the given components are built from."""
+        if self.folder is None:
+            return {}
+        subfolders = {"scheduler", "tokenizer"} | {m for c in components for m in COMPONENT_MODULES[c]}
+        hashes = {}
+        for path in sorted(self.folder.rglob("*")):
+            relative = path.relative_to(self.folder)
+            if path.is_file() and (len(relative.parts) == 1 or relative.parts[0] in subfolders):
+                hashes[str(relative)] = _sha256(path)
+        return hashes
+
+    def write_tokenizer_files(self, destination: Path) -> None:
+        """vocab.json and merges.txt, as the Swift package reads them."""
+        if self._tiny_pipeline is not None:
+            from .tiny import clip_vocabulary_files
+
+            for path in clip_vocabulary_files():
+                (destination / Path(path).name).write_bytes(Path(path).read_bytes())
+            return
+        tokenizer_folder = self.folder / "tokenizer"
+        if (tokenizer_folder / "vocab.json").is_file() and (tokenizer_folder / "merges.txt").is_file():
+            for name in ("vocab.json", "merges.txt"):
+                (destination / name).write_bytes((tokenizer_folder / name).read_bytes())
+            return
+        if (tokenizer_folder / "tokenizer.json").is_file():
+            # Folders saved by transformers 5 keep only tokenizer.json; its BPE model writes both files back.
+            from tokenizers import Tokenizer
+
+            Tokenizer.from_file(str(tokenizer_folder / "tokenizer.json")).model.save(str(destination))
+            return
+        raise ConversionError(f"{tokenizer_folder} has neither vocab.json + merges.txt nor tokenizer.json")
+
+
+def list_models() -> list[tuple[str, str]]:
+    return [(TINY, "embedded SD-architecture model with random weights, for trying things out")] + [
+        (alias, hub_id) for alias, hub_id in ALIASES.items()
+    ]
+
+
+def resolve(model: str, revision: str | None = None) -> ModelSource:
+    """Turn `--model` into a ModelSource: tiny, an alias, a local folder or a Hugging Face id."""
+    if model == TINY:
+        return _tiny_source()
+    if Path(model).expanduser().is_dir():
+        folder = Path(model).expanduser().resolve()
+        return _folder_source(folder, name=folder.name, description={"path": str(folder)})
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise ConversionError(f"{model} is not a folder; pass a diffusers model folder, a Hugging Face id or an alias (coreml-convert --list-models)")
+    hub_id = ALIASES.get(model, model)
+    if "/" not in hub_id:
+        known = ", ".join(name for name, _ in list_models())
+        raise ConversionError(f"unknown model {model!r}: use one of {known}, a Hugging Face id (org/name) or a local folder")
+    folder = _download(hub_id, revision)
+    name = model if model in ALIASES else hub_id.split("/")[-1]
+    return _folder_source(folder, name=name, description={"id": hub_id, "revision": revision})
+
+
+def _download(hub_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        return Path(snapshot_download(hub_id, revision=revision, allow_patterns=HUB_PATTERNS))
+    except GatedRepoError:
+        raise ConversionError(f"{hub_id} is gated: accept its license on huggingface.co and log in (hf auth login), or pass a local folder") from None
+    except RepositoryNotFoundError:
+        raise ConversionError(f"{hub_id} was not found on the Hugging Face hub (or is private: log in with hf auth login), or pass a local folder") from None
+    except RevisionNotFoundError:
+        raise ConversionError(f"{hub_id} has no revision {revision!r}") from None
+    except LocalEntryNotFoundError:
+        raise ConversionError(f"cannot reach the Hugging Face hub to download {hub_id}, and it is not in the local cache: connect to the network (or log in and accept the model's license), or pass a local diffusers folder") from None
+    except HfHubHTTPError as error:
+        raise ConversionError(f"downloading {hub_id} failed: {str(error).splitlines()[0]}") from None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConversionError(f"{path} is missing: is {path.parent.parent} a diffusers Stable Diffusion folder?") from None
+    except json.JSONDecodeError as error:
+        raise ConversionError(f"{path} is not valid JSON ({error})") from None
+
+
+def _folder_source(folder: Path, name: str, description: dict) -> ModelSource:
+    if not (folder / "model_index.json").is_file() and not (folder / "unet").is_dir():
+        raise ConversionError(f"{folder} is not a diffusers model folder (no model_index.json): convert a folder saved with save_pretrained")
+    unet_config = _read_json(folder / "unet" / "config.json")
+    text_config = _read_json(folder / "text_encoder" / "config.json")
+    vae_config = _read_json(folder / "vae" / "config.json")
+    scheduler_config = _read_json(folder / "scheduler" / "scheduler_config.json")
+    return ModelSource(
+        name=name,
+        description=description,
+        folder=folder,
+        scheduler_config=scheduler_config,
+        text_width=int(text_config["hidden_size"]),
+        sample_size=int(unet_config["sample_size"]),
+        latent_scaling_factor=float(vae_config.get("scaling_factor", 0.18215)),
+        prediction_type=scheduler_config.get("prediction_type", "epsilon"),
+    )
+
+
+def _tiny_source() -> ModelSource:
+    from .tiny import build_tiny_pipeline
+
+    pipeline = build_tiny_pipeline()
+    return ModelSource(
+        name=TINY,
+        description={"model": TINY, "seed": 0},
+        folder=None,
+        scheduler_config=dict(pipeline.scheduler.config),
+        text_width=pipeline.text_encoder.config.hidden_size,
+        sample_size=pipeline.unet.config.sample_size,
+        latent_scaling_factor=pipeline.vae.config.scaling_factor,
+        prediction_type=pipeline.scheduler.config.prediction_type,
+        _tiny_pipeline=pipeline,
+    )
+
+
+def _sha256(path: Path) -> str:
+    # In the Hugging Face cache a file links to a blob named by its SHA-256 (for weights): reuse it.
+    blob = path.resolve().name
+    if path.is_symlink() and len(blob) == 64 and all(c in "0123456789abcdef" for c in blob):
+        return blob
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        while chunk := stream.read(1 << 23):
+            digest.update(chunk)
+    return digest.hexdigest()
