@@ -1,0 +1,115 @@
+"""ReferenceModel: a saved ML Program package, run with PyTorch behind Core ML's predict() contract."""
+from pathlib import Path
+
+import coremltools as ct
+import numpy as np
+import torch
+from coremltools.converters.mil.frontend.milproto.load import load as load_mil_program
+from coremltools.proto import FeatureTypes_pb2
+
+from .program import CompiledFunction
+
+TensorDescription = tuple[tuple[int, ...], np.dtype]
+
+_ARRAY_DTYPES = {
+    "FLOAT16": np.dtype(np.float16),
+    "FLOAT32": np.dtype(np.float32),
+    "DOUBLE": np.dtype(np.float64),
+    "INT32": np.dtype(np.int32),
+    "INT8": np.dtype(np.int8),
+}
+_TORCH_DTYPES = {
+    np.dtype(np.float16): torch.float16,
+    np.dtype(np.float32): torch.float32,
+    np.dtype(np.float64): torch.float64,
+    np.dtype(np.int32): torch.int32,
+    np.dtype(np.int8): torch.int8,
+}
+
+
+def default_device() -> torch.device:
+    """CUDA or MPS when PyTorch sees one, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+class ReferenceModel:
+    """Loads `path` (an ML Program `.mlpackage`) and evaluates it op by op.
+
+    `precision="float16"` reproduces Core ML's float16 numerics (see the package docstring);
+    `precision="float32"` holds every value in float32, to tell rounding effects from conversion
+    errors. `device` defaults to `default_device()`.
+    """
+
+    def __init__(self, path: str | Path, precision: str = "float16", device: str | torch.device | None = None):
+        self.path = Path(path)
+        if not (self.path / "Manifest.json").is_file():
+            raise FileNotFoundError(f"{self.path} is not an .mlpackage (no Manifest.json in it)")
+        self.precision = precision
+        self.device = torch.device(device) if device is not None else default_device()
+        mlmodel = ct.models.MLModel(str(self.path), skip_model_load=True)
+        spec = mlmodel.get_spec()
+        if spec.WhichOneof("Type") != "mlProgram":
+            raise ValueError(f"{self.path.name} is a {spec.WhichOneof('Type')} model; only ML Programs can be run")
+        self.input_description = _describe(spec.description.input, self.path.name)
+        self.output_description = _describe(spec.description.output, self.path.name)
+        program = load_mil_program(spec, spec.specificationVersion, mlmodel.weights_dir or "")
+        function = program.functions[program.default_function_name]
+        self._function = CompiledFunction(function, precision, self.device, source=self.path.name)
+        missing = set(self.output_description) - {name for name, _ in self._function.output_slots}
+        if missing:
+            raise ValueError(f"{self.path.name}: outputs {sorted(missing)} of the description are not produced by its program")
+
+    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the model on NumPy inputs named, shaped and typed as `input_description` says;
+        returns the outputs as NumPy arrays in the dtypes `output_description` declares."""
+        self._check_inputs(inputs)
+        tensors = {
+            name: torch.from_numpy(np.ascontiguousarray(inputs[name])).to(self.device, dtype)
+            for name, (_, dtype) in self._function.input_slots.items()
+        }
+        with torch.inference_mode():
+            outputs = self._function(tensors)
+        return {
+            name: outputs[name].to(_TORCH_DTYPES[dtype]).cpu().numpy()
+            for name, (_, dtype) in self.output_description.items()
+        }
+
+    def _check_inputs(self, inputs: dict[str, np.ndarray]) -> None:
+        expected = ", ".join(f"{name} {_format(d)}" for name, d in self.input_description.items())
+        unknown = sorted(set(inputs) - set(self.input_description))
+        if unknown:
+            raise ValueError(f"{self.path.name} has no input named {unknown[0]!r}; it takes {expected}")
+        for name, (shape, dtype) in self.input_description.items():
+            if name not in inputs:
+                raise ValueError(f"{self.path.name}: input {name!r} is missing; it takes {expected}")
+            value = inputs[name]
+            if not isinstance(value, np.ndarray):
+                raise ValueError(f"{self.path.name}: input {name!r} must be a numpy array, not {type(value).__name__}")
+            if value.shape != shape:
+                raise ValueError(f"{self.path.name}: input {name!r} has shape {value.shape}; expected {shape}")
+            if value.dtype != dtype:
+                raise ValueError(
+                    f"{self.path.name}: input {name!r} has dtype {value.dtype}; expected {dtype} "
+                    f"(convert with .astype(np.{dtype}))"
+                )
+
+
+def _format(description: TensorDescription) -> str:
+    shape, dtype = description
+    return f"{dtype}{list(shape)}"
+
+
+def _describe(features, package: str) -> dict[str, TensorDescription]:
+    """name -> (shape, numpy dtype) of the multi-array features of a model description."""
+    described = {}
+    for feature in features:
+        if feature.type.WhichOneof("Type") != "multiArrayType":
+            raise ValueError(f"{package}: feature {feature.name!r} is not a multi-array; only multi-arrays are supported")
+        array = feature.type.multiArrayType
+        dtype_name = FeatureTypes_pb2.ArrayFeatureType.ArrayDataType.Name(array.dataType)
+        described[feature.name] = (tuple(int(d) for d in array.shape), _ARRAY_DTYPES[dtype_name])
+    return described

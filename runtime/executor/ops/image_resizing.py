@@ -1,0 +1,129 @@
+"""MIL resampling of the last two dims (coremltools `ops/defs/iOS15/image_resizing.py`, iOS 16's
+half_pixel_centers).
+
+Bilinear ops are written as one rule: each output position i along an axis samples the input at a
+real-valued grid point (clamped to [0, X_in - 1]), interpolating linearly between its two
+neighbours; the ops differ only in how they place the grid points.
+"""
+import math
+
+import torch
+
+from ..registry import register
+
+
+def _interpolate_axis(x: torch.Tensor, dim: int, grid: torch.Tensor) -> torch.Tensor:
+    """Linear interpolation of x along `dim` at the (float) positions `grid`."""
+    size = x.shape[dim]
+    grid = grid.clamp(0, size - 1)
+    below = grid.floor().long()
+    above = (below + 1).clamp(max=size - 1)
+    weight = (grid - below).reshape((-1,) + (1,) * (x.dim() - 1 - dim % x.dim()))
+    return x.index_select(dim, below) * (1 - weight) + x.index_select(dim, above) * weight
+
+
+def _bilinear(x: torch.Tensor, grid_h: torch.Tensor, grid_w: torch.Tensor) -> torch.Tensor:
+    return _interpolate_axis(_interpolate_axis(x, -2, grid_h), -1, grid_w)
+
+
+def _positions(size: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(size, dtype=torch.float32, device=device)
+
+
+def _align_corners_grid(size_in: int, size_out: int, device) -> torch.Tensor:
+    """First and last grid points on the first and last input elements."""
+    spacing = (size_in - 1) / (size_out - 1) if size_out > 1 else 0.0
+    return _positions(size_out, device) * spacing
+
+
+def _half_pixel_grid(size_in: int, size_out: int, device) -> torch.Tensor:
+    """Pixel centres mapped onto pixel centres."""
+    spacing = size_in / size_out
+    return _positions(size_out, device) * spacing + 0.5 * spacing - 0.5
+
+
+def _asymmetric_grid(size_in: int, size_out: int, device) -> torch.Tensor:
+    """Output pixel corners mapped onto input pixel corners."""
+    return _positions(size_out, device) * (size_in / size_out)
+
+
+@register("upsample_bilinear", widen=True)
+def upsample_bilinear(
+    x: torch.Tensor,
+    scale_factor_height: torch.Tensor | int = 1,
+    scale_factor_width: torch.Tensor | int = 1,
+    align_corners: bool = True,
+    half_pixel_centers: bool | None = None,
+) -> torch.Tensor:
+    """Output size floor(X_in * scale). align_corners: grid i (X_in - 1) / (X_out - 1); otherwise, with
+    half_pixel_centers (the default when not align_corners): (i + 0.5) X_in / X_out - 0.5; with
+    neither: i X_in / X_out."""
+    if half_pixel_centers is None:
+        half_pixel_centers = not align_corners
+    grids = []
+    for size_in, scale in ((x.shape[-2], scale_factor_height), (x.shape[-1], scale_factor_width)):
+        size_out = math.floor(size_in * float(scale))
+        if align_corners:
+            grids.append(_align_corners_grid(size_in, size_out, x.device))
+        elif half_pixel_centers:
+            grids.append(_half_pixel_grid(size_in, size_out, x.device))
+        else:
+            grids.append(_asymmetric_grid(size_in, size_out, x.device))
+    return _bilinear(x, *grids)
+
+
+def _sampling_grid(mode: str, size_in: int, size_out: int, device) -> torch.Tensor:
+    """resize_bilinear's sampling modes, as the MIL reference defines their grid points."""
+    if mode == "STRICT_ALIGN_CORNERS" or (mode == "ALIGN_CORNERS" and size_out > 1):
+        return _align_corners_grid(size_in, size_out, device)
+    if mode == "ALIGN_CORNERS":
+        return torch.full((1,), (size_in - 1) / 2, device=device)
+    if mode == "DEFAULT":
+        spacing = (size_in - size_in / size_out) / (size_out - 1) if size_out > 1 else 0.0
+        return _positions(size_out, device) * spacing
+    if mode == "OFFSET_CORNERS":
+        delta = max(1, size_in - 1) / size_out
+        return 0.5 * delta + _positions(size_out, device) * delta
+    if mode == "UNALIGN_CORNERS":
+        return _half_pixel_grid(size_in, size_out, device)
+    raise ValueError(f"resize_bilinear sampling_mode {mode!r} is not a MIL sampling mode")
+
+
+@register("resize_bilinear", widen=True)
+def resize_bilinear(
+    x: torch.Tensor, target_size_height: int = 1, target_size_width: int = 1, sampling_mode: str = "DEFAULT"
+) -> torch.Tensor:
+    grid_h = _sampling_grid(sampling_mode, x.shape[-2], target_size_height, x.device)
+    grid_w = _sampling_grid(sampling_mode, x.shape[-1], target_size_width, x.device)
+    return _bilinear(x, grid_h, grid_w)
+
+
+def _nearest(x: torch.Tensor, size_h: int, size_w: int, step_h: float, step_w: float) -> torch.Tensor:
+    """Output (i, j) copies input (floor(i step_h), floor(j step_w))."""
+    rows = (_positions(size_h, x.device) * step_h).floor().long().clamp(max=x.shape[-2] - 1)
+    columns = (_positions(size_w, x.device) * step_w).floor().long().clamp(max=x.shape[-1] - 1)
+    return x.index_select(-2, rows).index_select(-1, columns)
+
+
+@register("upsample_nearest_neighbor")
+def upsample_nearest_neighbor(
+    x: torch.Tensor, scale_factor_height: torch.Tensor | int = 1, scale_factor_width: torch.Tensor | int = 1
+) -> torch.Tensor:
+    """Output size floor(X_in * scale); output i copies input floor(i / scale)."""
+    scale_h, scale_w = float(scale_factor_height), float(scale_factor_width)
+    if scale_h.is_integer() and scale_w.is_integer():
+        return x.repeat_interleave(int(scale_h), dim=-2).repeat_interleave(int(scale_w), dim=-1)
+    size_h, size_w = math.floor(x.shape[-2] * scale_h), math.floor(x.shape[-1] * scale_w)
+    return _nearest(x, size_h, size_w, 1 / scale_h, 1 / scale_w)
+
+
+@register("resize_nearest_neighbor")
+def resize_nearest_neighbor(x: torch.Tensor, target_size_height: int, target_size_width: int) -> torch.Tensor:
+    """Output i copies input floor(i X_in / X_out)."""
+    return _nearest(
+        x,
+        target_size_height,
+        target_size_width,
+        x.shape[-2] / target_size_height,
+        x.shape[-1] / target_size_width,
+    )

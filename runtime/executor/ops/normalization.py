@@ -1,0 +1,79 @@
+"""MIL normalisations (coremltools `ops/defs/iOS15/normalization.py`), computed in float32.
+
+Variances are population variances (divided by N, as in PyTorch's norms).
+"""
+import torch
+import torch.nn.functional as F
+
+from ..registry import register
+
+
+@register("layer_norm", widen=True)
+def layer_norm(
+    x: torch.Tensor,
+    axes: list[int] | None = None,
+    gamma: torch.Tensor | None = None,
+    beta: torch.Tensor | None = None,
+    epsilon: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """gamma * (x - mean) / sqrt(var + epsilon) + beta, statistics over `axes` (default: all).
+
+    gamma and beta have the shape x.shape[axes], in the order `axes` lists them.
+    """
+    eps = 1e-5 if epsilon is None else float(epsilon)
+    rank = x.dim()
+    axes = list(range(rank)) if axes is None else [a % rank for a in axes]
+    trailing = list(range(rank - len(axes), rank))
+    if axes == trailing:
+        return F.layer_norm(x, x.shape[rank - len(axes):], gamma, beta, eps)
+    variance, mean = torch.var_mean(x, dim=axes, keepdim=True, unbiased=False)
+    result = (x - mean) * torch.rsqrt(variance + eps)
+    if gamma is not None:
+        result = result * _on_axes(gamma, axes, rank)
+    if beta is not None:
+        result = result + _on_axes(beta, axes, rank)
+    return result
+
+
+def _on_axes(values: torch.Tensor, axes: list[int], rank: int) -> torch.Tensor:
+    """A tensor shaped x.shape[axes] reshaped to broadcast against x along `axes`."""
+    order = sorted(range(len(axes)), key=lambda i: axes[i])
+    values = values.permute(order)
+    shape = [1] * rank
+    for axis, size in zip(sorted(axes), values.shape):
+        shape[axis] = size
+    return values.reshape(shape)
+
+
+@register("instance_norm", widen=True)
+def instance_norm(
+    x: torch.Tensor,
+    gamma: torch.Tensor | None = None,
+    beta: torch.Tensor | None = None,
+    epsilon: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Normalise each (sample, channel) of x [N, C, *D] over its spatial dims; gamma, beta [C]."""
+    eps = 1e-5 if epsilon is None else float(epsilon)
+    return F.instance_norm(x, weight=gamma, bias=beta, eps=eps)
+
+
+@register("batch_norm", widen=True)
+def batch_norm(
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    variance: torch.Tensor,
+    gamma: torch.Tensor | None = None,
+    beta: torch.Tensor | None = None,
+    epsilon: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Inference batch norm with the given per-channel (axis 1) mean and variance."""
+    eps = 1e-5 if epsilon is None else float(epsilon)
+    return F.batch_norm(x, mean, variance, weight=gamma, bias=beta, training=False, eps=eps)
+
+
+@register("l2_norm", widen=True)
+def l2_norm(x: torch.Tensor, epsilon: torch.Tensor | None = None) -> torch.Tensor:
+    """x / sqrt(sum(x^2) + epsilon), the sum over the last three dims (the leading ones are batch)."""
+    eps = 1e-6 if epsilon is None else float(epsilon)
+    sum_of_squares = torch.sum(x * x, dim=(-3, -2, -1), keepdim=True)
+    return x / torch.sqrt(sum_of_squares + eps)

@@ -1,0 +1,250 @@
+"""Compile a MIL function into a list of PyTorch steps, and run it.
+
+Compilation happens once, at load: constants (weights included) become tensors of the dtype their
+consumer computes in, `constexpr_*` ops are decompressed, attribute inputs become Python values, and
+each op becomes a closure that reads its tensor inputs from a slot list, calls the op's function
+from the table, casts its outputs to their declared dtypes and clears the slots whose last reader it
+is, so that a value's memory is released as soon as nothing needs it.
+"""
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from coremltools.converters.mil.mil import types
+
+from . import ops  # noqa: F401  (fills the op table)
+from .registry import OpImplementation, lookup
+
+PRECISIONS = ("float16", "float32")
+
+_TORCH_DTYPES = {
+    "fp16": torch.float16,
+    "fp32": torch.float32,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+
+
+class UnsupportedOperationError(NotImplementedError):
+    """A program uses a MIL op that the executor's op table lacks."""
+
+
+def unsupported_operations(function, source: str) -> None:
+    """Raise UnsupportedOperationError naming every op type of `function` that has no implementation."""
+    missing = sorted(
+        {op.op_type for op in function.operations if op.op_type != "const" and lookup(op.op_type, op.opset_version) is None}
+    )
+    if missing:
+        raise UnsupportedOperationError(
+            f"{source} uses MIL op{'s' if len(missing) > 1 else ''} {', '.join(missing)}, "
+            "which the reference executor does not implement"
+        )
+
+
+def _mil_dtype(var) -> str:
+    return types.builtin_to_string(var.dtype)
+
+
+@dataclass(frozen=True)
+class Numerics:
+    """How MIL element types are held: float16 values stay float16 unless precision is float32."""
+
+    precision: str
+    device: torch.device
+
+    def dtype(self, var) -> torch.dtype:
+        name = _mil_dtype(var)
+        if name == "fp16" and self.precision == "float32":
+            return torch.float32
+        if name not in _TORCH_DTYPES:
+            raise UnsupportedOperationError(f"values of MIL type {name} ({var.name}) are not supported")
+        return _TORCH_DTYPES[name]
+
+    def compute_dtype(self, var, implementation: OpImplementation) -> torch.dtype:
+        """The dtype an op receives `var` in: float16 is widened for ops that accumulate in float32."""
+        dtype = self.dtype(var)
+        return torch.float32 if implementation.widen and dtype == torch.float16 else dtype
+
+
+class CompiledFunction:
+    """A MIL function as a callable: dict of input tensors -> dict of output tensors."""
+
+    def __init__(self, function, precision: str, device: torch.device, source: str):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+        unsupported_operations(function, source)
+        self.numerics = Numerics(precision, device)
+        self._constants: dict[str, object] = {}  # var name -> value as loaded (NumPy / str / scalar)
+        self._tensors: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+        self._slots: dict[str, int] = {}
+        self.input_slots = {name: (self._slot(var), self.numerics.dtype(var)) for name, var in function.inputs.items()}
+        self.steps = self._compile_ops(function)
+        self.output_slots = [(var.name, self._output_source(var)) for var in function.outputs]
+        self._release_after_last_use()
+        # The steps hold what they need; the load-time copies can go.
+        self._constants.clear()
+        self._tensors.clear()
+
+    # --- compilation ---
+
+    def _slot(self, var) -> int:
+        return self._slots.setdefault(var.name, len(self._slots))
+
+    def _compile_ops(self, function) -> list["_Step"]:
+        steps = []
+        for op in function.operations:
+            if op.op_type == "const":
+                self._constants[op.outputs[0].name] = op.outputs[0].val
+                continue
+            implementation = lookup(op.op_type, op.opset_version)
+            if implementation.load_time:
+                self._evaluate_at_load(op, implementation)
+            else:
+                steps.append(self._compile_op(op, implementation))
+        return steps
+
+    def _evaluate_at_load(self, op, implementation: OpImplementation) -> None:
+        arguments = {name: self._constants[var.name] for name, var in op.inputs.items()}
+        results = implementation.function(**arguments)
+        results = results if isinstance(results, tuple) else (results,)
+        for var, value in zip(op.outputs, results):
+            self._constants[var.name] = value
+
+    def _compile_op(self, op, implementation: OpImplementation) -> "_Step":
+        step = _Step(op.op_type, op.name, implementation.function)
+        for name, value in op.inputs.items():
+            spec = op.input_spec.input_types[name]
+            if isinstance(value, (list, tuple)):
+                step.sequences[name] = [self._tensor_argument(var, implementation) for var in value]
+            elif value.name in self._constants and spec.const and not types.is_float(value.dtype):
+                step.bound[name] = _python_value(self._constants[value.name])
+            else:
+                step.add_tensor(name, self._tensor_argument(value, implementation))
+        for var in op.outputs:
+            shape = tuple(var.shape) if all(isinstance(d, int) for d in var.shape) else None
+            step.outputs.append((self._slot(var), self.numerics.dtype(var), shape))
+        return step
+
+    def _tensor_argument(self, var, implementation: OpImplementation) -> "int | torch.Tensor | _Widened":
+        """A constant tensor in the dtype the op computes in, or the slot of a runtime value."""
+        dtype = self.numerics.compute_dtype(var, implementation)
+        if var.name in self._constants:
+            return self._constant_tensor(var, dtype)
+        slot = self._slot(var)
+        return _Widened(slot) if dtype != self.numerics.dtype(var) else slot
+
+    def _constant_tensor(self, var, dtype: torch.dtype) -> torch.Tensor:
+        key = (var.name, dtype)
+        if key not in self._tensors:
+            value = np.asarray(self._constants[var.name])
+            if value.dtype == np.uint16 or value.dtype == np.uint32:
+                value = value.astype(np.int64)
+            self._tensors[key] = torch.from_numpy(np.ascontiguousarray(value)).to(self.numerics.device, dtype)
+        return self._tensors[key]
+
+    def _output_source(self, var) -> "int | torch.Tensor":
+        if var.name in self._constants:
+            return self._constant_tensor(var, self.numerics.dtype(var))
+        return self._slot(var)
+
+    def _release_after_last_use(self) -> None:
+        """Give each step the slots it reads or writes for the last time (function outputs stay)."""
+        keep = {slot for _, slot in self.output_slots if isinstance(slot, int)}
+        last_use = {slot: -1 for slot, _ in self.input_slots.values()}
+        for index, step in enumerate(self.steps):
+            for slot in step.slots_used():
+                last_use[slot] = index
+        releases: dict[int, list[int]] = {}
+        for slot, index in last_use.items():
+            if slot not in keep:
+                releases.setdefault(index, []).append(slot)
+        self.unused_inputs = releases.pop(-1, [])
+        for index, step in enumerate(self.steps):
+            step.release = releases.get(index, [])
+
+    # --- execution ---
+
+    def __call__(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        env: list[torch.Tensor | None] = [None] * len(self._slots)
+        for name, (slot, _) in self.input_slots.items():
+            env[slot] = inputs[name]
+        for slot in self.unused_inputs:
+            env[slot] = None
+        for step in self.steps:
+            step(env)
+        return {name: env[source] if isinstance(source, int) else source for name, source in self.output_slots}
+
+
+@dataclass(frozen=True)
+class _Widened:
+    """A runtime float16 value that the op receives in float32."""
+
+    slot: int
+
+
+def _python_value(value):
+    """Attribute constants as plain Python: str, scalars, or (nested) lists."""
+    if isinstance(value, str):
+        return value
+    value = np.asarray(value)
+    return value.item() if value.ndim == 0 else value.tolist()
+
+
+class _Step:
+    """One op: static arguments bound at load, tensor arguments read from slots at run time."""
+
+    def __init__(self, op_type: str, name: str, function: Callable):
+        self.op_type, self.name, self.function = op_type, name, function
+        self.bound: dict[str, object] = {}  # attribute values and constant tensors, fixed at load
+        self.slot_inputs: list[tuple[str, int]] = []
+        self.widened_inputs: list[tuple[str, int]] = []
+        self.sequences: dict[str, list] = {}  # tuple inputs (concat's values, ...)
+        self.outputs: list[tuple[int, torch.dtype, tuple[int, ...] | None]] = []
+        self.release: list[int] = []
+
+    def add_tensor(self, name: str, argument) -> None:
+        if isinstance(argument, torch.Tensor):
+            self.bound[name] = argument
+        elif isinstance(argument, _Widened):
+            self.widened_inputs.append((name, argument.slot))
+        else:
+            self.slot_inputs.append((name, argument))
+
+    def slots_used(self) -> list[int]:
+        used = [slot for _, slot in self.slot_inputs] + [slot for _, slot in self.widened_inputs]
+        for items in self.sequences.values():
+            used += [item.slot if isinstance(item, _Widened) else item for item in items if not isinstance(item, torch.Tensor)]
+        return used + [slot for slot, _, _ in self.outputs]
+
+    def __call__(self, env: list) -> None:
+        arguments = dict(self.bound)
+        for name, slot in self.slot_inputs:
+            arguments[name] = env[slot]
+        for name, slot in self.widened_inputs:
+            arguments[name] = env[slot].float()
+        for name, items in self.sequences.items():
+            arguments[name] = [_read(item, env) for item in items]
+        results = self.function(**arguments)
+        if not isinstance(results, tuple):
+            results = (results,)
+        for (slot, dtype, shape), result in zip(self.outputs, results):
+            if shape is not None and tuple(result.shape) != shape:
+                raise RuntimeError(
+                    f"executor bug: {self.op_type} {self.name!r} produced shape {tuple(result.shape)}, "
+                    f"the program declares {shape}"
+                )
+            env[slot] = result if result.dtype == dtype else result.to(dtype)
+        for slot in self.release:
+            env[slot] = None
+
+
+def _read(item, env: Sequence) -> torch.Tensor:
+    if isinstance(item, torch.Tensor):
+        return item
+    if isinstance(item, _Widened):
+        return env[item.slot].float()
+    return env[item]
