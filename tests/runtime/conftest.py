@@ -1,0 +1,51 @@
+"""Shared fixtures: the tiny diffusers pipeline (the reference), its converted packages, contract-shaped models."""
+import numpy as np
+import pytest
+import torch
+
+from coreml_sd.converter.components import ModelDimensions, component_spec
+from coreml_sd.converter.tiny import TEXT_WIDTH, build_tiny_pipeline
+
+TINY_SIZE = 128
+
+
+@pytest.fixture(scope="session")
+def tiny_reference():
+    return build_tiny_pipeline()
+
+
+class ContractModel:
+    """One component computed by the tiny pipeline's own float32 PyTorch modules, behind the package contract.
+
+    It isolates the pipeline's logic (tokens, guidance, schedule, noise, layouts) from float16 numerics: with
+    it, the runtime must reproduce diffusers to the last bit an 8-bit image can show.
+    """
+
+    def __init__(self, name: str, reference, unet_batch_size: int):
+        self.name, self.reference = name, reference
+        dims = ModelDimensions(TEXT_WIDTH, TINY_SIZE, TINY_SIZE, unet_batch_size)
+        self.input_description = {t.name: (t.shape, np.dtype(t.dtype)) for t in component_spec(name, dims).inputs}
+
+    @torch.no_grad()
+    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for name, (shape, dtype) in self.input_description.items():
+            assert inputs[name].shape == shape and inputs[name].dtype == dtype, (name, inputs[name].shape, inputs[name].dtype)
+        x = {name: torch.from_numpy(value.astype(np.float32)) for name, value in inputs.items()}
+        ref = self.reference
+        if self.name == "TextEncoder":
+            return {"last_hidden_state": ref.text_encoder(x["input_ids"].long()).last_hidden_state.numpy()}
+        if self.name == "Unet":
+            context = x["encoder_hidden_states"][:, :, 0, :].transpose(1, 2)
+            return {"noise_pred": ref.unet(x["sample"], x["timestep"], context).sample.numpy()}
+        if self.name == "VAEDecoder":
+            return {"image": ref.vae.decode(x["z"]).sample.numpy()}
+        return {"latent": ref.vae.quant_conv(ref.vae.encoder(x["x"])).numpy()}
+
+
+@pytest.fixture(scope="session")
+def contract_models(tiny_reference):
+    def build(unet_batch_size: int = 2) -> dict[str, ContractModel]:
+        names = ("TextEncoder", "Unet", "VAEDecoder", "VAEEncoder")
+        return {name: ContractModel(name, tiny_reference, unet_batch_size) for name in names}
+
+    return build

@@ -1,0 +1,139 @@
+"""The pipeline's logic against diffusers' pipelines, with the tiny model's own float32 modules as the models.
+
+With no float16 model numerics in the way, the images must agree to 8-bit rounding (~59 dB); the packages
+through the reference executor are compared in test_runtime_packages.py.
+"""
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionImg2ImgPipeline
+from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_img2img
+from PIL import Image
+
+from coreml_sd.converter.tiny import clip_vocabulary_files
+from coreml_sd.runtime.package import Package
+from coreml_sd.runtime.pipeline import Pipeline, draw_noise
+from coreml_sd.runtime.schedulers import SCHEDULERS, build_scheduler
+from runtime_testing import pixels, psnr
+
+LOGIC_PSNR_DB = 50.0
+PROMPT = "a photo of an astronaut riding a horse"
+STEPS = 5
+LATENT_SHAPE = (1, 4, 16, 16)
+
+
+@pytest.fixture(scope="module")
+def package(tiny_reference) -> Package:
+    vocab, merges = clip_vocabulary_files()
+    return Package(
+        path=Path("tiny"),
+        name="tiny",
+        components={},
+        vocab_file=Path(vocab),
+        merges_file=Path(merges),
+        scheduler_config=dict(tiny_reference.scheduler.config),
+        scaling_factor=tiny_reference.vae.config.scaling_factor,
+        prediction_type="epsilon",
+        attention_implementation="split_einsum",
+    )
+
+
+@pytest.fixture(scope="module")
+def pipe(package, contract_models) -> Pipeline:
+    return Pipeline(package, contract_models(unet_batch_size=2), backend="pytorch", compute_unit="ALL")
+
+
+@pytest.fixture(scope="module")
+def pipe_unet_batch_1(package, contract_models) -> Pipeline:
+    """Guidance through two batch-1 Unet calls, for Unets converted with batch 1."""
+    return Pipeline(package, contract_models(unet_batch_size=1), backend="pytorch", compute_unit="ALL")
+
+
+def diffusers_txt2img(reference, package, scheduler, seed, negative_prompt):
+    reference.scheduler = build_scheduler(scheduler, package.scheduler_config, package.prediction_type)
+    latents = torch.from_numpy(draw_noise(np.random.RandomState(seed), LATENT_SHAPE))
+    return reference(
+        PROMPT,
+        negative_prompt=negative_prompt or None,
+        num_inference_steps=STEPS,
+        latents=latents,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="np",
+    ).images[0]
+
+
+@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+@pytest.mark.parametrize("negative_prompt", ["", "blurry, low quality"])
+def test_txt2img_matches_diffusers(pipe, package, tiny_reference, scheduler, negative_prompt):
+    ours = pipe(PROMPT, negative_prompt=negative_prompt, steps=STEPS, scheduler=scheduler, seed=7, progress=False)
+    reference = diffusers_txt2img(tiny_reference, package, scheduler, 7, negative_prompt)
+    assert psnr(pixels(ours.images[0]), reference) >= LOGIC_PSNR_DB
+
+
+@pytest.fixture(scope="module")
+def start_image() -> Image.Image:
+    return Image.fromarray(np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("scheduler", ["pndm", "euler-a"])
+def test_txt2img_with_batch_1_unet_matches_diffusers(pipe_unet_batch_1, package, tiny_reference, scheduler):
+    ours = pipe_unet_batch_1(PROMPT, negative_prompt="blurry", steps=STEPS, scheduler=scheduler, seed=2, progress=False)
+    reference = diffusers_txt2img(tiny_reference, package, scheduler, 2, "blurry")
+    assert psnr(pixels(ours.images[0]), reference) >= LOGIC_PSNR_DB
+
+
+def diffusers_img2img(reference, package, scheduler, seed, image, strength, monkeypatch):
+    """diffusers' img2img pipeline fed our noise: the VAE sample's, then the one it adds at the start step."""
+    rng = np.random.RandomState(seed)
+    noise = torch.from_numpy(draw_noise(rng, LATENT_SHAPE))
+    sample_noise = torch.from_numpy(draw_noise(rng, LATENT_SHAPE))
+    x = torch.from_numpy(np.asarray(image, np.float32).transpose(2, 0, 1)[None] / 127.5 - 1)
+    with torch.no_grad():
+        posterior = reference.vae.encode(x).latent_dist
+    init_latents = (posterior.mean + posterior.std * sample_noise) * reference.vae.config.scaling_factor
+    monkeypatch.setattr(pipeline_stable_diffusion_img2img, "randn_tensor", lambda *args, **kwargs: noise)
+    img2img = StableDiffusionImg2ImgPipeline(**reference.components)
+    img2img.scheduler = build_scheduler(scheduler, package.scheduler_config, package.prediction_type)
+    img2img.set_progress_bar_config(disable=True)
+    return img2img(
+        PROMPT,
+        image=init_latents,  # four channels: taken as latents, not encoded again
+        strength=strength,
+        num_inference_steps=STEPS * 2,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="np",
+    ).images[0]
+
+
+@pytest.mark.parametrize(("scheduler", "strength"), [("pndm", 0.6), ("euler-a", 0.8), ("dpm++", 1.0), ("lms", 0.3)])
+def test_img2img_matches_diffusers(pipe, package, tiny_reference, start_image, scheduler, strength, monkeypatch):
+    ours = pipe(PROMPT, steps=STEPS * 2, scheduler=scheduler, seed=3, image=start_image, strength=strength, progress=False)
+    reference = diffusers_img2img(tiny_reference, package, scheduler, 3, start_image, strength, monkeypatch)
+    assert psnr(pixels(ours.images[0]), reference) >= LOGIC_PSNR_DB
+
+
+def test_num_images_are_consecutive_seeds(pipe):
+    batch = pipe(PROMPT, steps=2, seed=10, num_images=2, progress=False)
+    assert batch.seeds == [10, 11]
+    for seed, image in zip(batch.seeds, batch.images):
+        single = pipe(PROMPT, steps=2, seed=seed, progress=False).images[0]
+        np.testing.assert_array_equal(np.asarray(image), np.asarray(single))
+    assert "Seed: 11" in batch.parameters[1] and "Model: tiny" in batch.parameters[1]
+
+
+def test_parameters_text(pipe):
+    result = pipe("a cat", negative_prompt="dogs", steps=2, guidance_scale=5.0, scheduler="ddim", seed=4, progress=False)
+    assert result.parameters[0] == (
+        "a cat\nNegative prompt: dogs\nSteps: 2, Sampler: ddim, CFG scale: 5.0, Seed: 4, Size: 128x128, Model: tiny"
+    )
+
+
+def test_long_prompt_is_truncated_with_a_warning(pipe, caplog):
+    words = 100  # "a" is one token; with the start and end tokens, 102 tokens of which 77 are kept
+    with caplog.at_level(logging.WARNING, logger="coreml_sd.runtime"):
+        ids = pipe.prompt_encoder.token_ids("a " * words)
+    assert ids.shape == (1, 77) and ids[0, -1] == pipe.prompt_encoder.tokenizer.eos_token_id
+    assert "the last 25 tokens were dropped" in caplog.text
