@@ -11,8 +11,8 @@ float type, the graph gets an explicit cast back to that type. coremltools conve
 a `cast` op and removes the ones that turn out to be no-ops, so the final program is the same as
 one converted from fp32, without the fp32 weights.
 
-Norm layers are not covered: coremltools' `layer_norm` and `group_norm` converters build fp32
-epsilons for fp16 inputs; the Neural Engine modules write both norms as explicit arithmetic.
+coremltools' `layer_norm` converter also builds an fp32 epsilon for fp16 inputs, and no cast can
+reach inside it, so layer norms are decomposed into explicit arithmetic before conversion.
 """
 import torch
 from torch.export import ExportedProgram
@@ -21,9 +21,25 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 CAST = torch.ops.aten._to_copy.default
 
 
+def layer_norm(x: torch.Tensor, normalized_shape: list[int], weight: torch.Tensor | None = None,
+               bias: torch.Tensor | None = None, eps: float = 1e-5, cudnn_enable: bool = True) -> torch.Tensor:
+    """aten.layer_norm as arithmetic: normalise over the trailing `normalized_shape` axes."""
+    axes = list(range(-len(normalized_shape), 0))
+    centered = x - x.mean(axes, keepdim=True)
+    normalized = centered * torch.rsqrt((centered * centered).mean(axes, keepdim=True) + eps)
+    if weight is not None:
+        normalized = normalized * weight
+    if bias is not None:
+        normalized = normalized + bias
+    return normalized
+
+
+DECOMPOSITIONS = {torch.ops.aten.layer_norm.default: layer_norm}
+
+
 def export_module(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> ExportedProgram:
     """torch.export with static shapes, then the dtype pinning described above."""
-    program = torch.export.export(module, example_inputs, strict=False).run_decompositions({})
+    program = torch.export.export(module, example_inputs, strict=False).run_decompositions(DECOMPOSITIONS)
     pin_low_precision_dtypes(program)
     return program
 

@@ -75,7 +75,7 @@ class ModelSource:
 
     def _load_module(self, module_name: str, dtype: torch.dtype) -> torch.nn.Module:
         if self._tiny_pipeline is not None:
-            return getattr(self._tiny_pipeline, module_name).to(dtype)
+            return getattr(self._tiny_pipeline, module_name).to(dtype=dtype)
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel
 

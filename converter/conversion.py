@@ -1,0 +1,177 @@
+"""`convert_model`: a model source to a package folder, one component at a time."""
+import gc
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .components import COMPONENTS, DEFAULT_COMPONENTS, ModelDimensions, component_spec
+from .errors import ConversionError
+from .package import PackageFolder
+from .sources import ModelSource, resolve
+
+ATTENTION_IMPLEMENTATIONS = ("split_einsum", "split_einsum_v2", "original")
+RESOLUTION_STEP = 64
+
+
+@dataclass
+class ConversionOptions:
+    model: str
+    output: Path | None = None
+    revision: str | None = None
+    components: tuple[str, ...] = DEFAULT_COMPONENTS
+    attention_implementation: str = "split_einsum"
+    height: int | None = None
+    width: int | None = None
+    unet_batch_size: int = 2
+    force: bool = False
+
+
+@dataclass
+class ConversionReport:
+    folder: Path
+    converted: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    seconds: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+@contextmanager
+def stage(report: ConversionReport, component: str, name: str):
+    """Time one stage and print a progress line for it; a failure inside becomes one clear line."""
+    start = time.perf_counter()
+    try:
+        yield
+    except (ConversionError, KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as error:
+        message = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        raise ConversionError(f"{component}: {name} failed: {message}") from error
+    seconds = time.perf_counter() - start
+    report.seconds.setdefault(component, {})[name] = round(seconds, 2)
+    print(f"{component:<11} {name:<8} {seconds:6.1f} s", file=sys.stderr, flush=True)
+
+
+def check_options(options: ConversionOptions) -> None:
+    unknown = [c for c in options.components if c not in COMPONENTS]
+    if unknown or not options.components:
+        raise ConversionError(f"unknown component(s) {', '.join(unknown) or '(none)'}: choose from {', '.join(COMPONENTS)}")
+    if options.attention_implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ConversionError(f"unknown attention implementation {options.attention_implementation!r}: choose from {', '.join(ATTENTION_IMPLEMENTATIONS)}")
+    for side in ("height", "width"):
+        value = getattr(options, side)
+        if value is not None and (value <= 0 or value % RESOLUTION_STEP):
+            raise ConversionError(f"--{side} {value} is not a positive multiple of {RESOLUTION_STEP}")
+    if options.unet_batch_size not in (1, 2):
+        raise ConversionError(f"--unet-batch-size must be 1 or 2 (got {options.unet_batch_size})")
+
+
+def model_dimensions(source: ModelSource, options: ConversionOptions) -> ModelDimensions:
+    default = source.sample_size * 8
+    return ModelDimensions(
+        text_width=source.text_width,
+        height=options.height or default,
+        width=options.width or default,
+        unet_batch_size=options.unet_batch_size,
+    )
+
+
+def component_settings(component: str, source: ModelSource, dims: ModelDimensions, options: ConversionOptions) -> dict:
+    """Everything a component's package depends on; a rerun with equal settings skips it."""
+    settings = {
+        "converter_version": __version__,
+        "source": source.description,
+        "height": dims.height,
+        "width": dims.width,
+    }
+    if component == "Unet":
+        settings.update(attention_implementation=options.attention_implementation, unet_batch_size=dims.unet_batch_size)
+    elif component != "TextEncoder":
+        settings.update(attention_implementation=options.attention_implementation)
+    return settings
+
+
+def convert_model(options: ConversionOptions) -> ConversionReport:
+    check_options(options)
+    source = resolve(options.model, options.revision)
+    dims = model_dimensions(source, options)
+    folder = PackageFolder(options.output or Path("packages") / source.name)
+    report = ConversionReport(folder=folder.path)
+    source.description["files"] = source.file_hashes(list(options.components))
+    header = {
+        "source": {k: v for k, v in source.description.items() if k != "files"},
+        "attention_implementation": options.attention_implementation,
+        "height": dims.height,
+        "width": dims.width,
+        "unet_batch_size": dims.unet_batch_size,
+        "text_width": dims.text_width,
+        "scheduler": source.scheduler_config,
+        "latent_scaling_factor": source.latent_scaling_factor,
+        "prediction_type": source.prediction_type,
+    }
+    try:
+        folder.prepare(header, force=options.force)
+        install_tokenizer_files(folder, source)
+        for component in options.components:
+            settings = component_settings(component, source, dims, options)
+            if folder.is_current(component, settings) and not options.force:
+                print(f"{component:<11} up to date (pass --force to convert again)", file=sys.stderr)
+                report.skipped.append(component)
+                continue
+            convert_component(folder, source, component, dims, options, settings, report)
+            report.converted.append(component)
+        folder.write_manifest()
+    except BaseException:
+        folder.discard_if_empty()
+        raise
+    return report
+
+
+def install_tokenizer_files(folder: PackageFolder, source: ModelSource) -> None:
+    staging = folder.staging_folder()
+    try:
+        source.write_tokenizer_files(staging)
+        for name in ("vocab.json", "merges.txt"):
+            (staging / name).replace(folder.path / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def convert_component(folder: PackageFolder, source: ModelSource, component: str, dims: ModelDimensions,
+                      options: ConversionOptions, settings: dict, report: ConversionReport) -> None:
+    from .ane import component_module
+    from .convert import describe, to_ml_program, trace
+
+    spec = component_spec(component, dims)
+    staging = folder.staging_folder()
+    try:
+        with stage(report, component, "load"):
+            parts = source.load(component, torch.float16)
+        with stage(report, component, "rewrite"):
+            module = component_module(parts, component, options.attention_implementation)
+        with stage(report, component, "trace"):
+            program = trace(module, spec)
+            del module, parts
+            gc.collect()
+        with stage(report, component, "convert"):
+            model = to_ml_program(program, spec)
+            del program
+            gc.collect()
+        with stage(report, component, "save"):
+            describe(model, spec, {
+                "coreml_sd.source": str(source.description.get("id") or source.description.get("path") or source.name),
+                "coreml_sd.attention_implementation": options.attention_implementation,
+                "coreml_sd.converter_version": __version__,
+            })
+            staged = staging / spec.file_name
+            model.save(str(staged))
+            del model
+            gc.collect()
+        entry = dict(spec.to_json(), settings=settings, validation=None)
+        folder.install(staged, component, entry)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
