@@ -203,7 +203,7 @@ def _tiny_source() -> ModelSource:
         name=TINY,
         description={"model": TINY, "seed": 0},
         folder=None,
-        scheduler_config=dict(pipeline.scheduler.config),
+        scheduler_config=json.loads(pipeline.scheduler.to_json_string()),
         text_width=pipeline.text_encoder.config.hidden_size,
         sample_size=pipeline.unet.config.sample_size,
         latent_scaling_factor=pipeline.vae.config.scaling_factor,
