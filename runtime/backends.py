@@ -87,6 +87,11 @@ def load_model(path: Path, backend: str, compute_unit: str) -> Model:
     """Load one component; `backend` is "coreml" or "reference" (see `resolve_backend`)."""
     if compute_unit not in COMPUTE_UNITS:
         raise GenerationError(f"unknown compute unit {compute_unit!r}; choose from {', '.join(COMPUTE_UNITS)}")
+    if backend == "reference" and path.suffix == ".mlmodelc":
+        raise GenerationError(
+            f"{path.name} is compiled, which only Core ML on macOS runs; for --backend reference use "
+            "the .mlpackage files (coreml-convert writes them)"
+        )
     try:
         if backend == "coreml":
             return CoreMLModel(path, compute_unit)

@@ -94,17 +94,22 @@ def output_paths(output: str | None, prompt: str, seeds: list[int]) -> tuple[lis
 
 
 @contextlib.contextmanager
-def _warnings_to_stderr():
-    logger = logging.getLogger("coreml_sd.runtime")
+def _console_logging():
+    """Our warnings as `warning: ...` lines; coremltools' import-time notices (untested torch version, no
+    Core ML framework off macOS) are not the user's concern here."""
+    ours, coremltools = logging.getLogger("coreml_sd.runtime"), logging.getLogger("coremltools")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("warning: %(message)s"))
-    logger.addHandler(handler)
-    logger.propagate = False
+    ours.addHandler(handler)
+    ours.propagate = False
+    coremltools_level = coremltools.level
+    coremltools.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        logger.removeHandler(handler)
-        logger.propagate = True
+        ours.removeHandler(handler)
+        ours.propagate = True
+        coremltools.setLevel(coremltools_level)
 
 
 def generate(args: argparse.Namespace) -> list[Path]:
@@ -145,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
     try:
-        with _warnings_to_stderr():
+        with _console_logging():
             paths = generate(args)
     except GenerationError as exc:
         print(f"error: {exc}", file=sys.stderr)

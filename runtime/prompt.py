@@ -34,6 +34,6 @@ class PromptEncoder:
 
     def __call__(self, prompt: str) -> np.ndarray:
         """(1, D, 1, 77): last_hidden_state (1, 77, D) with the channel axis first, as the Unet takes it."""
-        ids = self.token_ids(prompt).astype(np.float32)
+        ids = self.token_ids(prompt).astype(self.text_encoder.input_description["input_ids"][1])
         hidden = self.text_encoder.predict({"input_ids": ids})["last_hidden_state"]
         return np.ascontiguousarray(hidden.transpose(0, 2, 1)[:, :, None, :])

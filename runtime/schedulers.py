@@ -43,6 +43,9 @@ SCHEDULERS = {
     "lms": GaussLMSDiscreteScheduler,
 }
 DEFAULT_SCHEDULER = "pndm"
+# diffusers' StableDiffusionPipeline corrects these settings of older SD v1 scheduler configs when it loads
+# them (DDIM's pixel-space clipping is wrong for latents; SD v1 counts timesteps from 1); so do we.
+SD_PIPELINE_CORRECTIONS = {"steps_offset": 1, "clip_sample": False}
 
 
 def default_scheduler_name(config: dict) -> str:
@@ -58,7 +61,12 @@ def scheduler_class(name: str) -> type[SchedulerMixin]:
 
 
 def build_scheduler(name: str, config: dict, prediction_type: str) -> SchedulerMixin:
-    return scheduler_class(name).from_config(config, prediction_type=prediction_type)
+    cls = scheduler_class(name)
+    scheduler = cls.from_config(config, prediction_type=prediction_type)
+    corrections = {
+        key: value for key, value in SD_PIPELINE_CORRECTIONS.items() if scheduler.config.get(key, value) != value
+    }
+    return cls.from_config(scheduler.config, **corrections) if corrections else scheduler
 
 
 def step_keywords(scheduler: SchedulerMixin) -> frozenset[str]:

@@ -1,17 +1,14 @@
-"""Shared fixtures: the tiny diffusers pipeline (the reference), its converted packages, contract-shaped models."""
+"""Runtime fixtures: contract-shaped models computed by the tiny pipeline's own modules (tests/conftest.py
+provides the tiny pipeline and its converted packages)."""
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from coreml_sd.converter.components import ModelDimensions, component_spec
-from coreml_sd.converter.tiny import TEXT_WIDTH, build_tiny_pipeline
+from coreml_sd.converter.tiny import TEXT_WIDTH
 
 TINY_SIZE = 128
-
-
-@pytest.fixture(scope="session")
-def tiny_reference():
-    return build_tiny_pipeline()
 
 
 class ContractModel:
@@ -43,9 +40,15 @@ class ContractModel:
 
 
 @pytest.fixture(scope="session")
-def contract_models(tiny_reference):
+def contract_models(tiny_pipeline):
     def build(unet_batch_size: int = 2) -> dict[str, ContractModel]:
         names = ("TextEncoder", "Unet", "VAEDecoder", "VAEEncoder")
-        return {name: ContractModel(name, tiny_reference, unet_batch_size) for name in names}
+        return {name: ContractModel(name, tiny_pipeline, unet_batch_size) for name in names}
 
     return build
+
+
+@pytest.fixture(scope="session")
+def start_image() -> Image.Image:
+    """A 128x128 image for image-to-image (noise: every pixel matters to the comparison)."""
+    return Image.fromarray(np.random.default_rng(0).integers(0, 256, (TINY_SIZE, TINY_SIZE, 3), dtype=np.uint8))

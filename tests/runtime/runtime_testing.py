@@ -1,7 +1,15 @@
-"""Helpers shared by the runtime tests: image comparison."""
+"""Helpers shared by the runtime tests: image comparison and diffusers' pipelines fed the runtime's noise."""
 import numpy as np
+import torch
+from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_img2img
+from PIL import Image
+
+from coreml_sd.runtime.pipeline import draw_noise
+from coreml_sd.runtime.schedulers import build_scheduler
 
 PSNR_THRESHOLD_DB = 35.0
+LATENT_SHAPE = (1, 4, 16, 16)  # the tiny model's 128x128 images
 
 
 def psnr(image: np.ndarray, reference: np.ndarray) -> float:
@@ -10,6 +18,50 @@ def psnr(image: np.ndarray, reference: np.ndarray) -> float:
     return float(20 * np.log10((np.abs(reference).max() + 1e-5) / (rmse + 1e-10)))
 
 
-def pixels(image) -> np.ndarray:
+def pixels(image: Image.Image) -> np.ndarray:
     """A PIL image as floats in [0, 1], the range diffusers' output_type="np" uses."""
     return np.asarray(image, np.float64) / 255
+
+
+def _with_scheduler(cls, reference: StableDiffusionPipeline, scheduler: str):
+    """A diffusers pipeline of class `cls` on the reference's modules, with our scheduler by name."""
+    config = dict(reference.scheduler.config)
+    pipe = cls(**{**reference.components, "scheduler": build_scheduler(scheduler, config, config["prediction_type"])})
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def diffusers_txt2img(reference, prompt: str, negative_prompt: str, scheduler: str, steps: int, seed: int) -> np.ndarray:
+    """diffusers' text-to-image started from the runtime's initial noise for `seed`."""
+    latents = torch.from_numpy(draw_noise(np.random.RandomState(seed), LATENT_SHAPE))
+    return _with_scheduler(StableDiffusionPipeline, reference, scheduler)(
+        prompt,
+        negative_prompt=negative_prompt or None,
+        num_inference_steps=steps,
+        latents=latents,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="np",
+    ).images[0]
+
+
+def diffusers_img2img(
+    reference, prompt: str, scheduler: str, steps: int, seed: int, image: Image.Image, strength: float, monkeypatch
+) -> np.ndarray:
+    """diffusers' image-to-image fed the runtime's noise for `seed`: first the noise it adds at the start
+    step (diffusers draws it with `randn_tensor`, replaced here), then the VAE posterior's sample."""
+    rng = np.random.RandomState(seed)
+    noise = torch.from_numpy(draw_noise(rng, LATENT_SHAPE))
+    sample_noise = torch.from_numpy(draw_noise(rng, LATENT_SHAPE))
+    x = torch.from_numpy(np.asarray(image, np.float32).transpose(2, 0, 1)[None] / 127.5 - 1)
+    with torch.no_grad():
+        posterior = reference.vae.encode(x).latent_dist
+    init_latents = (posterior.mean + posterior.std * sample_noise) * reference.vae.config.scaling_factor
+    monkeypatch.setattr(pipeline_stable_diffusion_img2img, "randn_tensor", lambda *args, **kwargs: noise)
+    return _with_scheduler(StableDiffusionImg2ImgPipeline, reference, scheduler)(
+        prompt,
+        image=init_latents,  # four channels: taken as latents, not encoded again
+        strength=strength,
+        num_inference_steps=steps,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="np",
+    ).images[0]

@@ -8,25 +8,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from diffusers import StableDiffusionImg2ImgPipeline
-from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_img2img
-from PIL import Image
 
 from coreml_sd.converter.tiny import clip_vocabulary_files
 from coreml_sd.runtime.package import Package
-from coreml_sd.runtime.pipeline import Pipeline, draw_noise
-from coreml_sd.runtime.schedulers import SCHEDULERS, build_scheduler
-from runtime_testing import pixels, psnr
+from coreml_sd.runtime.pipeline import Pipeline
+from coreml_sd.runtime.schedulers import SCHEDULERS
+from runtime_testing import diffusers_img2img, diffusers_txt2img, pixels, psnr
 
 LOGIC_PSNR_DB = 50.0
 PROMPT = "a photo of an astronaut riding a horse"
 STEPS = 5
-LATENT_SHAPE = (1, 4, 16, 16)
 
 
 @pytest.fixture(scope="module")
-def package(tiny_reference) -> Package:
+def package(tiny_pipeline) -> Package:
     vocab, merges = clip_vocabulary_files()
     return Package(
         path=Path("tiny"),
@@ -34,8 +29,8 @@ def package(tiny_reference) -> Package:
         components={},
         vocab_file=Path(vocab),
         merges_file=Path(merges),
-        scheduler_config=dict(tiny_reference.scheduler.config),
-        scaling_factor=tiny_reference.vae.config.scaling_factor,
+        scheduler_config=dict(tiny_pipeline.scheduler.config),
+        scaling_factor=tiny_pipeline.vae.config.scaling_factor,
         prediction_type="epsilon",
         attention_implementation="split_einsum",
     )
@@ -52,66 +47,25 @@ def pipe_unet_batch_1(package, contract_models) -> Pipeline:
     return Pipeline(package, contract_models(unet_batch_size=1), backend="pytorch", compute_unit="ALL")
 
 
-def diffusers_txt2img(reference, package, scheduler, seed, negative_prompt):
-    reference.scheduler = build_scheduler(scheduler, package.scheduler_config, package.prediction_type)
-    latents = torch.from_numpy(draw_noise(np.random.RandomState(seed), LATENT_SHAPE))
-    return reference(
-        PROMPT,
-        negative_prompt=negative_prompt or None,
-        num_inference_steps=STEPS,
-        latents=latents,
-        generator=torch.Generator().manual_seed(seed),
-        output_type="np",
-    ).images[0]
-
-
 @pytest.mark.parametrize("scheduler", list(SCHEDULERS))
 @pytest.mark.parametrize("negative_prompt", ["", "blurry, low quality"])
-def test_txt2img_matches_diffusers(pipe, package, tiny_reference, scheduler, negative_prompt):
+def test_txt2img_matches_diffusers(pipe, tiny_pipeline, scheduler, negative_prompt):
     ours = pipe(PROMPT, negative_prompt=negative_prompt, steps=STEPS, scheduler=scheduler, seed=7, progress=False)
-    reference = diffusers_txt2img(tiny_reference, package, scheduler, 7, negative_prompt)
+    reference = diffusers_txt2img(tiny_pipeline, PROMPT, negative_prompt, scheduler, STEPS, seed=7)
     assert psnr(pixels(ours.images[0]), reference) >= LOGIC_PSNR_DB
-
-
-@pytest.fixture(scope="module")
-def start_image() -> Image.Image:
-    return Image.fromarray(np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8))
 
 
 @pytest.mark.parametrize("scheduler", ["pndm", "euler-a"])
-def test_txt2img_with_batch_1_unet_matches_diffusers(pipe_unet_batch_1, package, tiny_reference, scheduler):
+def test_txt2img_with_batch_1_unet_matches_diffusers(pipe_unet_batch_1, tiny_pipeline, scheduler):
     ours = pipe_unet_batch_1(PROMPT, negative_prompt="blurry", steps=STEPS, scheduler=scheduler, seed=2, progress=False)
-    reference = diffusers_txt2img(tiny_reference, package, scheduler, 2, "blurry")
+    reference = diffusers_txt2img(tiny_pipeline, PROMPT, "blurry", scheduler, STEPS, seed=2)
     assert psnr(pixels(ours.images[0]), reference) >= LOGIC_PSNR_DB
 
 
-def diffusers_img2img(reference, package, scheduler, seed, image, strength, monkeypatch):
-    """diffusers' img2img pipeline fed our noise: the VAE sample's, then the one it adds at the start step."""
-    rng = np.random.RandomState(seed)
-    noise = torch.from_numpy(draw_noise(rng, LATENT_SHAPE))
-    sample_noise = torch.from_numpy(draw_noise(rng, LATENT_SHAPE))
-    x = torch.from_numpy(np.asarray(image, np.float32).transpose(2, 0, 1)[None] / 127.5 - 1)
-    with torch.no_grad():
-        posterior = reference.vae.encode(x).latent_dist
-    init_latents = (posterior.mean + posterior.std * sample_noise) * reference.vae.config.scaling_factor
-    monkeypatch.setattr(pipeline_stable_diffusion_img2img, "randn_tensor", lambda *args, **kwargs: noise)
-    img2img = StableDiffusionImg2ImgPipeline(**reference.components)
-    img2img.scheduler = build_scheduler(scheduler, package.scheduler_config, package.prediction_type)
-    img2img.set_progress_bar_config(disable=True)
-    return img2img(
-        PROMPT,
-        image=init_latents,  # four channels: taken as latents, not encoded again
-        strength=strength,
-        num_inference_steps=STEPS * 2,
-        generator=torch.Generator().manual_seed(seed),
-        output_type="np",
-    ).images[0]
-
-
 @pytest.mark.parametrize(("scheduler", "strength"), [("pndm", 0.6), ("euler-a", 0.8), ("dpm++", 1.0), ("lms", 0.3)])
-def test_img2img_matches_diffusers(pipe, package, tiny_reference, start_image, scheduler, strength, monkeypatch):
+def test_img2img_matches_diffusers(pipe, tiny_pipeline, start_image, scheduler, strength, monkeypatch):
     ours = pipe(PROMPT, steps=STEPS * 2, scheduler=scheduler, seed=3, image=start_image, strength=strength, progress=False)
-    reference = diffusers_img2img(tiny_reference, package, scheduler, 3, start_image, strength, monkeypatch)
+    reference = diffusers_img2img(tiny_pipeline, PROMPT, scheduler, STEPS * 2, 3, start_image, strength, monkeypatch)
     assert psnr(pixels(ours.images[0]), reference) >= LOGIC_PSNR_DB
 
 

@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, LMSDiscreteScheduler
+from diffusers import DDIMScheduler, LMSDiscreteScheduler, StableDiffusionPipeline
 
 from coreml_sd.converter.tiny import SCHEDULER_CONFIG
 from coreml_sd.runtime.errors import GenerationError
@@ -55,3 +55,12 @@ def test_default_is_the_package_scheduler_when_known():
 def test_unknown_scheduler_names_the_choices():
     with pytest.raises(GenerationError, match="unknown scheduler 'heun'; choose from pndm, ddim, euler"):
         build_scheduler("heun", CONFIG, "epsilon")
+
+
+def test_old_sd_configs_are_corrected_as_diffusers_pipeline_does(tiny_pipeline):
+    old_config = {key: value for key, value in CONFIG.items() if key != "steps_offset"}  # DDIM's clip_sample defaults on
+    ddim = DDIMScheduler.from_config(old_config)
+    assert ddim.config.clip_sample and ddim.config.steps_offset == 0
+    reference = StableDiffusionPipeline(**{**tiny_pipeline.components, "scheduler": ddim}).scheduler.config
+    ours = build_scheduler("ddim", old_config, "epsilon").config
+    assert (ours.clip_sample, ours.steps_offset) == (reference.clip_sample, reference.steps_offset) == (False, 1)
