@@ -1,0 +1,139 @@
+"""The `Unet` component: diffusers' `UNet2DConditionModel` (SD v1/v2 configuration) for the Neural Engine.
+
+The text conditioning arrives as (B, D, 1, 77), the layout of Apple's Swift package, and stays in it for
+the channels-first implementations; `original` turns it into diffusers' (B, 77, D) once.
+"""
+import torch
+from torch import nn
+
+from .attention import AttentionImplementation
+from .layers import GroupNorm, TOKENS_LAST
+from .resnet import ResnetBlock, downsamplers, upsamplers
+from .transformer import SpatialTransformer
+
+DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
+MID_BLOCKS = ("UNetMidBlock2DCrossAttn",)
+UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
+
+
+def check_block(block: nn.Module, supported: tuple[str, ...]) -> None:
+    kind = type(block).__name__
+    if kind not in supported:
+        raise ValueError(f"UNet block {kind} is not supported for conversion (supported: {', '.join(supported)})")
+
+
+def transformers(block: nn.Module, implementation: AttentionImplementation) -> nn.ModuleList | None:
+    attentions = getattr(block, "attentions", None)
+    if attentions is None:
+        return None
+    return nn.ModuleList(SpatialTransformer(attention, implementation) for attention in attentions)
+
+
+class DownBlock(nn.Module):
+    def __init__(self, block: nn.Module, implementation: AttentionImplementation):
+        super().__init__()
+        check_block(block, DOWN_BLOCKS)
+        self.resnets = nn.ModuleList(ResnetBlock(resnet) for resnet in block.resnets)
+        self.attentions = transformers(block, implementation)
+        self.downsamplers = downsamplers(block)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        skips = []
+        for index, resnet in enumerate(self.resnets):
+            x = resnet(x, temb)
+            if self.attentions is not None:
+                x = self.attentions[index](x, context)
+            skips.append(x)
+        for downsampler in self.downsamplers:
+            x = downsampler(x)
+            skips.append(x)
+        return x, skips
+
+
+class MidBlock(nn.Module):
+    def __init__(self, block: nn.Module, implementation: AttentionImplementation):
+        super().__init__()
+        check_block(block, MID_BLOCKS)
+        self.resnets = nn.ModuleList(ResnetBlock(resnet) for resnet in block.resnets)
+        self.attentions = transformers(block, implementation)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = self.resnets[0](x, temb)
+        for attention, resnet in zip(self.attentions, self.resnets[1:]):
+            x = resnet(attention(x, context), temb)
+        return x
+
+
+class UpBlock(nn.Module):
+    def __init__(self, block: nn.Module, implementation: AttentionImplementation):
+        super().__init__()
+        check_block(block, UP_BLOCKS)
+        self.resnets = nn.ModuleList(ResnetBlock(resnet) for resnet in block.resnets)
+        self.attentions = transformers(block, implementation)
+        self.upsamplers = upsamplers(block)
+
+    def forward(
+        self, x: torch.Tensor, skips: list[torch.Tensor], temb: torch.Tensor, context: torch.Tensor,
+        upsample_size: tuple[int, int] | None,
+    ) -> torch.Tensor:
+        for index, resnet in enumerate(self.resnets):
+            x = resnet(torch.cat([x, skips.pop()], dim=1), temb)
+            if self.attentions is not None:
+                x = self.attentions[index](x, context)
+        for upsampler in self.upsamplers:
+            x = upsampler(x, upsample_size)
+        return x
+
+
+class Unet(nn.Module):
+    """(sample, timestep, encoder_hidden_states (B, D, 1, 77)) → (noise_pred,)."""
+
+    def __init__(self, unet: nn.Module, implementation: AttentionImplementation):
+        super().__init__()
+        extras = [
+            name for name in ("class_embedding", "add_embedding", "encoder_hid_proj", "time_embed_act")
+            if getattr(unet, name, None) is not None
+        ] + (["center_input_sample"] if unet.config.center_input_sample else [])
+        if extras or getattr(unet.time_embedding, "cond_proj", None) is not None or unet.conv_norm_out is None:
+            raise ValueError(
+                f"this UNet ({', '.join(extras) or 'timestep condition or no output norm'}) is not supported "
+                "for conversion; SD v1/v2-style UNets are"
+            )
+        self.layout = implementation.layout
+        self.time_proj = unet.time_proj
+        self.time_embedding = unet.time_embedding
+        self.conv_in = unet.conv_in
+        self.down_blocks = nn.ModuleList(DownBlock(block, implementation) for block in unet.down_blocks)
+        self.mid_block = MidBlock(unet.mid_block, implementation)
+        self.up_blocks = nn.ModuleList(UpBlock(block, implementation) for block in unet.up_blocks)
+        self.upsampling = 2**unet.num_upsamplers
+        self.conv_norm_out = GroupNorm(unet.conv_norm_out)
+        self.conv_act = unet.conv_act
+        self.conv_out = unet.conv_out
+
+    def forward(
+        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+    ) -> tuple[torch.Tensor]:
+        dtype = self.conv_in.weight.dtype
+        sample = sample.to(dtype)
+        context = encoder_hidden_states.to(dtype)
+        if self.layout is TOKENS_LAST:
+            context = context[:, :, 0, :].transpose(1, 2)
+        temb = self.time_embedding(self.time_proj(timestep).to(dtype))
+
+        # diffusers resizes to the skip connection's size only when the latent isn't a multiple of 2^up-blocks.
+        exact_upsample = any(size % self.upsampling for size in sample.shape[2:])
+
+        x = self.conv_in(sample)
+        skips = [x]
+        for block in self.down_blocks:
+            x, block_skips = block(x, temb, context)
+            skips.extend(block_skips)
+        x = self.mid_block(x, temb, context)
+        for block in self.up_blocks:
+            block_skips = skips[-len(block.resnets):]
+            del skips[-len(block.resnets):]
+            upsample_size = tuple(skips[-1].shape[2:]) if exact_upsample and skips else None
+            x = block(x, block_skips, temb, context, upsample_size)
+        x = self.conv_out(self.conv_act(self.conv_norm_out(x)))
+        return (x,)
