@@ -30,6 +30,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--unet-batch-size", type=int, default=2, choices=(1, 2),
                         help="2 runs classifier-free guidance in one Unet call; 1 in two (default: %(default)s)")
     parser.add_argument("--force", action="store_true", help="convert components again even if up to date")
+    parser.add_argument("--no-validate", action="store_true",
+                        help="skip checking each component against the original with the reference executor")
     parser.add_argument("--list-models", action="store_true", help="list the model aliases and exit")
     return parser.parse_args(argv)
 
@@ -68,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         width=args.width,
         unet_batch_size=args.unet_batch_size,
         force=args.force,
+        validate=not args.no_validate,
     )
     try:
         report = convert_model(options)

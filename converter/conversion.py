@@ -30,6 +30,8 @@ class ConversionOptions:
     width: int | None = None
     unet_batch_size: int = 2
     force: bool = False
+    validate: bool = True
+    validation_seed: int = 0
 
 
 @dataclass
@@ -145,6 +147,7 @@ def convert_component(folder: PackageFolder, source: ModelSource, component: str
                       options: ConversionOptions, settings: dict, report: ConversionReport) -> None:
     from .ane import component_module
     from .convert import describe, to_ml_program, trace
+    from .validate import PSNR_THRESHOLD_DB, validate
 
     spec = component_spec(component, dims)
     staging = folder.staging_folder()
@@ -171,7 +174,18 @@ def convert_component(folder: PackageFolder, source: ModelSource, component: str
             model.save(str(staged))
             del model
             gc.collect()
-        entry = dict(spec.to_json(), settings=settings, validation=None)
+        validation = None
+        if options.validate:
+            with stage(report, component, "validate"):
+                validation = validate(staged, component, spec, lambda: source.load(component, torch.float32),
+                                      options.validation_seed, source.latent_scaling_factor)
+            print(f"{component:<11} PSNR {validation['psnr_db']:.1f} dB, max abs error {validation['max_abs_error']:.3g} "
+                  "against the diffusers original in float32", file=sys.stderr)
+            if not validation["psnr_db"] >= PSNR_THRESHOLD_DB:  # NaN (an fp16 overflow) fails too
+                raise ConversionError(
+                    f"{component}: PSNR {validation['psnr_db']:.1f} dB against the diffusers original is below "
+                    f"{PSNR_THRESHOLD_DB:.0f} dB, so it was not installed (--no-validate installs it anyway)")
+        entry = dict(spec.to_json(), settings=settings, validation=validation)
         folder.install(staged, component, entry)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -3,6 +3,7 @@
 Every source is resolved to a `ModelSource`, which loads one component's modules at a time, in the
 dtype asked for, so a conversion holds only what the component it converts needs.
 """
+import copy
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -75,7 +76,8 @@ class ModelSource:
 
     def _load_module(self, module_name: str, dtype: torch.dtype) -> torch.nn.Module:
         if self._tiny_pipeline is not None:
-            return getattr(self._tiny_pipeline, module_name).to(dtype=dtype)
+            # A copy: the float32 original must survive for validation after an fp16 conversion.
+            return copy.deepcopy(getattr(self._tiny_pipeline, module_name)).to(dtype=dtype)
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel
 
