@@ -18,11 +18,11 @@ def layer_norm(
 ) -> torch.Tensor:
     """gamma * (x - mean) / sqrt(var + epsilon) + beta, statistics over `axes` (default: all).
 
-    gamma and beta have the shape x.shape[axes], in the order `axes` lists them.
+    gamma and beta have the shape of x's normalised dims, in x's order.
     """
     eps = 1e-5 if epsilon is None else float(epsilon)
     rank = x.dim()
-    axes = list(range(rank)) if axes is None else [a % rank for a in axes]
+    axes = list(range(rank)) if axes is None else sorted(a % rank for a in axes)
     trailing = list(range(rank - len(axes), rank))
     if axes == trailing:
         return F.layer_norm(x, x.shape[rank - len(axes):], gamma, beta, eps)
@@ -36,9 +36,7 @@ def layer_norm(
 
 
 def _on_axes(values: torch.Tensor, axes: list[int], rank: int) -> torch.Tensor:
-    """A tensor shaped x.shape[axes] reshaped to broadcast against x along `axes`."""
-    order = sorted(range(len(axes)), key=lambda i: axes[i])
-    values = values.permute(order)
+    """Values over the normalised dims, reshaped to broadcast against x."""
     shape = [1] * rank
     for axis, size in zip(sorted(axes), values.shape):
         shape[axis] = size

@@ -1,0 +1,85 @@
+"""Resampling ops against the grid-point definitions of the MIL reference (float32 programs)."""
+import coremltools as ct
+import numpy as np
+import pytest
+from coremltools.converters.mil import Builder as mb
+from executor_testing import random, run_mil
+
+TOLERANCE = dict(rtol=1e-5, atol=1e-5)
+
+
+def interpolate(x: np.ndarray, grid_h: np.ndarray, grid_w: np.ndarray) -> np.ndarray:
+    """Bilinear sampling of the last two dims of x at the given (clamped) grid points."""
+
+    def along(values, axis, grid):
+        size = values.shape[axis]
+        grid = np.clip(grid, 0, size - 1)
+        low = np.floor(grid).astype(int)
+        high = np.minimum(low + 1, size - 1)
+        weight = grid - low
+        shape = [1] * values.ndim
+        shape[axis] = -1
+        weight = weight.reshape(shape)
+        return np.take(values, low, axis) * (1 - weight) + np.take(values, high, axis) * weight
+
+    return along(along(x.astype(np.float64), -2, grid_h), -1, grid_w)
+
+
+def grid(mode: str, size_in: int, size_out: int) -> np.ndarray:
+    """Grid points, transcribed from the MIL reference of resize_bilinear / upsample_bilinear."""
+    i = np.arange(size_out, dtype=np.float64)
+    if mode in ("STRICT_ALIGN_CORNERS", "ALIGN_CORNERS", "align_corners"):
+        if size_out == 1:
+            return np.array([(size_in - 1) / 2 if mode == "ALIGN_CORNERS" else 0.0])
+        return i * (size_in - 1) / (size_out - 1)
+    if mode == "DEFAULT":  # TensorFlow's legacy resize, i * size_in / size_out, also for a single output
+        return i * (size_in - size_in / size_out) / (size_out - 1) if size_out > 1 else i
+    if mode == "OFFSET_CORNERS":
+        delta = max(1, size_in - 1) / size_out
+        return 0.5 * delta + i * delta
+    if mode in ("UNALIGN_CORNERS", "half_pixel"):
+        spacing = size_in / size_out
+        return i * spacing + 0.5 * spacing - 0.5
+    if mode == "asymmetric":
+        return i * size_in / size_out
+    raise AssertionError(mode)
+
+
+@pytest.mark.parametrize("mode", ["STRICT_ALIGN_CORNERS", "ALIGN_CORNERS", "DEFAULT", "OFFSET_CORNERS", "UNALIGN_CORNERS"])
+def test_resize_bilinear(tmp_path, mode):
+    x = random((1, 2, 3, 4))
+    body = lambda x: (
+        mb.resize_bilinear(x=x, target_size_height=5, target_size_width=7, sampling_mode=mode),
+        mb.resize_bilinear(x=x, target_size_height=1, target_size_width=2, sampling_mode=mode),
+    )
+    larger, smaller = run_mil(body, dict(x=x), tmp_path)
+    np.testing.assert_allclose(larger, interpolate(x, grid(mode, 3, 5), grid(mode, 4, 7)), **TOLERANCE)
+    np.testing.assert_allclose(smaller, interpolate(x, grid(mode, 3, 1), grid(mode, 4, 2)), **TOLERANCE)
+
+
+@pytest.mark.parametrize(
+    "align_corners, half_pixel_centers, grid_mode",
+    [(True, False, "align_corners"), (False, True, "half_pixel"), (False, False, "asymmetric")],
+)
+def test_upsample_bilinear(tmp_path, align_corners, half_pixel_centers, grid_mode):
+    x = random((2, 3, 4))
+    body = lambda x: mb.upsample_bilinear(
+        x=x, scale_factor_height=2.0, scale_factor_width=1.5, align_corners=align_corners, half_pixel_centers=half_pixel_centers
+    )
+    (actual,) = run_mil(body, dict(x=x), tmp_path)
+    np.testing.assert_allclose(actual, interpolate(x, grid(grid_mode, 3, 6), grid(grid_mode, 4, 6)), **TOLERANCE)
+
+
+def test_nearest_neighbour(tmp_path):
+    x = random((1, 2, 3, 4))
+    body = lambda x: (
+        mb.upsample_nearest_neighbor(x=x, scale_factor_height=2, scale_factor_width=3),
+        mb.upsample_nearest_neighbor(x=x, scale_factor_height=1.5, scale_factor_width=2.5),
+        mb.resize_nearest_neighbor(x=x, target_size_height=5, target_size_width=2),
+    )
+    integer, fractional, resized = run_mil(body, dict(x=x), tmp_path, target=ct.target.iOS16)
+    np.testing.assert_array_equal(integer, x.repeat(2, axis=2).repeat(3, axis=3))
+    rows, columns = (np.arange(4) / 1.5).astype(int), (np.arange(10) / 2.5).astype(int)
+    np.testing.assert_array_equal(fractional, x[:, :, rows][:, :, :, columns])
+    rows, columns = (np.arange(5) * 3 / 5).astype(int), (np.arange(2) * 4 / 2).astype(int)
+    np.testing.assert_array_equal(resized, x[:, :, rows][:, :, :, columns])
