@@ -32,6 +32,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--force", action="store_true", help="convert components again even if up to date")
     parser.add_argument("--no-validate", action="store_true",
                         help="skip checking each component against the original with the reference executor")
+    parser.add_argument("--validate-only", type=Path, metavar="FOLDER",
+                        help="check an existing package folder against its original model and print a table")
     parser.add_argument("--list-models", action="store_true", help="list the model aliases and exit")
     return parser.parse_args(argv)
 
@@ -54,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         for name, origin in list_models():
             print(f"{name:<14} {origin}")
         return 0
+    if args.validate_only:
+        quiet_libraries()
+        return validate_only(args.validate_only)
     if not args.model:
         print("error: --model is required (e.g. --model tiny, --model sd-v1-4; see --list-models)", file=sys.stderr)
         return 2
@@ -82,6 +87,24 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     print_summary(report)
     return 0
+
+
+def validate_only(folder: Path) -> int:
+    from .conversion import validate_package
+    from .validate import PSNR_THRESHOLD_DB
+
+    try:
+        results = validate_package(folder)
+    except ConversionError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"{'component':<12} {'PSNR (dB)':>10} {'max abs error':>14}  result (threshold {PSNR_THRESHOLD_DB:.0f} dB)")
+    failed = 0
+    for component, result in results.items():
+        passed = result["psnr_db"] >= PSNR_THRESHOLD_DB
+        failed += not passed
+        print(f"{component:<12} {result['psnr_db']:>10.1f} {result['max_abs_error']:>14.3g}  {'ok' if passed else 'FAILED'}")
+    return 1 if failed else 0
 
 
 def print_summary(report) -> None:

@@ -189,3 +189,35 @@ def convert_component(folder: PackageFolder, source: ModelSource, component: str
         folder.install(staged, component, entry)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def source_of(manifest: dict) -> ModelSource:
+    """Resolve the model a package was converted from, as its manifest records it."""
+    recorded = manifest["source"]
+    if "path" in recorded:
+        return resolve(recorded["path"])
+    if "id" in recorded:
+        return resolve(recorded["id"], recorded.get("revision"))
+    return resolve(recorded["model"])
+
+
+def validate_package(path: Path, seed: int = 0) -> dict[str, dict]:
+    """Check every component of an existing package folder again and record the results."""
+    from .validate import validate
+
+    folder = PackageFolder(path)
+    if folder.manifest is None:
+        raise ConversionError(f"{path} has no manifest.json: is it a package folder written by coreml-convert?")
+    manifest = folder.manifest
+    source = source_of(manifest)
+    dims = ModelDimensions(manifest["text_width"], manifest["height"], manifest["width"], manifest["unet_batch_size"])
+    results = {}
+    for component, entry in manifest["components"].items():
+        package = folder.path / entry["file"]
+        if not package.is_dir():
+            raise ConversionError(f"{package} is missing: convert it again with coreml-convert")
+        results[component] = validate(package, component, component_spec(component, dims),
+                                      lambda c=component: source.load(c, torch.float32), seed, source.latent_scaling_factor)
+        entry["validation"] = results[component]
+        folder.write_manifest()
+    return results
