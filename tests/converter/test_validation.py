@@ -1,0 +1,111 @@
+"""Packages run through the reference executor compute what the diffusers originals compute.
+
+The expected values come from the original diffusers/transformers modules in float32, called the
+way diffusers' StableDiffusionPipeline calls them; the packages compute in float16 on the executor.
+"""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from coreml_sd.converter.cli import main
+from coreml_sd.converter.conversion import ConversionOptions, convert_model
+from coreml_sd.converter.errors import ConversionError
+from coreml_sd.runtime.executor import ReferenceModel
+
+PSNR_THRESHOLD_DB = 35.0
+IMPLEMENTATIONS = ("split_einsum", "split_einsum_v2", "original")
+
+
+def psnr(reference: np.ndarray, actual: np.ndarray) -> float:
+    """Apple's formula: 20 log10((max |reference| + 1e-5) / (rmse + 1e-10))."""
+    rmse = np.sqrt(np.mean((reference.astype(np.float64) - actual.astype(np.float64)) ** 2))
+    return 20 * np.log10((np.abs(reference).max() + 1e-5) / (rmse + 1e-10))
+
+
+def random_inputs(component: str, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.RandomState(seed)
+    if component == "TextEncoder":
+        ids = np.full((1, 77), 49407)
+        ids[0, 0] = 49406
+        ids[0, 1:12] = rng.randint(0, 49406, size=11)
+        return {"input_ids": ids.astype(np.float32)}
+    if component == "Unet":
+        return {"sample": rng.randn(2, 4, 16, 16).astype(np.float16),
+                "timestep": np.array([981, 1], dtype=np.float16),
+                "encoder_hidden_states": rng.randn(2, 32, 1, 77).astype(np.float16)}
+    if component == "VAEDecoder":
+        return {"z": (rng.randn(1, 4, 16, 16) / 0.18215).astype(np.float16)}
+    return {"x": rng.uniform(-1, 1, (1, 3, 128, 128)).astype(np.float16)}
+
+
+@torch.no_grad()
+def diffusers_outputs(pipeline, component: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    x = {name: torch.from_numpy(value.astype(np.float32)) for name, value in inputs.items()}
+    if component == "TextEncoder":
+        output = pipeline.text_encoder(x["input_ids"].long())
+        return {"last_hidden_state": output[0].numpy(), "pooled_outputs": output[1].numpy()}
+    if component == "Unet":
+        context = x["encoder_hidden_states"].squeeze(2).permute(0, 2, 1)
+        return {"noise_pred": pipeline.unet(x["sample"], x["timestep"], encoder_hidden_states=context).sample.numpy()}
+    if component == "VAEDecoder":
+        return {"image": pipeline.vae.decode(x["z"]).sample.numpy()}
+    moments = pipeline.vae.encode(x["x"]).latent_dist
+    return {"latent": torch.cat([moments.mean, moments.logvar], dim=1).numpy()}
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("component", ["TextEncoder", "Unet", "VAEDecoder", "VAEEncoder"])
+def test_package_matches_diffusers(tiny_packages, tiny_pipeline, implementation, component):
+    inputs = random_inputs(component, seed=7)
+    actual = ReferenceModel(tiny_packages(implementation) / f"{component}.mlpackage").predict(inputs)
+    expected = diffusers_outputs(tiny_pipeline, component, inputs)
+    assert set(actual) == set(expected)
+    for name in expected:
+        assert actual[name].shape == expected[name].shape
+        assert psnr(expected[name], actual[name]) >= PSNR_THRESHOLD_DB, name
+
+
+def test_manifest_records_validation(tiny_packages):
+    manifest = json.loads((tiny_packages("split_einsum") / "manifest.json").read_text())
+    for component, entry in manifest["components"].items():
+        assert entry["validation"]["psnr_db"] >= PSNR_THRESHOLD_DB, component
+        assert entry["validation"]["seed"] == 0
+
+
+@pytest.fixture(scope="module")
+def overflowing_folder(tmp_path_factory, tiny_pipeline):
+    """A model whose VAE decoder overflows float16: its last convolution scaled far beyond 65504."""
+    import copy
+
+    folder = tmp_path_factory.mktemp("overflow") / "tiny-overflow"
+    pipeline = copy.deepcopy(tiny_pipeline)
+    with torch.no_grad():
+        pipeline.vae.decoder.conv_out.weight.mul_(1e6)
+    pipeline.save_pretrained(folder)
+    return folder
+
+
+def test_failed_validation_installs_nothing_and_keeps_what_was_valid(overflowing_folder, tmp_path):
+    output = tmp_path / "package"
+    convert_model(ConversionOptions(model=str(overflowing_folder), output=output, components=("TextEncoder",)))
+    with pytest.raises(ConversionError, match="VAEDecoder: PSNR .* below 35 dB"):
+        convert_model(ConversionOptions(model=str(overflowing_folder), output=output, components=("VAEDecoder",)))
+    assert sorted(p.name for p in output.iterdir()) == ["TextEncoder.mlpackage", "manifest.json", "merges.txt", "vocab.json"]
+    assert list(json.loads((output / "manifest.json").read_text())["components"]) == ["TextEncoder"]
+
+    convert_model(ConversionOptions(model=str(overflowing_folder), output=output, components=("VAEDecoder",), validate=False))
+    assert (output / "VAEDecoder.mlpackage").is_dir()
+
+
+def test_validate_only_prints_a_table_and_fails_on_a_bad_package(overflowing_folder, tmp_path, capsys):
+    output = tmp_path / "package"
+    convert_model(ConversionOptions(model=str(overflowing_folder), output=output,
+                                    components=("TextEncoder", "VAEDecoder"), validate=False))
+    assert main(["--validate-only", str(output)]) == 1
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[1:]}
+    assert rows["TextEncoder"][-1] == "ok" and float(rows["TextEncoder"][1]) >= PSNR_THRESHOLD_DB
+    assert rows["VAEDecoder"][-1] == "FAILED"
+    manifest = json.loads((output / "manifest.json").read_text())
+    assert manifest["components"]["TextEncoder"]["validation"]["psnr_db"] >= PSNR_THRESHOLD_DB
