@@ -22,6 +22,18 @@ def constant(value: float, like: torch.Tensor) -> torch.Tensor:
     return torch.full((), value, dtype=like.dtype, device=like.device)
 
 
+def channel_affine(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+    """`x * weight + bias` per channel of a (B, C, H, W) tensor, as a depthwise 1x1 convolution.
+
+    Written as `mul` and `add`, coremltools fuses it into a batch_norm whose statistics it creates in
+    float32, which fails against float16 weights.
+    """
+    if weight is None:  # a norm without affine parameters (so without bias too)
+        return x
+    channels = x.shape[1]
+    return F.conv2d(x, weight.view(channels, 1, 1, 1), bias, groups=channels)
+
+
 class GroupNorm(nn.Module):
     """`torch.nn.GroupNorm` on (B, C, H, W) that never leaves rank 4.
 
@@ -44,10 +56,7 @@ class GroupNorm(nn.Module):
         centered = grouped - mean
         variance = (centered * centered).mean(dim=(2, 3), keepdim=True)
         normalized = centered * torch.rsqrt(variance + constant(self.eps, variance))
-        normalized = normalized.reshape(batch, channels, height, width)
-        if self.weight is None:
-            return normalized
-        return normalized * self.weight.view(1, channels, 1, 1) + self.bias.view(1, channels, 1, 1)
+        return channel_affine(normalized.reshape(batch, channels, height, width), self.weight, self.bias)
 
 
 @dataclass(frozen=True)
@@ -64,18 +73,18 @@ class Layout:
 
     def layer_norm(self, x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
         """`norm` over the channel axis, written out in both layouts: coremltools' lowering of
-        `native_layer_norm` mixes float32 and float16 with float16 weights (its passes fuse this form
-        back into one `layer_norm` op)."""
+        `native_layer_norm` mixes a float32 epsilon into float16 graphs."""
         axis = self.channel_axis
         mean = x.mean(dim=axis, keepdim=True)
         centered = x - mean
         variance = (centered * centered).mean(dim=axis, keepdim=True)
         normalized = centered * torch.rsqrt(variance + constant(norm.eps, variance))
-        affine_shape = (-1,) if axis == -1 else (1, -1, 1, 1)
+        if axis == 1:
+            return channel_affine(normalized, norm.weight, norm.bias)
         if norm.weight is not None:
-            normalized = normalized * norm.weight.view(affine_shape)
+            normalized = normalized * norm.weight
         if norm.bias is not None:
-            normalized = normalized + norm.bias.view(affine_shape)
+            normalized = normalized + norm.bias
         return normalized
 
     def from_image(self, x: torch.Tensor) -> torch.Tensor:
