@@ -1,0 +1,352 @@
+"""Converter benchmark, printed as JSON: time and peak memory of converting each component.
+
+Runs on a local diffusers folder with the full-size SD v1.4 architecture and random weights (fp32
+safetensors, like the hub repo), built once and cached. Every conversion and every validation runs
+`coreml-convert` (or the validation) in its own process; its peak RSS is the child's max RSS as the
+kernel reports it (what `/usr/bin/time -v` prints), its stage peaks come from sampling /proc.
+
+    python scripts/bench_convert.py                      # full size: targets enforced, exit 1 if one is missed
+    python scripts/bench_convert.py --small              # the tiny configuration: a quick smoke run
+    python scripts/bench_convert.py --baseline old.json  # also check the outputs against an earlier run
+
+Full-size runs need several GB: wrap them in `flock /tmp/fullsize.lock ...`.
+"""
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+GIB = 2**30
+CACHE = Path.home() / ".cache" / "coreml-sd" / "bench"
+COMPONENTS = ("TextEncoder", "Unet", "VAEDecoder")
+ATTENTION_IMPLEMENTATIONS = ("split_einsum", "split_einsum_v2", "original")
+MAIN_IMPLEMENTATION = "split_einsum"
+
+PEAK_RSS_TARGETS_GIB = {"TextEncoder": 1.5, "Unet": 4.3, "VAEDecoder": 2.0}
+TOTAL_WALL_TARGET_S = 121.0
+VALIDATION_PEAK_FACTOR = 2.0  # validation may use at most this multiple of the conversion's peak
+PSNR_TOLERANCE_DB = 0.5
+MAX_RANK = 4
+MAX_SPLIT_EINSUM_TRANSPOSES = 32
+SCORES_FRACTION = {"split_einsum": 1 / 8, "split_einsum_v2": 1 / 64}  # of original's attention scores
+
+# SD v1.4's configuration (CompVis/stable-diffusion-v1-4), with the defaults it relies on spelled out.
+SD_UNET_CONFIG = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32, act_fn="silu",
+    downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, mid_block_scale_factor=1, norm_eps=1e-5,
+)
+SD_VAE_CONFIG = dict(
+    sample_size=512, in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    norm_num_groups=32, act_fn="silu",
+)
+# openai/clip-vit-large-patch14's text model, as SD v1.4's text_encoder/config.json has it.
+SD_TEXT_ENCODER_CONFIG = dict(
+    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+    max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768, layer_norm_eps=1e-5,
+    bos_token_id=0, eos_token_id=2, pad_token_id=1,
+)
+MODEL_INDEX = {
+    "_class_name": "StableDiffusionPipeline",
+    "feature_extractor": [None, None],
+    "safety_checker": [None, None],
+    "requires_safety_checker": False,
+    "scheduler": ["diffusers", "PNDMScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+SEED = 0
+
+
+def model_configs(small: bool) -> dict:
+    if small:
+        from coreml_sd.converter.tiny import TEXT_ENCODER_CONFIG, UNET_CONFIG, VAE_CONFIG
+
+        return {"unet": UNET_CONFIG, "vae": VAE_CONFIG, "text_encoder": TEXT_ENCODER_CONFIG}
+    return {"unet": SD_UNET_CONFIG, "vae": SD_VAE_CONFIG, "text_encoder": SD_TEXT_ENCODER_CONFIG}
+
+
+def build_model_folder(folder: Path, small: bool) -> None:
+    """Random weights in a diffusers folder, one module at a time (each saved, then released)."""
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from coreml_sd.converter.tiny import SCHEDULER_CONFIG, build_tokenizer
+
+    configs = model_configs(small)
+    torch.manual_seed(SEED)
+    builders = {
+        "text_encoder": lambda: CLIPTextModel(CLIPTextConfig(**configs["text_encoder"])),
+        "vae": lambda: AutoencoderKL(**configs["vae"]),
+        "unet": lambda: UNet2DConditionModel(**configs["unet"]),
+    }
+    for name, build in builders.items():
+        build().save_pretrained(folder / name, safe_serialization=True)
+    PNDMScheduler(**SCHEDULER_CONFIG).save_pretrained(folder / "scheduler")
+    build_tokenizer().save_pretrained(folder / "tokenizer")
+    (folder / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2) + "\n")
+
+
+def model_folder(small: bool) -> Path:
+    """The cached folder for these configurations, built in a child process when missing."""
+    key = hashlib.sha256(json.dumps([model_configs(small), SEED], sort_keys=True, default=list).encode()).hexdigest()[:12]
+    folder = CACHE / f"{'tiny' if small else 'sd-v1-4'}-random-{key}"
+    if not folder.is_dir():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=CACHE))
+        try:
+            argv = [sys.executable, __file__, "--build-folder", str(staging)] + (["--small"] if small else [])
+            subprocess.run(argv, check=True)
+            staging.rename(folder)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def rss_bytes(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def run_measured(argv: list[str]) -> dict:
+    """Run a child; wall seconds, exact peak RSS (wait4), its stdout, and each coreml-convert stage's
+    seconds and sampled peak RSS (stage lines on stderr: "<component> <stage> <seconds> s")."""
+    start = time.perf_counter()
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    samples: list[tuple[float, int]] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            rss = rss_bytes(process.pid)
+            if rss is not None:
+                samples.append((time.perf_counter(), rss))
+            done.wait(0.1)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    stdout_chunks: list[str] = []
+    reader = threading.Thread(target=lambda: stdout_chunks.append(process.stdout.read()), daemon=True)
+    reader.start()
+    stage_lines = []
+    stderr_lines = []
+    for line in process.stderr:
+        stderr_lines.append(line)
+        fields = line.split()
+        if len(fields) == 4 and fields[3] == "s":
+            try:
+                stage_lines.append((time.perf_counter(), fields[1], float(fields[2])))
+            except ValueError:
+                pass
+    reader.join()
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - start
+    done.set()
+    sampler.join()
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed ({process.returncode}):\n{''.join(stderr_lines[-30:])}")
+    stages = {}
+    for end, name, seconds in stage_lines:
+        in_stage = [rss for t, rss in samples if end - seconds - 0.1 <= t <= end]
+        stages[name] = {"seconds": seconds, "peak_rss_gib": round(max(in_stage, default=0) / GIB, 2)}
+    return {
+        "wall_s": round(wall, 1),
+        "peak_rss_gib": round(usage.ru_maxrss * 1024 / GIB, 2),  # ru_maxrss is in KiB on Linux
+        "stages": stages,
+        "stdout": "".join(stdout_chunks),
+    }
+
+
+def package_mib(package: Path) -> float:
+    return round(sum(f.stat().st_size for f in package.rglob("*") if f.is_file()) / 2**20, 1)
+
+
+def program_figures(package: Path) -> dict:
+    """program_stats in a child process, so the benchmark never holds a package's weights."""
+    stdout = subprocess.run([sys.executable, __file__, "--program-stats", str(package)],
+                            check=True, capture_output=True, text=True).stdout
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def convert(folder: Path, output: Path, component: str, attention_implementation: str) -> dict:
+    result = run_measured([
+        sys.executable, "-m", "coreml_sd.converter.cli", "--model", str(folder), "--components", component,
+        "--attention-implementation", attention_implementation, "--no-validate", "--force", "-o", str(output),
+    ])
+    del result["stdout"]
+    manifest = json.loads((output / "manifest.json").read_text())
+    entry = manifest["components"][component]
+    package = output / entry["file"]
+    result.update(package_mib=package_mib(package), io={"inputs": entry["inputs"], "outputs": entry["outputs"]},
+                  program=program_figures(package))
+    return result
+
+
+def validate(output: Path, component: str) -> dict:
+    result = run_measured([sys.executable, __file__, "--validate-component", component, str(output)])
+    figures = json.loads(result.pop("stdout").strip().splitlines()[-1])
+    del result["stages"]
+    return dict(result, psnr_db=figures["psnr_db"], max_abs_error=figures["max_abs_error"])
+
+
+def validate_component(folder: Path, component: str) -> dict:
+    """One component of a package folder against its diffusers original, as coreml-convert validates it."""
+    import torch
+
+    from coreml_sd.converter.components import ModelDimensions, component_spec
+    from coreml_sd.converter.conversion import source_of
+    from coreml_sd.converter.validate import validate as validate_package
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    source = source_of(manifest)
+    dims = ModelDimensions(manifest["text_width"], manifest["height"], manifest["width"], manifest["unet_batch_size"])
+    spec = component_spec(component, dims)
+    return validate_package(folder / spec.file_name, component, spec, lambda: source.load(component, torch.float32),
+                            0, source.latent_scaling_factor)
+
+
+def check(checks: list, name: str, value, target, met: bool) -> None:
+    checks.append({"name": name, "value": value, "target": target, "met": bool(met)})
+
+
+def evaluate(report: dict, baseline: dict | None) -> list[dict]:
+    checks = []
+    main = report["conversion"][MAIN_IMPLEMENTATION]
+    for component, target in PEAK_RSS_TARGETS_GIB.items():
+        check(checks, f"{component} conversion peak RSS (GiB)", main[component]["peak_rss_gib"], f"<= {target}",
+              main[component]["peak_rss_gib"] <= target)
+    check(checks, "conversion wall time, all three (s)", report["conversion_wall_s"], f"<= {TOTAL_WALL_TARGET_S}",
+          report["conversion_wall_s"] <= TOTAL_WALL_TARGET_S)
+    for component, figures in report["validation"].items():
+        limit = round(VALIDATION_PEAK_FACTOR * main[component]["peak_rss_gib"], 2)
+        check(checks, f"{component} validation peak RSS (GiB)", figures["peak_rss_gib"], f"<= {limit}",
+              figures["peak_rss_gib"] <= limit)
+        check(checks, f"{component} PSNR (dB)", figures["psnr_db"], f">= {report['psnr_threshold_db']}",
+              figures["psnr_db"] >= report["psnr_threshold_db"])
+    scores = {name: runs["Unet"]["program"]["largest_attention_scores"]["elements"]
+              for name, runs in report["conversion"].items()}
+    for name, fraction in SCORES_FRACTION.items():
+        limit = int(scores["original"] * fraction)
+        check(checks, f"Unet {name} largest attention scores (elements)", scores[name], f"<= {limit}", scores[name] <= limit)
+    transposes = main["Unet"]["program"]["transposes"]
+    check(checks, "Unet split_einsum transposes", transposes, f"<= {MAX_SPLIT_EINSUM_TRANSPOSES}",
+          transposes <= MAX_SPLIT_EINSUM_TRANSPOSES)
+    for name, runs in report["conversion"].items():
+        for component, figures in runs.items():
+            rank = figures["program"]["max_rank"]
+            check(checks, f"{component} {name} max rank", rank, f"<= {MAX_RANK}", rank <= MAX_RANK)
+    if baseline is not None:
+        for name, runs in report["conversion"].items():
+            for component, figures in runs.items():
+                before = baseline["conversion"].get(name, {}).get(component)
+                if before is None:
+                    continue
+                check(checks, f"{component} {name} I/O as in the baseline", figures["io"], before["io"],
+                      figures["io"] == before["io"])
+                check(checks, f"{component} {name} op counts as in the baseline", figures["program"]["op_counts"],
+                      before["program"]["op_counts"], figures["program"]["op_counts"] == before["program"]["op_counts"])
+        for component, figures in report["validation"].items():
+            before = baseline["validation"].get(component)
+            if before is not None:
+                change = round(figures["psnr_db"] - before["psnr_db"], 2)
+                check(checks, f"{component} PSNR change from the baseline (dB)", change,
+                      f"within +-{PSNR_TOLERANCE_DB}", abs(change) <= PSNR_TOLERANCE_DB)
+    return checks
+
+
+def benchmark(small: bool, output: Path, baseline: dict | None) -> dict:
+    from coreml_sd.converter.validate import PSNR_THRESHOLD_DB
+
+    folder = model_folder(small)
+    report = {
+        "size": "small" if small else "full",
+        "model_folder": str(folder),
+        "cpus": os.cpu_count(),
+        "load_average_before": [round(x, 2) for x in os.getloadavg()],
+        "conversion": {},
+    }
+    for implementation in ATTENTION_IMPLEMENTATIONS:
+        components = COMPONENTS if implementation == MAIN_IMPLEMENTATION else ("Unet",)
+        runs = report["conversion"][implementation] = {}
+        for component in components:
+            print(f"converting {component} ({implementation})", file=sys.stderr, flush=True)
+            runs[component] = convert(folder, output / implementation, component, implementation)
+    main = report["conversion"][MAIN_IMPLEMENTATION]
+    report["conversion_wall_s"] = round(sum(main[c]["wall_s"] for c in COMPONENTS), 1)
+    report["psnr_threshold_db"] = PSNR_THRESHOLD_DB
+    report["validation"] = {}
+    for component in COMPONENTS:
+        print(f"validating {component} ({MAIN_IMPLEMENTATION})", file=sys.stderr, flush=True)
+        report["validation"][component] = validate(output / MAIN_IMPLEMENTATION, component)
+    report["validation_wall_s"] = round(sum(v["wall_s"] for v in report["validation"].values()), 1)
+    report["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    report["checks"] = evaluate(report, baseline)
+    report["targets_enforced"] = not small
+    report["all_targets_met"] = all(c["met"] for c in report["checks"])
+    return report
+
+
+def print_checks(checks: list[dict]) -> None:
+    for c in checks:
+        value = c["value"] if not isinstance(c["value"], dict) else "(see JSON)"
+        target = c["target"] if not isinstance(c["target"], dict) else "(baseline)"
+        print(f"{'ok ' if c['met'] else 'MISSED'} {c['name']:<58} {value!s:>10}  target {target}", file=sys.stderr)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", action="store_true", help="the tiny configuration (targets not enforced)")
+    parser.add_argument("--output", type=Path, help="keep the converted packages here (default: a temporary folder)")
+    parser.add_argument("--baseline", type=Path, help="an earlier run's JSON: I/O, op counts and PSNR must match it")
+    parser.add_argument("--build-folder", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--validate-component", nargs=2, metavar=("COMPONENT", "FOLDER"), help=argparse.SUPPRESS)
+    parser.add_argument("--program-stats", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    from coreml_sd.converter.cli import quiet_libraries
+
+    quiet_libraries()
+    if args.build_folder:
+        build_model_folder(args.build_folder, args.small)
+        return 0
+    if args.validate_component:
+        component, folder = args.validate_component
+        print(json.dumps(validate_component(Path(folder), component)))
+        return 0
+    if args.program_stats:
+        from coreml_sd.converter.program_stats import program_stats
+
+        print(json.dumps(program_stats(args.program_stats)))
+        return 0
+    baseline = json.loads(args.baseline.read_text()) if args.baseline else None
+    with tempfile.TemporaryDirectory(prefix="bench-convert-") as temporary:
+        output = args.output or Path(temporary)
+        report = benchmark(args.small, output, baseline)
+    print_checks(report["checks"])
+    print(json.dumps(report, indent=2))
+    return 0 if report["all_targets_met"] or args.small else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
