@@ -14,8 +14,10 @@ from coremltools.converters.mil.mil import Program, types
 from coremltools.converters.mil.mil.types.symbolic import is_symbolic
 
 
-def load_program(mlmodel_or_path: "ct.models.MLModel | str | Path") -> Program:
+def load_program(mlmodel_or_path: "ct.models.MLModel | Program | str | Path") -> Program:
     """The MIL program of a converted model (kept by coremltools) or of a saved `.mlpackage`."""
+    if isinstance(mlmodel_or_path, Program):
+        return mlmodel_or_path
     if isinstance(mlmodel_or_path, ct.models.MLModel):
         model = mlmodel_or_path
     else:
@@ -50,7 +52,7 @@ def larger(current: dict | None, candidate: dict) -> dict:
     return current
 
 
-def program_stats(mlmodel_or_path: "ct.models.MLModel | str | Path") -> dict:
+def program_stats(mlmodel_or_path: "ct.models.MLModel | Program | str | Path") -> dict:
     """Statistics over every function of the program.
 
     Returns `max_rank` (over inputs, constants and op outputs), `largest_intermediate` and
