@@ -1,15 +1,32 @@
 """Helpers shared by the runtime tests: image comparison and diffusers' pipelines fed the runtime's noise."""
 import numpy as np
 import torch
-from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    LMSDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionPipeline,
+)
 from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_img2img
 from PIL import Image
 
 from coreml_sd.runtime.pipeline import draw_noise
-from coreml_sd.runtime.schedulers import build_scheduler
 
 PSNR_THRESHOLD_DB = 35.0
 LATENT_SHAPE = (1, 4, 16, 16)  # the tiny model's 128x128 images
+# The runtime's scheduler names, mapped here to diffusers' classes as they come.
+DIFFUSERS_SCHEDULERS = {
+    "pndm": PNDMScheduler,
+    "ddim": DDIMScheduler,
+    "euler": EulerDiscreteScheduler,
+    "euler-a": EulerAncestralDiscreteScheduler,
+    "dpm++": DPMSolverMultistepScheduler,
+    "lms": LMSDiscreteScheduler,
+}
 
 
 def psnr(image: np.ndarray, reference: np.ndarray) -> float:
@@ -23,18 +40,21 @@ def pixels(image: Image.Image) -> np.ndarray:
     return np.asarray(image, np.float64) / 255
 
 
-def _with_scheduler(cls, reference: StableDiffusionPipeline, scheduler: str):
-    """A diffusers pipeline of class `cls` on the reference's modules, with our scheduler by name."""
-    config = dict(reference.scheduler.config)
-    pipe = cls(**{**reference.components, "scheduler": build_scheduler(scheduler, config, config["prediction_type"])})
+def _with_scheduler(cls, reference: StableDiffusionPipeline, scheduler: str, config: dict):
+    """A diffusers pipeline of class `cls` on the reference's modules, with the named scheduler configured
+    from `config` (the package's scheduler configuration, as the runtime configures it)."""
+    scheduler = DIFFUSERS_SCHEDULERS[scheduler].from_config(config)
+    pipe = cls(**{**reference.components, "scheduler": scheduler})
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def diffusers_txt2img(reference, prompt: str, negative_prompt: str, scheduler: str, steps: int, seed: int) -> np.ndarray:
+def diffusers_txt2img(
+    reference, config: dict, prompt: str, negative_prompt: str, scheduler: str, steps: int, seed: int
+) -> np.ndarray:
     """diffusers' text-to-image started from the runtime's initial noise for `seed`."""
     latents = torch.from_numpy(draw_noise(np.random.RandomState(seed), LATENT_SHAPE))
-    return _with_scheduler(StableDiffusionPipeline, reference, scheduler)(
+    return _with_scheduler(StableDiffusionPipeline, reference, scheduler, config)(
         prompt,
         negative_prompt=negative_prompt or None,
         num_inference_steps=steps,
@@ -45,7 +65,8 @@ def diffusers_txt2img(reference, prompt: str, negative_prompt: str, scheduler: s
 
 
 def diffusers_img2img(
-    reference, prompt: str, scheduler: str, steps: int, seed: int, image: Image.Image, strength: float, monkeypatch
+    reference, config: dict, prompt: str, negative_prompt: str, scheduler: str, steps: int, seed: int, image: Image.Image,
+    strength: float, monkeypatch,
 ) -> np.ndarray:
     """diffusers' image-to-image fed the runtime's noise for `seed`: first the noise it adds at the start
     step (diffusers draws it with `randn_tensor`, replaced here), then the VAE posterior's sample."""
@@ -57,8 +78,9 @@ def diffusers_img2img(
         posterior = reference.vae.encode(x).latent_dist
     init_latents = (posterior.mean + posterior.std * sample_noise) * reference.vae.config.scaling_factor
     monkeypatch.setattr(pipeline_stable_diffusion_img2img, "randn_tensor", lambda *args, **kwargs: noise)
-    return _with_scheduler(StableDiffusionImg2ImgPipeline, reference, scheduler)(
+    return _with_scheduler(StableDiffusionImg2ImgPipeline, reference, scheduler, config)(
         prompt,
+        negative_prompt=negative_prompt or None,
         image=init_latents,  # four channels: taken as latents, not encoded again
         strength=strength,
         num_inference_steps=steps,

@@ -49,23 +49,25 @@ def pipe_unet_batch_1(package, contract_models) -> Pipeline:
 
 @pytest.mark.parametrize("scheduler", list(SCHEDULERS))
 @pytest.mark.parametrize("negative_prompt", ["", "blurry, low quality"])
-def test_txt2img_matches_diffusers(pipe, tiny_pipeline, scheduler, negative_prompt):
+def test_txt2img_matches_diffusers(pipe, package, tiny_pipeline, scheduler, negative_prompt):
     ours = pipe(PROMPT, negative_prompt=negative_prompt, steps=STEPS, scheduler=scheduler, seed=7, progress=False)
-    reference = diffusers_txt2img(tiny_pipeline, PROMPT, negative_prompt, scheduler, STEPS, seed=7)
+    reference = diffusers_txt2img(tiny_pipeline, package.scheduler_config, PROMPT, negative_prompt, scheduler, STEPS, seed=7)
     assert psnr(pixels(ours.images[0]), reference) >= LOGIC_PSNR_DB
 
 
 @pytest.mark.parametrize("scheduler", ["pndm", "euler-a"])
-def test_txt2img_with_batch_1_unet_matches_diffusers(pipe_unet_batch_1, tiny_pipeline, scheduler):
+def test_txt2img_with_batch_1_unet_matches_diffusers(pipe_unet_batch_1, package, tiny_pipeline, scheduler):
     ours = pipe_unet_batch_1(PROMPT, negative_prompt="blurry", steps=STEPS, scheduler=scheduler, seed=2, progress=False)
-    reference = diffusers_txt2img(tiny_pipeline, PROMPT, "blurry", scheduler, STEPS, seed=2)
+    reference = diffusers_txt2img(tiny_pipeline, package.scheduler_config, PROMPT, "blurry", scheduler, STEPS, seed=2)
     assert psnr(pixels(ours.images[0]), reference) >= LOGIC_PSNR_DB
 
 
 @pytest.mark.parametrize(("scheduler", "strength"), [("pndm", 0.6), ("euler-a", 0.8), ("dpm++", 1.0), ("lms", 0.3)])
-def test_img2img_matches_diffusers(pipe, tiny_pipeline, start_image, scheduler, strength, monkeypatch):
+def test_img2img_matches_diffusers(pipe, package, tiny_pipeline, start_image, scheduler, strength, monkeypatch):
     ours = pipe(PROMPT, steps=STEPS * 2, scheduler=scheduler, seed=3, image=start_image, strength=strength, progress=False)
-    reference = diffusers_img2img(tiny_pipeline, PROMPT, scheduler, STEPS * 2, 3, start_image, strength, monkeypatch)
+    reference = diffusers_img2img(
+        tiny_pipeline, package.scheduler_config, PROMPT, "", scheduler, STEPS * 2, 3, start_image, strength, monkeypatch
+    )
     assert psnr(pixels(ours.images[0]), reference) >= LOGIC_PSNR_DB
 
 

@@ -1,0 +1,96 @@
+"""The converted tiny packages, run by the reference executor, against diffusers on the same weights."""
+import shutil
+
+import numpy as np
+import pytest
+
+from coreml_sd.converter.conversion import ConversionOptions, convert_model
+from coreml_sd.runtime.backends import _description_from_spec
+from coreml_sd.runtime.executor import ReferenceModel
+from coreml_sd.runtime.pipeline import Pipeline
+from runtime_testing import PSNR_THRESHOLD_DB, diffusers_img2img, diffusers_txt2img, pixels, psnr
+
+PROMPT = "a photo of an astronaut riding a horse"
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def package_folder(tiny_packages):
+    return tiny_packages("split_einsum")
+
+
+@pytest.fixture(scope="module")
+def pipe(package_folder) -> Pipeline:
+    return Pipeline.from_package(package_folder, backend="reference")
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "negative_prompt"),
+    [("pndm", ""), ("pndm", "blurry, low quality"), ("euler-a", "blurry, low quality"), ("dpm++", "")],
+)
+def test_txt2img_matches_diffusers(pipe, tiny_pipeline, scheduler, negative_prompt):
+    ours = pipe(PROMPT, negative_prompt=negative_prompt, steps=STEPS, scheduler=scheduler, seed=11, progress=False)
+    reference = diffusers_txt2img(tiny_pipeline, pipe.package.scheduler_config, PROMPT, negative_prompt, scheduler, STEPS, seed=11)
+    assert psnr(pixels(ours.images[0]), reference) >= PSNR_THRESHOLD_DB
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "strength", "negative_prompt"), [("pndm", 0.7, ""), ("euler", 0.9, "blurry, low quality")]
+)
+def test_img2img_matches_diffusers(pipe, tiny_pipeline, start_image, scheduler, strength, negative_prompt, monkeypatch):
+    steps = 2 * STEPS
+    ours = pipe(PROMPT, negative_prompt=negative_prompt, steps=steps, scheduler=scheduler, seed=5,
+                image=start_image, strength=strength, progress=False)
+    reference = diffusers_img2img(
+        tiny_pipeline, pipe.package.scheduler_config, PROMPT, negative_prompt, scheduler, steps, 5, start_image, strength, monkeypatch
+    )
+    assert psnr(pixels(ours.images[0]), reference) >= PSNR_THRESHOLD_DB
+
+
+def test_a_seed_gives_the_same_image_and_another_seed_another(pipe):
+    first, again, other = (np.asarray(pipe(PROMPT, steps=2, seed=seed, progress=False).images[0]) for seed in (1, 1, 2))
+    np.testing.assert_array_equal(first, again)
+    assert np.abs(first.astype(int) - other.astype(int)).mean() > 1
+
+
+@pytest.fixture(scope="module")
+def unet_batch_1_folder(package_folder, tmp_path_factory):
+    """The package with its Unet converted again for batch 1 (the other components are kept)."""
+    folder = tmp_path_factory.mktemp("tiny-unet-batch-1") / "tiny"
+    shutil.copytree(package_folder, folder)
+    convert_model(ConversionOptions(model="tiny", output=folder, components=("Unet",), unet_batch_size=1))
+    return folder
+
+
+def test_unet_batch_1_package_matches_diffusers(unet_batch_1_folder, tiny_pipeline):
+    pipe = Pipeline.from_package(unet_batch_1_folder, backend="reference")
+    assert pipe.unet_batch_size == 1
+    ours = pipe(PROMPT, negative_prompt="blurry", steps=STEPS, scheduler="ddim", seed=4, progress=False)
+    reference = diffusers_txt2img(tiny_pipeline, pipe.package.scheduler_config, PROMPT, "blurry", "ddim", STEPS, seed=4)
+    assert psnr(pixels(ours.images[0]), reference) >= PSNR_THRESHOLD_DB
+
+
+def test_a_bundle_without_manifest_runs_with_sd_v1_settings(pipe, package_folder, tmp_path):
+    """Apple's Resources bundles have models and BPE files only; tiny uses SD v1.4's settings, so the
+    images must not change."""
+    bundle = tmp_path / "Resources"
+    shutil.copytree(package_folder, bundle, ignore=shutil.ignore_patterns("manifest.json"))
+    bare = Pipeline.from_package(bundle, backend="reference")
+    assert bare.package.attention_implementation is None and bare.compute_unit == "ALL"
+    for scheduler in ("pndm", "ddim"):
+        settings = dict(steps=3, scheduler=scheduler, seed=9, progress=False)
+        np.testing.assert_array_equal(np.asarray(bare(PROMPT, **settings).images[0]),
+                                      np.asarray(pipe(PROMPT, **settings).images[0]))
+
+
+def test_compute_unit_follows_the_attention_implementation(pipe):
+    assert pipe.package.attention_implementation == "split_einsum" and pipe.compute_unit == "CPU_AND_NE"
+
+
+@pytest.mark.parametrize("component", ["TextEncoder", "Unet", "VAEDecoder", "VAEEncoder"])
+def test_core_ml_adapter_reads_the_inputs_the_executor_reads(package_folder, component):
+    import coremltools as ct
+
+    path = package_folder / f"{component}.mlpackage"
+    spec = ct.models.MLModel(str(path), skip_model_load=True).get_spec()
+    assert _description_from_spec(spec) == ReferenceModel(path).input_description
