@@ -2,6 +2,7 @@
 implementation: layer by layer against the original modules, then whole components against the tiny pipeline.
 """
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -202,8 +203,7 @@ def test_modules_share_the_pipeline_weights_and_leave_it_unchanged(tiny_pipeline
 
 
 def test_float16_weights_compute_in_float16(tiny_pipeline):
-    half_pipeline = copy.copy(tiny_pipeline)
-    half_pipeline.unet = copy.deepcopy(tiny_pipeline.unet).half()
+    half_pipeline = SimpleNamespace(unet=copy.deepcopy(tiny_pipeline.unet).half())
     inputs = contract_inputs(tiny_pipeline, "Unet")  # float32 inputs are cast to the weights' dtype
     with torch.no_grad():
         (actual,) = component_module(half_pipeline, "Unet", "split_einsum")(*inputs)
@@ -220,7 +220,6 @@ def test_unknown_names_are_rejected_with_the_choices(tiny_pipeline):
 
 
 def test_unsupported_unet_configuration_is_rejected(tiny_pipeline):
-    pipeline = copy.copy(tiny_pipeline)
-    pipeline.unet = UNet2DConditionModel(**UNET_CONFIG, num_class_embeds=10)
+    pipeline = SimpleNamespace(unet=UNet2DConditionModel(**UNET_CONFIG, num_class_embeds=10))
     with pytest.raises(ValueError, match="class_embedding"):
         component_module(pipeline, "Unet", "split_einsum")

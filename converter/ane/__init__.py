@@ -12,8 +12,7 @@ from .text_encoder import TextEncoder
 from .unet import Unet
 from .vae import VAEDecoder, VAEEncoder
 
-ATTENTION_IMPLEMENTATIONS = tuple(IMPLEMENTATIONS)
-DEFAULT_ATTENTION_IMPLEMENTATION = "split_einsum"
+ATTENTION_IMPLEMENTATIONS = tuple(IMPLEMENTATIONS)  # the first is the Neural Engine default
 
 
 def component_module(pipeline, component: str, attention_implementation: str) -> nn.Module:

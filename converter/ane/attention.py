@@ -73,9 +73,9 @@ class AttentionImplementation:
 
 QUERY_CHUNK = 512
 IMPLEMENTATIONS = {
-    "original": AttentionImplementation("original", TOKENS_LAST),
     "split_einsum": AttentionImplementation("split_einsum", CHANNELS_FIRST),
     "split_einsum_v2": AttentionImplementation("split_einsum_v2", CHANNELS_FIRST, QUERY_CHUNK),
+    "original": AttentionImplementation("original", TOKENS_LAST),
 }
 
 
