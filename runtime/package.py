@@ -49,8 +49,8 @@ class Package:
     def component(self, name: str) -> Path:
         if name not in self.components:
             raise GenerationError(
-                f"package {self.name!r} has no {name} ({self.path}); "
-                f"reconvert it with the component included (coreml-convert ... --components ... {name})"
+                f"package {self.name!r} has no {name}; convert it too "
+                f"(coreml-convert ... --components TextEncoder,Unet,VAEDecoder,{name})"
             )
         return self.components[name]
 
@@ -109,19 +109,13 @@ def _read_manifest(folder: Path) -> dict | None:
     return manifest
 
 
-def _component_files(folder: Path, manifest: dict | None) -> dict[str, Path]:
-    listed = (manifest or {}).get("components", {})
+def _component_files(folder: Path) -> dict[str, Path]:
+    """The components present, by the contract's file names: `<Name>.mlpackage` or, in Swift bundles, `.mlmodelc`."""
     files = {}
     for name in REQUIRED_COMPONENTS + OPTIONAL_COMPONENTS:
-        if name in listed:
-            path = folder / listed[name]["file"]
-            if not path.exists():
-                raise GenerationError(f"{path} is listed in the manifest but missing; reconvert the package")
-            files[name] = path
-            continue
-        found = [folder / f"{name}{suffix}" for suffix in MODEL_SUFFIXES if (folder / f"{name}{suffix}").exists()]
-        if found:
-            files[name] = found[0]
+        present = [folder / (name + suffix) for suffix in MODEL_SUFFIXES if (folder / (name + suffix)).exists()]
+        if present:
+            files[name] = present[0]
     return files
 
 
@@ -140,7 +134,7 @@ def load_package(folder: Path) -> Package:
     if not folder.is_dir():
         raise GenerationError(f"{folder} is not a folder; pass a package folder or a name under {packages_root()}")
     manifest = _read_manifest(folder)
-    components = _component_files(folder, manifest)
+    components = _component_files(folder)
     if manifest is None and not components:
         raise GenerationError(
             f"{folder} is not a package: no {MANIFEST_FILE} and no .mlpackage/.mlmodelc models; "
@@ -151,7 +145,7 @@ def load_package(folder: Path) -> Package:
         raise GenerationError(f"{folder} holds a chunked Unet, which this runtime does not run; use an unchunked one")
     if missing:
         raise GenerationError(
-            f"package {folder} lacks {', '.join(missing)} ({', '.join(m + '.mlpackage' for m in missing)}); "
+            f"package {folder} lacks {', '.join(missing)} (no {' or '.join(m + '.mlpackage' for m in missing)}); "
             "reconvert it with coreml-convert"
         )
     for file_name in TOKENIZER_FILES:

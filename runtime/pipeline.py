@@ -142,10 +142,11 @@ class Pipeline:
         return result
 
     def _check_size(self, height: int | None, width: int | None) -> None:
-        if (height or self.height, width or self.width) != (self.height, self.width):
+        height, width = height or self.height, width or self.width
+        if (height, width) != (self.height, self.width):
             raise GenerationError(
-                f"package {self.package.name!r} makes {self.width}x{self.height} images, not "
-                f"{width or self.width}x{height or self.height}; convert the model at that size to get it"
+                f"package {self.package.name!r} makes {self.width}x{self.height} images (width x height), not "
+                f"{width}x{height}; convert the model at that size (coreml-convert --width {width} --height {height})"
             )
 
     def _denoise(self, hidden, scheduler_name, steps, guidance_scale, seed, init_latents, strength, progress, label):

@@ -1,0 +1,163 @@
+"""`coreml-generate` end to end on the tiny package: what it writes, and how it refuses bad input."""
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from coreml_sd.runtime.cli import main
+from coreml_sd.runtime.pipeline import Pipeline
+
+PROMPT = "a photo of an astronaut riding a horse"
+FAST = ["--steps", "2", "--backend", "reference"]
+
+
+@pytest.fixture(scope="module")
+def package_folder(tiny_packages):
+    return tiny_packages("split_einsum")
+
+
+def run(argv: list[str], capsys) -> tuple[int, str, str]:
+    try:
+        code = main(argv)
+    except SystemExit as exit:  # argparse's own exit, for unparseable options
+        code = exit.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def pngs(folder) -> list:
+    return sorted(p for p in folder.rglob("*") if p.suffix == ".png" or p.name.endswith(".tmp"))
+
+
+def test_writes_the_image_with_its_settings(package_folder, tmp_path, capsys):
+    output = tmp_path / "astronaut.png"
+    code, out, err = run([PROMPT, "--model", str(package_folder), "--seed", "3", "--negative-prompt", "blurry",
+                          "--scheduler", "ddim", "--guidance-scale", "6", "-o", str(output), *FAST], capsys)
+    assert code == 0, err
+    last = out.strip().splitlines()[-1]
+    assert last.startswith(f"wrote {output} in ") and last.endswith(" s")
+    written = Image.open(output)
+    assert written.info["parameters"] == (
+        f"{PROMPT}\nNegative prompt: blurry\n"
+        f"Steps: 2, Sampler: ddim, CFG scale: 6.0, Seed: 3, Size: 128x128, Model: {package_folder.name}"
+    )
+    expected = Pipeline.from_package(package_folder, backend="reference")(
+        PROMPT, negative_prompt="blurry", steps=2, scheduler="ddim", guidance_scale=6, seed=3, progress=False
+    ).images[0]
+    np.testing.assert_array_equal(np.asarray(written.convert("RGB")), np.asarray(expected))
+
+
+def test_finds_the_only_package_and_names_the_output(package_folder, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "packages").mkdir()
+    (tmp_path / "packages" / "tiny").symlink_to(package_folder)
+    code, out, err = run([PROMPT, "--seed", "12", *FAST], capsys)
+    assert code == 0, err
+    assert (tmp_path / "outputs" / "a-photo-of-an-astronaut-riding-a-horse-12.png").is_file()
+
+
+def test_packages_root_from_the_environment(package_folder, tmp_path, monkeypatch, capsys):
+    root = tmp_path / "elsewhere"
+    root.mkdir()
+    (root / "tiny").symlink_to(package_folder)
+    monkeypatch.setenv("COREML_SD_PACKAGES", str(root))
+    code, out, err = run([PROMPT, "--model", "tiny", "--seed", "1", "-o", str(tmp_path / "out"), *FAST], capsys)
+    assert code == 0, err
+    assert [p.name for p in pngs(tmp_path / "out")] == ["a-photo-of-an-astronaut-riding-a-horse-1.png"]
+
+
+def test_random_seed_is_printed_and_used(package_folder, tmp_path, capsys):
+    code, out, err = run([PROMPT, "--model", str(package_folder), "-o", str(tmp_path), *FAST], capsys)
+    assert code == 0, err
+    seed = int(out.split()[1])
+    assert f"--seed {seed}" in out.splitlines()[0]
+    (image,) = pngs(tmp_path)
+    assert image.name.endswith(f"-{seed}.png") and f"Seed: {seed}," in Image.open(image).info["parameters"]
+
+
+def test_several_images_and_their_contact_sheet(package_folder, tmp_path, capsys):
+    code, out, err = run([PROMPT, "--model", str(package_folder), "--seed", "5", "--num-images", "3",
+                          "-o", str(tmp_path / "set.png"), *FAST], capsys)
+    assert code == 0, err
+    assert [p.name for p in pngs(tmp_path)] == ["set-5.png", "set-6.png", "set-7.png", "set-grid.png"]
+    grid = Image.open(tmp_path / "set-grid.png")
+    assert grid.size == (256, 256)
+    np.testing.assert_array_equal(np.asarray(grid)[:128, 128:], np.asarray(Image.open(tmp_path / "set-6.png")))
+
+
+def test_image_to_image(package_folder, start_image, tmp_path, capsys):
+    start_image.save(tmp_path / "start.png")
+    code, out, err = run([PROMPT, "--model", str(package_folder), "--seed", "2", "--image", str(tmp_path / "start.png"),
+                          "--strength", "0.5", "-o", str(tmp_path / "out.png"), "--steps", "4", "--backend", "reference"],
+                         capsys)
+    assert code == 0, err
+    assert "Denoising strength: 0.5" in Image.open(tmp_path / "out.png").info["parameters"]
+
+
+@pytest.fixture
+def bad_places(package_folder, start_image, tmp_path):
+    """Packages with a part missing or broken, a start image, an empty folder; named in BAD_INPUTS' templates."""
+    shutil.copytree(package_folder, tmp_path / "no-unet", ignore=shutil.ignore_patterns("Unet.mlpackage"))
+    shutil.copytree(package_folder, tmp_path / "no-encoder", ignore=shutil.ignore_patterns("VAEEncoder.mlpackage"))
+    shutil.copytree(package_folder, tmp_path / "corrupt")
+    (tmp_path / "corrupt" / "manifest.json").write_text("{not json")
+    (tmp_path / "empty").mkdir()
+    start_image.save(tmp_path / "start.png")
+    return tmp_path
+
+
+BAD_INPUTS = {  # argv after the prompt ({pkg}: the tiny package, {tmp}: bad_places) -> what the error says
+    "height": (["--model", "{pkg}", "--height", "256"], "makes 128x128 images"),
+    "width": (["--model", "{pkg}", "--width", "64"], "not 64x128"),
+    "missing component": (["--model", "{tmp}/no-unet"], "lacks Unet (no Unet.mlpackage)"),
+    "missing encoder": (["--model", "{tmp}/no-encoder", "--image", "{tmp}/start.png"], "has no VAEEncoder"),
+    "corrupt manifest": (["--model", "{tmp}/corrupt"], "unreadable"),
+    "folder without models": (["--model", "{tmp}/empty"], "is not a package"),
+    "unknown package": (["--model", "sd-v9"], "no package named 'sd-v9'"),
+    "unknown scheduler": (["--model", "{pkg}", "--scheduler", "heun"], "unknown scheduler 'heun'"),
+    "strength above 1": (["--model", "{pkg}", "--image", "{tmp}/start.png", "--strength", "1.5"], "[0, 1]"),
+    "strength below 0": (["--model", "{pkg}", "--image", "{tmp}/start.png", "--strength", "-0.1"], "[0, 1]"),
+    "strength without image": (["--model", "{pkg}", "--strength", "0.5"], "add --image"),
+    "image that is not one": (["--model", "{pkg}", "--image", "{pkg}/merges.txt"], "is not an image"),
+    "image missing": (["--model", "{pkg}", "--image", "{tmp}/nowhere.png"], "no image at"),
+    "unwritable output": (["--model", "{pkg}", "-o", "{tmp}/start.png/out.png"], "cannot write to"),
+    "unparseable steps": (["--model", "{pkg}", "--steps", "many"], "invalid int value: 'many'"),
+    "zero steps": (["--model", "{pkg}", "--steps", "0"], "--steps must be at least 1"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_line_and_no_file(case, package_folder, bad_places, monkeypatch, capsys):
+    template, message = BAD_INPUTS[case]
+    argv = [arg.format(pkg=package_folder, tmp=bad_places) for arg in template]
+    monkeypatch.chdir(bad_places)  # the default output folder would be here
+    code, out, err = run([PROMPT, "--seed", "1", "--backend", "reference", *argv], capsys)
+    assert code != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+    assert [p.name for p in pngs(bad_places)] == ["start.png"]
+
+
+def test_several_packages_need_a_choice(package_folder, tmp_path, monkeypatch, capsys):
+    for name in ("tiny", "tiny-copy"):
+        (tmp_path / name).symlink_to(package_folder)
+    monkeypatch.setenv("COREML_SD_PACKAGES", str(tmp_path))
+    code, out, err = run([PROMPT, *FAST], capsys)
+    assert code == 1
+    assert err.strip() == f"error: several packages in {tmp_path} (tiny, tiny-copy); choose one with --model NAME"
+
+
+def test_console_script_error_is_one_line(package_folder, tmp_path):
+    """In a fresh interpreter, where the libraries' import-time notices would also show."""
+    command = [sys.executable, "-c", "import sys; from coreml_sd.runtime.cli import main; sys.exit(main())",
+               PROMPT, "--model", str(package_folder), "--height", "256", "-o", str(tmp_path), *FAST]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 1
+    assert completed.stderr.strip().splitlines() == [
+        f"error: package {package_folder.name!r} makes 128x128 images (width x height), not 128x256; "
+        "convert the model at that size (coreml-convert --width 128 --height 256)"
+    ]
+    assert not pngs(tmp_path)
