@@ -205,3 +205,14 @@ def test_softmax(tmp_path, axis):
     (actual,) = run_mil(lambda x: mb.softmax(x=x, axis=axis), dict(x=x), tmp_path)
     exp = np.exp(x - x.max(axis=axis, keepdims=True))
     np.testing.assert_allclose(actual, exp / exp.sum(axis=axis, keepdims=True), **TOLERANCE)
+
+
+@pytest.mark.parametrize("axis", [1, -1])
+def test_float16_softmax_is_the_exact_result_rounded_once(tmp_path, axis):
+    x = random((2, 1024, 8), low=-4, high=4, dtype=np.float16)  # long sums: float16 accumulation would drift
+    (actual,) = run_mil(lambda x: mb.softmax(x=x, axis=axis), dict(x=x), tmp_path)
+    exp = np.exp(x.astype(np.float64) - x.max(axis=axis, keepdims=True))
+    exact = exp / exp.sum(axis=axis, keepdims=True)
+    assert actual.dtype == np.float16
+    ulp = np.spacing(exact.astype(np.float16)).astype(np.float64)
+    assert np.all(np.abs(actual - exact) <= ulp)  # within one float16 step of the exact value

@@ -1,0 +1,194 @@
+"""Reference executor benchmark, printed as JSON: the Unet package through the executor and the same
+Unet through diffusers in PyTorch float32 eager, side by side (wall times of warm runs, their ratio,
+PSNR of the executor's output against diffusers', peak RSS of each).
+
+The Unet has SD v1.4's architecture with random weights from a fixed seed; its package is converted
+first (split_einsum by default) unless --package names one converted earlier by this script.
+
+    flock /tmp/fullsize.lock python scripts/bench_executor.py --save-package /tmp/unet-full.mlpackage
+    flock /tmp/fullsize.lock python scripts/bench_executor.py --package /tmp/unet-full.mlpackage
+    python scripts/bench_executor.py --small          # the tiny configuration: a quick smoke run
+
+Full-size runs need about 8 GB: wrap them in `flock /tmp/fullsize.lock ...`.
+"""
+import argparse
+import gc
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SEED = 0
+# SD v1.4's Unet configuration (CompVis/stable-diffusion-v1-4), with the defaults it relies on spelled out.
+SD_UNET_CONFIG = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32, act_fn="silu",
+    downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, mid_block_scale_factor=1, norm_eps=1e-5,
+)
+BATCH_SIZE = 2
+
+
+def build_unet(small: bool, dtype: torch.dtype):
+    """The benchmark Unet; the same weights on every call."""
+    from diffusers import UNet2DConditionModel
+
+    if small:
+        from coreml_sd.converter.tiny import UNET_CONFIG as config
+    else:
+        config = SD_UNET_CONFIG
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        unet = UNet2DConditionModel(**config)
+    return unet.to(dtype).eval().requires_grad_(False)
+
+
+def convert_unet(small: bool, attention_implementation: str, path: Path) -> None:
+    """Convert the Unet to `path` with the project's converter (fp16 weights, as coreml-convert does)."""
+    from coreml_sd.converter.ane import component_module
+    from coreml_sd.converter.components import ModelDimensions, component_spec
+    from coreml_sd.converter.convert import to_ml_program, trace
+    from coreml_sd.converter.sources import ModelParts
+
+    unet = build_unet(small, torch.float16)
+    dims = ModelDimensions(unet.config.cross_attention_dim, unet.config.sample_size * 8, unet.config.sample_size * 8, BATCH_SIZE)
+    spec = component_spec("Unet", dims)
+    module = component_module(ModelParts(unet=unet), "Unet", attention_implementation)
+    program = trace(module, spec)
+    del module, unet
+    gc.collect()
+    model = to_ml_program(program, spec)
+    del program
+    gc.collect()
+    model.save(str(path))
+
+
+def inputs_for(small: bool) -> dict[str, np.ndarray]:
+    config = build_config(small)
+    rng = np.random.default_rng(SEED)
+    size = config["sample_size"]
+    return {
+        "sample": rng.standard_normal((BATCH_SIZE, 4, size, size)).astype(np.float16),
+        "timestep": np.full((BATCH_SIZE,), 500, np.float16),
+        "encoder_hidden_states": rng.standard_normal((BATCH_SIZE, config["cross_attention_dim"], 1, 77)).astype(np.float16),
+    }
+
+
+def build_config(small: bool) -> dict:
+    if small:
+        from coreml_sd.converter.tiny import UNET_CONFIG
+
+        return UNET_CONFIG
+    return SD_UNET_CONFIG
+
+
+def reset_peak_rss() -> None:
+    """Let VmHWM restart from the current RSS (Linux: writing 5 to clear_refs)."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss_gib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 2**20, 2)
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def timed_runs(run, runs: int) -> tuple[list[float], object]:
+    """One warm-up call, then `runs` timed calls; the last call's result."""
+    result = run()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        result = run()
+        times.append(round(time.perf_counter() - start, 3))
+    return times, result
+
+
+def bench_diffusers(small: bool, inputs: dict[str, np.ndarray], runs: int) -> dict:
+    reset_peak_rss()
+    unet = build_unet(small, torch.float32)
+    sample = torch.from_numpy(inputs["sample"]).float()
+    timestep = torch.from_numpy(inputs["timestep"]).float()
+    context = torch.from_numpy(inputs["encoder_hidden_states"]).float()[:, :, 0, :].transpose(1, 2)
+
+    def run():
+        with torch.inference_mode():
+            return unet(sample, timestep, context).sample.numpy()
+
+    times, output = timed_runs(run, runs)
+    del unet
+    gc.collect()
+    return {"wall_s": times, "peak_rss_gib": peak_rss_gib(), "output": output}
+
+
+def bench_executor(package: Path, inputs: dict[str, np.ndarray], runs: int, precision: str) -> dict:
+    from coreml_sd.runtime.executor import ReferenceModel
+
+    reset_peak_rss()
+    start = time.perf_counter()
+    model = ReferenceModel(package, precision=precision)
+    load_s = round(time.perf_counter() - start, 2)
+    times, outputs = timed_runs(lambda: model.predict(inputs), runs)
+    del model
+    gc.collect()
+    return {"wall_s": times, "load_s": load_s, "peak_rss_gib": peak_rss_gib(), "output": outputs["noise_pred"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--package", type=Path, help="an Unet.mlpackage converted earlier by this script")
+    parser.add_argument("--save-package", type=Path, help="keep the converted package here")
+    parser.add_argument("--small", action="store_true", help="the tiny configuration (a smoke run)")
+    parser.add_argument("--attention-implementation", default="split_einsum")
+    parser.add_argument("--runs", type=int, default=2, help="timed runs after one warm-up run (default 2)")
+    parser.add_argument("--precision", default="float16", choices=("float16", "float32"))
+    args = parser.parse_args()
+    from coreml_sd.runtime.executor import psnr
+
+    report = {
+        "configuration": "tiny" if args.small else "SD v1.4 (random weights)",
+        "attention_implementation": args.attention_implementation,
+        "batch_size": BATCH_SIZE,
+        "precision": args.precision,
+        "torch_threads": torch.get_num_threads(),
+    }
+    scratch = Path(tempfile.mkdtemp(prefix="bench-executor-"))
+    try:
+        package = args.package
+        if package is None:
+            package = args.save_package or scratch / "Unet.mlpackage"
+            if package.exists():
+                sys.exit(f"{package} exists; pass it as --package to reuse it, or remove it")
+            start = time.perf_counter()
+            convert_unet(args.small, args.attention_implementation, package)
+            report["conversion_s"] = round(time.perf_counter() - start, 1)
+            gc.collect()
+        elif not package.exists():
+            sys.exit(f"no package at {package}")
+        report["package"] = str(package)
+        inputs = inputs_for(args.small)
+        diffusers = bench_diffusers(args.small, inputs, args.runs)
+        executor = bench_executor(package, inputs, args.runs, args.precision)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    reference = diffusers.pop("output")
+    actual = executor.pop("output")
+    report["diffusers_fp32_eager"] = diffusers
+    report["executor"] = executor
+    report["ratio"] = round(statistics.median(executor["wall_s"]) / statistics.median(diffusers["wall_s"]), 2)
+    report["psnr_db"] = round(psnr(reference, actual), 2)
+    report["executor_output_finite"] = bool(np.isfinite(actual).all())
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
