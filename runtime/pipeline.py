@@ -4,7 +4,9 @@ The random numbers are Apple's: NumPy's legacy `RandomState(seed).randn` draws t
 image-to-image, then the VAE sample), cast to float16, so a seed gives the image the Swift package gives.
 """
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,7 @@ from .backends import Model, default_compute_unit, load_model, resolve_backend
 from .errors import GenerationError
 from .package import Package, find_package, load_package
 from .prompt import PromptEncoder
-from .schedulers import build_scheduler, scheduler_class, default_scheduler_name, step_keywords
+from .schedulers import build_scheduler, default_scheduler_name, scheduler_class, step_keywords
 
 VAE_FACTOR = 8
 MAX_SEED = 2**32 - 1  # RandomState's seed range
@@ -28,6 +30,16 @@ class GenerationResult:
     images: list[Image.Image]
     seeds: list[int]
     parameters: list[str]  # per image, the settings as text in the format other SD tools write into PNGs
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How each image is denoised; `strength` applies to image-to-image only."""
+
+    scheduler: str
+    steps: int
+    guidance_scale: float
+    strength: float
 
 
 def draw_noise(rng: np.random.RandomState, shape: tuple[int, ...]) -> np.ndarray:
@@ -67,6 +79,12 @@ def parameters_text(prompt: str, negative_prompt: str, settings: dict[str, objec
 
 
 class Pipeline:
+    """A package's models behind diffusers-like calls:
+
+        pipe = Pipeline.from_package("packages/tiny")
+        image = pipe("a photo of an astronaut riding a horse", seed=1).images[0]
+    """
+
     def __init__(self, package: Package, models: dict[str, Model], backend: str, compute_unit: str):
         self.package = package
         self.models = models
@@ -115,6 +133,9 @@ class Pipeline:
         width: int | None = None,
         progress: bool = True,
     ) -> GenerationResult:
+        """`num_images` images from seeds seed, seed+1, ... (a random seed when None); with `image`, image-to-image
+        that keeps `1 - strength` of it. `scheduler` is a name from `schedulers.SCHEDULERS`; `height`/`width`, when
+        given, must be the package's. Raises GenerationError for anything the caller can fix."""
         scheduler = scheduler or default_scheduler_name(self.package.scheduler_config)
         check_options(scheduler, steps, strength, num_images, seed)
         self._check_size(height, width)
@@ -126,18 +147,20 @@ class Pipeline:
             pixels = images.to_encoder_input(images.open_image(image), (self.width, self.height))
             init_latents = encoder.predict({"x": pixels.astype(encoder.input_description["x"][1])})["latent"]
 
-        settings = {"Steps": steps, "Sampler": scheduler, "CFG scale": guidance_scale}
-        size = f"{self.width}x{self.height}"
+        sampling = Sampling(scheduler, steps, guidance_scale, strength)
         hidden = np.concatenate([self.prompt_encoder(negative_prompt), self.prompt_encoder(prompt)])
         hidden = hidden.astype(self.unet_dtypes["encoder_hidden_states"])
+        settings = {"Steps": steps, "Sampler": scheduler, "CFG scale": guidance_scale}
         result = GenerationResult([], [], [])
         for index, image_seed in enumerate(range(seed, seed + num_images)):
             label = f"image {index + 1}/{num_images}" if num_images > 1 else "denoising"
-            latents = self._denoise(hidden, scheduler, steps, guidance_scale, image_seed, init_latents, strength, progress, label)
-            result.images.append(self._decode(latents))
+            bar = partial(tqdm, desc=label, unit="step", disable=not progress, leave=False)
+            result.images.append(self._decode(self._denoise(hidden, sampling, image_seed, init_latents, bar)))
             result.seeds.append(image_seed)
-            extra = {"Denoising strength": strength} if image is not None else {}
-            image_settings = {**settings, "Seed": image_seed, "Size": size, "Model": self.package.name, **extra}
+            image_settings = {**settings, "Seed": image_seed, "Size": f"{self.width}x{self.height}",
+                              "Model": self.package.name}
+            if image is not None:
+                image_settings["Denoising strength"] = strength
             result.parameters.append(parameters_text(prompt, negative_prompt, image_settings))
         return result
 
@@ -149,24 +172,26 @@ class Pipeline:
                 f"{width}x{height}; convert the model at that size (coreml-convert --width {width} --height {height})"
             )
 
-    def _denoise(self, hidden, scheduler_name, steps, guidance_scale, seed, init_latents, strength, progress, label):
-        scheduler = build_scheduler(scheduler_name, self.package.scheduler_config, self.package.prediction_type)
-        scheduler.set_timesteps(steps)
+    def _denoise(
+        self, hidden: np.ndarray, sampling: Sampling, seed: int, init_latents: np.ndarray | None, bar: Callable
+    ) -> torch.Tensor:
+        scheduler = build_scheduler(sampling.scheduler, self.package.scheduler_config, self.package.prediction_type)
+        scheduler.set_timesteps(sampling.steps)
         rng = np.random.RandomState(seed)
         noise = torch.from_numpy(draw_noise(rng, self.latent_shape))
         if init_latents is None:
             timesteps = scheduler.timesteps
             latents = noise * scheduler.init_noise_sigma
         else:
-            timesteps = denoising_timesteps(scheduler, steps, strength)
+            timesteps = denoising_timesteps(scheduler, sampling.steps, sampling.strength)
             latents = torch.from_numpy(self._sample_latents(init_latents, rng))
             if len(timesteps):
                 latents = scheduler.add_noise(latents, noise, timesteps[:1])
         step_kwargs = {"eta": 0.0, "generator": torch.Generator().manual_seed(seed)}
         step_kwargs = {key: value for key, value in step_kwargs.items() if key in step_keywords(scheduler)}
-        for t in tqdm(timesteps, desc=label, unit="step", disable=not progress, leave=False):
+        for t in bar(timesteps):
             model_input = scheduler.scale_model_input(latents, t).numpy()
-            noise_pred = self._guided_noise(model_input, float(t), hidden, guidance_scale)
+            noise_pred = self._guided_noise(model_input, float(t), hidden, sampling.guidance_scale)
             latents = scheduler.step(torch.from_numpy(noise_pred), t, latents, **step_kwargs).prev_sample
         return latents
 

@@ -52,3 +52,17 @@ def contract_models(tiny_pipeline):
 def start_image() -> Image.Image:
     """A 128x128 image for image-to-image (noise: every pixel matters to the comparison)."""
     return Image.fromarray(np.random.default_rng(0).integers(0, 256, (TINY_SIZE, TINY_SIZE, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="session")
+def tiny_package(tiny_packages):
+    """The split-einsum tiny package folder (all four components)."""
+    return tiny_packages("split_einsum")
+
+
+@pytest.fixture(scope="session")
+def tiny_runtime(tiny_package):
+    """The runtime on the tiny package through the reference executor, loaded once for all tests."""
+    from coreml_sd.runtime import Pipeline
+
+    return Pipeline.from_package(tiny_package, backend="reference")
