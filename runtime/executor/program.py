@@ -6,7 +6,6 @@ each op becomes a closure that reads its tensor inputs from a slot list, calls t
 from the table, casts its outputs to their declared dtypes and clears the slots whose last reader it
 is, so that a value's memory is released as soon as nothing needs it.
 """
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,7 +13,9 @@ import torch
 from coremltools.converters.mil.mil import types
 
 from . import ops  # noqa: F401  (fills the op table)
+from .fusion import BlockedAttention, attention_chain
 from .registry import OpImplementation, lookup
+from .steps import Argument, OpStep, Output, Widened, python_value
 
 PRECISIONS = ("float16", "float32")
 
@@ -94,8 +95,14 @@ class CompiledFunction:
     def _slot(self, var) -> int:
         return self._slots.setdefault(var.name, len(self._slots))
 
-    def _compile_ops(self, function) -> list["_Step"]:
-        steps = []
+    def _compile_ops(self, function) -> list:
+        chains = {}
+        for op in function.operations:
+            if op.op_type == "softmax":
+                chain = attention_chain(op, function.outputs)
+                if chain is not None:
+                    chains.update({chain.scores.name: chain, op.name: chain, chain.output.name: chain})
+        steps, pending = [], {}
         for op in function.operations:
             if op.op_type == "const":
                 self._constants[op.outputs[0].name] = op.outputs[0].val
@@ -103,6 +110,13 @@ class CompiledFunction:
             implementation = lookup(op.op_type, op.opset_version)
             if implementation.load_time:
                 self._evaluate_at_load(op, implementation)
+            elif op.name in chains:
+                # The chain runs where its last op is: the values it reads all exist by then.
+                pending[op.name] = self._compile_op(op, implementation)
+                chain = chains[op.name]
+                if op is chain.output:
+                    parts = (pending.pop(chain.scores.name), pending.pop(chain.softmax.name), pending.pop(op.name))
+                    steps.append(BlockedAttention(chain, *parts))
             else:
                 steps.append(self._compile_op(op, implementation))
         return steps
@@ -114,28 +128,28 @@ class CompiledFunction:
         for var, value in zip(op.outputs, results):
             self._constants[var.name] = value
 
-    def _compile_op(self, op, implementation: OpImplementation) -> "_Step":
-        step = _Step(op.op_type, op.name, implementation.function)
+    def _compile_op(self, op, implementation: OpImplementation) -> OpStep:
+        step = OpStep(op.op_type, op.name, implementation.function)
         for name, value in op.inputs.items():
             spec = op.input_spec.input_types[name]
             if isinstance(value, (list, tuple)):
                 step.sequences[name] = [self._tensor_argument(var, implementation) for var in value]
             elif value.name in self._constants and spec.const and not types.is_float(value.dtype):
-                step.bound[name] = _python_value(self._constants[value.name])
+                step.bound[name] = python_value(self._constants[value.name])
             else:
                 step.add_tensor(name, self._tensor_argument(value, implementation))
         for var in op.outputs:
             shape = tuple(var.shape) if all(isinstance(d, int) for d in var.shape) else None
-            step.outputs.append((self._slot(var), self.numerics.dtype(var), shape))
+            step.outputs.append(Output(self._slot(var), self.numerics.dtype(var), shape))
         return step
 
-    def _tensor_argument(self, var, implementation: OpImplementation) -> "int | torch.Tensor | _Widened":
+    def _tensor_argument(self, var, implementation: OpImplementation) -> Argument:
         """A constant tensor in the dtype the op computes in, or the slot of a runtime value."""
         dtype = self.numerics.compute_dtype(var, implementation)
         if var.name in self._constants:
             return self._constant_tensor(var, dtype)
         slot = self._slot(var)
-        return _Widened(slot) if dtype != self.numerics.dtype(var) else slot
+        return Widened(slot) if dtype != self.numerics.dtype(var) else slot
 
     def _constant_tensor(self, var, dtype: torch.dtype) -> torch.Tensor:
         key = (var.name, dtype)
@@ -177,74 +191,3 @@ class CompiledFunction:
         for step in self.steps:
             step(env)
         return {name: env[source] if isinstance(source, int) else source for name, source in self.output_slots}
-
-
-@dataclass(frozen=True)
-class _Widened:
-    """A runtime float16 value that the op receives in float32."""
-
-    slot: int
-
-
-def _python_value(value):
-    """Attribute constants as plain Python: str, scalars, or (nested) lists."""
-    if isinstance(value, str):
-        return value
-    value = np.asarray(value)
-    return value.item() if value.ndim == 0 else value.tolist()
-
-
-class _Step:
-    """One op: static arguments bound at load, tensor arguments read from slots at run time."""
-
-    def __init__(self, op_type: str, name: str, function: Callable):
-        self.op_type, self.name, self.function = op_type, name, function
-        self.bound: dict[str, object] = {}  # attribute values and constant tensors, fixed at load
-        self.slot_inputs: list[tuple[str, int]] = []
-        self.widened_inputs: list[tuple[str, int]] = []
-        self.sequences: dict[str, list] = {}  # tuple inputs (concat's values, ...)
-        self.outputs: list[tuple[int, torch.dtype, tuple[int, ...] | None]] = []
-        self.release: list[int] = []
-
-    def add_tensor(self, name: str, argument) -> None:
-        if isinstance(argument, torch.Tensor):
-            self.bound[name] = argument
-        elif isinstance(argument, _Widened):
-            self.widened_inputs.append((name, argument.slot))
-        else:
-            self.slot_inputs.append((name, argument))
-
-    def slots_used(self) -> list[int]:
-        used = [slot for _, slot in self.slot_inputs] + [slot for _, slot in self.widened_inputs]
-        for items in self.sequences.values():
-            used += [item.slot if isinstance(item, _Widened) else item for item in items if not isinstance(item, torch.Tensor)]
-        return used + [slot for slot, _, _ in self.outputs]
-
-    def __call__(self, env: list) -> None:
-        arguments = dict(self.bound)
-        for name, slot in self.slot_inputs:
-            arguments[name] = env[slot]
-        for name, slot in self.widened_inputs:
-            arguments[name] = env[slot].float()
-        for name, items in self.sequences.items():
-            arguments[name] = [_read(item, env) for item in items]
-        results = self.function(**arguments)
-        if not isinstance(results, tuple):
-            results = (results,)
-        for (slot, dtype, shape), result in zip(self.outputs, results):
-            if shape is not None and tuple(result.shape) != shape:
-                raise RuntimeError(
-                    f"executor bug: {self.op_type} {self.name!r} produced shape {tuple(result.shape)}, "
-                    f"the program declares {shape}"
-                )
-            env[slot] = result if result.dtype == dtype else result.to(dtype)
-        for slot in self.release:
-            env[slot] = None
-
-
-def _read(item, env: Sequence) -> torch.Tensor:
-    if isinstance(item, torch.Tensor):
-        return item
-    if isinstance(item, _Widened):
-        return env[item.slot].float()
-    return env[item]

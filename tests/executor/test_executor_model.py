@@ -103,7 +103,7 @@ def test_each_intermediate_is_released_by_its_last_reader(tmp_path):
     for index, step in enumerate(function.steps):
         for slot in step.slots_used():
             assert released.get(slot, len(function.steps)) >= index  # never read after release
-    produced = {slot for step in function.steps for slot, _, _ in step.outputs}
+    produced = {output.slot for step in function.steps for output in step.outputs}
     assert produced - outputs <= set(released)  # every non-output value is released
     assert not outputs & set(released)
 
