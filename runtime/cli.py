@@ -16,6 +16,7 @@ from .pipeline import Pipeline, check_options, random_seed
 from .schedulers import SCHEDULERS
 
 DEFAULT_OUTPUT = Path("outputs")
+OTHER_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -71,6 +72,8 @@ def _free_path(path: Path) -> Path:
 
 def output_paths(output: str | None, prompt: str, seeds: list[int]) -> tuple[list[Path], Path | None]:
     """Where the images (and the grid, for several) go; checks that the place is writable before any work."""
+    if output is not None and Path(output).suffix.lower() in OTHER_IMAGE_SUFFIXES:
+        raise GenerationError(f"images are written as PNG; give -o a .png name or a folder, not {output}")
     if output is not None and output.lower().endswith(".png"):
         file = Path(output)
         folder = file.parent

@@ -154,7 +154,8 @@ class Pipeline:
         result = GenerationResult([], [], [])
         for index, image_seed in enumerate(range(seed, seed + num_images)):
             label = f"image {index + 1}/{num_images}" if num_images > 1 else "denoising"
-            bar = partial(tqdm, desc=label, unit="step", disable=not progress, leave=False)
+            # disable=None: a bar on terminals only, so that logs and pipes stay clean
+            bar = partial(tqdm, desc=label, unit="step", disable=None if progress else True, leave=False)
             result.images.append(self._decode(self._denoise(hidden, sampling, image_seed, init_latents, bar)))
             result.seeds.append(image_seed)
             image_settings = {**settings, "Seed": image_seed, "Size": f"{self.width}x{self.height}",

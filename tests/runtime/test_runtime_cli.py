@@ -96,6 +96,14 @@ def test_image_to_image(package_folder, start_image, tmp_path, capsys):
     assert "Denoising strength: 0.5" in Image.open(tmp_path / "out.png").info["parameters"]
 
 
+def test_long_prompt_warns_in_one_line(package_folder, tmp_path, capsys):
+    code, out, err = run(["a " * 80, "--model", str(package_folder), "--seed", "1", "-o", str(tmp_path), *FAST], capsys)
+    assert code == 0
+    assert err.strip().splitlines() == [
+        "warning: the prompt is 82 tokens long but CLIP reads 77; the last 5 tokens were dropped ('a a a a a')"
+    ]
+
+
 @pytest.fixture
 def bad_places(package_folder, start_image, tmp_path):
     """Packages with a part missing or broken, a start image, an empty folder; named in BAD_INPUTS' templates."""
@@ -122,9 +130,13 @@ BAD_INPUTS = {  # argv after the prompt ({pkg}: the tiny package, {tmp}: bad_pla
     "image that is not one": (["--model", "{pkg}", "--image", "{pkg}/merges.txt"], "is not an image"),
     "image missing": (["--model", "{pkg}", "--image", "{tmp}/nowhere.png"], "no image at"),
     "unwritable output": (["--model", "{pkg}", "-o", "{tmp}/start.png/out.png"], "cannot write to"),
+    "output not png": (["--model", "{pkg}", "-o", "{tmp}/out.jpg"], "give -o a .png name or a folder"),
     "unparseable steps": (["--model", "{pkg}", "--steps", "many"], "invalid int value: 'many'"),
     "zero steps": (["--model", "{pkg}", "--steps", "0"], "--steps must be at least 1"),
+    "unknown compute unit": (["--model", "{pkg}", "--compute-unit", "NE"], "invalid choice: 'NE'"),
 }
+if sys.platform != "darwin":
+    BAD_INPUTS["core ml off macos"] = (["--model", "{pkg}", "--backend", "coreml"], "Core ML backend runs only on macOS")
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
@@ -132,7 +144,9 @@ def test_bad_input_is_one_line_and_no_file(case, package_folder, bad_places, mon
     template, message = BAD_INPUTS[case]
     argv = [arg.format(pkg=package_folder, tmp=bad_places) for arg in template]
     monkeypatch.chdir(bad_places)  # the default output folder would be here
-    code, out, err = run([PROMPT, "--seed", "1", "--backend", "reference", *argv], capsys)
+    if "--backend" not in argv:
+        argv += ["--backend", "reference"]
+    code, out, err = run([PROMPT, "--seed", "1", *argv], capsys)
     assert code != 0
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err

@@ -95,3 +95,11 @@ def test_long_prompt_is_truncated_with_a_warning(pipe, caplog):
         ids = pipe.prompt_encoder.token_ids("a " * words)
     assert ids.shape == (1, 77) and ids[0, -1] == pipe.prompt_encoder.tokenizer.eos_token_id
     assert "the last 25 tokens were dropped" in caplog.text
+
+
+def test_start_image_of_another_size_is_resized_with_a_warning(pipe, start_image, caplog):
+    small = start_image.resize((64, 64))
+    with caplog.at_level(logging.WARNING, logger="coreml_sd.runtime"):
+        result = pipe(PROMPT, steps=2, scheduler="ddim", seed=1, image=small, strength=0.5, progress=False)
+    assert result.images[0].size == (128, 128)
+    assert "resized the input image from 64x64 to 128x128" in caplog.text

@@ -1,0 +1,131 @@
+"""Finding and reading package folders, without loading any model."""
+import json
+import shutil
+import sys
+
+import numpy as np
+import pytest
+
+from coreml_sd.converter.tiny import clip_vocabulary_files
+from coreml_sd.runtime import GenerationError, Pipeline
+from coreml_sd.runtime.backends import _description_from_compiled, resolve_backend
+from coreml_sd.runtime.package import SD_V1_SCHEDULER_CONFIG, find_package, load_package
+
+
+def make_folder(root, name, files=("manifest.json",)):
+    folder = root / name
+    folder.mkdir(parents=True)
+    for file in files:
+        if file.endswith((".mlpackage", ".mlmodelc")):
+            (folder / file).mkdir()
+        else:
+            (folder / file).write_text("{}")
+    return folder
+
+
+def test_the_only_package_is_found(tmp_path):
+    make_folder(tmp_path, "tiny")
+    make_folder(tmp_path, "notes", files=("README.md",))  # not a package: neither manifest nor models
+    assert find_package(None, tmp_path) == tmp_path / "tiny"
+
+
+def test_by_name_under_the_root_or_by_path(tmp_path, monkeypatch):
+    root = tmp_path / "packages"
+    make_folder(root, "tiny")
+    elsewhere = make_folder(tmp_path, "elsewhere", files=("Unet.mlmodelc",))
+    assert find_package("tiny", root) == root / "tiny"
+    assert find_package(str(elsewhere), root) == elsewhere
+    monkeypatch.setenv("COREML_SD_PACKAGES", str(root))
+    assert find_package("tiny") == root / "tiny"
+
+
+def test_no_package_or_several_or_an_unknown_name_is_explained(tmp_path):
+    with pytest.raises(GenerationError, match=r"no packages in .*coreml-convert --model tiny"):
+        find_package(None, tmp_path)
+    make_folder(tmp_path, "a")
+    make_folder(tmp_path, "b", files=("TextEncoder.mlpackage",))
+    with pytest.raises(GenerationError, match=r"several packages in .* \(a, b\); choose one with --model NAME"):
+        find_package(None, tmp_path)
+    with pytest.raises(GenerationError, match=r"no package named 'c' and no folder 'c' \(available: a, b\)"):
+        find_package("c", tmp_path)
+
+
+def tokenizer_files(folder):
+    for source in clip_vocabulary_files():
+        shutil.copy(source, folder)
+
+
+def test_manifest_from_a_newer_converter_is_refused(tmp_path):
+    folder = make_folder(tmp_path, "new", files=("TextEncoder.mlpackage", "Unet.mlpackage", "VAEDecoder.mlpackage"))
+    tokenizer_files(folder)
+    (folder / "manifest.json").write_text(json.dumps({"format_version": 2}))
+    with pytest.raises(GenerationError, match="format 2, newer than this runtime reads .*update coreml-sd"):
+        load_package(folder)
+    (folder / "manifest.json").write_text(json.dumps(["not", "a", "manifest"]))
+    with pytest.raises(GenerationError, match="is not a coreml-sd manifest"):
+        load_package(folder)
+
+
+def test_missing_tokenizer_files_are_named(tmp_path):
+    folder = make_folder(tmp_path, "p", files=("TextEncoder.mlpackage", "Unet.mlpackage", "VAEDecoder.mlpackage"))
+    with pytest.raises(GenerationError, match="lacks vocab.json"):
+        load_package(folder)
+
+
+def compiled_metadata(inputs: dict[str, tuple[list[int], str]], ops: dict[str, int]) -> str:
+    """metadata.json as Core ML writes it into a compiled model (a list with one description)."""
+    return json.dumps([{
+        "mlProgramOperationTypeHistogram": ops,
+        "inputSchema": [
+            {"name": name, "shape": str(shape), "dataType": dtype, "type": "MultiArray", "hasShapeFlexibility": "0",
+             "formattedType": f"MultiArray ({dtype} {' × '.join(map(str, shape))})", "isOptional": "0"}
+            for name, (shape, dtype) in inputs.items()
+        ],
+    }])
+
+
+@pytest.fixture
+def swift_bundle(tmp_path):
+    """An SD v1 `Resources/` folder as Apple's Swift package ships it: compiled models, BPE files, no manifest."""
+    folder = make_folder(tmp_path, "Resources", files=("TextEncoder.mlmodelc", "Unet.mlmodelc", "VAEDecoder.mlmodelc"))
+    tokenizer_files(folder)
+    unet_inputs = {"sample": ([2, 4, 64, 64], "Float16"), "timestep": ([2], "Float16"),
+                   "encoder_hidden_states": ([2, 768, 1, 77], "Float16")}
+    (folder / "Unet.mlmodelc" / "metadata.json").write_text(
+        compiled_metadata(unet_inputs, {"Ios16.einsum": 512, "Ios16.conv": 200})
+    )
+    (folder / "TextEncoder.mlmodelc" / "metadata.json").write_text(
+        compiled_metadata({"input_ids": ([1, 77], "Float32")}, {"Ios16.linear": 100})
+    )
+    return folder
+
+
+def test_a_swift_bundle_reads_with_sd_v1_settings(swift_bundle):
+    package = load_package(swift_bundle)
+    assert package.components == {name: swift_bundle / f"{name}.mlmodelc" for name in ("TextEncoder", "Unet", "VAEDecoder")}
+    assert package.scheduler_config == SD_V1_SCHEDULER_CONFIG
+    assert (package.scaling_factor, package.prediction_type) == (0.18215, "epsilon")
+    assert package.attention_implementation == "split_einsum"  # the Unet's program uses einsum
+
+
+def test_compiled_models_declare_their_inputs_in_metadata(swift_bundle):
+    assert _description_from_compiled(swift_bundle / "Unet.mlmodelc") == {
+        "sample": ((2, 4, 64, 64), np.dtype(np.float16)),
+        "timestep": ((2,), np.dtype(np.float16)),
+        "encoder_hidden_states": ((2, 768, 1, 77), np.dtype(np.float16)),
+    }
+    assert _description_from_compiled(swift_bundle / "TextEncoder.mlmodelc") == {
+        "input_ids": ((1, 77), np.dtype(np.float32))
+    }
+
+
+def test_compiled_models_need_core_ml(swift_bundle):
+    with pytest.raises(GenerationError, match="TextEncoder.mlmodelc is compiled, which only Core ML on macOS runs"):
+        Pipeline.from_package(swift_bundle, backend="reference")
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="Core ML is there on macOS")
+def test_core_ml_backend_is_refused_off_macos():
+    with pytest.raises(GenerationError, match="only on macOS; use --backend reference"):
+        resolve_backend("coreml")
+    assert resolve_backend("auto") == "reference"
