@@ -43,16 +43,20 @@ def default_compute_unit(attention_implementation: str | None) -> str:
     return COMPUTE_UNIT_BY_ATTENTION.get(attention_implementation, "ALL")
 
 
-# Core ML's ArrayFeatureType data types, as they appear in a model's spec and in compiled models' metadata.
-_SPEC_DTYPES = {65552: np.float16, 65568: np.float32, 65600: np.float64, 131104: np.int32}
+# Core ML's multi-array data types by their names in compiled models' metadata.json (and in the spec's enum).
+_ARRAY_DTYPES = {"FLOAT16": np.float16, "FLOAT32": np.float32, "DOUBLE": np.float64, "INT32": np.int32}
 _METADATA_DTYPES = {"Float16": np.float16, "Float32": np.float32, "Double": np.float64, "Int32": np.int32}
 
 
 def _description_from_spec(spec) -> InputDescription:
-    return {
-        feature.name: (tuple(feature.type.multiArrayType.shape), np.dtype(_SPEC_DTYPES[feature.type.multiArrayType.dataType]))
-        for feature in spec.description.input
-    }
+    from coremltools.proto.FeatureTypes_pb2 import ArrayFeatureType
+
+    described = {}
+    for feature in spec.description.input:
+        array = feature.type.multiArrayType
+        dtype = _ARRAY_DTYPES[ArrayFeatureType.ArrayDataType.Name(array.dataType)]
+        described[feature.name] = (tuple(array.shape), np.dtype(dtype))
+    return described
 
 
 def _description_from_compiled(path: Path) -> InputDescription:

@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", default="auto", choices=BACKENDS, help="auto: Core ML on macOS, else reference")
     parser.add_argument(
         "--compute-unit", choices=COMPUTE_UNITS,
-        help="Core ML compute units (default: CPU_AND_NE for split-einsum packages, CPU_AND_GPU for original)",
+        help="Core ML compute units (default: CPU_AND_NE for split-einsum packages, CPU_AND_GPU for original "
+        "attention, ALL when the package does not say)",
     )
     return parser
 

@@ -73,6 +73,12 @@ def test_img2img_matches_diffusers(pipe, package, tiny_pipeline, start_image, sc
     assert psnr(pixels(ours.images[0]), reference) >= LOGIC_PSNR_DB
 
 
+def test_stochastic_sampler_repeats_for_a_seed(pipe):
+    first, again, other = (pipe(PROMPT, steps=3, scheduler="euler-a", seed=s, progress=False).images[0] for s in (6, 6, 8))
+    np.testing.assert_array_equal(np.asarray(first), np.asarray(again))
+    assert np.abs(np.asarray(first, int) - np.asarray(other, int)).mean() > 1
+
+
 def test_num_images_are_consecutive_seeds(pipe):
     batch = pipe(PROMPT, steps=2, seed=10, num_images=2, progress=False)
     assert batch.seeds == [10, 11]
