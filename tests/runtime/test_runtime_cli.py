@@ -13,16 +13,11 @@ PROMPT = "a photo of an astronaut riding a horse"
 FAST = ["--steps", "1", "--scheduler", "ddim", "--backend", "reference"]  # one Unet call
 
 
-@pytest.fixture(scope="module")
-def package_folder(tiny_package):
-    return tiny_package
-
-
 def run(argv: list[str], capsys) -> tuple[int, str, str]:
     try:
         code = main(argv)
-    except SystemExit as exit:  # argparse's own exit, for unparseable options
-        code = exit.code
+    except SystemExit as stop:  # argparse's own exit, for unparseable options
+        code = stop.code
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -31,9 +26,9 @@ def pngs(folder) -> list:
     return sorted(p for p in folder.rglob("*") if p.suffix == ".png" or p.name.endswith(".tmp"))
 
 
-def test_writes_the_image_with_its_settings(package_folder, tiny_runtime, tmp_path, capsys):
+def test_writes_the_image_with_its_settings(tiny_package, tiny_runtime, tmp_path, capsys):
     output = tmp_path / "astronaut.png"
-    code, out, err = run([PROMPT, "--model", str(package_folder), "--seed", "3", "--negative-prompt", "blurry",
+    code, out, err = run([PROMPT, "--model", str(tiny_package), "--seed", "3", "--negative-prompt", "blurry",
                           "--guidance-scale", "6", "-o", str(output), *FAST], capsys)
     assert code == 0, err
     last = out.strip().splitlines()[-1]
@@ -41,7 +36,7 @@ def test_writes_the_image_with_its_settings(package_folder, tiny_runtime, tmp_pa
     written = Image.open(output)
     assert written.info["parameters"] == (
         f"{PROMPT}\nNegative prompt: blurry\n"
-        f"Steps: 1, Sampler: ddim, CFG scale: 6.0, Seed: 3, Size: 128x128, Model: {package_folder.name}"
+        f"Steps: 1, Sampler: ddim, CFG scale: 6.0, Seed: 3, Size: 128x128, Model: {tiny_package.name}"
     )
     expected = tiny_runtime(
         PROMPT, negative_prompt="blurry", steps=1, scheduler="ddim", guidance_scale=6, seed=3, progress=False
@@ -49,27 +44,27 @@ def test_writes_the_image_with_its_settings(package_folder, tiny_runtime, tmp_pa
     np.testing.assert_array_equal(np.asarray(written.convert("RGB")), np.asarray(expected))
 
 
-def test_finds_the_only_package_and_names_the_output(package_folder, tmp_path, monkeypatch, capsys):
+def test_finds_the_only_package_and_names_the_output(tiny_package, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "packages").mkdir()
-    (tmp_path / "packages" / "tiny").symlink_to(package_folder)
+    (tmp_path / "packages" / "tiny").symlink_to(tiny_package)
     code, out, err = run([PROMPT, "--seed", "12", *FAST], capsys)
     assert code == 0, err
     assert (tmp_path / "outputs" / "a-photo-of-an-astronaut-riding-a-horse-12.png").is_file()
 
 
-def test_packages_root_from_the_environment(package_folder, tmp_path, monkeypatch, capsys):
+def test_packages_root_from_the_environment(tiny_package, tmp_path, monkeypatch, capsys):
     root = tmp_path / "elsewhere"
     root.mkdir()
-    (root / "tiny").symlink_to(package_folder)
+    (root / "tiny").symlink_to(tiny_package)
     monkeypatch.setenv("COREML_SD_PACKAGES", str(root))
     code, out, err = run([PROMPT, "--model", "tiny", "--seed", "1", "-o", str(tmp_path / "out"), *FAST], capsys)
     assert code == 0, err
     assert [p.name for p in pngs(tmp_path / "out")] == ["a-photo-of-an-astronaut-riding-a-horse-1.png"]
 
 
-def test_random_seed_is_printed_and_used(package_folder, tmp_path, capsys):
-    code, out, err = run([PROMPT, "--model", str(package_folder), "-o", str(tmp_path), *FAST], capsys)
+def test_random_seed_is_printed_and_used(tiny_package, tmp_path, capsys):
+    code, out, err = run([PROMPT, "--model", str(tiny_package), "-o", str(tmp_path), *FAST], capsys)
     assert code == 0, err
     seed = int(out.split()[1])
     assert f"--seed {seed}" in out.splitlines()[0]
@@ -77,8 +72,8 @@ def test_random_seed_is_printed_and_used(package_folder, tmp_path, capsys):
     assert image.name.endswith(f"-{seed}.png") and f"Seed: {seed}," in Image.open(image).info["parameters"]
 
 
-def test_several_images_and_their_contact_sheet(package_folder, tmp_path, capsys):
-    code, out, err = run([PROMPT, "--model", str(package_folder), "--seed", "5", "--num-images", "2",
+def test_several_images_and_their_contact_sheet(tiny_package, tmp_path, capsys):
+    code, out, err = run([PROMPT, "--model", str(tiny_package), "--seed", "5", "--num-images", "2",
                           "-o", str(tmp_path / "set.png"), *FAST], capsys)
     assert code == 0, err
     assert [p.name for p in pngs(tmp_path)] == ["set-5.png", "set-6.png", "set-grid.png"]
@@ -87,17 +82,17 @@ def test_several_images_and_their_contact_sheet(package_folder, tmp_path, capsys
     np.testing.assert_array_equal(np.asarray(grid)[:, 128:], np.asarray(Image.open(tmp_path / "set-6.png")))
 
 
-def test_image_to_image(package_folder, start_image, tmp_path, capsys):
+def test_image_to_image(tiny_package, start_image, tmp_path, capsys):
     start_image.save(tmp_path / "start.png")
-    code, out, err = run([PROMPT, "--model", str(package_folder), "--seed", "2", "--image", str(tmp_path / "start.png"),
+    code, out, err = run([PROMPT, "--model", str(tiny_package), "--seed", "2", "--image", str(tmp_path / "start.png"),
                           "--strength", "0.5", "--steps", "2", "--scheduler", "ddim", "-o", str(tmp_path / "out.png"),
                           "--backend", "reference"], capsys)
     assert code == 0, err
     assert "Denoising strength: 0.5" in Image.open(tmp_path / "out.png").info["parameters"]
 
 
-def test_long_prompt_warns_in_one_line(package_folder, tmp_path, capsys):
-    code, out, err = run(["a " * 80, "--model", str(package_folder), "--seed", "1", "-o", str(tmp_path), *FAST], capsys)
+def test_long_prompt_warns_in_one_line(tiny_package, tmp_path, capsys):
+    code, out, err = run(["a " * 80, "--model", str(tiny_package), "--seed", "1", "-o", str(tmp_path), *FAST], capsys)
     assert code == 0
     assert err.strip().splitlines() == [
         "warning: the prompt is 82 tokens long but CLIP reads 77; the last 5 tokens were dropped ('a a a a a')"
@@ -105,11 +100,11 @@ def test_long_prompt_warns_in_one_line(package_folder, tmp_path, capsys):
 
 
 @pytest.fixture
-def bad_places(package_folder, start_image, tmp_path):
+def bad_places(tiny_package, start_image, tmp_path):
     """Packages with a part missing or broken, a start image, an empty folder; named in BAD_INPUTS' templates."""
-    shutil.copytree(package_folder, tmp_path / "no-unet", ignore=shutil.ignore_patterns("Unet.mlpackage"))
-    shutil.copytree(package_folder, tmp_path / "no-encoder", ignore=shutil.ignore_patterns("VAEEncoder.mlpackage"))
-    shutil.copytree(package_folder, tmp_path / "corrupt")
+    shutil.copytree(tiny_package, tmp_path / "no-unet", ignore=shutil.ignore_patterns("Unet.mlpackage"))
+    shutil.copytree(tiny_package, tmp_path / "no-encoder", ignore=shutil.ignore_patterns("VAEEncoder.mlpackage"))
+    shutil.copytree(tiny_package, tmp_path / "corrupt")
     (tmp_path / "corrupt" / "manifest.json").write_text("{not json")
     (tmp_path / "empty").mkdir()
     start_image.save(tmp_path / "start.png")
@@ -140,9 +135,9 @@ if sys.platform != "darwin":
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_is_one_line_and_no_file(case, package_folder, bad_places, monkeypatch, capsys):
+def test_bad_input_is_one_line_and_no_file(case, tiny_package, bad_places, monkeypatch, capsys):
     template, message = BAD_INPUTS[case]
-    argv = [arg.format(pkg=package_folder, tmp=bad_places) for arg in template]
+    argv = [arg.format(pkg=tiny_package, tmp=bad_places) for arg in template]
     monkeypatch.chdir(bad_places)  # the default output folder would be here
     if "--backend" not in argv:
         argv += ["--backend", "reference"]
@@ -153,23 +148,23 @@ def test_bad_input_is_one_line_and_no_file(case, package_folder, bad_places, mon
     assert [p.name for p in pngs(bad_places)] == ["start.png"]
 
 
-def test_several_packages_need_a_choice(package_folder, tmp_path, monkeypatch, capsys):
+def test_several_packages_need_a_choice(tiny_package, tmp_path, monkeypatch, capsys):
     for name in ("tiny", "tiny-copy"):
-        (tmp_path / name).symlink_to(package_folder)
+        (tmp_path / name).symlink_to(tiny_package)
     monkeypatch.setenv("COREML_SD_PACKAGES", str(tmp_path))
     code, out, err = run([PROMPT, *FAST], capsys)
     assert code == 1
     assert err.strip() == f"error: several packages in {tmp_path} (tiny, tiny-copy); choose one with --model NAME"
 
 
-def test_console_script_error_is_one_line(package_folder, tmp_path):
+def test_console_script_error_is_one_line(tiny_package, tmp_path):
     """In a fresh interpreter, where the libraries' import-time notices would also show."""
     command = [sys.executable, "-c", "import sys; from coreml_sd.runtime.cli import main; sys.exit(main())",
-               PROMPT, "--model", str(package_folder), "--height", "256", "-o", str(tmp_path), *FAST]
+               PROMPT, "--model", str(tiny_package), "--height", "256", "-o", str(tmp_path), *FAST]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 1
     assert completed.stderr.strip().splitlines() == [
-        f"error: package {package_folder.name!r} makes 128x128 images (width x height), not 128x256; "
+        f"error: package {tiny_package.name!r} makes 128x128 images (width x height), not 128x256; "
         "convert the model at that size (coreml-convert --width 128 --height 256)"
     ]
     assert not pngs(tmp_path)
