@@ -2,10 +2,17 @@
 
 Every source is resolved to a `ModelSource`, which loads one component's modules at a time, in the
 dtype asked for, so a conversion holds only what the component it converts needs.
+
+diffusers modules (Unet, VAE) are built without weights on PyTorch's meta device and then given their
+weights tensor by tensor, each cast to the asked dtype as it is read. The file is read with ordinary
+reads, not memory-mapped: mapped pages count in the process's resident memory for as long as the
+mapping lives, so `from_pretrained` holds the fp32 file (3.4 GB for SD's Unet) beside the fp16 module
+it fills, while read pages stay in the kernel's page cache.
 """
 import copy
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +40,19 @@ HUB_PATTERNS = [
     "vae/config.json",
     "vae/diffusion_pytorch_model.safetensors",
 ]
+
+# safetensors' dtype names for the dtypes a diffusers checkpoint holds.
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+WEIGHTS_INDEX = WEIGHTS_FILE + ".index.json"
+
+# Checkpoints saved before diffusers' `Attention` (every SD v1/v2 VAE on the hub) name the VAE's attention
+# projections as the old `AttentionBlock` did.
+LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+LEGACY_ATTENTION_KEY = re.compile(r"^(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$")
 
 # Which pipeline modules each package component is built from.
 COMPONENT_MODULES = {
@@ -78,13 +98,17 @@ class ModelSource:
         if self._tiny_pipeline is not None:
             # A copy: the float32 original must survive for validation after an fp16 conversion.
             return copy.deepcopy(getattr(self._tiny_pipeline, module_name)).to(dtype=dtype)
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPTextModel
-
-        loader = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}[module_name]
         try:
-            return loader.from_pretrained(self.folder, subfolder=module_name, torch_dtype=dtype)
-        except (OSError, ValueError) as error:
+            if module_name == "text_encoder":
+                # transformers already builds its models empty and casts the weights as it loads them.
+                from transformers import CLIPTextModel
+
+                return CLIPTextModel.from_pretrained(self.folder, subfolder=module_name, torch_dtype=dtype)
+            from diffusers import AutoencoderKL, UNet2DConditionModel
+
+            loader = {"unet": UNet2DConditionModel, "vae": AutoencoderKL}[module_name]
+            return load_diffusers_module(loader, self.folder / module_name, dtype)
+        except (OSError, ValueError, KeyError, RuntimeError) as error:
             raise ConversionError(f"cannot load {module_name} from {self.folder}: {error}".splitlines()[0]) from error
 
     def file_hashes(self, components: list[str]) -> dict[str, str]:
@@ -119,6 +143,68 @@ class ModelSource:
             Tokenizer.from_file(str(tokenizer_folder / "tokenizer.json")).model.save(str(destination))
             return
         raise ConversionError(f"{tokenizer_folder} has neither vocab.json + merges.txt nor tokenizer.json")
+
+
+def load_diffusers_module(loader, folder: Path, dtype: torch.dtype) -> torch.nn.Module:
+    """A diffusers model from its folder (config.json and safetensors weights), its floating-point
+    weights in `dtype`; the same module as `loader.from_pretrained(folder, torch_dtype=dtype)`."""
+    with torch.device("meta"):
+        module = loader.from_config(loader.load_config(folder))
+    expected = set(module.state_dict())
+    state = {}
+    for path in weight_files(folder):
+        for name, tensor in read_safetensors(path, dtype).items():
+            legacy = LEGACY_ATTENTION_KEY.match(name)
+            if name not in expected and legacy:
+                prefix, old_name, kind = legacy.groups()
+                name = f"{prefix}.{LEGACY_ATTENTION_NAMES[old_name]}.{kind}"
+            state[name] = tensor
+    missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
+    unloaded = [name for name, tensor in [*module.named_parameters(), *module.named_buffers()] if tensor.is_meta]
+    if missing or unexpected or unloaded:
+        problems = [f"missing {', '.join(sorted(set(missing) | set(unloaded))[:3])}" if missing or unloaded else "",
+                    f"unexpected {', '.join(sorted(unexpected)[:3])}" if unexpected else ""]
+        raise ValueError(f"its weights do not fit its config.json ({'; '.join(p for p in problems if p)})")
+    return module
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors file(s) of a diffusers model folder, sharded or not."""
+    if (folder / WEIGHTS_FILE).is_file():
+        return [folder / WEIGHTS_FILE]
+    if (folder / WEIGHTS_INDEX).is_file():
+        shards = sorted(set(_read_json(folder / WEIGHTS_INDEX)["weight_map"].values()))
+        return [folder / shard for shard in shards]
+    raise OSError(f"no {WEIGHTS_FILE} in {folder} (save the model with safe_serialization=True)")
+
+
+def read_safetensors(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every tensor of a .safetensors file, the floating-point ones cast to `dtype`, read one at a time
+    (the format: an 8-byte little-endian header size, a JSON header of name → dtype, shape and byte
+    range, then the little-endian data). A file already in `dtype` is memory-mapped instead: its
+    tensors are then the module's weights, with nothing copied."""
+    state = {}
+    with path.open("rb") as stream:
+        header_size = int.from_bytes(stream.read(8), "little")
+        header = json.loads(stream.read(header_size))
+        header.pop("__metadata__", None)
+        stored_dtypes = {SAFETENSORS_DTYPES[entry["dtype"]] for entry in header.values()}
+        if all(stored == dtype or not stored.is_floating_point for stored in stored_dtypes):
+            from safetensors.torch import load_file
+
+            return load_file(path)
+        data_start = 8 + header_size
+        for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+            begin, end = entry["data_offsets"]
+            stored = SAFETENSORS_DTYPES[entry["dtype"]]
+            data = bytearray(end - begin)
+            stream.seek(data_start + begin)
+            if stream.readinto(data) != len(data):
+                raise ValueError(f"{path} is truncated")
+            tensor = torch.frombuffer(data, dtype=stored) if data else torch.empty(0, dtype=stored)
+            tensor = tensor.reshape(entry["shape"])
+            state[name] = tensor.to(dtype=dtype if stored.is_floating_point else stored, copy=True)
+    return state
 
 
 def list_models() -> list[tuple[str, str]]:
