@@ -1,6 +1,7 @@
 """Reference executor benchmark, printed as JSON: the Unet package through the executor and the same
-Unet through diffusers in PyTorch float32 eager, side by side (wall times of warm runs, their ratio,
-PSNR of the executor's output against diffusers', peak RSS of each).
+Unet through diffusers in PyTorch float32 eager, side by side in one process (wall times of warm
+runs, taken alternately so both see the same machine load; their ratio; PSNR of the executor's
+output against diffusers'; load time and peak memory each adds).
 
 The Unet has SD v1.4's architecture with random weights from a fixed seed; its package is converted
 first (split_einsum by default) unless --package names one converted earlier by this script.
@@ -9,7 +10,7 @@ first (split_einsum by default) unless --package names one converted earlier by 
     flock /tmp/fullsize.lock python scripts/bench_executor.py --package /tmp/unet-full.mlpackage
     python scripts/bench_executor.py --small          # the tiny configuration: a quick smoke run
 
-Full-size runs need about 8 GB: wrap them in `flock /tmp/fullsize.lock ...`.
+Both models stay loaded (about 9 GB at full size): wrap full-size runs in `flock /tmp/fullsize.lock ...`.
 """
 import argparse
 import gc
@@ -90,31 +91,22 @@ def build_config(small: bool) -> dict:
     return SD_UNET_CONFIG
 
 
-def reset_peak_rss() -> None:
-    """Let VmHWM restart from the current RSS (Linux: writing 5 to clear_refs)."""
-    Path("/proc/self/clear_refs").write_text("5")
-
-
-def peak_rss_gib() -> float:
+def rss_gib() -> dict[str, float]:
+    """Current and peak resident set size of this process."""
+    figures = {}
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return round(int(line.split()[1]) / 2**20, 2)
-    raise RuntimeError("no VmHWM in /proc/self/status")
+        if line.startswith(("VmRSS:", "VmHWM:")):
+            figures[line.split(":")[0]] = int(line.split()[1]) / 2**20
+    return figures
 
 
-def timed_runs(run, runs: int) -> tuple[list[float], object]:
-    """One warm-up call, then `runs` timed calls; the last call's result."""
-    result = run()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        result = run()
-        times.append(round(time.perf_counter() - start, 3))
-    return times, result
+def reset_peak_rss() -> float:
+    """Let the peak restart from the current RSS (Linux: writing 5 to clear_refs); returns it."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return rss_gib()["VmRSS"]
 
 
-def bench_diffusers(small: bool, inputs: dict[str, np.ndarray], runs: int) -> dict:
-    reset_peak_rss()
+def load_diffusers(small: bool, inputs: dict[str, np.ndarray]):
     unet = build_unet(small, torch.float32)
     sample = torch.from_numpy(inputs["sample"]).float()
     timestep = torch.from_numpy(inputs["timestep"]).float()
@@ -124,23 +116,36 @@ def bench_diffusers(small: bool, inputs: dict[str, np.ndarray], runs: int) -> di
         with torch.inference_mode():
             return unet(sample, timestep, context).sample.numpy()
 
-    times, output = timed_runs(run, runs)
-    del unet
-    gc.collect()
-    return {"wall_s": times, "peak_rss_gib": peak_rss_gib(), "output": output}
+    return run
 
 
-def bench_executor(package: Path, inputs: dict[str, np.ndarray], runs: int, precision: str) -> dict:
+def load_executor(package: Path, inputs: dict[str, np.ndarray], precision: str):
     from coreml_sd.runtime.executor import ReferenceModel
 
-    reset_peak_rss()
-    start = time.perf_counter()
     model = ReferenceModel(package, precision=precision)
-    load_s = round(time.perf_counter() - start, 2)
-    times, outputs = timed_runs(lambda: model.predict(inputs), runs)
-    del model
-    gc.collect()
-    return {"wall_s": times, "load_s": load_s, "peak_rss_gib": peak_rss_gib(), "output": outputs["noise_pred"]}
+    return lambda: model.predict(inputs)["noise_pred"]
+
+
+def loaded_and_warm(load) -> tuple[object, dict]:
+    """Load, then run once (the warm-up); the memory this added at its peak and the load time."""
+    baseline = reset_peak_rss()
+    start = time.perf_counter()
+    run = load()
+    load_s = time.perf_counter() - start
+    run()
+    return run, {"load_s": round(load_s, 2), "peak_rss_added_gib": round(rss_gib()["VmHWM"] - baseline, 2)}
+
+
+def interleaved_timings(runs: dict, count: int) -> tuple[dict[str, list[float]], dict]:
+    """`count` rounds of one timed call of each, alternating, so that both see the same machine load."""
+    times = {name: [] for name in runs}
+    outputs = {}
+    for _ in range(count):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            outputs[name] = run()
+            times[name].append(round(time.perf_counter() - start, 3))
+    return times, outputs
 
 
 def main() -> None:
@@ -149,7 +154,7 @@ def main() -> None:
     parser.add_argument("--save-package", type=Path, help="keep the converted package here")
     parser.add_argument("--small", action="store_true", help="the tiny configuration (a smoke run)")
     parser.add_argument("--attention-implementation", default="split_einsum")
-    parser.add_argument("--runs", type=int, default=2, help="timed runs after one warm-up run (default 2)")
+    parser.add_argument("--runs", type=int, default=3, help="timed runs of each, after one warm-up run (default 3)")
     parser.add_argument("--precision", default="float16", choices=("float16", "float32"))
     args = parser.parse_args()
     from coreml_sd.runtime.executor import psnr
@@ -176,17 +181,16 @@ def main() -> None:
             sys.exit(f"no package at {package}")
         report["package"] = str(package)
         inputs = inputs_for(args.small)
-        diffusers = bench_diffusers(args.small, inputs, args.runs)
-        executor = bench_executor(package, inputs, args.runs, args.precision)
+        diffusers, diffusers_memory = loaded_and_warm(lambda: load_diffusers(args.small, inputs))
+        executor, executor_memory = loaded_and_warm(lambda: load_executor(package, inputs, args.precision))
+        times, outputs = interleaved_timings({"diffusers": diffusers, "executor": executor}, args.runs)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    reference = diffusers.pop("output")
-    actual = executor.pop("output")
-    report["diffusers_fp32_eager"] = diffusers
-    report["executor"] = executor
-    report["ratio"] = round(statistics.median(executor["wall_s"]) / statistics.median(diffusers["wall_s"]), 2)
-    report["psnr_db"] = round(psnr(reference, actual), 2)
-    report["executor_output_finite"] = bool(np.isfinite(actual).all())
+    report["diffusers_fp32_eager"] = dict(wall_s=times["diffusers"], **diffusers_memory)
+    report["executor"] = dict(wall_s=times["executor"], **executor_memory)
+    report["ratio"] = round(statistics.median(times["executor"]) / statistics.median(times["diffusers"]), 2)
+    report["psnr_db"] = round(psnr(outputs["diffusers"], outputs["executor"]), 2)
+    report["executor_output_finite"] = bool(np.isfinite(outputs["executor"]).all())
     print(json.dumps(report, indent=2))
 
 

@@ -61,6 +61,29 @@ def test_conv_1d_and_3d_depthwise(tmp_path, dims):
 
 
 @pytest.mark.parametrize(
+    "x_shape, strides, pad_type, with_bias",
+    [
+        ((2, 6, 1, 10), [1, 1], "valid", True),  # the Neural Engine layout of a linear layer
+        ((2, 6, 4, 5), [1, 1], "same", False),
+        ((1, 6, 7), [1], "valid", True),
+        ((1, 6, 4, 5), [2, 1], "valid", True),  # strided: not a plain matrix product
+        ((1, 6, 4, 5), [1, 1], "custom", True),  # padded: neither
+    ],
+)
+def test_1x1_conv(tmp_path, x_shape, strides, pad_type, with_bias):
+    dims = len(x_shape) - 2
+    x, weight, bias = random(x_shape, seed=1), random((4, 6) + (1,) * dims, seed=2), random((4,), seed=3)
+    custom = [(1, 0), (0, 2)][:dims]
+    pad = [amount for pair in custom for amount in pair] if pad_type == "custom" else [0] * 2 * dims
+    extra = dict(bias=bias) if with_bias else {}
+    body = lambda x: mb.conv(x=x, weight=weight, strides=strides, pad_type=pad_type, pad=pad, **extra)
+    (actual,) = run_mil(body, dict(x=x), tmp_path)
+    t_bias = torch.tensor(bias) if with_bias else None
+    expected = torch_conv(torch.tensor(x), torch.tensor(weight), t_bias, pad_type, strides, [1] * dims, 1, custom)
+    np.testing.assert_allclose(actual, expected.numpy(), **TOLERANCE)
+
+
+@pytest.mark.parametrize(
     "pad_type, pad, output_shape, stride, torch_padding, output_padding",
     [
         ("valid", [0, 0, 0, 0], None, 2, 0, 0),

@@ -23,24 +23,11 @@ def layer_norm(
     eps = 1e-5 if epsilon is None else float(epsilon)
     rank = x.dim()
     axes = list(range(rank)) if axes is None else sorted(a % rank for a in axes)
-    trailing = list(range(rank - len(axes), rank))
-    if axes == trailing:
-        return F.layer_norm(x, x.shape[rank - len(axes):], gamma, beta, eps)
-    variance, mean = torch.var_mean(x, dim=axes, keepdim=True, unbiased=False)
-    result = (x - mean) * torch.rsqrt(variance + eps)
-    if gamma is not None:
-        result = result * _on_axes(gamma, axes, rank)
-    if beta is not None:
-        result = result + _on_axes(beta, axes, rank)
-    return result
-
-
-def _on_axes(values: torch.Tensor, axes: list[int], rank: int) -> torch.Tensor:
-    """Values over the normalised dims, reshaped to broadcast against x."""
-    shape = [1] * rank
-    for axis, size in zip(sorted(axes), values.shape):
-        shape[axis] = size
-    return values.reshape(shape)
+    # PyTorch normalises trailing dims: move the normalised dims to the end, in order, and back.
+    order = [d for d in range(rank) if d not in axes] + axes
+    moved = x.permute(order)
+    result = F.layer_norm(moved, moved.shape[rank - len(axes):], gamma, beta, eps)
+    return result.permute([order.index(d) for d in range(rank)])
 
 
 @register("instance_norm", widen=True)
