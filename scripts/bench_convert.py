@@ -102,13 +102,13 @@ def build_model_folder(folder: Path, small: bool) -> None:
     (folder / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2) + "\n")
 
 
-def model_folder(small: bool) -> Path:
+def model_folder(small: bool, cache: Path) -> Path:
     """The cached folder for these configurations, built in a child process when missing."""
     key = hashlib.sha256(json.dumps([model_configs(small), SEED], sort_keys=True, default=list).encode()).hexdigest()[:12]
-    folder = CACHE / f"{'tiny' if small else 'sd-v1-4'}-random-{key}"
+    folder = cache / f"{'tiny' if small else 'sd-v1-4'}-random-{key}"
     if not folder.is_dir():
-        CACHE.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=CACHE))
+        cache.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=cache))
         try:
             argv = [sys.executable, __file__, "--build-folder", str(staging)] + (["--small"] if small else [])
             subprocess.run(argv, check=True)
@@ -173,6 +173,7 @@ def run_measured(argv: list[str]) -> dict:
         stages[name] = {"seconds": seconds, "peak_rss_gib": round(max(in_stage, default=0) / GIB, 2)}
     return {
         "wall_s": round(wall, 1),
+        "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),  # less sensitive than wall time to other load
         "peak_rss_gib": round(usage.ru_maxrss * 1024 / GIB, 2),  # ru_maxrss is in KiB on Linux
         "stages": stages,
         "stdout": "".join(stdout_chunks),
@@ -183,10 +184,10 @@ def package_mib(package: Path) -> float:
     return round(sum(f.stat().st_size for f in package.rglob("*") if f.is_file()) / 2**20, 1)
 
 
-def program_figures(package: Path) -> dict:
-    """program_stats in a child process, so the benchmark never holds a package's weights."""
-    stdout = subprocess.run([sys.executable, __file__, "--program-stats", str(package)],
-                            check=True, capture_output=True, text=True).stdout
+def program_figures(packages: list[Path]) -> list[dict]:
+    """program_stats of each package, in one child process, so the benchmark never holds their weights."""
+    argv = [sys.executable, __file__, "--program-stats", *map(str, packages)]
+    stdout = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
     return json.loads(stdout.strip().splitlines()[-1])
 
 
@@ -199,8 +200,8 @@ def convert(folder: Path, output: Path, component: str, attention_implementation
     manifest = json.loads((output / "manifest.json").read_text())
     entry = manifest["components"][component]
     package = output / entry["file"]
-    result.update(package_mib=package_mib(package), io={"inputs": entry["inputs"], "outputs": entry["outputs"]},
-                  program=program_figures(package))
+    result.update(package=str(package), package_mib=package_mib(package),
+                  io={"inputs": entry["inputs"], "outputs": entry["outputs"]})
     return result
 
 
@@ -233,14 +234,14 @@ def check(checks: list, name: str, value, target, met: bool) -> None:
 
 def evaluate(report: dict, baseline: dict | None) -> list[dict]:
     checks = []
-    main = report["conversion"][MAIN_IMPLEMENTATION]
+    main_runs = report["conversion"][MAIN_IMPLEMENTATION]
     for component, target in PEAK_RSS_TARGETS_GIB.items():
-        check(checks, f"{component} conversion peak RSS (GiB)", main[component]["peak_rss_gib"], f"<= {target}",
-              main[component]["peak_rss_gib"] <= target)
+        check(checks, f"{component} conversion peak RSS (GiB)", main_runs[component]["peak_rss_gib"], f"<= {target}",
+              main_runs[component]["peak_rss_gib"] <= target)
     check(checks, "conversion wall time, all three (s)", report["conversion_wall_s"], f"<= {TOTAL_WALL_TARGET_S}",
           report["conversion_wall_s"] <= TOTAL_WALL_TARGET_S)
     for component, figures in report["validation"].items():
-        limit = round(VALIDATION_PEAK_FACTOR * main[component]["peak_rss_gib"], 2)
+        limit = round(VALIDATION_PEAK_FACTOR * main_runs[component]["peak_rss_gib"], 2)
         check(checks, f"{component} validation peak RSS (GiB)", figures["peak_rss_gib"], f"<= {limit}",
               figures["peak_rss_gib"] <= limit)
         check(checks, f"{component} PSNR (dB)", figures["psnr_db"], f">= {report['psnr_threshold_db']}",
@@ -250,7 +251,7 @@ def evaluate(report: dict, baseline: dict | None) -> list[dict]:
     for name, fraction in SCORES_FRACTION.items():
         limit = int(scores["original"] * fraction)
         check(checks, f"Unet {name} largest attention scores (elements)", scores[name], f"<= {limit}", scores[name] <= limit)
-    transposes = main["Unet"]["program"]["transposes"]
+    transposes = main_runs["Unet"]["program"]["transposes"]
     check(checks, "Unet split_einsum transposes", transposes, f"<= {MAX_SPLIT_EINSUM_TRANSPOSES}",
           transposes <= MAX_SPLIT_EINSUM_TRANSPOSES)
     for name, runs in report["conversion"].items():
@@ -276,10 +277,10 @@ def evaluate(report: dict, baseline: dict | None) -> list[dict]:
     return checks
 
 
-def benchmark(small: bool, output: Path, baseline: dict | None) -> dict:
+def benchmark(small: bool, cache: Path, output: Path, baseline: dict | None) -> dict:
     from coreml_sd.converter.validate import PSNR_THRESHOLD_DB
 
-    folder = model_folder(small)
+    folder = model_folder(small, cache)
     report = {
         "size": "small" if small else "full",
         "model_folder": str(folder),
@@ -293,8 +294,11 @@ def benchmark(small: bool, output: Path, baseline: dict | None) -> dict:
         for component in components:
             print(f"converting {component} ({implementation})", file=sys.stderr, flush=True)
             runs[component] = convert(folder, output / implementation, component, implementation)
-    main = report["conversion"][MAIN_IMPLEMENTATION]
-    report["conversion_wall_s"] = round(sum(main[c]["wall_s"] for c in COMPONENTS), 1)
+    converted = [figures for runs in report["conversion"].values() for figures in runs.values()]
+    for figures, program in zip(converted, program_figures([Path(f.pop("package")) for f in converted])):
+        figures["program"] = program
+    main_runs = report["conversion"][MAIN_IMPLEMENTATION]
+    report["conversion_wall_s"] = round(sum(main_runs[c]["wall_s"] for c in COMPONENTS), 1)
     report["psnr_threshold_db"] = PSNR_THRESHOLD_DB
     report["validation"] = {}
     for component in COMPONENTS:
@@ -318,11 +322,12 @@ def print_checks(checks: list[dict]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="the tiny configuration (targets not enforced)")
+    parser.add_argument("--cache", type=Path, default=CACHE, help="where the random-weight model folders are kept (default: %(default)s)")
     parser.add_argument("--output", type=Path, help="keep the converted packages here (default: a temporary folder)")
     parser.add_argument("--baseline", type=Path, help="an earlier run's JSON: I/O, op counts and PSNR must match it")
     parser.add_argument("--build-folder", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--validate-component", nargs=2, metavar=("COMPONENT", "FOLDER"), help=argparse.SUPPRESS)
-    parser.add_argument("--program-stats", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--program-stats", type=Path, nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     from coreml_sd.converter.cli import quiet_libraries
 
@@ -337,12 +342,12 @@ def main() -> int:
     if args.program_stats:
         from coreml_sd.converter.program_stats import program_stats
 
-        print(json.dumps(program_stats(args.program_stats)))
+        print(json.dumps([program_stats(path) for path in args.program_stats]))
         return 0
     baseline = json.loads(args.baseline.read_text()) if args.baseline else None
     with tempfile.TemporaryDirectory(prefix="bench-convert-") as temporary:
         output = args.output or Path(temporary)
-        report = benchmark(args.small, output, baseline)
+        report = benchmark(args.small, args.cache, output, baseline)
     print_checks(report["checks"])
     print(json.dumps(report, indent=2))
     return 0 if report["all_targets_met"] or args.small else 1
