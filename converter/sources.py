@@ -194,15 +194,17 @@ def read_safetensors(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
 
             return load_file(path)
         data_start = 8 + header_size
+        # One buffer, reused for every tensor, so that the file's bytes never fault in fresh memory.
+        scratch = torch.empty(max(end - begin for begin, end in (e["data_offsets"] for e in header.values())),
+                              dtype=torch.uint8)
+        scratch_view = memoryview(scratch.numpy())
         for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
             begin, end = entry["data_offsets"]
             stored = SAFETENSORS_DTYPES[entry["dtype"]]
-            data = bytearray(end - begin)
             stream.seek(data_start + begin)
-            if stream.readinto(data) != len(data):
+            if stream.readinto(scratch_view[: end - begin]) != end - begin:
                 raise ValueError(f"{path} is truncated")
-            tensor = torch.frombuffer(data, dtype=stored) if data else torch.empty(0, dtype=stored)
-            tensor = tensor.reshape(entry["shape"])
+            tensor = scratch[: end - begin].view(stored).reshape(entry["shape"])
             state[name] = tensor.to(dtype=dtype if stored.is_floating_point else stored, copy=True)
     return state
 
