@@ -293,7 +293,9 @@ def _tiny_source() -> ModelSource:
         name=TINY,
         description={"model": TINY, "seed": 0},
         folder=None,
-        scheduler_config=json.loads(pipeline.scheduler.to_json_string()),
+        # As scheduler_config.json holds it: a scheduler built from it for another class keeps that class's own
+        # defaults for the values listed in `_use_default_values`, as diffusers does.
+        scheduler_config=dict(pipeline.scheduler.config, _class_name=type(pipeline.scheduler).__name__),
         text_width=pipeline.text_encoder.config.hidden_size,
         sample_size=pipeline.unet.config.sample_size,
         latent_scaling_factor=pipeline.vae.config.scaling_factor,
