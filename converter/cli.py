@@ -11,7 +11,7 @@ from .errors import ConversionError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from .conversion import ATTENTION_IMPLEMENTATIONS
+    from .ane import ATTENTION_IMPLEMENTATIONS
 
     parser = argparse.ArgumentParser(
         prog="coreml-convert",
@@ -23,7 +23,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("-o", "--output", type=Path, help="package folder (default: packages/<model name>)")
     parser.add_argument("--components", default=",".join(DEFAULT_COMPONENTS),
                         help=f"comma-separated, from {', '.join(COMPONENTS)} (default: %(default)s)")
-    parser.add_argument("--attention-implementation", default="split_einsum", choices=ATTENTION_IMPLEMENTATIONS,
+    parser.add_argument("--attention-implementation", default=ATTENTION_IMPLEMENTATIONS[0], choices=ATTENTION_IMPLEMENTATIONS,
                         help="split_einsum suits the Neural Engine, original the GPU (default: %(default)s)")
     parser.add_argument("--height", type=int, help="image height in pixels, a multiple of 64 (default: the model's)")
     parser.add_argument("--width", type=int, help="image width in pixels, a multiple of 64 (default: the model's)")

@@ -10,12 +10,12 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .ane import ATTENTION_IMPLEMENTATIONS
 from .components import COMPONENTS, DEFAULT_COMPONENTS, ModelDimensions, component_spec
 from .errors import ConversionError
 from .package import PackageFolder
 from .sources import ModelSource, resolve
 
-ATTENTION_IMPLEMENTATIONS = ("split_einsum", "split_einsum_v2", "original")
 RESOLUTION_STEP = 64
 
 
