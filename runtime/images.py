@@ -51,6 +51,12 @@ def contact_sheet(images: list[Image.Image]) -> Image.Image:
     return sheet
 
 
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def save_png(image: Image.Image, path: Path, parameters: str | None = None) -> None:
     """Write through a temporary file in the same folder and rename, so no half-written PNG is ever left."""
     info = PngImagePlugin.PngInfo()
@@ -63,6 +69,7 @@ def save_png(image: Image.Image, path: Path, parameters: str | None = None) -> N
     try:
         with os.fdopen(descriptor, "wb") as file:
             image.save(file, format="PNG", pnginfo=info)
+        os.chmod(temporary, 0o666 & ~current_umask())  # mkstemp's files are private; an image is not
         os.replace(temporary, path)
     except OSError as exc:
         os.unlink(temporary)
