@@ -2,9 +2,10 @@
 
 Compilation happens once, at load: constants (weights included) become tensors of the dtype their
 consumer computes in, `constexpr_*` ops are decompressed, attribute inputs become Python values, and
-each op becomes a closure that reads its tensor inputs from a slot list, calls the op's function
-from the table, casts its outputs to their declared dtypes and clears the slots whose last reader it
-is, so that a value's memory is released as soon as nothing needs it.
+each op becomes a step (`steps.py`) that reads its tensor inputs from a slot list, calls the op's
+function from the table, casts its outputs to their declared dtypes and clears the slots whose last
+reader it is, so that a value's memory is released as soon as nothing needs it. Attention chains
+become one step that runs them a block of queries at a time (`fusion.py`).
 """
 from dataclasses import dataclass
 
@@ -34,7 +35,7 @@ class UnsupportedOperationError(NotImplementedError):
     """A program uses a MIL op that the executor's op table lacks."""
 
 
-def unsupported_operations(function, source: str) -> None:
+def check_supported(function, source: str) -> None:
     """Raise UnsupportedOperationError naming every op type of `function` that has no implementation."""
     missing = sorted(
         {op.op_type for op in function.operations if op.op_type != "const" and lookup(op.op_type, op.opset_version) is None}
@@ -77,7 +78,7 @@ class CompiledFunction:
     def __init__(self, function, precision: str, device: torch.device, source: str):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
-        unsupported_operations(function, source)
+        check_supported(function, source)
         self.numerics = Numerics(precision, device)
         self._constants: dict[str, object] = {}  # var name -> value as loaded (NumPy / str / scalar)
         self._tensors: dict[tuple[str, torch.dtype], torch.Tensor] = {}
