@@ -12,16 +12,10 @@ import torch
 from coreml_sd.converter.cli import main
 from coreml_sd.converter.conversion import ConversionOptions, convert_model
 from coreml_sd.converter.errors import ConversionError
-from coreml_sd.runtime.executor import ReferenceModel
+from coreml_sd.runtime.executor import ReferenceModel, psnr
 
 PSNR_THRESHOLD_DB = 35.0
 IMPLEMENTATIONS = ("split_einsum", "split_einsum_v2", "original")
-
-
-def psnr(reference: np.ndarray, actual: np.ndarray) -> float:
-    """Apple's formula: 20 log10((max |reference| + 1e-5) / (rmse + 1e-10))."""
-    rmse = np.sqrt(np.mean((reference.astype(np.float64) - actual.astype(np.float64)) ** 2))
-    return 20 * np.log10((np.abs(reference).max() + 1e-5) / (rmse + 1e-10))
 
 
 def random_inputs(component: str, seed: int) -> dict[str, np.ndarray]:

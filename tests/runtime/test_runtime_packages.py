@@ -9,7 +9,8 @@ import pytest
 from coreml_sd.converter.conversion import ConversionOptions, convert_model
 from coreml_sd.runtime import Pipeline
 from coreml_sd.runtime.backends import _description_from_spec
-from runtime_testing import PSNR_THRESHOLD_DB, diffusers_img2img, diffusers_txt2img, pixels, psnr
+from coreml_sd.runtime.executor import psnr
+from runtime_testing import PSNR_THRESHOLD_DB, diffusers_img2img, diffusers_txt2img, pixels
 
 PROMPT = "a photo of an astronaut riding a horse"
 STEPS = 4
@@ -24,7 +25,7 @@ def test_txt2img_matches_diffusers(tiny_runtime, tiny_pipeline, scheduler, negat
                         progress=False)
     config = tiny_runtime.package.scheduler_config
     reference = diffusers_txt2img(tiny_pipeline, config, PROMPT, negative_prompt, scheduler, STEPS, seed=11)
-    assert psnr(pixels(ours.images[0]), reference) >= PSNR_THRESHOLD_DB
+    assert psnr(reference, pixels(ours.images[0])) >= PSNR_THRESHOLD_DB
 
 
 @pytest.mark.parametrize(
@@ -40,7 +41,7 @@ def test_img2img_matches_diffusers(
     reference = diffusers_img2img(
         tiny_pipeline, config, PROMPT, negative_prompt, scheduler, steps, 5, start_image, strength, monkeypatch
     )
-    assert psnr(pixels(ours.images[0]), reference) >= PSNR_THRESHOLD_DB
+    assert psnr(reference, pixels(ours.images[0])) >= PSNR_THRESHOLD_DB
 
 
 def test_a_seed_gives_the_same_image_and_another_seed_another(tiny_runtime):
@@ -67,7 +68,7 @@ def test_unet_batch_1_package_matches_diffusers(unet_batch_1_folder, tiny_pipeli
     ours = pipe(PROMPT, negative_prompt="blurry", steps=STEPS, scheduler="ddim", seed=4, progress=False)
     config = pipe.package.scheduler_config
     reference = diffusers_txt2img(tiny_pipeline, config, PROMPT, "blurry", "ddim", STEPS, seed=4)
-    assert psnr(pixels(ours.images[0]), reference) >= PSNR_THRESHOLD_DB
+    assert psnr(reference, pixels(ours.images[0])) >= PSNR_THRESHOLD_DB
 
 
 def test_a_bundle_without_manifest_runs_with_sd_v1_settings(tiny_runtime, tiny_package, tmp_path):
