@@ -26,15 +26,6 @@ import numpy as np
 import torch
 
 SEED = 0
-# SD v1.4's Unet configuration (CompVis/stable-diffusion-v1-4), with the defaults it relies on spelled out.
-SD_UNET_CONFIG = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-    block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32, act_fn="silu",
-    downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, mid_block_scale_factor=1, norm_eps=1e-5,
-)
 BATCH_SIZE = 2
 
 
@@ -42,10 +33,7 @@ def build_unet(small: bool, dtype: torch.dtype):
     """The benchmark Unet; the same weights on every call."""
     from diffusers import UNet2DConditionModel
 
-    if small:
-        from coreml_sd.converter.tiny import UNET_CONFIG as config
-    else:
-        config = SD_UNET_CONFIG
+    config = build_config(small)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
         unet = UNet2DConditionModel(**config)
@@ -88,6 +76,8 @@ def build_config(small: bool) -> dict:
         from coreml_sd.converter.tiny import UNET_CONFIG
 
         return UNET_CONFIG
+    from coreml_sd.converter.sd_v1_4 import SD_UNET_CONFIG
+
     return SD_UNET_CONFIG
 
 
