@@ -64,9 +64,9 @@ def test_interrupted_conversion_keeps_finished_components_only(tmp_path):
     process = subprocess.Popen([sys.executable, "-m", "coreml_sd.converter.cli", "--model", "tiny", "-o", str(output)],
                                stderr=subprocess.PIPE, text=True)
     for line in process.stderr:
-        if line.startswith("TextEncoder save"):
+        if line.startswith("Unet        load"):  # the TextEncoder is installed before the Unet starts
             break
-    time.sleep(1.0)  # inside the Unet's conversion
+    time.sleep(1.0)  # inside the Unet's trace
     process.send_signal(signal.SIGINT)
     rest = process.stderr.read()
     assert process.wait(timeout=120) == 130, rest
