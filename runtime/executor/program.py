@@ -1,11 +1,14 @@
 """Compile a MIL function into a list of PyTorch steps, and run it.
 
-Compilation happens once, at load: constants (weights included) become tensors of the dtype their
-consumer computes in, `constexpr_*` ops are decompressed, attribute inputs become Python values, and
-each op becomes a step (`steps.py`) that reads its tensor inputs from a slot list, calls the op's
+Compilation happens once, at load: constants (weights included) become tensors of their declared
+dtype, `constexpr_*` ops are decompressed, attribute inputs become Python values, and each op becomes a step (`steps.py`) that reads its tensor inputs from a slot list, calls the op's
 function from the table, casts its outputs to their declared dtypes and clears the slots whose last
 reader it is, so that a value's memory is released as soon as nothing needs it. Attention chains
 become one step that runs them a block of queries at a time (`fusion.py`).
+
+Float16 weights stay float16 in memory; an op that computes in float32 widens them when it runs.
+Widening once at load would hold a model's weights three times over (float16 + float32 copies:
+4.8 GiB for SD's Unet instead of 1.6), for a per-call cost of a few percent of a run.
 """
 from dataclasses import dataclass
 
@@ -81,7 +84,7 @@ class CompiledFunction:
         check_supported(function, source)
         self.numerics = Numerics(precision, device)
         self._constants: dict[str, object] = {}  # var name -> value as loaded (NumPy / str / scalar)
-        self._tensors: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+        self._tensors: dict[str, torch.Tensor] = {}
         self._slots: dict[str, int] = {}
         self.input_slots = {name: (self._slot(var), self.numerics.dtype(var)) for name, var in function.inputs.items()}
         self.steps = self._compile_ops(function)
@@ -145,25 +148,26 @@ class CompiledFunction:
         return step
 
     def _tensor_argument(self, var, implementation: OpImplementation) -> Argument:
-        """A constant tensor in the dtype the op computes in, or the slot of a runtime value."""
-        dtype = self.numerics.compute_dtype(var, implementation)
+        """A constant tensor or a runtime value's slot, marked Widened where the op computes wider."""
+        widen = self.numerics.compute_dtype(var, implementation) != self.numerics.dtype(var)
         if var.name in self._constants:
-            return self._constant_tensor(var, dtype)
+            constant = self._constant_tensor(var)
+            return Widened(constant) if widen else constant
         slot = self._slot(var)
-        return Widened(slot) if dtype != self.numerics.dtype(var) else slot
+        return Widened(slot) if widen else slot
 
-    def _constant_tensor(self, var, dtype: torch.dtype) -> torch.Tensor:
-        key = (var.name, dtype)
-        if key not in self._tensors:
+    def _constant_tensor(self, var) -> torch.Tensor:
+        if var.name not in self._tensors:
             value = np.asarray(self._constants[var.name])
             if value.dtype == np.uint16 or value.dtype == np.uint32:
                 value = value.astype(np.int64)
-            self._tensors[key] = torch.from_numpy(np.ascontiguousarray(value)).to(self.numerics.device, dtype)
-        return self._tensors[key]
+            tensor = torch.from_numpy(np.ascontiguousarray(value))
+            self._tensors[var.name] = tensor.to(self.numerics.device, self.numerics.dtype(var))
+        return self._tensors[var.name]
 
     def _output_source(self, var) -> "int | torch.Tensor":
         if var.name in self._constants:
-            return self._constant_tensor(var, self.numerics.dtype(var))
+            return self._constant_tensor(var)
         return self._slot(var)
 
     def _release_after_last_use(self) -> None:

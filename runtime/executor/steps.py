@@ -6,14 +6,15 @@ import numpy as np
 import torch
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Widened:
-    """A runtime float16 value that the op receives in float32."""
+    """A float16 value that the op receives in float32: a runtime value's slot, or a constant that
+    stays float16 in memory and is widened per call, so that no weight is held in both dtypes."""
 
-    slot: int
+    source: int | torch.Tensor
 
 
-Argument = int | Widened | torch.Tensor  # a slot, a widened slot, or a constant
+Argument = int | Widened | torch.Tensor  # a slot, a widened value, or a constant
 
 
 def python_value(value):
@@ -28,7 +29,8 @@ def read(argument: Argument, env: list) -> torch.Tensor:
     if isinstance(argument, torch.Tensor):
         return argument
     if isinstance(argument, Widened):
-        return env[argument.slot].float()
+        source = argument.source
+        return (source if isinstance(source, torch.Tensor) else env[source]).float()
     return env[argument]
 
 
@@ -45,7 +47,7 @@ class OpStep:
     def __init__(self, op_type: str, name: str, function: Callable):
         self.op_type, self.name, self.function = op_type, name, function
         self.bound: dict[str, object] = {}  # attribute values and constant tensors, fixed at load
-        self.tensors: dict[str, int | Widened] = {}
+        self.tensors: dict[str, int | Widened] = {}  # read per call
         self.sequences: dict[str, list[Argument]] = {}  # tuple inputs (concat's values, ...)
         self.outputs: list[Output] = []
         self.release: list[int] = []  # slots this step reads or writes for the last time
@@ -58,15 +60,15 @@ class OpStep:
 
     def slots_used(self) -> list[int]:
         arguments = list(self.tensors.values()) + [a for items in self.sequences.values() for a in items]
-        used = [a.slot if isinstance(a, Widened) else a for a in arguments if not isinstance(a, torch.Tensor)]
-        return used + [output.slot for output in self.outputs]
+        sources = [a.source if isinstance(a, Widened) else a for a in arguments]
+        return [s for s in sources if isinstance(s, int)] + [output.slot for output in self.outputs]
 
     def arguments(self, env: list, skip: str | None = None) -> dict[str, object]:
         """The keyword arguments of the op's function (all but `skip`, which the caller provides)."""
         arguments = dict(self.bound)
         for name, argument in self.tensors.items():
             if name != skip:
-                arguments[name] = env[argument] if isinstance(argument, int) else env[argument.slot].float()
+                arguments[name] = read(argument, env)
         for name, items in self.sequences.items():
             arguments[name] = [read(item, env) for item in items]
         return arguments
