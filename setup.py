@@ -37,8 +37,7 @@ setup(
         "pillow",
     ],
     extras_require={
-        "test": ["pytest"],
-        "palettize": ["scikit-learn"],
+        "test": ["pytest", "scikit-learn"],  # scikit-learn: the reference k-means for palettes
     },
     entry_points={
         "console_scripts": [

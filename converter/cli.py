@@ -12,6 +12,7 @@ from .errors import ConversionError
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     from .ane import ATTENTION_IMPLEMENTATIONS
+    from .palettize import NBITS_CHOICES, QUANTIZED_COMPONENTS
 
     parser = argparse.ArgumentParser(
         prog="coreml-convert",
@@ -29,6 +30,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--width", type=int, help="image width in pixels, a multiple of 64 (default: the model's)")
     parser.add_argument("--unet-batch-size", type=int, default=2, choices=(1, 2),
                         help="2 runs classifier-free guidance in one Unet call; 1 in two (default: %(default)s)")
+    parser.add_argument("--quantize-nbits", type=int, choices=NBITS_CHOICES,
+                        help=f"store the {' and '.join(QUANTIZED_COMPONENTS)} weights as 2^N-entry palettes "
+                        "(6 keeps quality close to float16 at 0.375x the size; default: float16)")
     parser.add_argument("--force", action="store_true", help="convert components again even if up to date")
     parser.add_argument("--no-validate", action="store_true",
                         help="skip checking each component against the original with the reference executor")
@@ -74,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         height=args.height,
         width=args.width,
         unet_batch_size=args.unet_batch_size,
+        quantize_nbits=args.quantize_nbits,
         force=args.force,
         validate=not args.no_validate,
     )
@@ -103,7 +108,9 @@ def validate_only(folder: Path) -> int:
     for component, result in results.items():
         passed = result["psnr_db"] >= PSNR_THRESHOLD_DB
         failed += not passed
-        print(f"{component:<12} {result['psnr_db']:>10.1f} {result['max_abs_error']:>14.3g}  {'ok' if passed else 'FAILED'}")
+        quantized = (f"  {result['quantize_nbits']}-bit palettes: {result['unquantized_psnr_db']:.1f} dB against the "
+                     "unquantized original") if "quantize_nbits" in result else ""
+        print(f"{component:<12} {result['psnr_db']:>10.1f} {result['max_abs_error']:>14.3g}  {'ok' if passed else 'FAILED'}{quantized}")
     return 1 if failed else 0
 
 

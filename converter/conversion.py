@@ -14,6 +14,7 @@ from .ane import ATTENTION_IMPLEMENTATIONS
 from .components import COMPONENTS, DEFAULT_COMPONENTS, ModelDimensions, component_spec
 from .errors import ConversionError
 from .package import PackageFolder
+from .palettize import NBITS_CHOICES, QUANTIZED_COMPONENTS
 from .sources import ModelSource, resolve
 
 RESOLUTION_STEP = 64
@@ -29,6 +30,7 @@ class ConversionOptions:
     height: int | None = None
     width: int | None = None
     unet_batch_size: int = 2
+    quantize_nbits: int | None = None  # palettize the TextEncoder's and Unet's weights to this many bits
     force: bool = False
     validate: bool = True
     validation_seed: int = 0
@@ -70,6 +72,8 @@ def check_options(options: ConversionOptions) -> None:
             raise ConversionError(f"--{side} {value} is not a positive multiple of {RESOLUTION_STEP}")
     if options.unet_batch_size not in (1, 2):
         raise ConversionError(f"--unet-batch-size must be 1 or 2 (got {options.unet_batch_size})")
+    if options.quantize_nbits is not None and options.quantize_nbits not in NBITS_CHOICES:
+        raise ConversionError(f"--quantize-nbits must be one of {', '.join(map(str, NBITS_CHOICES))} (got {options.quantize_nbits})")
 
 
 def model_dimensions(source: ModelSource, options: ConversionOptions) -> ModelDimensions:
@@ -94,7 +98,14 @@ def component_settings(component: str, source: ModelSource, dims: ModelDimension
         settings.update(attention_implementation=options.attention_implementation, unet_batch_size=dims.unet_batch_size)
     elif component != "TextEncoder":
         settings.update(attention_implementation=options.attention_implementation)
+    if quantize_nbits(component, options.quantize_nbits):
+        settings.update(quantize_nbits=options.quantize_nbits)
     return settings
+
+
+def quantize_nbits(component: str, nbits: int | None) -> int | None:
+    """The palette size a component's weights get: the VAE's stay float16."""
+    return nbits if component in QUANTIZED_COMPONENTS else None
 
 
 def convert_model(options: ConversionOptions) -> ConversionReport:
@@ -147,13 +158,19 @@ def convert_component(folder: PackageFolder, source: ModelSource, component: str
                       options: ConversionOptions, settings: dict, report: ConversionReport) -> None:
     from .ane import component_module
     from .convert import describe, to_ml_program, trace
+    from .palettize import palettize_parts
     from .validate import PSNR_THRESHOLD_DB, validate
 
     spec = component_spec(component, dims)
+    nbits = quantize_nbits(component, options.quantize_nbits)
     staging = folder.staging_folder()
     try:
         with stage(report, component, "load"):
             parts = source.load(component, torch.float16)
+        palettized = None
+        if nbits:
+            with stage(report, component, "palettize"):
+                palettized = palettize_parts(parts, nbits)
         with stage(report, component, "rewrite"):
             module = component_module(parts, component, options.attention_implementation)
         with stage(report, component, "trace"):
@@ -161,7 +178,7 @@ def convert_component(folder: PackageFolder, source: ModelSource, component: str
             del module, parts
             gc.collect()
         with stage(report, component, "convert"):
-            model = to_ml_program(program, spec)
+            model = to_ml_program(program, spec, nbits)
             del program
             gc.collect()
         with stage(report, component, "save"):
@@ -169,6 +186,7 @@ def convert_component(folder: PackageFolder, source: ModelSource, component: str
                 "coreml_sd.source": str(source.description.get("id") or source.description.get("path") or source.name),
                 "coreml_sd.attention_implementation": options.attention_implementation,
                 "coreml_sd.converter_version": __version__,
+                **({"coreml_sd.quantize_nbits": str(nbits)} if nbits else {}),
             })
             staged = staging / spec.file_name
             model.save(str(staged))
@@ -178,17 +196,29 @@ def convert_component(folder: PackageFolder, source: ModelSource, component: str
         if options.validate:
             with stage(report, component, "validate"):
                 validation = validate(staged, component, spec, lambda: source.load(component, torch.float32),
-                                      options.validation_seed, source.latent_scaling_factor)
-            print(f"{component:<11} PSNR {validation['psnr_db']:.1f} dB, max abs error {validation['max_abs_error']:.3g} "
-                  "against the diffusers original in float32", file=sys.stderr)
+                                      options.validation_seed, source.latent_scaling_factor, nbits)
+            print_validation(component, validation)
             if not validation["psnr_db"] >= PSNR_THRESHOLD_DB:  # NaN (an fp16 overflow) fails too
                 raise ConversionError(
-                    f"{component}: PSNR {validation['psnr_db']:.1f} dB against the diffusers original is below "
+                    f"{component}: PSNR {validation['psnr_db']:.1f} dB against the diffusers original{' (palettized)' if nbits else ''} is below "
                     f"{PSNR_THRESHOLD_DB:.0f} dB, so it was not installed (--no-validate installs it anyway)")
         entry = dict(spec.to_json(), settings=settings, validation=validation)
+        if palettized is not None:
+            entry["palettized_parameters"] = palettized
         folder.install(staged, component, entry)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def print_validation(component: str, validation: dict) -> None:
+    original = "the diffusers original in float32"
+    if "quantize_nbits" in validation:
+        original += f" with the same {validation['quantize_nbits']}-bit palettes"
+    print(f"{component:<11} PSNR {validation['psnr_db']:.1f} dB, max abs error {validation['max_abs_error']:.3g} "
+          f"against {original}", file=sys.stderr)
+    if "quantize_nbits" in validation:
+        print(f"{component:<11} PSNR {validation['unquantized_psnr_db']:.1f} dB against the unquantized original "
+              "(what palettization costs)", file=sys.stderr)
 
 
 def source_of(manifest: dict) -> ModelSource:
@@ -217,7 +247,8 @@ def validate_package(path: Path, seed: int = 0) -> dict[str, dict]:
         if not package.is_dir():
             raise ConversionError(f"{package} is missing: convert it again with coreml-convert")
         results[component] = validate(package, component, component_spec(component, dims),
-                                      lambda c=component: source.load(c, torch.float32), seed, source.latent_scaling_factor)
+                                      lambda c=component: source.load(c, torch.float32), seed, source.latent_scaling_factor,
+                                      entry.get("settings", {}).get("quantize_nbits"))
         entry["validation"] = results[component]
         folder.write_manifest()
     return results

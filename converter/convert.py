@@ -5,6 +5,7 @@ import torch
 
 from .components import ComponentSpec
 from .export import export_module
+from .palettize import palettizing_pipeline
 
 TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 NUMPY_DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -28,8 +29,10 @@ def computes_in_float16(op) -> bool:
     return not (op.op_type == "mul" and any(child.op_type in ("sin", "cos") for child in op.outputs[0].child_ops))
 
 
-def to_ml_program(program: torch.export.ExportedProgram, spec: ComponentSpec) -> ct.models.MLModel:
-    """Convert with float16 compute and the contract's input and output names and dtypes."""
+def to_ml_program(program: torch.export.ExportedProgram, spec: ComponentSpec,
+                  quantize_nbits: int | None = None) -> ct.models.MLModel:
+    """Convert with float16 compute and the contract's input and output names and dtypes; with
+    `quantize_nbits`, weights palettized by `palettize_module` are stored as palette + indices."""
     return ct.convert(
         program,
         inputs=[ct.TensorType(name=t.name, shape=t.shape, dtype=NUMPY_DTYPES[t.dtype]) for t in spec.inputs],
@@ -38,6 +41,7 @@ def to_ml_program(program: torch.export.ExportedProgram, spec: ComponentSpec) ->
         compute_precision=ct.transform.FP16ComputePrecision(op_selector=computes_in_float16),
         minimum_deployment_target=MINIMUM_DEPLOYMENT_TARGET,
         skip_model_load=True,
+        pass_pipeline=palettizing_pipeline(quantize_nbits) if quantize_nbits else ct.PassPipeline.DEFAULT,
     )
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from .components import ComponentSpec
+from .palettize import palettize_parts
 from .sources import ModelParts
 
 PSNR_THRESHOLD_DB = 35.0
@@ -60,22 +61,40 @@ def reference_outputs(parts: ModelParts, component: str, inputs: dict[str, np.nd
 
 
 def validate(package: Path, component: str, spec: ComponentSpec, load_reference, seed: int,
-             latent_scaling_factor: float) -> dict:
+             latent_scaling_factor: float, quantize_nbits: int | None = None) -> dict:
     """PSNR (worst output) and max abs error of the package against the original; `load_reference()`
-    returns the float32 ModelParts and is called only when needed, so nothing else is held then."""
-    from coreml_sd.runtime.executor import ReferenceModel, psnr
+    returns the float32 ModelParts and is called only when needed, so nothing else is held then.
+
+    A palettized package is compared with the original carrying the same palettes (its float32
+    weights palettized as the converter palettized the float16 ones), which isolates the conversion;
+    its PSNR against the unquantized original is reported as `unquantized_psnr_db`."""
+    from coreml_sd.runtime.executor import ReferenceModel
 
     inputs = validation_inputs(spec, seed, latent_scaling_factor)
     parts = load_reference()
     expected = reference_outputs(parts, component, inputs)
+    unquantized = None
+    if quantize_nbits:
+        unquantized = expected
+        palettize_parts(parts, quantize_nbits)
+        expected = reference_outputs(parts, component, inputs)
     del parts
     gc.collect()
     model = ReferenceModel(package)
     actual = model.predict(inputs)
     del model
     gc.collect()
-    return {
-        "psnr_db": round(min(psnr(expected[name], actual[name]) for name in expected), 2),
+    result = {
+        "psnr_db": worst_psnr(expected, actual),
         "max_abs_error": float(max(np.abs(expected[name] - actual[name].astype(np.float32)).max() for name in expected)),
         "seed": seed,
     }
+    if unquantized is not None:
+        result.update(quantize_nbits=quantize_nbits, unquantized_psnr_db=worst_psnr(unquantized, actual))
+    return result
+
+
+def worst_psnr(expected: dict[str, np.ndarray], actual: dict[str, np.ndarray]) -> float:
+    from coreml_sd.runtime.executor import psnr
+
+    return round(min(psnr(expected[name], actual[name]) for name in expected), 2)
