@@ -9,6 +9,10 @@ kernel reports it (what `/usr/bin/time -v` prints), its stage peaks come from sa
     python scripts/bench_convert.py --small              # the tiny configuration: a quick smoke run
     python scripts/bench_convert.py --baseline old.json  # also check the outputs against an earlier run
 
+Besides each component on its own, it converts the TextEncoder and Unet with `--quantize-nbits 6`, and
+runs one whole `coreml-convert` (all three components, validation on), whose peak with validation
+is the one a user's machine must hold.
+
 Full-size runs need several GB: wrap them in `flock /tmp/fullsize.lock ...`.
 """
 import argparse
@@ -31,7 +35,10 @@ MAIN_IMPLEMENTATION = "split_einsum"
 
 PEAK_RSS_TARGETS_GIB = {"TextEncoder": 1.5, "Unet": 4.3, "VAEDecoder": 2.0}
 TOTAL_WALL_TARGET_S = 121.0
-VALIDATION_PEAK_FACTOR = 2.0  # validation may use at most this multiple of the conversion's peak
+VALIDATION_PEAK_FACTOR = 2.0  # a run with validation may peak at most this multiple of one without
+QUANTIZE_NBITS = 6
+QUANTIZED_COMPONENTS = ("TextEncoder", "Unet")
+QUANTIZED_UNET_SIZE_FRACTION = 0.4  # of the float16 package: 6 of 16 bits, plus the small weights
 PSNR_TOLERANCE_DB = 0.5
 MAX_RANK = 4
 MAX_SPLIT_EINSUM_TRANSPOSES = 32
@@ -172,10 +179,13 @@ def program_figures(packages: list[Path]) -> list[dict]:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-def convert(folder: Path, output: Path, component: str, attention_implementation: str) -> dict:
+def convert(folder: Path, output: Path, component: str, attention_implementation: str,
+            quantize_nbits: int | None = None) -> dict:
+    quantize = ["--quantize-nbits", str(quantize_nbits)] if quantize_nbits else []
     result = run_measured([
         sys.executable, "-m", "coreml_sd.converter.cli", "--model", str(folder), "--components", component,
         "--attention-implementation", attention_implementation, "--no-validate", "--force", "-o", str(output),
+        *quantize,
     ])
     del result["stdout"]
     manifest = json.loads((output / "manifest.json").read_text())
@@ -190,7 +200,15 @@ def validate(output: Path, component: str) -> dict:
     result = run_measured([sys.executable, __file__, "--validate-component", component, str(output)])
     figures = json.loads(result.pop("stdout").strip().splitlines()[-1])
     del result["stages"]
-    return dict(result, psnr_db=figures["psnr_db"], max_abs_error=figures["max_abs_error"])
+    return dict(result, **{k: v for k, v in figures.items() if k != "seed"})
+
+
+def whole_run(folder: Path, output: Path) -> dict:
+    """One coreml-convert of the default components with validation, as a user runs it."""
+    result = run_measured([sys.executable, "-m", "coreml_sd.converter.cli", "--model", str(folder),
+                           "--force", "-o", str(output)])
+    del result["stdout"], result["stages"]
+    return result
 
 
 def validate_component(folder: Path, component: str) -> dict:
@@ -205,8 +223,9 @@ def validate_component(folder: Path, component: str) -> dict:
     source = source_of(manifest)
     dims = ModelDimensions(manifest["text_width"], manifest["height"], manifest["width"], manifest["unet_batch_size"])
     spec = component_spec(component, dims)
+    nbits = manifest["components"][component]["settings"].get("quantize_nbits")
     return validate_package(folder / spec.file_name, component, spec, lambda: source.load(component, torch.float32),
-                            0, source.latent_scaling_factor)
+                            0, source.latent_scaling_factor, nbits)
 
 
 def check(checks: list, name: str, value, target, met: bool) -> None:
@@ -221,12 +240,23 @@ def evaluate(report: dict, baseline: dict | None) -> list[dict]:
               main_runs[component]["peak_rss_gib"] <= target)
     check(checks, "conversion wall time, all three (s)", report["conversion_wall_s"], f"<= {TOTAL_WALL_TARGET_S}",
           report["conversion_wall_s"] <= TOTAL_WALL_TARGET_S)
+    conversion_peak = max(main_runs[c]["peak_rss_gib"] for c in COMPONENTS)
+    limit = round(VALIDATION_PEAK_FACTOR * conversion_peak, 2)
+    check(checks, "whole run with validation, peak RSS (GiB)", report["whole_run"]["peak_rss_gib"], f"<= {limit}",
+          report["whole_run"]["peak_rss_gib"] <= limit)
     for component, figures in report["validation"].items():
-        limit = round(VALIDATION_PEAK_FACTOR * main_runs[component]["peak_rss_gib"], 2)
-        check(checks, f"{component} validation peak RSS (GiB)", figures["peak_rss_gib"], f"<= {limit}",
-              figures["peak_rss_gib"] <= limit)
         check(checks, f"{component} PSNR (dB)", figures["psnr_db"], f">= {report['psnr_threshold_db']}",
               figures["psnr_db"] >= report["psnr_threshold_db"])
+    for component, figures in report["quantized"]["conversion"].items():
+        target = PEAK_RSS_TARGETS_GIB[component]
+        check(checks, f"{component} {QUANTIZE_NBITS}-bit conversion peak RSS (GiB)", figures["peak_rss_gib"],
+              f"<= {target}", figures["peak_rss_gib"] <= target)
+        validation = report["quantized"]["validation"][component]
+        check(checks, f"{component} {QUANTIZE_NBITS}-bit PSNR against the same palettes (dB)", validation["psnr_db"],
+              f">= {report['psnr_threshold_db']}", validation["psnr_db"] >= report["psnr_threshold_db"])
+    limit = round(QUANTIZED_UNET_SIZE_FRACTION * main_runs["Unet"]["package_mib"], 1)
+    size = report["quantized"]["conversion"]["Unet"]["package_mib"]
+    check(checks, f"Unet {QUANTIZE_NBITS}-bit package (MiB)", size, f"<= {limit}", size <= limit)
     scores = {name: runs["Unet"]["program"]["largest_attention_scores"]["elements"]
               for name, runs in report["conversion"].items()}
     for name, fraction in SCORES_FRACTION.items():
@@ -286,11 +316,31 @@ def benchmark(small: bool, cache: Path, output: Path, baseline: dict | None) -> 
         print(f"validating {component} ({MAIN_IMPLEMENTATION})", file=sys.stderr, flush=True)
         report["validation"][component] = validate(output / MAIN_IMPLEMENTATION, component)
     report["validation_wall_s"] = round(sum(v["wall_s"] for v in report["validation"].values()), 1)
+    for component, figures in report["validation"].items():
+        figures["peak_ratio_to_conversion"] = round(figures["peak_rss_gib"] / main_runs[component]["peak_rss_gib"], 2)
+    report["quantized"] = quantized_runs(folder, output / f"{MAIN_IMPLEMENTATION}-{QUANTIZE_NBITS}-bit")
+    print("converting and validating all three in one coreml-convert run", file=sys.stderr, flush=True)
+    report["whole_run"] = whole_run(folder, output / "whole-run")
     report["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     report["checks"] = evaluate(report, baseline)
     report["targets_enforced"] = not small
     report["all_targets_met"] = all(c["met"] for c in report["checks"])
     return report
+
+
+def quantized_runs(folder: Path, output: Path) -> dict:
+    """The palettized components: conversion, program figures and validation, as for float16."""
+    runs = {"nbits": QUANTIZE_NBITS, "conversion": {}, "validation": {}}
+    for component in QUANTIZED_COMPONENTS:
+        print(f"converting {component} ({MAIN_IMPLEMENTATION}, {QUANTIZE_NBITS}-bit)", file=sys.stderr, flush=True)
+        runs["conversion"][component] = convert(folder, output, component, MAIN_IMPLEMENTATION, QUANTIZE_NBITS)
+    converted = list(runs["conversion"].values())
+    for figures, program in zip(converted, program_figures([Path(f.pop("package")) for f in converted])):
+        figures["program"] = program
+    for component in QUANTIZED_COMPONENTS:
+        print(f"validating {component} ({MAIN_IMPLEMENTATION}, {QUANTIZE_NBITS}-bit)", file=sys.stderr, flush=True)
+        runs["validation"][component] = validate(output, component)
+    return runs
 
 
 def print_checks(checks: list[dict]) -> None:

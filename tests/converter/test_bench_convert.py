@@ -66,22 +66,46 @@ def test_attention_scores_shrink_by_the_head_count(report):
     assert scores["split_einsum_v2"] == scores["split_einsum"]
 
 
-def test_validation_is_measured_per_component(report):
+def test_validation_is_measured_per_component_and_in_a_whole_run(report):
     assert set(report["validation"]) == {"TextEncoder", "Unet", "VAEDecoder"}
-    for figures in report["validation"].values():
+    main = report["conversion"]["split_einsum"]
+    for component, figures in report["validation"].items():
         assert figures["wall_s"] > 0 and figures["peak_rss_gib"] > 0
         assert figures["psnr_db"] >= PSNR_THRESHOLD_DB
         assert figures["max_abs_error"] >= 0
+        ratio = figures["peak_rss_gib"] / main[component]["peak_rss_gib"]
+        assert figures["peak_ratio_to_conversion"] == pytest.approx(ratio, abs=0.01)
+    whole = report["whole_run"]
+    # One process converts and validates all three, so it holds at least the most any of them needs.
+    assert whole["peak_rss_gib"] >= max(f["peak_rss_gib"] for f in main.values()) - 0.05
+    assert whole["wall_s"] > 0
+
+
+def test_palettized_components_are_measured_and_smaller(report):
+    quantized = report["quantized"]
+    assert quantized["nbits"] == 6 and set(quantized["conversion"]) == {"TextEncoder", "Unet"}
+    main = report["conversion"]["split_einsum"]
+    for component, figures in quantized["conversion"].items():
+        assert figures["io"] == main[component]["io"]
+        assert figures["peak_rss_gib"] > 0 and "palettize" in figures["stages"]
+        validation = quantized["validation"][component]
+        assert validation["quantize_nbits"] == 6
+        assert validation["psnr_db"] >= PSNR_THRESHOLD_DB
+        assert validation["unquantized_psnr_db"] <= validation["psnr_db"]
+    unet = quantized["conversion"]["Unet"]
+    assert unet["program"]["op_counts"]["constexpr_lut_to_dense"] > 0
+    assert unet["package_mib"] < main["Unet"]["package_mib"]
 
 
 def test_every_target_is_a_check_with_its_figure(report):
     names = {check["name"] for check in report["checks"]}
     for component in ("TextEncoder", "Unet", "VAEDecoder"):
         assert f"{component} conversion peak RSS (GiB)" in names
-        assert f"{component} validation peak RSS (GiB)" in names
         assert f"{component} PSNR (dB)" in names
         assert f"{component} split_einsum max rank" in names
     assert {"conversion wall time, all three (s)", "Unet split_einsum transposes",
+            "whole run with validation, peak RSS (GiB)", "Unet 6-bit conversion peak RSS (GiB)",
+            "Unet 6-bit PSNR against the same palettes (dB)", "Unet 6-bit package (MiB)",
             "Unet split_einsum largest attention scores (elements)",
             "Unet split_einsum_v2 largest attention scores (elements)"} <= names
     assert all({"value", "target", "met"} <= set(check) for check in report["checks"])
