@@ -1,5 +1,4 @@
 """`convert_model`: a model source to a package folder, one component at a time."""
-import gc
 import shutil
 import sys
 import time
@@ -13,6 +12,7 @@ from . import __version__
 from .ane import ATTENTION_IMPLEMENTATIONS
 from .components import COMPONENTS, DEFAULT_COMPONENTS, ModelDimensions, component_spec
 from .errors import ConversionError
+from .memory import release_memory
 from .package import PackageFolder
 from .palettize import NBITS_CHOICES, QUANTIZED_COMPONENTS
 from .sources import ModelSource, resolve
@@ -176,11 +176,11 @@ def convert_component(folder: PackageFolder, source: ModelSource, component: str
         with stage(report, component, "trace"):
             program = trace(module, spec)
             del module, parts
-            gc.collect()
+            release_memory()
         with stage(report, component, "convert"):
             model = to_ml_program(program, spec, nbits)
             del program
-            gc.collect()
+            release_memory()
         with stage(report, component, "save"):
             describe(model, spec, {
                 "coreml_sd.source": str(source.description.get("id") or source.description.get("path") or source.name),
@@ -191,7 +191,7 @@ def convert_component(folder: PackageFolder, source: ModelSource, component: str
             staged = staging / spec.file_name
             model.save(str(staged))
             del model
-            gc.collect()
+            release_memory()
         validation = None
         if options.validate:
             with stage(report, component, "validate"):
@@ -199,8 +199,9 @@ def convert_component(folder: PackageFolder, source: ModelSource, component: str
                                       options.validation_seed, source.latent_scaling_factor, nbits)
             print_validation(component, validation)
             if not validation["psnr_db"] >= PSNR_THRESHOLD_DB:  # NaN (an fp16 overflow) fails too
+                original = "the diffusers original" + (" with the same palettes" if nbits else "")
                 raise ConversionError(
-                    f"{component}: PSNR {validation['psnr_db']:.1f} dB against the diffusers original{' (palettized)' if nbits else ''} is below "
+                    f"{component}: PSNR {validation['psnr_db']:.1f} dB against {original} is below "
                     f"{PSNR_THRESHOLD_DB:.0f} dB, so it was not installed (--no-validate installs it anyway)")
         entry = dict(spec.to_json(), settings=settings, validation=validation)
         if palettized is not None:

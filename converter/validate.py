@@ -4,13 +4,13 @@ The reference is the original diffusers/transformers module in float32 (not the 
 rewrite), so one figure covers both the rewrite and the conversion. The two models run one after
 the other, each released before the next is loaded, so validation never holds both.
 """
-import gc
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .components import ComponentSpec
+from .memory import release_memory
 from .palettize import palettize_parts
 from .sources import ModelParts
 
@@ -79,11 +79,11 @@ def validate(package: Path, component: str, spec: ComponentSpec, load_reference,
         palettize_parts(parts, quantize_nbits)
         expected = reference_outputs(parts, component, inputs)
     del parts
-    gc.collect()
+    release_memory()
     model = ReferenceModel(package)
     actual = model.predict(inputs)
     del model
-    gc.collect()
+    release_memory()
     result = {
         "psnr_db": worst_psnr(expected, actual),
         "max_abs_error": float(max(np.abs(expected[name] - actual[name].astype(np.float32)).max() for name in expected)),

@@ -1,14 +1,15 @@
 """Compile a MIL function into a list of PyTorch steps, and run it.
 
 Compilation happens once, at load: constants (weights included) become tensors of their declared
-dtype, `constexpr_*` ops are decompressed, attribute inputs become Python values, and each op becomes a step (`steps.py`) that reads its tensor inputs from a slot list, calls the op's
-function from the table, casts its outputs to their declared dtypes and clears the slots whose last
-reader it is, so that a value's memory is released as soon as nothing needs it. Attention chains
-become one step that runs them a block of queries at a time (`fusion.py`).
+dtype, `constexpr_*` ops are decompressed, attribute inputs become Python values, and each op
+becomes a step (`steps.py`) that reads its tensor inputs from a slot list, calls the op's function
+from the table, casts its outputs to their declared dtypes and clears the slots whose last reader it
+is, so that a value's memory is released as soon as nothing needs it. Attention chains become one
+step that runs them a block of queries at a time (`fusion.py`).
 
 Float16 weights stay float16 in memory; an op that computes in float32 widens them when it runs.
-Widening once at load would hold a model's weights three times over (float16 + float32 copies:
-4.8 GiB for SD's Unet instead of 1.6), for a per-call cost of a few percent of a run.
+Widening them once at load would hold the weights three times over (float16 + float32 copies: 4.8
+GiB for SD's Unet instead of 1.6), to save a few percent of a run's time.
 """
 from dataclasses import dataclass
 
