@@ -55,7 +55,8 @@ def larger(current: dict | None, candidate: dict) -> dict:
 def program_stats(mlmodel_or_path: "ct.models.MLModel | Program | str | Path") -> dict:
     """Statistics over every function of the program.
 
-    Returns `max_rank` (over inputs, constants and op outputs), `largest_intermediate` and
+    Returns `max_rank` (over inputs, constants and op outputs), `largest_intermediate` (weights
+    excluded, compressed ones too) and
     `largest_attention_scores` (each {"name", "op", "shape", "elements"}, or None), `op_counts`
     (op type → count, constants excluded) and the `transposes` and `reshapes` counts.
     """
@@ -74,6 +75,8 @@ def program_stats(mlmodel_or_path: "ct.models.MLModel | Program | str | Path") -
             if op.op_type == "const":
                 continue
             op_counts[op.op_type] += 1
+            if op.op_type.startswith("constexpr_"):
+                continue  # a compressed weight, expanded once at load: not an intermediate
             for var in op.outputs:
                 if types.is_tensor(var.sym_type):
                     largest = larger(largest, tensor_summary(var, op.op_type))

@@ -11,7 +11,7 @@ from sklearn.cluster import KMeans
 from coreml_sd.converter.cli import main
 from coreml_sd.converter.conversion import ConversionOptions, component_settings, convert_model
 from coreml_sd.converter.palettize import WEIGHT_THRESHOLD, palette, palettize_module
-from coreml_sd.converter.program_stats import load_program
+from coreml_sd.converter.program_stats import load_program, program_stats
 from coreml_sd.runtime.executor import ReferenceModel, psnr
 
 PSNR_THRESHOLD_DB = 35.0
@@ -106,6 +106,15 @@ def test_palettized_unet_computes_what_the_palettized_original_computes(palettiz
     assert psnr(original, actual) < psnr(palettized, actual)
     validation = entry["validation"]
     assert validation["psnr_db"] >= PSNR_THRESHOLD_DB and validation["unquantized_psnr_db"] < validation["psnr_db"]
+
+
+def test_palettized_program_is_the_float16_program_with_palettes(palettized_unet, tiny_packages):
+    palettized = program_stats(palettized_unet / "Unet.mlpackage")
+    plain = program_stats(tiny_packages() / "Unet.mlpackage")
+    counts = dict(palettized.pop("op_counts"))
+    assert counts.pop("constexpr_lut_to_dense") > 0
+    assert counts == plain.pop("op_counts")
+    assert palettized == plain
 
 
 def test_palettized_weights_take_three_quarters_of_a_byte(palettized_unet, tiny_packages):
