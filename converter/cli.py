@@ -32,7 +32,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="2 runs classifier-free guidance in one Unet call; 1 in two (default: %(default)s)")
     parser.add_argument("--quantize-nbits", type=int, choices=NBITS_CHOICES,
                         help=f"store the {' and '.join(QUANTIZED_COMPONENTS)} weights as 2^N-entry palettes "
-                        "(6 keeps quality close to float16 at 0.375x the size; default: float16)")
+                        "(at 6 bits they take 6/16 of their float16 size; default: float16)")
     parser.add_argument("--force", action="store_true", help="convert components again even if up to date")
     parser.add_argument("--no-validate", action="store_true",
                         help="skip checking each component against the original with the reference executor")
