@@ -46,7 +46,8 @@ def weighted_kmeans(values: np.ndarray, weights: np.ndarray, k: int) -> np.ndarr
     consecutive values, so an iteration costs O(k log n) with prefix sums. It starts where an optimal
     quantizer puts its levels when they are many, at equal steps of the cumulative cube root of the
     density (Panter and Dite), which leaves few iterations to do and avoids the poor local optima
-    that starting from quantiles converges to (2-4 dB worse at 6-8 bits)."""
+    that starting from quantiles converges to (on a 921k-element Gaussian weight, 0.3 dB worse at
+    6 bits and 4.4 dB at 8)."""
     edges = np.linspace(values[0], values[-1], DENSITY_BINS + 1)
     density, _ = np.histogram(values, bins=edges, weights=weights)
     levels = np.cumsum(np.cbrt(density))
