@@ -35,7 +35,7 @@ def _distinct_float16(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nd
     if not np.isfinite(distinct).all():
         raise ValueError("a weight holds inf or NaN")
     order = np.argsort(distinct, kind="stable")
-    position_of_code = np.zeros(FLOAT16_CODES, dtype=np.int64)
+    position_of_code = np.zeros(FLOAT16_CODES, dtype=np.uint16)  # at most 65536 distinct values
     position_of_code[present[order]] = np.arange(len(order))
     return distinct[order], counts[present[order]], position_of_code[codes]
 
