@@ -35,14 +35,16 @@ setup(
         "safetensors",
         "scipy",
         "pillow",
+        "click>=8.1",
     ],
     extras_require={
-        "test": ["pytest", "scikit-learn"],  # scikit-learn: the reference k-means for palettes
+        "test": ["pytest", "hypothesis", "scikit-learn"],  # scikit-learn: the reference k-means for palettes
     },
     entry_points={
         "console_scripts": [
             "coreml-convert=coreml_sd.converter.cli:main",
             "coreml-generate=coreml_sd.runtime.cli:main",
+            "coreml-sd=coreml_sd.runtime.commandline:main",
         ]
     },
 )

@@ -1,50 +1,23 @@
 """coreml-convert: convert a diffusers Stable Diffusion model into Core ML packages."""
-import argparse
 import logging
 import os
 import sys
 import warnings
 from pathlib import Path
 
+import click
+
+from coreml_sd.runtime.commandline import CONTEXT_SETTINGS, run_command, shared_options
+from coreml_sd.runtime.errors import Interrupted
+
+from .ane import ATTENTION_IMPLEMENTATIONS
 from .components import COMPONENTS, DEFAULT_COMPONENTS
-from .errors import ConversionError
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from .ane import ATTENTION_IMPLEMENTATIONS
-    from .palettize import NBITS_CHOICES, QUANTIZED_COMPONENTS
-
-    parser = argparse.ArgumentParser(
-        prog="coreml-convert",
-        description="Convert a Stable Diffusion model (alias, Hugging Face id or local diffusers folder) "
-        "into Core ML packages for the Neural Engine, in packages/<name>/.",
-    )
-    parser.add_argument("--model", help="alias (see --list-models), Hugging Face id, local diffusers folder, or 'tiny'")
-    parser.add_argument("--revision", help="Hugging Face revision (branch, tag or commit)")
-    parser.add_argument("-o", "--output", type=Path, help="package folder (default: packages/<model name>)")
-    parser.add_argument("--components", default=",".join(DEFAULT_COMPONENTS),
-                        help=f"comma-separated, from {', '.join(COMPONENTS)} (default: %(default)s)")
-    parser.add_argument("--attention-implementation", default=ATTENTION_IMPLEMENTATIONS[0], choices=ATTENTION_IMPLEMENTATIONS,
-                        help="split_einsum suits the Neural Engine, original the GPU (default: %(default)s)")
-    parser.add_argument("--height", type=int, help="image height in pixels, a multiple of 64 (default: the model's)")
-    parser.add_argument("--width", type=int, help="image width in pixels, a multiple of 64 (default: the model's)")
-    parser.add_argument("--unet-batch-size", type=int, default=2, choices=(1, 2),
-                        help="2 runs classifier-free guidance in one Unet call; 1 in two (default: %(default)s)")
-    parser.add_argument("--quantize-nbits", type=int, choices=NBITS_CHOICES,
-                        help=f"store the {' and '.join(QUANTIZED_COMPONENTS)} weights as 2^N-entry palettes "
-                        "(at 6 bits they take 6/16 of their float16 size; default: float16)")
-    parser.add_argument("--force", action="store_true", help="convert components again even if up to date")
-    parser.add_argument("--no-validate", action="store_true",
-                        help="skip checking each component against the original with the reference executor")
-    parser.add_argument("--validate-only", type=Path, metavar="FOLDER",
-                        help="check an existing package folder against its original model and print a table")
-    parser.add_argument("--list-models", action="store_true", help="list the model aliases and exit")
-    return parser.parse_args(argv)
+from .palettize import NBITS_CHOICES, QUANTIZED_COMPONENTS
 
 
 def quiet_libraries() -> None:
-    """The libraries warn at import about things that don't matter here (untested torch versions,
-    missing macOS frameworks, optional image backends); the stage lines are the progress report."""
+    """The libraries warn at import about things that don't matter here (untested torch versions, missing macOS
+    frameworks, optional image backends); the stage lines are the progress report. --verbose keeps them."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     logging.getLogger("coremltools").setLevel(logging.ERROR)
@@ -52,65 +25,91 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.list_models:
-        from .sources import list_models
+def list_models(ctx: click.Context, _, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    from .sources import list_models as aliases
 
-        for name, origin in list_models():
-            print(f"{name:<14} {origin}")
-        return 0
-    if args.validate_only:
+    for name, origin in aliases():
+        click.echo(f"{name:<14} {origin}")
+    ctx.exit()
+
+
+@click.command("coreml-convert", context_settings=CONTEXT_SETTINGS)
+@click.option("--model", help="Alias (see --list-models), Hugging Face id, local diffusers folder, or 'tiny'.")
+@click.option("--revision", help="Hugging Face revision (branch, tag or commit).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Package folder (default: packages/<model name>).")
+@click.option("--components", default=",".join(DEFAULT_COMPONENTS), show_default=True,
+              help=f"Comma-separated, from {', '.join(COMPONENTS)}.")
+@click.option("--attention-implementation", type=click.Choice(ATTENTION_IMPLEMENTATIONS),
+              default=ATTENTION_IMPLEMENTATIONS[0], show_default=True,
+              help="split_einsum suits the Neural Engine, original the GPU.")
+@click.option("--height", type=int, help="Image height in pixels, a multiple of 64 (default: the model's).")
+@click.option("--width", type=int, help="Image width in pixels, a multiple of 64 (default: the model's).")
+@click.option("--unet-batch-size", type=click.Choice([1, 2]), default=2, show_default=True,
+              help="2 runs classifier-free guidance in one Unet call; 1 in two.")
+@click.option("--quantize-nbits", type=click.Choice(NBITS_CHOICES),
+              help=f"Store the {' and '.join(QUANTIZED_COMPONENTS)} weights as 2^N-entry palettes (at 6 bits they "
+              "take 6/16 of their float16 size; default: float16).")
+@click.option("--force", is_flag=True, help="Convert components again even if up to date.")
+@click.option("--no-validate", is_flag=True,
+              help="Skip checking each component against the original with the reference executor.")
+@click.option("--validate-only", type=click.Path(path_type=Path), metavar="FOLDER",
+              help="Check an existing package folder against its original model and print a table.")
+@click.option("--verbose", is_flag=True, help="Show the libraries' own progress bars and warnings too.")
+@click.option("--list-models", is_flag=True, expose_value=False, is_eager=True, callback=list_models,
+              help="List the model aliases and exit.")
+@shared_options
+def convert(model: str | None, revision: str | None, output: Path | None, components: str,
+            attention_implementation: str, height: int | None, width: int | None, unet_batch_size: int,
+            quantize_nbits: int | None, force: bool, no_validate: bool, validate_only: Path | None,
+            verbose: bool) -> int:
+    """Convert a Stable Diffusion model (alias, Hugging Face id or local diffusers folder) into Core ML packages
+    for the Neural Engine, in packages/<name>/."""
+    if not verbose:
         quiet_libraries()
-        return validate_only(args.validate_only)
-    if not args.model:
-        print("error: --model is required (e.g. --model tiny, --model sd-v1-4; see --list-models)", file=sys.stderr)
-        return 2
-    quiet_libraries()
+    if validate_only:
+        return validate_folder(validate_only)
+    if not model:
+        raise click.UsageError("--model is required (e.g. --model tiny, --model sd-v1-4; see --list-models)")
     from .conversion import ConversionOptions, convert_model
 
     options = ConversionOptions(
-        model=args.model,
-        output=args.output,
-        revision=args.revision,
-        components=tuple(c.strip() for c in args.components.split(",") if c.strip()),
-        attention_implementation=args.attention_implementation,
-        height=args.height,
-        width=args.width,
-        unet_batch_size=args.unet_batch_size,
-        quantize_nbits=args.quantize_nbits,
-        force=args.force,
-        validate=not args.no_validate,
+        model=model,
+        output=output,
+        revision=revision,
+        components=tuple(c.strip() for c in components.split(",") if c.strip()),
+        attention_implementation=attention_implementation,
+        height=height,
+        width=width,
+        unet_batch_size=unet_batch_size,
+        quantize_nbits=quantize_nbits,
+        force=force,
+        validate=not no_validate,
+        verbose=verbose,
     )
     try:
         report = convert_model(options)
-    except ConversionError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
-        print("interrupted: finished components were kept, nothing half-written", file=sys.stderr)
-        return 130
+        raise Interrupted("interrupted: finished components were kept, nothing half-written") from None
     print_summary(report)
     return 0
 
 
-def validate_only(folder: Path) -> int:
+def validate_folder(folder: Path) -> int:
     from .conversion import validate_package
     from .validate import PSNR_THRESHOLD_DB
 
-    try:
-        results = validate_package(folder)
-    except ConversionError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(f"{'component':<12} {'PSNR (dB)':>10} {'max abs error':>14}  result (threshold {PSNR_THRESHOLD_DB:.0f} dB)")
+    results = validate_package(folder)
+    click.echo(f"{'component':<12} {'PSNR (dB)':>10} {'max abs error':>14}  result (threshold {PSNR_THRESHOLD_DB:.0f} dB)")
     failed = 0
     for component, result in results.items():
         passed = result["psnr_db"] >= PSNR_THRESHOLD_DB
         failed += not passed
         quantized = (f"  {result['quantize_nbits']}-bit palettes: {result['unquantized_psnr_db']:.1f} dB against the "
                      "unquantized original") if "quantize_nbits" in result else ""
-        print(f"{component:<12} {result['psnr_db']:>10.1f} {result['max_abs_error']:>14.3g}  {'ok' if passed else 'FAILED'}{quantized}")
+        click.echo(f"{component:<12} {result['psnr_db']:>10.1f} {result['max_abs_error']:>14.3g}  "
+                   f"{'ok' if passed else 'FAILED'}{quantized}")
     return 1 if failed else 0
 
 
@@ -118,12 +117,16 @@ def print_summary(report) -> None:
     import json
 
     manifest = json.loads((report.folder / "manifest.json").read_text())
-    print(f"{report.folder}: {manifest['attention_implementation']}, {manifest['width']}x{manifest['height']}")
+    click.echo(f"{report.folder}: {manifest['attention_implementation']}, {manifest['width']}x{manifest['height']}")
     for name, entry in manifest["components"].items():
         size = sum(f.stat().st_size for f in (report.folder / entry["file"]).rglob("*") if f.is_file())
         inputs = ", ".join(f"{k} {tuple(v['shape'])} {v['dtype']}" for k, v in entry["inputs"].items())
         outputs = ", ".join(f"{k} {tuple(v['shape'])} {v['dtype']}" for k, v in entry["outputs"].items())
-        print(f"  {entry['file']:<22} {size / 2**20:8.1f} MiB  {inputs} -> {outputs}")
+        click.echo(f"  {entry['file']:<22} {size / 2**20:8.1f} MiB  {inputs} -> {outputs}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(convert, argv)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ class ConversionOptions:
     force: bool = False
     validate: bool = True
     validation_seed: int = 0
+    verbose: bool = False  # show coremltools' own progress bars
 
 
 @dataclass
@@ -178,7 +179,7 @@ def convert_component(folder: PackageFolder, source: ModelSource, component: str
             del module, parts
             release_memory()
         with stage(report, component, "convert"):
-            model = to_ml_program(program, spec, nbits)
+            model = to_ml_program(program, spec, nbits, options.verbose)
             del program
             release_memory()
         with stage(report, component, "save"):

@@ -1,4 +1,7 @@
 """One component, from PyTorch module to Core ML ML Program."""
+import contextlib
+import io
+
 import coremltools as ct
 import numpy as np
 import torch
@@ -30,19 +33,22 @@ def computes_in_float16(op) -> bool:
 
 
 def to_ml_program(program: torch.export.ExportedProgram, spec: ComponentSpec,
-                  quantize_nbits: int | None = None) -> ct.models.MLModel:
+                  quantize_nbits: int | None = None, verbose: bool = False) -> ct.models.MLModel:
     """Convert with float16 compute and the contract's input and output names and dtypes; with
-    `quantize_nbits`, weights palettized by `palettize_module` are stored as palette + indices."""
-    return ct.convert(
-        program,
-        inputs=[ct.TensorType(name=t.name, shape=t.shape, dtype=NUMPY_DTYPES[t.dtype]) for t in spec.inputs],
-        outputs=[ct.TensorType(name=t.name, dtype=NUMPY_DTYPES[t.dtype]) for t in spec.outputs],
-        convert_to="mlprogram",
-        compute_precision=ct.transform.FP16ComputePrecision(op_selector=computes_in_float16),
-        minimum_deployment_target=MINIMUM_DEPLOYMENT_TARGET,
-        skip_model_load=True,
-        pass_pipeline=palettizing_pipeline(quantize_nbits) if quantize_nbits else ct.PassPipeline.DEFAULT,
-    )
+    `quantize_nbits`, weights palettized by `palettize_module` are stored as palette + indices. coremltools'
+    progress bars (hundreds of carriage-return updates) are kept out of the stage lines unless `verbose`."""
+    bars = contextlib.nullcontext() if verbose else contextlib.redirect_stderr(io.StringIO())
+    with bars:
+        return ct.convert(
+            program,
+            inputs=[ct.TensorType(name=t.name, shape=t.shape, dtype=NUMPY_DTYPES[t.dtype]) for t in spec.inputs],
+            outputs=[ct.TensorType(name=t.name, dtype=NUMPY_DTYPES[t.dtype]) for t in spec.outputs],
+            convert_to="mlprogram",
+            compute_precision=ct.transform.FP16ComputePrecision(op_selector=computes_in_float16),
+            minimum_deployment_target=MINIMUM_DEPLOYMENT_TARGET,
+            skip_model_load=True,
+            pass_pipeline=palettizing_pipeline(quantize_nbits) if quantize_nbits else ct.PassPipeline.DEFAULT,
+        )
 
 
 def describe(model: ct.models.MLModel, spec: ComponentSpec, metadata: dict[str, str]) -> None:

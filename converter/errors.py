@@ -1,2 +1,5 @@
-class ConversionError(Exception):
-    """A problem the user can fix; the CLI prints it as one line, without a traceback."""
+from coreml_sd.runtime.errors import UserError
+
+
+class ConversionError(UserError):
+    """A problem with the model, the options or the output folder that the user can fix."""

@@ -1,5 +1,4 @@
 """`coreml-generate "prompt"`: images from a converted package, written as PNGs with their settings."""
-import argparse
 import contextlib
 import logging
 import re
@@ -8,8 +7,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import click
+
 from . import images
 from .backends import BACKENDS, COMPUTE_UNITS
+from .commandline import CONTEXT_SETTINGS, run_command, shared_options
 from .errors import GenerationError
 from .package import PACKAGES_ENV
 from .pipeline import Pipeline, check_options, random_seed
@@ -17,45 +19,6 @@ from .schedulers import SCHEDULERS
 
 DEFAULT_OUTPUT = Path("outputs")
 OTHER_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line instead of argparse's usage block
-        self.exit(2, f"error: {message} (see coreml-generate --help)\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="coreml-generate", description=__doc__)
-    parser.add_argument("prompt", help="what the image shows")
-    parser.add_argument("--negative-prompt", default="", help="what it should not show (default: none)")
-    parser.add_argument(
-        "--model",
-        help=f"package name under ./packages (or ${PACKAGES_ENV}) or a package folder; "
-        "may be left out when there is only one package",
-    )
-    parser.add_argument("--steps", type=int, default=50, help="denoising steps (default: 50)")
-    parser.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (default: 7.5)")
-    parser.add_argument(
-        "--scheduler", help=f"{', '.join(SCHEDULERS)} (default: the package's own, else pndm)"
-    )
-    parser.add_argument("--seed", type=int, help="random seed (default: a random one, printed)")
-    parser.add_argument("--image", help="start from this image (image-to-image)")
-    parser.add_argument(
-        "--strength", type=float, help="with --image: how much to change it, 0 to 1 (default: 0.8)"
-    )
-    parser.add_argument("--num-images", type=int, default=1, help="images from consecutive seeds (default: 1)")
-    parser.add_argument("--height", type=int, help="must match the package (default: the package's)")
-    parser.add_argument("--width", type=int, help="must match the package (default: the package's)")
-    parser.add_argument(
-        "-o", "--output", help=f"a .png file or a folder (default: {DEFAULT_OUTPUT}/, named after prompt and seed)"
-    )
-    parser.add_argument("--backend", default="auto", choices=BACKENDS, help="auto: Core ML on macOS, else reference")
-    parser.add_argument(
-        "--compute-unit", choices=COMPUTE_UNITS,
-        help="Core ML compute units (default: CPU_AND_NE for split-einsum packages, CPU_AND_GPU for original "
-        "attention, ALL when the package does not say)",
-    )
-    return parser
 
 
 def slug(prompt: str, length: int = 60) -> str:
@@ -116,31 +79,66 @@ def _console_logging():
         coremltools.setLevel(coremltools_level)
 
 
-def generate(args: argparse.Namespace) -> list[Path]:
-    if args.strength is not None and args.image is None:
-        raise GenerationError("--strength applies to image-to-image only; add --image PATH or drop --strength")
-    strength = 0.8 if args.strength is None else args.strength
-    check_options(args.scheduler, args.steps, strength, args.num_images, args.seed)
-    image = images.open_image(args.image) if args.image is not None else None
-    if args.seed is None:
-        args.seed = random_seed(args.num_images)
-        print(f"seed {args.seed} (random; pass --seed {args.seed} to make the same image again)")
-    seeds = list(range(args.seed, args.seed + args.num_images))
-    paths, grid = output_paths(args.output, args.prompt, seeds)
+@click.command("coreml-generate", context_settings=CONTEXT_SETTINGS)
+@click.argument("prompt")
+@click.option("--negative-prompt", default="", help="What the image should not show.")
+@click.option("--model", help=f"Package name under ./packages (or ${PACKAGES_ENV}) or a package folder; may be left "
+              "out when there is only one package.")
+@click.option("--steps", type=int, default=50, show_default=True, help="Denoising steps.")
+@click.option("--guidance-scale", type=float, default=7.5, show_default=True, help="Classifier-free guidance.")
+@click.option("--scheduler", type=click.Choice(SCHEDULERS), help="Default: the package's own, else pndm.")
+@click.option("--seed", type=int, help="Random seed (default: a random one, printed).")
+@click.option("--image", help="Start from this image (image-to-image).")
+@click.option("--strength", type=float, help="With --image: how much to change it, 0 to 1 (default: 0.8).")
+@click.option("--num-images", type=int, default=1, show_default=True, help="Images from consecutive seeds.")
+@click.option("--height", type=int, help="Must match the package (default: the package's).")
+@click.option("--width", type=int, help="Must match the package (default: the package's).")
+@click.option("-o", "--output", help=f"A .png file or a folder (default: {DEFAULT_OUTPUT}/, named after prompt and seed).")
+@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
+              help="auto: Core ML on macOS, else the reference executor.")
+@click.option("--compute-unit", type=click.Choice(COMPUTE_UNITS),
+              help="Core ML compute units (default: CPU_AND_NE for split-einsum packages, CPU_AND_GPU for original "
+              "attention, ALL when the package does not say).")
+@shared_options
+def generate(**options) -> None:
+    """Make images from a converted package and write them as PNGs with their settings."""
+    start = time.perf_counter()
+    with _console_logging():
+        paths = write_images(**options)
+    click.echo(f"wrote {', '.join(map(str, paths))} in {time.perf_counter() - start:.1f} s")
 
-    pipe = Pipeline.from_package(args.model, backend=args.backend, compute_unit=args.compute_unit)
+
+def write_images(prompt: str, negative_prompt: str, model: str | None, steps: int, guidance_scale: float,
+                 scheduler: str | None, seed: int | None, image: str | None, strength: float | None, num_images: int,
+                 height: int | None, width: int | None, output: str | None, backend: str,
+                 compute_unit: str | None) -> list[Path]:
+    try:  # the option checks that need no model are usage errors
+        if strength is not None and image is None:
+            raise GenerationError("--strength applies to image-to-image only; add --image PATH or drop --strength")
+        strength = 0.8 if strength is None else strength
+        check_options(scheduler, steps, strength, num_images, seed)
+    except GenerationError as error:
+        raise click.UsageError(str(error)) from None
+    start_image = images.open_image(image) if image is not None else None
+    if seed is None:
+        seed = random_seed(num_images)
+        click.echo(f"seed {seed} (random; pass --seed {seed} to make the same image again)")
+    seeds = list(range(seed, seed + num_images))
+    paths, grid = output_paths(output, prompt, seeds)
+
+    pipe = Pipeline.from_package(model, backend=backend, compute_unit=compute_unit)
     result = pipe(
-        args.prompt,
-        negative_prompt=args.negative_prompt,
-        steps=args.steps,
-        guidance_scale=args.guidance_scale,
-        scheduler=args.scheduler,
-        seed=args.seed,
-        image=image,
+        prompt,
+        negative_prompt=negative_prompt,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        scheduler=scheduler,
+        seed=seed,
+        image=start_image,
         strength=strength,
-        num_images=args.num_images,
-        height=args.height,
-        width=args.width,
+        num_images=num_images,
+        height=height,
+        width=width,
     )
     for picture, parameters, path in zip(result.images, result.parameters, paths):
         images.save_png(picture, path, parameters)
@@ -151,16 +149,4 @@ def generate(args: argparse.Namespace) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    start = time.perf_counter()
-    try:
-        with _console_logging():
-            paths = generate(args)
-    except GenerationError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    print(f"wrote {', '.join(map(str, paths))} in {time.perf_counter() - start:.1f} s")
-    return 0
+    return run_command(generate, argv)

@@ -33,7 +33,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(capsys, tmp_path, monkeypatch,
     code, text = run(capsys, *argv, "-o", str(output))
     lines = [line for line in text.splitlines() if line.strip()]
     assert code != 0
-    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and expected in lines[0]
     assert "Traceback" not in text
     assert not output.exists()
 
@@ -47,7 +47,7 @@ def test_hub_id_without_network_fails_fast(tmp_path):
                              "-o", str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode != 0
     assert time.monotonic() - start < 60
-    assert result.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert result.stderr.strip().splitlines()[-1].startswith("Error: ")
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
 
