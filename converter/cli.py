@@ -6,13 +6,13 @@ import sys
 import warnings
 from pathlib import Path
 
-from .components import COMPONENTS, DEFAULT_COMPONENTS
 from .errors import ConversionError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     from .ane import ATTENTION_IMPLEMENTATIONS
-    from .palettize import NBITS_CHOICES, QUANTIZED_COMPONENTS
+    from .families import FAMILIES
+    from .palettize import NBITS_CHOICES
 
     parser = argparse.ArgumentParser(
         prog="coreml-convert",
@@ -22,8 +22,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", help="alias (see --list-models), Hugging Face id, local diffusers folder, or 'tiny'")
     parser.add_argument("--revision", help="Hugging Face revision (branch, tag or commit)")
     parser.add_argument("-o", "--output", type=Path, help="package folder (default: packages/<model name>)")
-    parser.add_argument("--components", default=",".join(DEFAULT_COMPONENTS),
-                        help=f"comma-separated, from {', '.join(COMPONENTS)} (default: %(default)s)")
+    families = "; ".join(f"{f.description}: {','.join(f.default_components)} of {','.join(f.components)}" for f in FAMILIES)
+    parser.add_argument("--components", help=f"comma-separated (default: the model family's; {families})")
     parser.add_argument("--attention-implementation", default=ATTENTION_IMPLEMENTATIONS[0], choices=ATTENTION_IMPLEMENTATIONS,
                         help="split_einsum suits the Neural Engine, original the GPU (default: %(default)s)")
     parser.add_argument("--height", type=int, help="image height in pixels, a multiple of 64 (default: the model's)")
@@ -31,7 +31,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--unet-batch-size", type=int, default=2, choices=(1, 2),
                         help="2 runs classifier-free guidance in one Unet call; 1 in two (default: %(default)s)")
     parser.add_argument("--quantize-nbits", type=int, choices=NBITS_CHOICES,
-                        help=f"store the {' and '.join(QUANTIZED_COMPONENTS)} weights as 2^N-entry palettes "
+                        help="store the text encoders' and Unet's weights as 2^N-entry palettes "
                         "(at 6 bits they take 6/16 of their float16 size; default: float16)")
     parser.add_argument("--force", action="store_true", help="convert components again even if up to date")
     parser.add_argument("--no-validate", action="store_true",
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         model=args.model,
         output=args.output,
         revision=args.revision,
-        components=tuple(c.strip() for c in args.components.split(",") if c.strip()),
+        components=None if args.components is None else tuple(c.strip() for c in args.components.split(",") if c.strip()),
         attention_implementation=args.attention_implementation,
         height=args.height,
         width=args.width,
