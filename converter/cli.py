@@ -11,8 +11,8 @@ from coreml_sd.runtime.commandline import CONTEXT_SETTINGS, run_command, shared_
 from coreml_sd.runtime.errors import Interrupted
 
 from .ane import ATTENTION_IMPLEMENTATIONS
-from .components import COMPONENTS, DEFAULT_COMPONENTS
-from .palettize import NBITS_CHOICES, QUANTIZED_COMPONENTS
+from .families import FAMILIES
+from .palettize import NBITS_CHOICES
 
 
 def quiet_libraries() -> None:
@@ -39,8 +39,8 @@ def list_models(ctx: click.Context, _, value: bool) -> None:
 @click.option("--model", help="Alias (see --list-models), Hugging Face id, local diffusers folder, or 'tiny'.")
 @click.option("--revision", help="Hugging Face revision (branch, tag or commit).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Package folder (default: packages/<model name>).")
-@click.option("--components", default=",".join(DEFAULT_COMPONENTS), show_default=True,
-              help=f"Comma-separated, from {', '.join(COMPONENTS)}.")
+@click.option("--components", help="Comma-separated (default: the model family's; " + "; ".join(
+    f"{f.description}: {','.join(f.default_components)} of {','.join(f.components)}" for f in FAMILIES) + ").")
 @click.option("--attention-implementation", type=click.Choice(ATTENTION_IMPLEMENTATIONS),
               default=ATTENTION_IMPLEMENTATIONS[0], show_default=True,
               help="split_einsum suits the Neural Engine, original the GPU.")
@@ -49,8 +49,8 @@ def list_models(ctx: click.Context, _, value: bool) -> None:
 @click.option("--unet-batch-size", type=click.Choice([1, 2]), default=2, show_default=True,
               help="2 runs classifier-free guidance in one Unet call; 1 in two.")
 @click.option("--quantize-nbits", type=click.Choice(NBITS_CHOICES),
-              help=f"Store the {' and '.join(QUANTIZED_COMPONENTS)} weights as 2^N-entry palettes (at 6 bits they "
-              "take 6/16 of their float16 size; default: float16).")
+              help="Store the text encoders' and Unet's weights as 2^N-entry palettes (at 6 bits they take 6/16 "
+              "of their float16 size; default: float16).")
 @click.option("--force", is_flag=True, help="Convert components again even if up to date.")
 @click.option("--no-validate", is_flag=True,
               help="Skip checking each component against the original with the reference executor.")
@@ -60,7 +60,7 @@ def list_models(ctx: click.Context, _, value: bool) -> None:
 @click.option("--list-models", is_flag=True, expose_value=False, is_eager=True, callback=list_models,
               help="List the model aliases and exit.")
 @shared_options
-def convert(model: str | None, revision: str | None, output: Path | None, components: str,
+def convert(model: str | None, revision: str | None, output: Path | None, components: str | None,
             attention_implementation: str, height: int | None, width: int | None, unet_batch_size: int,
             quantize_nbits: int | None, force: bool, no_validate: bool, validate_only: Path | None,
             verbose: bool) -> int:
@@ -78,7 +78,7 @@ def convert(model: str | None, revision: str | None, output: Path | None, compon
         model=model,
         output=output,
         revision=revision,
-        components=tuple(c.strip() for c in components.split(",") if c.strip()),
+        components=None if components is None else tuple(c.strip() for c in components.split(",") if c.strip()),
         attention_implementation=attention_implementation,
         height=height,
         width=width,

@@ -10,11 +10,12 @@ import torch
 
 from . import __version__
 from .ane import ATTENTION_IMPLEMENTATIONS
-from .components import COMPONENTS, DEFAULT_COMPONENTS, ModelDimensions, component_spec
+from .families.contract import ModelDimensions
 from .errors import ConversionError
 from .memory import release_memory
 from .package import PackageFolder
-from .palettize import NBITS_CHOICES, QUANTIZED_COMPONENTS
+from .families import Component
+from .palettize import NBITS_CHOICES, QUANTIZED_KINDS
 from .sources import ModelSource, resolve
 
 RESOLUTION_STEP = 64
@@ -25,7 +26,7 @@ class ConversionOptions:
     model: str
     output: Path | None = None
     revision: str | None = None
-    components: tuple[str, ...] = DEFAULT_COMPONENTS
+    components: tuple[str, ...] | None = None  # None: the model family's default components
     attention_implementation: str = "split_einsum"
     height: int | None = None
     width: int | None = None
@@ -62,9 +63,9 @@ def stage(report: ConversionReport, component: str, name: str):
 
 
 def check_options(options: ConversionOptions) -> None:
-    unknown = [c for c in options.components if c not in COMPONENTS]
-    if unknown or not options.components:
-        raise ConversionError(f"unknown component(s) {', '.join(unknown) or '(none)'}: choose from {', '.join(COMPONENTS)}")
+    """The checks that need no model, so that bad options fail before anything loads."""
+    if options.components is not None and not options.components:
+        raise ConversionError("no components given: pass --components with at least one")
     if options.attention_implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ConversionError(f"unknown attention implementation {options.attention_implementation!r}: choose from {', '.join(ATTENTION_IMPLEMENTATIONS)}")
     for side in ("height", "width"):
@@ -75,6 +76,17 @@ def check_options(options: ConversionOptions) -> None:
         raise ConversionError(f"--unet-batch-size must be 1 or 2 (got {options.unet_batch_size})")
     if options.quantize_nbits is not None and options.quantize_nbits not in NBITS_CHOICES:
         raise ConversionError(f"--quantize-nbits must be one of {', '.join(map(str, NBITS_CHOICES))} (got {options.quantize_nbits})")
+
+
+def chosen_components(source: ModelSource, options: ConversionOptions) -> tuple[str, ...]:
+    family = source.family
+    if options.components is None:
+        return family.default_components
+    unknown = [c for c in options.components if c not in family.components]
+    if unknown:
+        raise ConversionError(f"unknown component(s) {', '.join(unknown)} for {family.description}: "
+                              f"choose from {', '.join(family.components)}")
+    return options.components
 
 
 def model_dimensions(source: ModelSource, options: ConversionOptions) -> ModelDimensions:
@@ -95,34 +107,33 @@ def component_settings(component: str, source: ModelSource, dims: ModelDimension
         "height": dims.height,
         "width": dims.width,
     }
-    if component == "Unet":
+    kind = source.family.component(component).kind
+    if kind == "unet":
         settings.update(attention_implementation=options.attention_implementation, unet_batch_size=dims.unet_batch_size)
-    elif component != "TextEncoder":
+    elif kind != "text_encoder":
         settings.update(attention_implementation=options.attention_implementation)
-    if quantize_nbits(component, options.quantize_nbits):
+    if quantize_nbits(source.family.component(component), options.quantize_nbits):
         settings.update(quantize_nbits=options.quantize_nbits)
     return settings
 
 
-def quantize_nbits(component: str, nbits: int | None) -> int | None:
+def quantize_nbits(component: Component, nbits: int | None) -> int | None:
     """The palette size a component's weights get: the VAE's stay float16."""
-    return nbits if component in QUANTIZED_COMPONENTS else None
+    return nbits if component.kind in QUANTIZED_KINDS else None
 
 
 def convert_model(options: ConversionOptions) -> ConversionReport:
     check_options(options)
     source = resolve(options.model, options.revision)
+    components = chosen_components(source, options)
     dims = model_dimensions(source, options)
     folder = PackageFolder(options.output or Path("packages") / source.name)
     report = ConversionReport(folder=folder.path)
-    source.description["files"] = source.file_hashes(list(options.components))
+    source.description["files"] = source.file_hashes(list(components))
     header = {
         "source": {k: v for k, v in source.description.items() if k != "files"},
         "attention_implementation": options.attention_implementation,
-        "height": dims.height,
-        "width": dims.width,
-        "unet_batch_size": dims.unet_batch_size,
-        "text_width": dims.text_width,
+        **dims.as_dict(),
         "scheduler": source.scheduler_config,
         "latent_scaling_factor": source.latent_scaling_factor,
         "prediction_type": source.prediction_type,
@@ -130,7 +141,7 @@ def convert_model(options: ConversionOptions) -> ConversionReport:
     try:
         folder.prepare(header, force=options.force)
         install_tokenizer_files(folder, source)
-        for component in options.components:
+        for component in components:
             settings = component_settings(component, source, dims, options)
             if folder.is_current(component, settings) and not options.force:
                 print(f"{component:<11} up to date (pass --force to convert again)", file=sys.stderr)
@@ -162,8 +173,8 @@ def convert_component(folder: PackageFolder, source: ModelSource, component: str
     from .palettize import palettize_parts
     from .validate import PSNR_THRESHOLD_DB, validate
 
-    spec = component_spec(component, dims)
-    nbits = quantize_nbits(component, options.quantize_nbits)
+    spec = source.family.spec(component, dims)
+    nbits = quantize_nbits(source.family.component(component), options.quantize_nbits)
     staging = folder.staging_folder()
     try:
         with stage(report, component, "load"):
@@ -173,7 +184,7 @@ def convert_component(folder: PackageFolder, source: ModelSource, component: str
             with stage(report, component, "palettize"):
                 palettized = palettize_parts(parts, nbits)
         with stage(report, component, "rewrite"):
-            module = component_module(parts, component, options.attention_implementation)
+            module = component_module(parts, source.family.component(component), options.attention_implementation)
         with stage(report, component, "trace"):
             program = trace(module, spec)
             del module, parts
@@ -196,7 +207,8 @@ def convert_component(folder: PackageFolder, source: ModelSource, component: str
         validation = None
         if options.validate:
             with stage(report, component, "validate"):
-                validation = validate(staged, component, spec, lambda: source.load(component, torch.float32),
+                validation = validate(staged, source.family.component(component), spec,
+                                      lambda: source.load(component, torch.float32),
                                       options.validation_seed, source.latent_scaling_factor, nbits)
             print_validation(component, validation)
             if not validation["psnr_db"] >= PSNR_THRESHOLD_DB:  # NaN (an fp16 overflow) fails too
@@ -242,13 +254,13 @@ def validate_package(path: Path, seed: int = 0) -> dict[str, dict]:
         raise ConversionError(f"{path} has no manifest.json: is it a package folder written by coreml-convert?")
     manifest = folder.manifest
     source = source_of(manifest)
-    dims = ModelDimensions(manifest["text_width"], manifest["height"], manifest["width"], manifest["unet_batch_size"])
+    dims = ModelDimensions.from_manifest(manifest)
     results = {}
     for component, entry in manifest["components"].items():
         package = folder.path / entry["file"]
         if not package.is_dir():
             raise ConversionError(f"{package} is missing: convert it again with coreml-convert")
-        results[component] = validate(package, component, component_spec(component, dims),
+        results[component] = validate(package, source.family.component(component), source.family.spec(component, dims),
                                       lambda c=component: source.load(c, torch.float32), seed, source.latent_scaling_factor,
                                       entry.get("settings", {}).get("quantize_nbits"))
         entry["validation"] = results[component]

@@ -6,7 +6,7 @@ import coremltools as ct
 import numpy as np
 import torch
 
-from .components import ComponentSpec
+from .families.contract import ComponentSpec
 from .export import export_module
 from .palettize import palettizing_pipeline
 

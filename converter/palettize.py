@@ -13,10 +13,12 @@ PyTorch module before export, for two reasons:
 
 The VAE is left in float16: it is small, and its errors land directly in the image's pixels.
 """
+import dataclasses
+
 import numpy as np
 import torch
 
-QUANTIZED_COMPONENTS = ("TextEncoder", "Unet")
+QUANTIZED_KINDS = ("text_encoder", "unet")  # the text encoders' and Unet's weights; the VAE's stay float16
 NBITS_CHOICES = (1, 2, 4, 6, 8)  # what constexpr_lut_to_dense supports on macOS 13 / iOS 16
 WEIGHT_THRESHOLD = 2048  # smaller weights (biases, norms) stay float16, as coremltools' default
 MAX_ITERATIONS = 1000
@@ -100,7 +102,7 @@ def palettize_module(module: torch.nn.Module, nbits: int) -> int:
 
 def palettize_parts(parts, nbits: int) -> int:
     """palettize_module on each module a component was loaded with (a `sources.ModelParts`)."""
-    modules = [parts.text_encoder, parts.unet, parts.vae]
+    modules = [getattr(parts, field.name) for field in dataclasses.fields(parts)]
     return sum(palettize_module(module, nbits) for module in modules if module is not None)
 
 

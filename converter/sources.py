@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 
 from .errors import ConversionError
+from .families import Family, detect_family
+from .families.sd import SD
 
 ALIASES = {
     "sd-v1-4": "CompVis/stable-diffusion-v1-4",
@@ -54,15 +56,6 @@ WEIGHTS_INDEX = WEIGHTS_FILE + ".index.json"
 LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 LEGACY_ATTENTION_KEY = re.compile(r"^(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$")
 
-# Which pipeline modules each package component is built from.
-COMPONENT_MODULES = {
-    "TextEncoder": ("text_encoder",),
-    "Unet": ("unet",),
-    "VAEDecoder": ("vae",),
-    "VAEEncoder": ("vae",),
-}
-
-
 @dataclass
 class ModelParts:
     """The subset of a StableDiffusionPipeline that the Neural Engine modules are built from."""
@@ -70,6 +63,7 @@ class ModelParts:
     unet: torch.nn.Module | None = None
     vae: torch.nn.Module | None = None
     text_encoder: torch.nn.Module | None = None
+    text_encoder_2: torch.nn.Module | None = None
 
 
 @dataclass
@@ -84,14 +78,15 @@ class ModelSource:
     sample_size: int
     latent_scaling_factor: float
     prediction_type: str
+    family: Family
     _tiny_pipeline: object = field(default=None, repr=False)
 
     def load(self, component: str, dtype: torch.dtype) -> ModelParts:
         """The pipeline modules `component` needs, in `dtype`, in eval mode."""
         parts = ModelParts()
-        for module_name in COMPONENT_MODULES[component]:
-            module = self._load_module(module_name, dtype)
-            setattr(parts, module_name, module.eval().requires_grad_(False))
+        module_name = self.family.component(component).module
+        module = self._load_module(module_name, dtype)
+        setattr(parts, module_name, module.eval().requires_grad_(False))
         return parts
 
     def _load_module(self, module_name: str, dtype: torch.dtype) -> torch.nn.Module:
@@ -115,7 +110,7 @@ class ModelSource:
         """SHA-256 of the configuration files and of the weights the given components are built from."""
         if self.folder is None:
             return {}
-        subfolders = {"scheduler", "tokenizer"} | {m for c in components for m in COMPONENT_MODULES[c]}
+        subfolders = {"scheduler", "tokenizer"} | self.family.modules(components)
         hashes = {}
         for path in sorted(self.folder.rglob("*")):
             relative = path.relative_to(self.folder)
@@ -270,6 +265,8 @@ def _folder_source(folder: Path, name: str, description: dict) -> ModelSource:
     if not (folder / "model_index.json").is_file() and not (folder / "unet").is_dir():
         raise ConversionError(f"{folder} is not a diffusers model folder (no model_index.json): convert a folder saved with save_pretrained")
     unet_config = _read_json(folder / "unet" / "config.json")
+    model_index = _read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
+    family = detect_family(model_index, unet_config)
     text_config = _read_json(folder / "text_encoder" / "config.json")
     vae_config = _read_json(folder / "vae" / "config.json")
     scheduler_config = _read_json(folder / "scheduler" / "scheduler_config.json")
@@ -280,8 +277,9 @@ def _folder_source(folder: Path, name: str, description: dict) -> ModelSource:
         scheduler_config=scheduler_config,
         text_width=int(text_config["hidden_size"]),
         sample_size=int(unet_config["sample_size"]),
-        latent_scaling_factor=float(vae_config.get("scaling_factor", 0.18215)),
-        prediction_type=scheduler_config.get("prediction_type", "epsilon"),
+        latent_scaling_factor=float(vae_config.get("scaling_factor", family.defaults.latent_scaling_factor)),
+        prediction_type=scheduler_config.get("prediction_type", family.defaults.prediction_type),
+        family=family,
     )
 
 
@@ -300,6 +298,7 @@ def _tiny_source() -> ModelSource:
         sample_size=pipeline.unet.config.sample_size,
         latent_scaling_factor=pipeline.vae.config.scaling_factor,
         prediction_type=pipeline.scheduler.config.prediction_type,
+        family=SD,
         _tiny_pipeline=pipeline,
     )
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .components import ComponentSpec
+from .families import Component
+from .families.contract import ComponentSpec
 from .memory import release_memory
 from .palettize import palettize_parts
 from .sources import ModelParts
@@ -35,32 +36,48 @@ def validation_inputs(spec: ComponentSpec, seed: int, latent_scaling_factor: flo
             value = rng.randn(*tensor.shape) / latent_scaling_factor
         elif tensor.name == "x":
             value = rng.uniform(-1, 1, size=tensor.shape)
+        elif tensor.name == "time_ids":
+            value = random_time_ids(rng, tensor.shape)
         else:
             value = rng.randn(*tensor.shape)
         inputs[tensor.name] = value.astype(tensor.dtype)
     return inputs
 
 
+def random_time_ids(rng: np.random.RandomState, shape: tuple[int, int]) -> np.ndarray:
+    """SDXL's size conditioning as the runtime makes it: original size, crop top-left, then the target size
+    (base, 6 numbers) or an aesthetic score (refiner, 5), for each batch row."""
+    batch, length = shape
+    sizes = rng.randint(32, 257, size=(batch, 4)) * 8
+    crops = rng.randint(0, 33, size=(batch, 2)) * 8
+    if length == 6:
+        return np.concatenate([sizes[:, :2], crops, sizes[:, 2:]], axis=1)
+    return np.concatenate([sizes[:, :2], crops, rng.uniform(1, 10, size=(batch, 1))], axis=1)
+
+
 @torch.no_grad()
-def reference_outputs(parts: ModelParts, component: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def reference_outputs(parts: ModelParts, component: Component, spec: ComponentSpec,
+                      inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The original modules' outputs in float32, for the contract's inputs."""
     x = {name: torch.from_numpy(value.astype(np.float32)) for name, value in inputs.items()}
-    if component == "TextEncoder":
-        output = parts.text_encoder(x["input_ids"].long())
-        result = {"last_hidden_state": output.last_hidden_state, "pooled_outputs": output.pooler_output}
-    elif component == "Unet":
+    module = getattr(parts, component.module)
+    if component.kind == "text_encoder":
+        output = module(x["input_ids"].long(), output_hidden_states=True)
+        hidden = output.last_hidden_state if component.hidden_layer == -1 else output.hidden_states[component.hidden_layer]
+        pooled = output.text_embeds if component.projected else output.pooler_output
+        values = (hidden, pooled)
+    elif component.kind == "unet":
         context = x["encoder_hidden_states"][:, :, 0, :].transpose(1, 2)
-        result = {"noise_pred": parts.unet(x["sample"], x["timestep"], context).sample}
-    elif component == "VAEDecoder":
-        result = {"image": parts.vae.decode(x["z"]).sample}
-    elif component == "VAEEncoder":
-        result = {"latent": parts.vae.quant_conv(parts.vae.encoder(x["x"]))}
+        added = {"time_ids": x["time_ids"], "text_embeds": x["text_embeds"]} if "time_ids" in x else None
+        values = (module(x["sample"], x["timestep"], context, added_cond_kwargs=added).sample,)
+    elif component.kind == "vae_decoder":
+        values = (module.decode(x["z"]).sample,)
     else:
-        raise ValueError(f"no reference for component {component!r}")
-    return {name: value.numpy() for name, value in result.items()}
+        values = (module.quant_conv(module.encoder(x["x"])),)
+    return {tensor.name: value.numpy() for tensor, value in zip(spec.outputs, values)}
 
 
-def validate(package: Path, component: str, spec: ComponentSpec, load_reference, seed: int,
+def validate(package: Path, component: Component, spec: ComponentSpec, load_reference, seed: int,
              latent_scaling_factor: float, quantize_nbits: int | None = None) -> dict:
     """PSNR (worst output) and max abs error of the package against the original; `load_reference()`
     returns the float32 ModelParts and is called only when needed, so nothing else is held then.
@@ -72,12 +89,12 @@ def validate(package: Path, component: str, spec: ComponentSpec, load_reference,
 
     inputs = validation_inputs(spec, seed, latent_scaling_factor)
     parts = load_reference()
-    expected = reference_outputs(parts, component, inputs)
+    expected = reference_outputs(parts, component, spec, inputs)
     unquantized = None
     if quantize_nbits:
         unquantized = expected
         palettize_parts(parts, quantize_nbits)
-        expected = reference_outputs(parts, component, inputs)
+        expected = reference_outputs(parts, component, spec, inputs)
     del parts
     release_memory()
     model = ReferenceModel(package)

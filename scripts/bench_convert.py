@@ -215,16 +215,15 @@ def validate_component(folder: Path, component: str) -> dict:
     """One component of a package folder against its diffusers original, as coreml-convert validates it."""
     import torch
 
-    from coreml_sd.converter.components import ModelDimensions, component_spec
     from coreml_sd.converter.conversion import source_of
+    from coreml_sd.converter.families.contract import ModelDimensions
     from coreml_sd.converter.validate import validate as validate_package
 
     manifest = json.loads((folder / "manifest.json").read_text())
     source = source_of(manifest)
-    dims = ModelDimensions(manifest["text_width"], manifest["height"], manifest["width"], manifest["unet_batch_size"])
-    spec = component_spec(component, dims)
+    spec = source.family.spec(component, ModelDimensions.from_manifest(manifest))
     nbits = manifest["components"][component]["settings"].get("quantize_nbits")
-    return validate_package(folder / spec.file_name, component, spec, lambda: source.load(component, torch.float32),
+    return validate_package(folder / spec.file_name, source.family.component(component), spec, lambda: source.load(component, torch.float32),
                             0, source.latent_scaling_factor, nbits)
 
 

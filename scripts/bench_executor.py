@@ -43,14 +43,15 @@ def build_unet(small: bool, dtype: torch.dtype):
 def convert_unet(small: bool, attention_implementation: str, path: Path) -> None:
     """Convert the Unet to `path` with the project's converter (fp16 weights, as coreml-convert does)."""
     from coreml_sd.converter.ane import component_module
-    from coreml_sd.converter.components import ModelDimensions, component_spec
     from coreml_sd.converter.convert import to_ml_program, trace
+    from coreml_sd.converter.families.contract import ModelDimensions
+    from coreml_sd.converter.families.sd import SD
     from coreml_sd.converter.sources import ModelParts
 
     unet = build_unet(small, torch.float16)
     dims = ModelDimensions(unet.config.cross_attention_dim, unet.config.sample_size * 8, unet.config.sample_size * 8, BATCH_SIZE)
-    spec = component_spec("Unet", dims)
-    module = component_module(ModelParts(unet=unet), "Unet", attention_implementation)
+    spec = SD.spec("Unet", dims)
+    module = component_module(ModelParts(unet=unet), SD.component("Unet"), attention_implementation)
     program = trace(module, spec)
     del module, unet
     gc.collect()

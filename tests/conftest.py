@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from coreml_sd.converter.components import COMPONENTS
+from coreml_sd.converter.families.sd import SD
 from coreml_sd.converter.conversion import ConversionOptions, convert_model
 from coreml_sd.converter.tiny import build_tiny_pipeline
 
@@ -26,7 +26,7 @@ def tiny_packages(tmp_path_factory):
     def package(attention_implementation: str = "split_einsum") -> Path:
         if attention_implementation not in folders:
             output = tmp_path_factory.mktemp(f"tiny-{attention_implementation}")
-            convert_model(ConversionOptions(model="tiny", output=output, components=COMPONENTS,
+            convert_model(ConversionOptions(model="tiny", output=output, components=tuple(SD.components),
                                             attention_implementation=attention_implementation))
             folders[attention_implementation] = output
         return folders[attention_implementation]

@@ -19,6 +19,7 @@ from coreml_sd.converter.ane.attention import (
 from coreml_sd.converter.ane.layers import CHANNELS_FIRST, TOKENS_LAST, GroupNorm
 from coreml_sd.converter.ane.resnet import ResnetBlock
 from coreml_sd.converter.ane.transformer import SpatialTransformer
+from coreml_sd.converter.families.sd import SD
 from coreml_sd.converter.tiny import UNET_CONFIG
 
 TOLERANCE = 1e-4
@@ -176,7 +177,7 @@ def pipeline_outputs(pipeline, component: str, inputs: tuple) -> tuple:
 def test_components_match_the_pipeline(tiny_pipeline, component, implementation):
     inputs = contract_inputs(tiny_pipeline, component)
     with torch.no_grad():
-        actual = component_module(tiny_pipeline, component, implementation)(*inputs)
+        actual = component_module(tiny_pipeline, SD.component(component), implementation)(*inputs)
     expected = pipeline_outputs(tiny_pipeline, component, inputs)
     assert isinstance(actual, tuple) and len(actual) == len(expected)
     for actual_output, expected_output in zip(actual, expected):
@@ -186,7 +187,7 @@ def test_components_match_the_pipeline(tiny_pipeline, component, implementation)
 def test_unet_resizes_to_skip_connections_when_the_latent_is_not_a_multiple_of_the_upsampling(tiny_pipeline):
     inputs = contract_inputs(tiny_pipeline, "Unet", batch=1, latent=(10, 14))  # 2 upsamplers: multiples of 4
     with torch.no_grad():
-        actual = component_module(tiny_pipeline, "Unet", "split_einsum")(*inputs)
+        actual = component_module(tiny_pipeline, SD.component("Unet"), "split_einsum")(*inputs)
     assert max_error(actual[0], pipeline_outputs(tiny_pipeline, "Unet", inputs)[0]) <= TOLERANCE
 
 
@@ -194,7 +195,7 @@ def test_unet_resizes_to_skip_connections_when_the_latent_is_not_a_multiple_of_t
 def test_modules_share_the_pipeline_weights_and_leave_it_unchanged(tiny_pipeline, component):
     owner = {"TextEncoder": tiny_pipeline.text_encoder, "Unet": tiny_pipeline.unet}.get(component, tiny_pipeline.vae)
     before = {name: value.clone() for name, value in owner.state_dict().items()}
-    module = component_module(tiny_pipeline, component, "split_einsum")
+    module = component_module(tiny_pipeline, SD.component(component), "split_einsum")
     with torch.no_grad():
         module(*contract_inputs(tiny_pipeline, component))
     assert {id(p) for p in module.parameters()} <= {id(p) for p in owner.parameters()}
@@ -206,7 +207,7 @@ def test_float16_weights_compute_in_float16(tiny_pipeline):
     half_pipeline = SimpleNamespace(unet=copy.deepcopy(tiny_pipeline.unet).half())
     inputs = contract_inputs(tiny_pipeline, "Unet")  # float32 inputs are cast to the weights' dtype
     with torch.no_grad():
-        (actual,) = component_module(half_pipeline, "Unet", "split_einsum")(*inputs)
+        (actual,) = component_module(half_pipeline, SD.component("Unet"), "split_einsum")(*inputs)
     expected = pipeline_outputs(tiny_pipeline, "Unet", inputs)[0]
     assert actual.dtype == torch.float16
     assert max_error(actual.float(), expected) <= 1e-2 * expected.abs().max().item()
@@ -214,12 +215,12 @@ def test_float16_weights_compute_in_float16(tiny_pipeline):
 
 def test_unknown_names_are_rejected_with_the_choices(tiny_pipeline):
     with pytest.raises(ValueError, match="split_einsum_v2"):
-        component_module(tiny_pipeline, "Unet", "flash")
+        component_module(tiny_pipeline, SD.component("Unet"), "flash")
     with pytest.raises(ValueError, match="VAEEncoder"):
-        component_module(tiny_pipeline, "SafetyChecker", "split_einsum")
+        component_module(tiny_pipeline, SD.component("SafetyChecker"), "split_einsum")
 
 
 def test_unsupported_unet_configuration_is_rejected(tiny_pipeline):
     pipeline = SimpleNamespace(unet=UNet2DConditionModel(**UNET_CONFIG, num_class_embeds=10))
     with pytest.raises(ValueError, match="class_embedding"):
-        component_module(pipeline, "Unet", "split_einsum")
+        component_module(pipeline, SD.component("Unet"), "split_einsum")

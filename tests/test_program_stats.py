@@ -12,7 +12,8 @@ from diffusers.models.attention_processor import Attention as DiffusersAttention
 
 from coreml_sd.converter.ane import ATTENTION_IMPLEMENTATIONS
 from coreml_sd.converter.ane.attention import IMPLEMENTATIONS, QUERY_CHUNK, Attention
-from coreml_sd.converter.components import COMPONENTS, VAE_FACTOR
+from coreml_sd.converter.families.contract import VAE_FACTOR
+from coreml_sd.converter.families.sd import SD
 from coreml_sd.converter.program_stats import program_stats
 
 
@@ -70,7 +71,7 @@ def test_saved_package_gives_the_stats_of_the_converted_model(long_self_attentio
 
 
 @pytest.mark.parametrize("implementation", ATTENTION_IMPLEMENTATIONS)
-@pytest.mark.parametrize("component", COMPONENTS)
+@pytest.mark.parametrize("component", SD.components)
 def test_no_tensor_above_rank_4(tiny_packages, component, implementation):
     assert program_stats(tiny_packages(implementation) / f"{component}.mlpackage")["max_rank"] <= 4
 

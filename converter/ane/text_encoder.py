@@ -1,4 +1,5 @@
-"""The `TextEncoder` component: transformers' `CLIPTextModel` with explicit (eager) attention.
+"""The text encoder components: transformers' `CLIPTextModel` (or `CLIPTextModelWithProjection`) with
+explicit (eager) attention.
 
 It keeps transformers' (B, 77, D) layout for every attention implementation, as Apple's packages do:
 77 tokens make small tensors, and every tensor stays at rank <= 4 (the scores are (1, heads, 77, 77)).
@@ -18,9 +19,14 @@ ACTIVATIONS = {
 
 
 class TextEncoder(nn.Module):
-    """(input_ids as float (1, 77),) → (last_hidden_state (1, 77, D), pooled_outputs (1, D))."""
+    """(input_ids as float (1, 77),) → (hidden states (1, 77, D), pooled_outputs (1, P)).
 
-    def __init__(self, text_encoder: nn.Module):
+    The hidden states are the last layer's after the final layer norm (`hidden_layer=-1`, SD) or an earlier
+    layer's output as transformers' `hidden_states[hidden_layer]` holds it (SDXL takes -2); the pooled output
+    is the end token's final hidden state, through the text projection when `projected` (SDXL's `text_embeds`).
+    """
+
+    def __init__(self, text_encoder: nn.Module, hidden_layer: int = -1, projected: bool = False):
         super().__init__()
         text_model = getattr(text_encoder, "text_model", text_encoder)  # transformers < 5 nests it
         self.token_embedding = text_model.embeddings.token_embedding
@@ -28,6 +34,8 @@ class TextEncoder(nn.Module):
         self.layers = text_model.encoder.layers
         self.final_layer_norm = text_model.final_layer_norm
         self.eos_token_id = text_encoder.config.eos_token_id
+        self.hidden_layer = hidden_layer
+        self.text_projection = text_encoder.text_projection if projected else None
         hidden_act = text_encoder.config.hidden_act
         if hidden_act not in ACTIVATIONS:
             raise ValueError(f"text encoder activation {hidden_act!r} is not supported; choose from {', '.join(ACTIVATIONS)}")
@@ -38,6 +46,7 @@ class TextEncoder(nn.Module):
         length = token_ids.shape[1]
         hidden_states = self.token_embedding(token_ids) + self.position_embedding.weight[:length]
         causal_mask = torch.full((length, length), -1e4, dtype=hidden_states.dtype).triu(1)
+        layer_outputs = [hidden_states]
         for layer in self.layers:
             attention = layer.self_attn
             normed = TOKENS_LAST.layer_norm(hidden_states, layer.layer_norm1)
@@ -49,8 +58,11 @@ class TextEncoder(nn.Module):
             mlp = layer.mlp
             normed = TOKENS_LAST.layer_norm(hidden_states, layer.layer_norm2)
             hidden_states = hidden_states + mlp.fc2(self.activation(mlp.fc1(normed)))
+            layer_outputs.append(hidden_states)
         last_hidden_state = TOKENS_LAST.layer_norm(hidden_states, self.final_layer_norm)
         # transformers' pooling: configs with the legacy eos id 2 take the highest token id (CLIP's end token).
         end_positions = (token_ids if self.eos_token_id == 2 else (token_ids == self.eos_token_id).int()).argmax(dim=-1)
         pooled = last_hidden_state[torch.arange(last_hidden_state.shape[0]), end_positions]
-        return last_hidden_state, pooled
+        if self.text_projection is not None:
+            pooled = self.text_projection(pooled)
+        return (last_hidden_state if self.hidden_layer == -1 else layer_outputs[self.hidden_layer]), pooled

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from coreml_sd.converter.components import ModelDimensions, component_spec
+from coreml_sd.converter.families.contract import ModelDimensions
+from coreml_sd.converter.families.sd import SD
 from coreml_sd.converter.tiny import TEXT_WIDTH, UNET_CONFIG, VAE_CONFIG
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_convert.py"
@@ -45,7 +46,7 @@ def test_every_conversion_is_measured_and_described(report):
             assert list(figures["stages"]) == STAGES
             assert all(stage["peak_rss_gib"] <= figures["peak_rss_gib"] for stage in figures["stages"].values())
             assert figures["package_mib"] > 0
-            expected = component_spec(component, dims).to_json()
+            expected = SD.spec(component, dims).to_json()
             assert figures["io"] == {"inputs": expected["inputs"], "outputs": expected["outputs"]}
             program = figures["program"]
             assert program["max_rank"] <= 4

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from coreml_sd.converter.program_stats import load_program
-from coreml_sd.converter.components import COMPONENTS, ModelDimensions, component_spec
+from coreml_sd.converter.families.contract import ModelDimensions
+from coreml_sd.converter.families.sd import SD
 from coreml_sd.converter.tiny import SCHEDULER_CONFIG, TEXT_WIDTH, clip_vocabulary_files
 
 FEATURE_DTYPES = {
@@ -21,11 +22,11 @@ def features(description) -> dict[str, tuple[tuple[int, ...], str]]:
     return {f.name: (tuple(f.type.multiArrayType.shape), FEATURE_DTYPES[f.type.multiArrayType.dataType]) for f in description}
 
 
-@pytest.mark.parametrize("component", COMPONENTS)
+@pytest.mark.parametrize("component", SD.components)
 def test_saved_spec_matches_the_contract(tiny_packages, component):
     folder = tiny_packages("split_einsum")
     spec = ct.utils.load_spec(str(folder / f"{component}.mlpackage"))
-    expected = component_spec(component, ModelDimensions(TEXT_WIDTH, 128, 128, unet_batch_size=2))
+    expected = SD.spec(component, ModelDimensions(TEXT_WIDTH, 128, 128, unet_batch_size=2))
 
     assert spec.WhichOneof("Type") == "mlProgram"
     assert spec.specificationVersion == IOS16_SPECIFICATION_VERSION
@@ -63,7 +64,7 @@ def test_manifest_describes_the_package(tiny_packages, tiny_pipeline):
     for key, value in SCHEDULER_CONFIG.items():
         assert manifest["scheduler"][key] == value
     assert manifest["scheduler"]["_class_name"] == "PNDMScheduler"
-    assert set(manifest["components"]) == set(COMPONENTS)
+    assert set(manifest["components"]) == set(SD.components)
     unet = manifest["components"]["Unet"]
     assert unet["file"] == "Unet.mlpackage"
     assert unet["inputs"]["encoder_hidden_states"] == {"shape": [2, TEXT_WIDTH, 1, 77], "dtype": "float16"}

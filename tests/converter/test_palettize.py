@@ -129,7 +129,7 @@ def test_palettized_weights_take_three_quarters_of_a_byte(palettized_unet, tiny_
 
 
 def test_only_the_text_encoder_and_unet_depend_on_the_palette_size(tiny_pipeline):
-    from coreml_sd.converter.components import ModelDimensions
+    from coreml_sd.converter.families.contract import ModelDimensions
     from coreml_sd.converter.sources import resolve
 
     source = resolve("tiny")

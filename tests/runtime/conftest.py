@@ -5,7 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from coreml_sd.converter.components import ModelDimensions, component_spec
+from coreml_sd.converter.families.contract import ModelDimensions
+from coreml_sd.converter.families.sd import SD
 from coreml_sd.converter.tiny import TEXT_WIDTH
 
 TINY_SIZE = 128
@@ -21,7 +22,7 @@ class ContractModel:
     def __init__(self, name: str, reference, unet_batch_size: int):
         self.name, self.reference = name, reference
         dims = ModelDimensions(TEXT_WIDTH, TINY_SIZE, TINY_SIZE, unet_batch_size)
-        self.input_description = {t.name: (t.shape, np.dtype(t.dtype)) for t in component_spec(name, dims).inputs}
+        self.input_description = {t.name: (t.shape, np.dtype(t.dtype)) for t in SD.spec(name, dims).inputs}
 
     @torch.no_grad()
     def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -1,0 +1,86 @@
+"""Model families as data: which components a family's packages have, what each is built from, its
+I/O contract, the defaults that apply when a model does not say, and how a diffusers folder is
+recognised as one of the family.
+
+The converter, validation and the docs read these tables; nothing else decides per family. A new family
+is a new module here that builds a `Family` (often with `dataclasses.replace` from an existing one) and
+an entry in `FAMILIES`.
+"""
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .contract import ComponentSpec, ModelDimensions
+
+# What a component is, for the Neural Engine rewrite and for validation's reference.
+COMPONENT_KINDS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+
+
+@dataclass(frozen=True)
+class Component:
+    """One package component: the Neural Engine module kind, the pipeline module it is built from, and
+    its contract (a builder of the `ComponentSpec` for given dimensions)."""
+
+    kind: str
+    module: str  # the diffusers pipeline's attribute: "text_encoder", "text_encoder_2", "unet", "vae"
+    spec: Callable[[str, ModelDimensions], ComponentSpec]
+    # Text encoders: which hidden states condition the Unet; -1 is the last layer after the final layer
+    # norm (SD), -2 the penultimate layer's, without it (SDXL).
+    hidden_layer: int = -1
+    # Text encoders: pooled outputs through the model's text projection (CLIPTextModelWithProjection).
+    projected: bool = False
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """What applies when a model's own configuration does not say."""
+
+    latent_scaling_factor: float
+    prediction_type: str = "epsilon"
+    # The VAE's compute precision: float32 for VAEs whose activations overflow float16.
+    vae_compute_precision: str = "float16"
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    description: str
+    components: dict[str, Component]
+    default_components: tuple[str, ...]
+    defaults: Defaults
+    # transformers class of each text encoder module, as model_index.json names it.
+    text_encoder_classes: dict[str, str] = field(default_factory=lambda: {"text_encoder": "CLIPTextModel"})
+    # Recognises the family from a folder's model_index.json and unet/config.json.
+    matches: Callable[[dict, dict], bool] = lambda model_index, unet_config: True
+
+    def component(self, name: str) -> Component:
+        if name not in self.components:
+            raise ValueError(f"unknown component {name!r} for {self.description}; choose from {', '.join(self.components)}")
+        return self.components[name]
+
+    def spec(self, name: str, dims: ModelDimensions) -> ComponentSpec:
+        return self.component(name).spec(name, dims)
+
+    def modules(self, components) -> set[str]:
+        """The pipeline modules the given components are built from."""
+        return {self.component(name).module for name in components}
+
+
+def _families() -> tuple[Family, ...]:
+    from .sd import SD
+
+    return (SD,)  # most specific first: the first that matches a folder is its family
+
+
+FAMILIES = _families()
+
+
+def family_by_name(name: str) -> Family:
+    for family in FAMILIES:
+        if family.name == name:
+            return family
+    raise ValueError(f"unknown model family {name!r}; known: {', '.join(f.name for f in FAMILIES)}")
+
+
+def detect_family(model_index: dict, unet_config: dict) -> Family:
+    """The family of a diffusers folder, from its model_index.json and unet/config.json."""
+    return next(family for family in FAMILIES if family.matches(model_index, unet_config))

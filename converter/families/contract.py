@@ -1,0 +1,139 @@
+"""The packages' input/output contract, as data: names, shapes and dtypes per component.
+
+These are the names and layouts of Apple's StableDiffusion Swift package, so that a Swift app can
+load the packages as they are. Each family (`coreml_sd.converter.families`) composes its components'
+contracts from the builders here.
+"""
+from dataclasses import asdict, dataclass, field
+
+TEXT_LENGTH = 77
+LATENT_CHANNELS = 4
+VAE_FACTOR = 8
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # "float16" or "float32"
+
+    def to_json(self) -> dict:
+        return {"shape": list(self.shape), "dtype": self.dtype}
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def file_name(self) -> str:
+        return f"{self.name}.mlpackage"
+
+    def to_json(self) -> dict:
+        return {
+            "file": self.file_name,
+            "inputs": {t.name: t.to_json() for t in self.inputs},
+            "outputs": {t.name: t.to_json() for t in self.outputs},
+        }
+
+
+@dataclass(frozen=True)
+class ModelDimensions:
+    """What the contract needs to know about a model and the chosen resolution.
+
+    `text_width` is the width of the Unet's text conditioning. The Unet of an SDXL-style model also
+    takes pooled text embeddings (`pooled_width`) and size/crop conditioning (`time_ids_length`
+    numbers); its text encoders have their own widths, `text_encoders[component] = (hidden, pooled)`.
+    """
+
+    text_width: int
+    height: int
+    width: int
+    unet_batch_size: int = 2
+    pooled_width: int = 0
+    time_ids_length: int = 0
+    text_encoders: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    @property
+    def latent_size(self) -> tuple[int, int]:
+        return self.height // VAE_FACTOR, self.width // VAE_FACTOR
+
+    def text_encoder_widths(self, component: str) -> tuple[int, int]:
+        """(hidden, pooled) widths of a text encoder component; SD's one encoder has the Unet's width."""
+        return self.text_encoders.get(component, (self.text_width, self.text_width))
+
+    def as_dict(self) -> dict:
+        """The manifest's fields for these dimensions (those an SD model does not use are left out)."""
+        fields = asdict(self)
+        for name in ("pooled_width", "time_ids_length", "text_encoders"):
+            if not fields[name]:
+                del fields[name]
+        if "text_encoders" in fields:
+            fields["text_encoders"] = {name: list(widths) for name, widths in fields["text_encoders"].items()}
+        return fields
+
+    @classmethod
+    def from_manifest(cls, manifest: dict) -> "ModelDimensions":
+        return cls(
+            text_width=manifest["text_width"],
+            height=manifest["height"],
+            width=manifest["width"],
+            unet_batch_size=manifest["unet_batch_size"],
+            pooled_width=manifest.get("pooled_width", 0),
+            time_ids_length=manifest.get("time_ids_length", 0),
+            text_encoders={name: tuple(widths) for name, widths in manifest.get("text_encoders", {}).items()},
+        )
+
+
+def text_encoder_spec(name: str, hidden_output: str, dims: ModelDimensions) -> ComponentSpec:
+    """`input_ids` (1, 77) → hidden states (1, 77, hidden) under `hidden_output`, and `pooled_outputs`."""
+    hidden, pooled = dims.text_encoder_widths(name)
+    return ComponentSpec(
+        name,
+        inputs=(TensorSpec("input_ids", (1, TEXT_LENGTH), "float32"),),
+        outputs=(
+            TensorSpec(hidden_output, (1, TEXT_LENGTH, hidden), "float32"),
+            TensorSpec("pooled_outputs", (1, pooled), "float32"),
+        ),
+    )
+
+
+def unet_spec(name: str, dims: ModelDimensions) -> ComponentSpec:
+    """The latents, timestep and text conditioning in the Swift package's (B, D, 1, 77) layout, and for
+    SDXL-style Unets `time_ids` (B, n) and the pooled `text_embeds` (B, P) after them."""
+    h, w = dims.latent_size
+    b = dims.unet_batch_size
+    added = ()
+    if dims.time_ids_length:
+        added = (TensorSpec("time_ids", (b, dims.time_ids_length), "float16"),
+                 TensorSpec("text_embeds", (b, dims.pooled_width), "float16"))
+    return ComponentSpec(
+        name,
+        inputs=(
+            TensorSpec("sample", (b, LATENT_CHANNELS, h, w), "float16"),
+            TensorSpec("timestep", (b,), "float16"),
+            TensorSpec("encoder_hidden_states", (b, dims.text_width, 1, TEXT_LENGTH), "float16"),
+            *added,
+        ),
+        outputs=(TensorSpec("noise_pred", (b, LATENT_CHANNELS, h, w), "float32"),),
+    )
+
+
+def vae_decoder_spec(name: str, dims: ModelDimensions) -> ComponentSpec:
+    h, w = dims.latent_size
+    return ComponentSpec(
+        name,
+        inputs=(TensorSpec("z", (1, LATENT_CHANNELS, h, w), "float16"),),
+        outputs=(TensorSpec("image", (1, 3, dims.height, dims.width), "float32"),),
+    )
+
+
+def vae_encoder_spec(name: str, dims: ModelDimensions) -> ComponentSpec:
+    h, w = dims.latent_size
+    return ComponentSpec(
+        name,
+        inputs=(TensorSpec("x", (1, 3, dims.height, dims.width), "float16"),),
+        outputs=(TensorSpec("latent", (1, 2 * LATENT_CHANNELS, h, w), "float32"),),
+    )
