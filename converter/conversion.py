@@ -1,6 +1,8 @@
 """`convert_model`: a model source to a package folder, one component at a time."""
+import errno
 import shutil
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -52,14 +54,27 @@ def stage(report: ConversionReport, component: str, name: str):
     start = time.perf_counter()
     try:
         yield
-    except (ConversionError, KeyboardInterrupt, MemoryError):
+    except (ConversionError, KeyboardInterrupt):
         raise
+    except MemoryError:
+        raise ConversionError(f"{component}: {name} ran out of memory; close other programs and run again "
+                              "(finished components are kept)") from None
     except Exception as error:
         message = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        if is_write_failure(error):
+            message = (f"could not write its files ({message}); free disk space where the package and the "
+                       f"temporary folder {tempfile.gettempdir()} are, and run again")
         raise ConversionError(f"{component}: {name} failed: {message}") from error
     seconds = time.perf_counter() - start
     report.seconds.setdefault(component, {})[name] = round(seconds, 2)
     print(f"{component:<11} {name:<8} {seconds:6.1f} s", file=sys.stderr, flush=True)
+
+
+def is_write_failure(error: Exception) -> bool:
+    """A full disk (or quota, or file size limit); coremltools' C++ weight writer reports it only in words."""
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+    return "FileWriter" in str(error)
 
 
 def check_options(options: ConversionOptions) -> None:
@@ -138,21 +153,22 @@ def convert_model(options: ConversionOptions) -> ConversionReport:
         "latent_scaling_factor": source.latent_scaling_factor,
         "prediction_type": source.prediction_type,
     }
-    try:
-        folder.prepare(header, force=options.force)
-        install_tokenizer_files(folder, source)
-        for component in components:
-            settings = component_settings(component, source, dims, options)
-            if folder.is_current(component, settings) and not options.force:
-                print(f"{component:<11} up to date (pass --force to convert again)", file=sys.stderr)
-                report.skipped.append(component)
-                continue
-            convert_component(folder, source, component, dims, options, settings, report)
-            report.converted.append(component)
-        folder.write_manifest()
-    except BaseException:
-        folder.discard_if_empty()
-        raise
+    with folder.lock():
+        try:
+            folder.prepare(header, force=options.force)
+            install_tokenizer_files(folder, source)
+            for component in components:
+                settings = component_settings(component, source, dims, options)
+                if folder.is_current(component, settings) and not options.force:
+                    print(f"{component:<11} up to date (pass --force to convert again)", file=sys.stderr)
+                    report.skipped.append(component)
+                    continue
+                convert_component(folder, source, component, dims, options, settings, report)
+                report.converted.append(component)
+            folder.write_manifest()
+        except BaseException:
+            folder.discard_if_empty()
+            raise
     return report
 
 
@@ -246,23 +262,31 @@ def source_of(manifest: dict) -> ModelSource:
 
 
 def validate_package(path: Path, seed: int = 0) -> dict[str, dict]:
-    """Check every component of an existing package folder again and record the results."""
+    """Check every component of an existing package folder again (its files' hashes first) and record the results."""
+    from coreml_sd.runtime.integrity import check_files
+
     from .validate import validate
 
     folder = PackageFolder(path)
     if folder.manifest is None:
         raise ConversionError(f"{path} has no manifest.json: is it a package folder written by coreml-convert?")
     manifest = folder.manifest
+    for entry in manifest["components"].values():
+        check_files(folder.path, entry["file"], entry.get("files", {}), hashes=True)
     source = source_of(manifest)
     dims = ModelDimensions.from_manifest(manifest)
-    results = {}
-    for component, entry in manifest["components"].items():
-        package = folder.path / entry["file"]
-        if not package.is_dir():
-            raise ConversionError(f"{package} is missing: convert it again with coreml-convert")
-        results[component] = validate(package, source.family.component(component), source.family.spec(component, dims),
-                                      lambda c=component: source.load(c, torch.float32), seed, source.latent_scaling_factor,
-                                      entry.get("settings", {}).get("quantize_nbits"))
-        entry["validation"] = results[component]
-        folder.write_manifest()
+    results, report = {}, ConversionReport(folder.path)
+    with folder.lock():
+        for component, entry in manifest["components"].items():
+            package = folder.path / entry["file"]
+            if not package.is_dir():
+                raise ConversionError(f"{package} is missing: convert it again with coreml-convert")
+            with stage(report, component, "validate"):
+                results[component] = validate(package, source.family.component(component),
+                                              source.family.spec(component, dims),
+                                              lambda c=component: source.load(c, torch.float32), seed,
+                                              source.latent_scaling_factor,
+                                              entry.get("settings", {}).get("quantize_nbits"))
+            entry["validation"] = results[component]
+            folder.write_manifest()
     return results

@@ -4,11 +4,16 @@ Each component is saved into a hidden temporary folder beside its final place an
 place only when complete, and the manifest is replaced atomically after each one, so an interrupted
 conversion leaves the components that were finished and nothing half-written.
 """
+import contextlib
+import fcntl
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+
+from coreml_sd.runtime.integrity import DamagedPackage, check_files, inventory
 
 from . import __version__
 from .errors import ConversionError
@@ -16,6 +21,7 @@ from .errors import ConversionError
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 PARTIAL_PREFIX = ".partial-"
+LOCK_FILE = ".lock"
 
 
 class PackageFolder:
@@ -36,6 +42,39 @@ class PackageFolder:
             raise ConversionError(f"{manifest_path} has format version {manifest.get('format_version')}, this converter writes {FORMAT_VERSION}: pass --force or another -o")
         return manifest
 
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """One conversion per folder at a time. The kernel drops the lock when its process dies, however it dies,
+        so a lock left by a killed run is simply taken over; the file holds the holder's pid for the message."""
+        if self.path.exists() and not self.path.is_dir():
+            raise ConversionError(f"{self.path} is a file, not a folder; pass a folder to -o")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ConversionError(f"cannot create {self.path} ({error.strerror}); choose another -o") from None
+        path = self.path / LOCK_FILE
+        while True:
+            lock_file = open(path, "a+")
+            try:
+                fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock_file.seek(0)
+                holder = lock_file.read().strip() or "another process"
+                lock_file.close()
+                raise ConversionError(f"{self.path} is being converted by process {holder}; wait for it to finish "
+                                      "or pass another -o") from None
+            if path.exists() and os.stat(path).st_ino == os.fstat(lock_file.fileno()).st_ino:
+                break
+            lock_file.close()  # its holder removed it as we opened it: lock the new one
+        try:
+            lock_file.truncate(0)
+            lock_file.write(str(os.getpid()))
+            lock_file.flush()
+            yield
+        finally:
+            path.unlink(missing_ok=True)
+            lock_file.close()
+
     def prepare(self, header: dict, force: bool) -> None:
         """Create the folder, clear leftovers of interrupted runs, and check the existing package fits."""
         self.path.mkdir(parents=True, exist_ok=True)
@@ -52,8 +91,15 @@ class PackageFolder:
         self.manifest = dict(format_version=FORMAT_VERSION, converter_version=__version__, **header, components=components)
 
     def is_current(self, component: str, settings: dict) -> bool:
+        """Converted with these settings, and its files as they were installed."""
         entry = (self.manifest or {}).get("components", {}).get(component)
-        return bool(entry) and entry.get("settings") == settings and (self.path / entry["file"]).is_dir()
+        if not entry or entry.get("settings") != settings or not (self.path / entry["file"]).is_dir():
+            return False
+        try:
+            check_files(self.path, entry["file"], entry.get("files", {}))
+        except DamagedPackage:
+            return False
+        return True
 
     def staging_folder(self) -> Path:
         return Path(tempfile.mkdtemp(prefix=PARTIAL_PREFIX, dir=self.path))
@@ -61,6 +107,7 @@ class PackageFolder:
     def install(self, staged: Path, component: str, entry: dict) -> None:
         """Move a complete, staged .mlpackage into place and record it in the manifest."""
         final = self.path / entry["file"]
+        files = inventory(staged)
         previous = None
         if final.exists():
             previous = staged.parent / (final.name + ".previous")
@@ -68,7 +115,7 @@ class PackageFolder:
         staged.rename(final)
         if previous is not None:
             shutil.rmtree(previous)
-        self.manifest["components"][component] = entry
+        self.manifest["components"][component] = dict(entry, files=files)
         self.write_manifest()
 
     def write_manifest(self) -> None:

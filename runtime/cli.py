@@ -99,6 +99,7 @@ def _console_logging():
 @click.option("--compute-unit", type=click.Choice(COMPUTE_UNITS),
               help="Core ML compute units (default: CPU_AND_NE for split-einsum packages, CPU_AND_GPU for original "
               "attention, ALL when the package does not say).")
+@click.option("--verify", is_flag=True, help="Check every model file's SHA-256 against the manifest before loading.")
 @shared_options
 def generate(**options) -> None:
     """Make images from a converted package and write them as PNGs with their settings."""
@@ -111,7 +112,7 @@ def generate(**options) -> None:
 def write_images(prompt: str, negative_prompt: str, model: str | None, steps: int, guidance_scale: float,
                  scheduler: str | None, seed: int | None, image: str | None, strength: float | None, num_images: int,
                  height: int | None, width: int | None, output: str | None, backend: str,
-                 compute_unit: str | None) -> list[Path]:
+                 compute_unit: str | None, verify: bool) -> list[Path]:
     try:  # the option checks that need no model are usage errors
         if strength is not None and image is None:
             raise GenerationError("--strength applies to image-to-image only; add --image PATH or drop --strength")
@@ -126,7 +127,7 @@ def write_images(prompt: str, negative_prompt: str, model: str | None, steps: in
     seeds = list(range(seed, seed + num_images))
     paths, grid = output_paths(output, prompt, seeds)
 
-    pipe = Pipeline.from_package(model, backend=backend, compute_unit=compute_unit)
+    pipe = Pipeline.from_package(model, backend=backend, compute_unit=compute_unit, verify=verify)
     result = pipe(
         prompt,
         negative_prompt=negative_prompt,
@@ -150,3 +151,7 @@ def write_images(prompt: str, negative_prompt: str, model: str | None, steps: in
 
 def main(argv: list[str] | None = None) -> int:
     return run_command(generate, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

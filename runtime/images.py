@@ -1,4 +1,5 @@
 """Pixels in and out: decoder output to PIL, input images to the encoder's range, PNGs with their settings."""
+import errno
 import logging
 import math
 import os
@@ -28,6 +29,8 @@ def open_image(source: str | Path | Image.Image) -> Image.Image:
     except FileNotFoundError:
         raise GenerationError(f"no image at {source}; pass an existing image file to --image") from None
     except (UnidentifiedImageError, OSError) as exc:
+        if Path(source).is_file() and Path(source).stat().st_size == 0:
+            raise GenerationError(f"{source} is empty (0 bytes); pass a PNG or JPEG") from None
         raise GenerationError(f"{source} is not an image this runtime can read ({exc}); pass a PNG or JPEG") from None
 
 
@@ -57,6 +60,9 @@ def current_umask() -> int:
     return mask
 
 
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # a full disk, a file size limit, a quota
+
+
 def save_png(image: Image.Image, path: Path, parameters: str | None = None) -> None:
     """Write through a temporary file in the same folder and rename, so no half-written PNG is ever left."""
     info = PngImagePlugin.PngInfo()
@@ -73,4 +79,5 @@ def save_png(image: Image.Image, path: Path, parameters: str | None = None) -> N
         os.replace(temporary, path)
     except OSError as exc:
         os.unlink(temporary)
-        raise GenerationError(f"cannot write {path} ({exc.strerror or exc}); choose another -o") from None
+        remedy = "free disk space or choose another -o" if exc.errno in DISK_FULL_ERRNOS else "choose another -o"
+        raise GenerationError(f"cannot write {path} ({exc.strerror or exc}); {remedy}") from None

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import GenerationError
+from .integrity import check_files
 
 PACKAGES_ENV = "COREML_SD_PACKAGES"
 MANIFEST_FILE = "manifest.json"
@@ -106,7 +107,37 @@ def _read_manifest(folder: Path) -> dict | None:
             f"{path} has format {manifest['format_version']}, newer than this runtime reads "
             f"({MANIFEST_FORMAT_VERSION}); update coreml-sd"
         )
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise GenerationError(f"{path}: {problem}; the manifest is damaged: convert the package again")
     return manifest
+
+
+# The manifest's keys that the runtime reads, and the JSON types they must have.
+_MANIFEST_TYPES = {
+    "scheduler": dict,
+    "latent_scaling_factor": (int, float),
+    "prediction_type": str,
+    "attention_implementation": str,
+    "components": dict,
+}
+
+
+def _manifest_problem(manifest: dict) -> str | None:
+    """What is wrong with a manifest's shape, or None."""
+    for key, kind in _MANIFEST_TYPES.items():
+        if key in manifest and (not isinstance(manifest[key], kind) or isinstance(manifest[key], bool)):
+            return f"{key!r} has the wrong type"
+    for name, entry in manifest.get("components", {}).items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
+            return f"component {name!r} has no file name"
+        files = entry.get("files", {})
+        if not isinstance(files, dict) or not all(
+            isinstance(record, dict) and isinstance(record.get("size"), int) and isinstance(record.get("sha256"), str)
+            for record in files.values()
+        ):
+            return f"component {name!r} has a damaged file list"
+    return None
 
 
 def _component_files(folder: Path) -> dict[str, Path]:
@@ -129,13 +160,20 @@ def _attention_from_compiled_unet(unet: Path) -> str | None:
     return "split_einsum" if any(op.lower().endswith("einsum") for op in histogram) else "original"
 
 
-def load_package(folder: Path) -> Package:
+def load_package(folder: Path, verify: bool = False) -> Package:
+    """Read a package folder; the files of every model the manifest lists are checked against their recorded sizes
+    (with `verify`, their SHA-256 too) before any model is loaded."""
     folder = Path(folder)
     if not folder.is_dir():
         raise GenerationError(f"{folder} is not a folder; pass a package folder or a name under {packages_root()}")
     manifest = _read_manifest(folder)
     components = _component_files(folder)
     if manifest is None and not components:
+        found = sorted(p.name for p in folder.iterdir() if p.suffix in MODEL_SUFFIXES)
+        if found:
+            expected = ", ".join(name + ".mlpackage" for name in REQUIRED_COMPONENTS)
+            raise GenerationError(f"{folder} holds {', '.join(found)}, not the models a package has ({expected}); "
+                                  "convert the model with coreml-convert")
         raise GenerationError(
             f"{folder} is not a package: no {MANIFEST_FILE} and no .mlpackage/.mlmodelc models; "
             "convert one with coreml-convert"
@@ -152,9 +190,9 @@ def load_package(folder: Path) -> Package:
         if not (folder / file_name).is_file():
             raise GenerationError(f"package {folder} lacks {file_name} (the CLIP tokenizer's files); reconvert it")
     manifest = manifest or {}
+    for entry in manifest.get("components", {}).values():
+        check_files(folder, entry["file"], entry.get("files", {}), hashes=verify)
     scheduler_config = manifest.get("scheduler", SD_V1_SCHEDULER_CONFIG)
-    if not isinstance(scheduler_config, dict):
-        raise GenerationError(f"{folder / MANIFEST_FILE}: 'scheduler' is not a scheduler configuration; reconvert")
     attention = manifest.get("attention_implementation")
     if attention is None and components["Unet"].suffix == ".mlmodelc":
         attention = _attention_from_compiled_unet(components["Unet"])

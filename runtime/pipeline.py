@@ -100,10 +100,12 @@ class Pipeline:
 
     @classmethod
     def from_package(
-        cls, package: str | Path | None = None, backend: str = "auto", compute_unit: str | None = None
+        cls, package: str | Path | None = None, backend: str = "auto", compute_unit: str | None = None,
+        verify: bool = False,
     ) -> "Pipeline":
-        """Load a package by folder path or by name under the packages root (see `coreml-generate --help`)."""
-        loaded = load_package(find_package(None if package is None else str(package)))
+        """Load a package by folder path or by name under the packages root (see `coreml-generate --help`); with
+        `verify`, every model file's SHA-256 is checked against the manifest first."""
+        loaded = load_package(find_package(None if package is None else str(package)), verify)
         backend = resolve_backend(backend)
         compute_unit = compute_unit or default_compute_unit(loaded.attention_implementation)
         models = {
@@ -138,6 +140,10 @@ class Pipeline:
         given, must be the package's. Raises GenerationError for anything the caller can fix."""
         scheduler = scheduler or default_scheduler_name(self.package.scheduler_config)
         check_options(scheduler, steps, strength, num_images, seed)
+        training_steps = self.package.scheduler_config.get("num_train_timesteps", 1000)
+        if steps > training_steps:
+            raise GenerationError(f"--steps must be at most {training_steps}, the model's training timesteps, "
+                                  f"not {steps}")
         self._check_size(height, width)
         if seed is None:
             seed = random_seed(num_images)
