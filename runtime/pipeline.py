@@ -46,6 +46,14 @@ def draw_noise(rng: np.random.RandomState, shape: tuple[int, ...]) -> np.ndarray
     return rng.randn(*shape).astype(np.float16).astype(np.float32)
 
 
+def sample_encoder_latents(moments: np.ndarray, rng: np.random.RandomState, scaling_factor: float) -> np.ndarray:
+    """A draw from the VAE encoder's diagonal Gaussian (log-variance clamped as diffusers), times the scaling
+    factor; its noise comes from `rng` after the initial noise, as in Apple's pipeline."""
+    mean, log_variance = np.split(moments, 2, axis=1)
+    std = np.exp(0.5 * np.clip(log_variance, -30.0, 20.0))
+    return ((mean + std * draw_noise(rng, mean.shape)) * scaling_factor).astype(np.float32)
+
+
 def denoising_timesteps(scheduler, steps: int, strength: float) -> torch.Tensor:
     """The tail of the schedule that image-to-image runs: `int(steps * strength)` steps, as diffusers."""
     start = (steps - min(int(steps * strength), steps)) * scheduler.order
@@ -191,7 +199,7 @@ class Pipeline:
             latents = noise * scheduler.init_noise_sigma
         else:
             timesteps = denoising_timesteps(scheduler, sampling.steps, sampling.strength)
-            latents = torch.from_numpy(self._sample_latents(init_latents, rng))
+            latents = torch.from_numpy(sample_encoder_latents(init_latents, rng, self.package.scaling_factor))
             if len(timesteps):
                 latents = scheduler.add_noise(latents, noise, timesteps[:1])
         step_kwargs = {"eta": 0.0, "generator": torch.Generator().manual_seed(seed)}
@@ -217,12 +225,6 @@ class Pipeline:
                 for i in range(2)
             )
         return uncond + guidance_scale * (cond - uncond)
-
-    def _sample_latents(self, moments: np.ndarray, rng: np.random.RandomState) -> np.ndarray:
-        """A draw from the encoder's diagonal Gaussian (clamped log-variance as diffusers), times the scaling factor."""
-        mean, log_variance = np.split(moments, 2, axis=1)
-        std = np.exp(0.5 * np.clip(log_variance, -30.0, 20.0))
-        return ((mean + std * draw_noise(rng, mean.shape)) * self.package.scaling_factor).astype(np.float32)
 
     def _decode(self, latents: torch.Tensor) -> Image.Image:
         decoder = self.models["VAEDecoder"]

@@ -4,6 +4,7 @@ limits or the environment at import time are part of the fault."""
 import shutil
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 
 @pytest.fixture(scope="session")
@@ -17,3 +18,11 @@ def package_copy(tiny_package, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(tiny_package, copy)
     return copy
+
+
+# Fuzzing budget: small in scripts/test; `--hypothesis-profile long` runs more.
+settings.register_profile("default", max_examples=25, deadline=None,
+                          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+settings.register_profile("long", max_examples=500, deadline=None,
+                          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+settings.load_profile("default")
