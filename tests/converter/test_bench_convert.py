@@ -15,7 +15,7 @@ from coreml_sd.converter.tiny import TEXT_WIDTH, UNET_CONFIG, VAE_CONFIG
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_convert.py"
 STAGES = ["load", "rewrite", "trace", "convert", "save"]
-PSNR_THRESHOLD_DB = 35.0
+PSNR_THRESHOLD_DB = 60.0  # the tiny components measure 66-70 dB
 
 
 @pytest.fixture(scope="module")

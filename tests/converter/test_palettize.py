@@ -14,7 +14,7 @@ from coreml_sd.converter.palettize import WEIGHT_THRESHOLD, palette, palettize_m
 from coreml_sd.converter.program_stats import load_program, program_stats
 from coreml_sd.runtime.executor import ReferenceModel, psnr
 
-PSNR_THRESHOLD_DB = 35.0
+PSNR_THRESHOLD_DB = 60.0  # the tiny Unet measures 66 dB against the same palettes
 NBITS = 6
 
 

@@ -14,7 +14,9 @@ from coreml_sd.converter.conversion import ConversionOptions, convert_model
 from coreml_sd.converter.errors import ConversionError
 from coreml_sd.runtime.executor import ReferenceModel, psnr
 
-PSNR_THRESHOLD_DB = 35.0
+# A few dB under what the tiny components measure (66-70 dB), so that a regression shows; the converter's own
+# release gate (35 dB) is checked by the validation tests below.
+PSNR_THRESHOLD_DB = 60.0
 IMPLEMENTATIONS = ("split_einsum", "split_einsum_v2", "original")
 
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from coreml_sd.runtime.pipeline import draw_noise
 
-PSNR_THRESHOLD_DB = 35.0
+PSNR_THRESHOLD_DB = 55.0  # images end to end measure 57.5-58.5 dB against diffusers
 LATENT_SHAPE = (1, 4, 16, 16)  # the tiny model's 128x128 images
 # The runtime's scheduler names, mapped here to diffusers' classes as they come.
 DIFFUSERS_SCHEDULERS = {
