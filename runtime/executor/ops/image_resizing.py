@@ -109,12 +109,13 @@ def _nearest(x: torch.Tensor, size_h: int, size_w: int, step_h: float, step_w: f
 def upsample_nearest_neighbor(
     x: torch.Tensor, scale_factor_height: torch.Tensor | int = 1, scale_factor_width: torch.Tensor | int = 1
 ) -> torch.Tensor:
-    """Output size floor(X_in * scale); output i copies input floor(i / scale)."""
+    """Output size X_out = floor(X_in * scale); output i copies input floor(i X_in / X_out), as
+    resize_nearest_neighbor does (with a fractional scale, 1 / scale is not X_in / X_out)."""
     scale_h, scale_w = float(scale_factor_height), float(scale_factor_width)
     if scale_h.is_integer() and scale_w.is_integer():
         return x.repeat_interleave(int(scale_h), dim=-2).repeat_interleave(int(scale_w), dim=-1)
     size_h, size_w = math.floor(x.shape[-2] * scale_h), math.floor(x.shape[-1] * scale_w)
-    return _nearest(x, size_h, size_w, 1 / scale_h, 1 / scale_w)
+    return resize_nearest_neighbor(x, size_h, size_w)
 
 
 @register("resize_nearest_neighbor")

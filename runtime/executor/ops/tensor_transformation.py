@@ -46,8 +46,8 @@ def expand_dims(x: torch.Tensor, axes: list[int]) -> torch.Tensor:
 
 @register("flatten2d")
 def flatten2d(x: torch.Tensor, axis: int = 1) -> torch.Tensor:
-    """[prod(shape[:axis]), prod(shape[axis:])]."""
-    axis %= x.dim()
+    """[prod(shape[:axis]), prod(shape[axis:])], the slices taken as Python's (a rank-1 x of size N
+    gives [N, 1] for axis 1 and [1, N] for axis 0 or -1)."""
     return x.reshape(math.prod(x.shape[:axis]), math.prod(x.shape[axis:]))
 
 
