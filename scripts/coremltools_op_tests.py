@@ -13,14 +13,16 @@ Each case ends as one of
   wrong        the executor ran it and its numbers or shapes differ
   unsupported  the executor refused the program at load (an op or type it does not implement)
   error        the executor raised while loading or running it
-  skipped      skipped or expected to fail by the test itself, or the test failed before it reached
-               the executor (conversion), or it checks no prediction
+  skipped      skipped or expected to fail by the test itself, or it checks no prediction, or it
+               failed before reaching the executor (listed with --failures: the test's own checks
+               of the program, or conversion)
 The pass rate is pass / (pass + wrong + unsupported + error).
 
     python scripts/coremltools_op_tests.py                     # everything (about an hour on 2 cores)
     python scripts/coremltools_op_tests.py -k "TestConv and not Transpose" iOS17/test_conv.py
 """
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -144,8 +146,10 @@ class ExecutorPlugin:
     def pytest_runtest_makereport(self, item, call):
         report = (yield).get_result()
         if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
+            outcome = _outcome(report, call)
+            broken = outcome == "skipped" and report.failed  # failed before reaching the executor
             self.cases[item.nodeid] = dict(
-                group=_group(item), backend=_backend(item), outcome=_outcome(report, call), detail=_detail(call)
+                group=_group(item), backend=_backend(item), outcome=outcome, detail=_detail(call), broken=broken
             )
 
 
@@ -211,7 +215,11 @@ def summarise(cases: dict[str, dict]) -> dict:
     return dict(
         totals={backend: dict(**{o: counts[o] for o in OUTCOMES}, pass_rate=rate(counts)) for backend, counts in sorted(totals.items())},
         per_group={group: {o: counts[o] for o in OUTCOMES if counts[o]} for group, counts in sorted(table.items())},
-        failures={nodeid: f"{c['outcome']}: {c['detail']}" for nodeid, c in sorted(cases.items()) if c["outcome"] in ("wrong", "unsupported", "error")},
+        failures={
+            nodeid: f"{'failed before the executor' if c['broken'] else c['outcome']}: {c['detail']}"
+            for nodeid, c in sorted(cases.items())
+            if c["outcome"] in ("wrong", "unsupported", "error") or c["broken"]
+        },
     )
 
 
@@ -229,7 +237,8 @@ def run(pytest_arguments: list[str], sample: int = 1) -> dict:
     arguments = [a if a.startswith("-") or not a.startswith("iOS") else str(directory / a) for a in pytest_arguments]
     if not any(not a.startswith("-") for a in arguments):
         arguments += [str(directory / f"iOS{v}") for v in (14, 15, 16, 17, 18)]
-    pytest.main(["-q", "-p", "no:cacheprovider", "--rootdir", str(directory), "-o", "addopts=", "--no-header", "-rN", "--tb=no", *arguments], plugins=[plugin])
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON alone
+        pytest.main(["-q", "-p", "no:cacheprovider", "--rootdir", str(directory), "-o", "addopts=", "--no-header", "-rN", "--tb=no", *arguments], plugins=[plugin])
     return summarise(plugin.cases)
 
 

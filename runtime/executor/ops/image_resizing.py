@@ -8,6 +8,7 @@ neighbours; the ops differ only in how they place the grid points.
 import math
 
 import torch
+from coremltools import target
 
 from ..registry import register
 
@@ -128,3 +129,33 @@ def resize_nearest_neighbor(x: torch.Tensor, target_size_height: int, target_siz
         x.shape[-2] / target_size_height,
         x.shape[-1] / target_size_width,
     )
+
+
+@register("crop")
+def crop(x: torch.Tensor, crop_height: list[int], crop_width: list[int]) -> torch.Tensor:
+    """Remove crop_height (top, bottom) rows and crop_width (left, right) columns."""
+    (top, bottom), (left, right) = crop_height, crop_width
+    return x[..., top : x.shape[-2] - bottom, left : x.shape[-1] - right]
+
+
+@register("resize", since=target.iOS17, widen=True)
+def resize(
+    x: torch.Tensor,
+    shape: torch.Tensor,
+    resized_dims: int,
+    interpolation_mode: str = "LINEAR",
+    sampling_mode: str = "DEFAULT",
+) -> torch.Tensor:
+    """Resize the last `resized_dims` dims of x to the last entries of `shape` (a 0 keeps x's size
+    there), sampling each dim at the grid points resize_bilinear's `sampling_mode` places: LINEAR
+    interpolates there, NEAREST_NEIGHBOR takes the input element nearest to each point."""
+    sizes = shape.tolist()[len(shape) - resized_dims :]
+    for offset, size in enumerate(sizes):
+        dim = x.dim() - resized_dims + offset
+        size_in = x.shape[dim]
+        grid = _sampling_grid(sampling_mode, size_in, size or size_in, x.device)
+        if interpolation_mode == "NEAREST_NEIGHBOR":
+            x = x.index_select(dim, (grid + 0.5).floor().long().clamp(0, size_in - 1))
+        else:
+            x = _interpolate_axis(x, dim, grid)
+    return x
