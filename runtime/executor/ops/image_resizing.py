@@ -159,3 +159,45 @@ def resize(
         else:
             x = _interpolate_axis(x, dim, grid)
     return x
+
+
+def _pixel_coordinates(values: torch.Tensor, size: int, mode: str, align_corners: bool) -> torch.Tensor:
+    """resample's coordinates along one axis as pixel positions (0 = centre of the first pixel)."""
+    if mode == "unnormalized":
+        return values
+    if mode == "normalized_zero_to_one":
+        values = 2 * values - 1
+    elif mode != "normalized_minus_one_to_one":
+        raise ValueError(f"resample coordinates_mode {mode!r} is not a MIL coordinates mode")
+    return (values + 1) / 2 * (size - 1) if align_corners else ((values + 1) * size - 1) / 2
+
+
+@register("resample", since=target.iOS15, widen=True)
+def resample(
+    x: torch.Tensor,
+    coordinates: torch.Tensor,
+    sampling_mode: str,
+    padding_mode: str,
+    padding_value: torch.Tensor,
+    coordinates_mode: str,
+    align_corners: bool,
+) -> torch.Tensor:
+    """x [B, C, H, W] sampled at coordinates [B, H_out, W_out, 2] ((w, h) pairs) by "bilinear" or
+    "nearest"; points outside the image read `padding_value` ("constant"), the edge ("border"), or
+    the image mirrored about its edge pixels' centres ("reflection") or about its edges
+    ("symmetric"). PyTorch's grid_sample does the sampling on coordinates renormalised to its
+    convention, whose reflection is about centres with align_corners and about edges without."""
+    coordinates = coordinates.float()
+    height, width = x.shape[-2:]
+    columns = _pixel_coordinates(coordinates[..., 0], width, coordinates_mode, align_corners)
+    rows = _pixel_coordinates(coordinates[..., 1], height, coordinates_mode, align_corners)
+    centres = padding_mode != "symmetric"
+    normalise = (lambda p, size: 2 * p / (size - 1) - 1) if centres else (lambda p, size: (2 * p + 1) / size - 1)
+    grid = torch.stack([normalise(columns, width), normalise(rows, height)], dim=-1)
+    torch_padding = {"constant": "zeros", "border": "border", "reflection": "reflection", "symmetric": "reflection"}[padding_mode]
+    value = float(padding_value) if padding_mode == "constant" else 0.0
+    # grid_sample pads with zeros: sampling x - value and adding it back pads with `value`.
+    sampled = torch.nn.functional.grid_sample(
+        x.float() - value, grid, mode=sampling_mode, padding_mode=torch_padding, align_corners=centres
+    )
+    return sampled + value

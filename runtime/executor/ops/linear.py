@@ -20,7 +20,8 @@ def _common_dtype(*tensors: torch.Tensor | list | None) -> list[torch.Tensor | N
 @register("linear", widen=True)
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [*D, D_in] @ weight[D_out, D_in]^T + bias [D_out]."""
-    x, weight, bias = _common_dtype(x, weight, bias)
+    if not isinstance(weight, torch.Tensor) or x.dtype != weight.dtype:
+        x, weight, bias = _common_dtype(x, weight, bias)
     if not x.is_floating_point():  # PyTorch's linear has no integer kernel
         result = torch.matmul(x, weight.T)
         return result if bias is None else result + bias
@@ -37,7 +38,9 @@ def matmul(
         x = x.transpose(-1, -2)
     if transpose_y and y.dim() > 1:
         y = y.transpose(-1, -2)
-    return torch.matmul(*_common_dtype(x, y))
+    if x.dtype != y.dtype:
+        x, y = _common_dtype(x, y)
+    return torch.matmul(x, y)
 
 
 @register("einsum", widen=True)
