@@ -1,4 +1,5 @@
 """ReferenceModel: a saved ML Program package, run with PyTorch behind Core ML's predict() contract."""
+from dataclasses import dataclass
 from pathlib import Path
 
 import coremltools as ct
@@ -10,6 +11,35 @@ from coremltools.proto import FeatureTypes_pb2
 from .program import CompiledFunction
 
 TensorDescription = tuple[tuple[int, ...], np.dtype]
+
+
+@dataclass(frozen=True)
+class InputShapes:
+    """The shapes an input accepts, as its feature declares them: the default shape alone, one of
+    `enumerated` (EnumeratedShapes), or any shape within `ranges` (RangeDim: (lower, upper) per
+    dim, upper None when unbounded)."""
+
+    default: tuple[int, ...]
+    enumerated: tuple[tuple[int, ...], ...] = ()
+    ranges: tuple[tuple[int, int | None], ...] = ()
+
+    def accepts(self, shape: tuple[int, ...]) -> bool:
+        if self.enumerated:
+            return shape in self.enumerated
+        if self.ranges:
+            return len(shape) == len(self.ranges) and all(
+                lower <= size and (upper is None or size <= upper) for size, (lower, upper) in zip(shape, self.ranges)
+            )
+        return shape == self.default
+
+    def __str__(self) -> str:
+        if self.enumerated:
+            return " or ".join(str(shape) for shape in self.enumerated)
+        if self.ranges:
+            dims = [str(lower) if lower == upper else f"{lower}..{'' if upper is None else upper}" for lower, upper in self.ranges]
+            return f"({', '.join(dims)})"
+        return str(self.default)
+
 
 _ARRAY_DTYPES = {
     "FLOAT16": np.dtype(np.float16),
@@ -56,6 +86,7 @@ class ReferenceModel:
             raise ValueError(f"{self.path.name} is a {spec.WhichOneof('Type')} model; only ML Programs can be run")
         self.input_description = _describe(spec.description.input, self.path.name)
         self.output_description = _describe(spec.description.output, self.path.name)
+        self.input_shapes = {feature.name: _input_shapes(feature.type.multiArrayType) for feature in spec.description.input}
         program = load_mil_program(spec, spec.specificationVersion, mlmodel.weights_dir or "")
         function = program.functions[program.default_function_name]
         self._function = CompiledFunction(function, precision, self.device, source=self.path.name)
@@ -89,8 +120,8 @@ class ReferenceModel:
             value = inputs[name]
             if not isinstance(value, np.ndarray):
                 raise ValueError(f"{self.path.name}: input {name!r} must be a numpy array, not {type(value).__name__}")
-            if value.shape != shape:
-                raise ValueError(f"{self.path.name}: input {name!r} has shape {value.shape}; expected {shape}")
+            if not self.input_shapes[name].accepts(value.shape):
+                raise ValueError(f"{self.path.name}: input {name!r} has shape {value.shape}; expected {self.input_shapes[name]}")
             if value.dtype != dtype:
                 raise ValueError(
                     f"{self.path.name}: input {name!r} has dtype {value.dtype}; expected {dtype} "
@@ -101,6 +132,17 @@ class ReferenceModel:
 def _format(description: TensorDescription) -> str:
     shape, dtype = description
     return f"{dtype}{list(shape)}"
+
+
+def _input_shapes(array) -> InputShapes:
+    default = tuple(int(d) for d in array.shape)
+    flexibility = array.WhichOneof("ShapeFlexibility")
+    if flexibility == "enumeratedShapes":
+        return InputShapes(default, enumerated=tuple(tuple(int(d) for d in s.shape) for s in array.enumeratedShapes.shapes))
+    if flexibility == "shapeRange":
+        ranges = tuple((int(r.lowerBound), None if r.upperBound < 0 else int(r.upperBound)) for r in array.shapeRange.sizeRanges)
+        return InputShapes(default, ranges=ranges)
+    return InputShapes(default)
 
 
 def _describe(features, package: str) -> dict[str, TensorDescription]:

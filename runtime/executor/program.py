@@ -24,13 +24,25 @@ from .steps import Argument, OpStep, Output, Widened, python_value
 
 PRECISIONS = ("float16", "float32")
 
+# Integer types that PyTorch has no kernels for are held in the narrowest wider type it computes
+# with: every value is represented exactly, and the op's output cast keeps results in the type.
 _TORCH_DTYPES = {
     "fp16": torch.float16,
     "fp32": torch.float32,
+    "fp64": torch.float64,
+    "int64": torch.int64,
     "int32": torch.int32,
     "int16": torch.int16,
     "int8": torch.int8,
+    "int4": torch.int8,
+    "uint32": torch.int64,
+    "uint16": torch.int32,
     "uint8": torch.uint8,
+    "uint6": torch.uint8,
+    "uint4": torch.uint8,
+    "uint3": torch.uint8,
+    "uint2": torch.uint8,
+    "uint1": torch.uint8,
     "bool": torch.bool,
 }
 

@@ -13,10 +13,12 @@ _MIL_TYPES = {np.dtype(np.float32): types.fp32, np.dtype(np.float16): types.fp16
 _package_numbers = itertools.count()
 
 
-def save_program(program, directory: Path, target=ct.target.iOS16) -> Path:
-    """Save a MIL program as an ML Program package, exactly as built (no graph passes)."""
+def save_program(program, directory: Path, target=ct.target.iOS16, inputs: list | None = None) -> Path:
+    """Save a MIL program as an ML Program package, exactly as built (no graph passes); `inputs`
+    (ct.TensorType) declares flexible input shapes."""
     model = ct.convert(
         program,
+        inputs=inputs,
         convert_to="mlprogram",
         compute_precision=ct.precision.FLOAT32,
         minimum_deployment_target=target,

@@ -74,12 +74,14 @@ def test_nearest_neighbour(tmp_path):
     x = random((1, 2, 3, 4))
     body = lambda x: (
         mb.upsample_nearest_neighbor(x=x, scale_factor_height=2, scale_factor_width=3),
-        mb.upsample_nearest_neighbor(x=x, scale_factor_height=1.5, scale_factor_width=2.5),
+        mb.upsample_nearest_neighbor(x=x, scale_factor_height=1.5, scale_factor_width=1.12),
         mb.resize_nearest_neighbor(x=x, target_size_height=5, target_size_width=2),
     )
     integer, fractional, resized = run_mil(body, dict(x=x), tmp_path, target=ct.target.iOS16)
     np.testing.assert_array_equal(integer, x.repeat(2, axis=2).repeat(3, axis=3))
-    rows, columns = (np.arange(4) / 1.5).astype(int), (np.arange(10) / 2.5).astype(int)
+    # Output i copies input floor(i X_in / X_out): width 4 scaled by 1.12 stays 4, each input once
+    # (floor(i / 1.12) would repeat column 0 and drop column 3).
+    rows, columns = (np.arange(4) * 3 / 4).astype(int), np.arange(4)
     np.testing.assert_array_equal(fractional, x[:, :, rows][:, :, :, columns])
     rows, columns = (np.arange(5) * 3 / 5).astype(int), (np.arange(2) * 4 / 2).astype(int)
     np.testing.assert_array_equal(resized, x[:, :, rows][:, :, :, columns])

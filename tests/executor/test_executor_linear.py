@@ -34,6 +34,18 @@ def test_matmul(tmp_path, x_shape, y_shape, transpose_x, transpose_y):
     np.testing.assert_allclose(actual, np.matmul(swap(x, transpose_x), swap(y, transpose_y)), **TOLERANCE)
 
 
+def test_products_of_float_and_int_operands(tmp_path):
+    """iOS 17 lets matmul and linear mix float and int32 operands; the ints are taken as floats."""
+    x = random((2, 3), seed=1)
+    integers = np.arange(-6, 6, dtype=np.int32).reshape(3, 4)
+    weight = np.arange(-3, 3, dtype=np.int32).reshape(2, 3)
+    body = lambda x: (mb.matmul(x=x, y=integers), mb.matmul(x=integers.T.copy(), y=x, transpose_y=True), mb.linear(x=x, weight=weight))
+    product, reversed_product, linear = run_mil(body, dict(x=x), tmp_path, target=ct.target.iOS17)
+    np.testing.assert_allclose(product, x @ integers, **TOLERANCE)
+    np.testing.assert_allclose(reversed_product, integers.T @ x.T, **TOLERANCE)
+    np.testing.assert_allclose(linear, x @ weight.T, **TOLERANCE)
+
+
 @pytest.mark.parametrize(
     "equation, a_shape, b_shape",
     [

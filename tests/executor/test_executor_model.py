@@ -1,4 +1,6 @@
 """ReferenceModel's contract: description, input checks, float16 numerics, load-time errors, memory release."""
+import re
+import coremltools as ct
 import numpy as np
 import pytest
 from coremltools.converters.mil import Builder as mb
@@ -113,3 +115,49 @@ def test_psnr_is_apples_formula():
     actual = reference + np.array([0.1, -0.1, 0.1])
     assert psnr(reference, actual) == pytest.approx(20 * np.log10((2.0 + 1e-5) / (0.1 + 1e-10)))
     assert psnr(reference, reference) == pytest.approx(20 * np.log10((2.0 + 1e-5) / 1e-10))
+
+
+def flexible_package(directory, shape):
+    """x [?, 4] (rows from `shape`) -> x * 2 and its row sums, the program built for any row count."""
+    from coremltools.converters.mil.mil import get_new_symbol, types
+
+    rows = get_new_symbol()
+    program = mb.program(input_specs=[mb.TensorSpec(shape=(rows, 4), dtype=types.fp32)])(
+        lambda x: (mb.mul(x=x, y=2.0), mb.reduce_sum(x=x, axes=[1]))
+    )
+    return save_program(program, directory, inputs=[ct.TensorType(name="x", shape=shape)])
+
+
+@pytest.mark.parametrize(
+    "shape, accepted, refused, message",
+    [
+        (ct.EnumeratedShapes(shapes=[[1, 4], [3, 4]], default=[1, 4]), [(1, 4), (3, 4)], (2, 4), r"expected \(1, 4\) or \(3, 4\)"),
+        (ct.Shape(shape=(ct.RangeDim(2, 5, default=2), 4)), [(2, 4), (5, 4)], (6, 4), r"expected \(2\.\.5, 4\)"),
+        (ct.Shape(shape=(ct.RangeDim(1, 40, default=1), 4)), [(1, 4), (40, 4)], (3, 5), r"expected \(1\.\.40, 4\)"),
+    ],
+)
+def test_flexible_input_shapes(tmp_path, shape, accepted, refused, message):
+    model = ReferenceModel(flexible_package(tmp_path, shape), precision="float32")
+    for rows, columns in accepted:
+        x = random((rows, columns), seed=rows)
+        doubled, sums = model.predict(dict(x=x)).values()
+        np.testing.assert_array_equal(doubled, 2 * x)
+        np.testing.assert_allclose(sums, x.sum(axis=1), rtol=1e-6)
+    with pytest.raises(ValueError, match=rf"input 'x' has shape {re.escape(str(refused))}; {message}$") as error:
+        model.predict(dict(x=random(refused)))
+    assert "\n" not in str(error.value)
+
+
+def test_small_integer_types_load_and_compute(tmp_path):
+    """uint16 and the other iOS 17 integer types are held exactly (PyTorch computes them wider)."""
+    x = np.array([0, 1, 40000, 65535], np.int32)
+    codes = np.array([3, 2, 1, 0], np.uint16)
+    body = lambda x: (
+        mb.cast(x=mb.cast(x=x, dtype="uint16"), dtype="int32"),
+        mb.gather(x=x, indices=codes),
+        mb.cast(x=mb.cast(x=x, dtype="int16"), dtype="fp32"),
+    )
+    round_trip, gathered, narrowed = run_mil(body, dict(x=x), tmp_path, target=ct.target.iOS17)
+    np.testing.assert_array_equal(round_trip, x)
+    np.testing.assert_array_equal(gathered, x[::-1])
+    np.testing.assert_array_equal(narrowed, x.astype(np.int16))

@@ -19,6 +19,8 @@ def test_reshape_transpose_squeeze_expand_flatten_reverse(tmp_path):
         mb.flatten2d(x=x, axis=-2),
         mb.reverse(x=x, axes=[0, -1]),
         mb.reverse(x=x),
+        mb.flatten2d(x=mb.reshape(x=x, shape=[24])),
+        mb.flatten2d(x=mb.reshape(x=x, shape=[24]), axis=-1),
     )
     outputs = run_mil(body, dict(x=x), tmp_path, target=ct.target.iOS17)
     expected = [
@@ -32,6 +34,8 @@ def test_reshape_transpose_squeeze_expand_flatten_reverse(tmp_path):
         x.reshape(2, 12),
         x[::-1, :, :, ::-1],
         x[::-1, ::-1, ::-1, ::-1],
+        x.reshape(24, 1),  # a rank-1 x: shape[:1] holds all of it, shape[1:] nothing
+        x.reshape(1, 24),
     ]
     for index, (actual, wanted) in enumerate(zip(outputs, expected)):
         np.testing.assert_array_equal(actual, wanted, err_msg=f"output {index}")

@@ -8,6 +8,7 @@ from . import (  # noqa: F401
     linear,
     normalization,
     pool,
+    quantization,
     reduction,
     scatter_gather,
     tensor_operation,

@@ -8,6 +8,7 @@ neighbours; the ops differ only in how they place the grid points.
 import math
 
 import torch
+from coremltools import target
 
 from ..registry import register
 
@@ -109,12 +110,13 @@ def _nearest(x: torch.Tensor, size_h: int, size_w: int, step_h: float, step_w: f
 def upsample_nearest_neighbor(
     x: torch.Tensor, scale_factor_height: torch.Tensor | int = 1, scale_factor_width: torch.Tensor | int = 1
 ) -> torch.Tensor:
-    """Output size floor(X_in * scale); output i copies input floor(i / scale)."""
+    """Output size X_out = floor(X_in * scale); output i copies input floor(i X_in / X_out), as
+    resize_nearest_neighbor does (with a fractional scale, 1 / scale is not X_in / X_out)."""
     scale_h, scale_w = float(scale_factor_height), float(scale_factor_width)
     if scale_h.is_integer() and scale_w.is_integer():
         return x.repeat_interleave(int(scale_h), dim=-2).repeat_interleave(int(scale_w), dim=-1)
     size_h, size_w = math.floor(x.shape[-2] * scale_h), math.floor(x.shape[-1] * scale_w)
-    return _nearest(x, size_h, size_w, 1 / scale_h, 1 / scale_w)
+    return resize_nearest_neighbor(x, size_h, size_w)
 
 
 @register("resize_nearest_neighbor")
@@ -127,3 +129,75 @@ def resize_nearest_neighbor(x: torch.Tensor, target_size_height: int, target_siz
         x.shape[-2] / target_size_height,
         x.shape[-1] / target_size_width,
     )
+
+
+@register("crop")
+def crop(x: torch.Tensor, crop_height: list[int], crop_width: list[int]) -> torch.Tensor:
+    """Remove crop_height (top, bottom) rows and crop_width (left, right) columns."""
+    (top, bottom), (left, right) = crop_height, crop_width
+    return x[..., top : x.shape[-2] - bottom, left : x.shape[-1] - right]
+
+
+@register("resize", since=target.iOS17, widen=True)
+def resize(
+    x: torch.Tensor,
+    shape: torch.Tensor,
+    resized_dims: int,
+    interpolation_mode: str = "LINEAR",
+    sampling_mode: str = "DEFAULT",
+) -> torch.Tensor:
+    """Resize the last `resized_dims` dims of x to the last entries of `shape` (a 0 keeps x's size
+    there), sampling each dim at the grid points resize_bilinear's `sampling_mode` places: LINEAR
+    interpolates there, NEAREST_NEIGHBOR takes the input element nearest to each point."""
+    sizes = shape.tolist()[len(shape) - resized_dims :]
+    for offset, size in enumerate(sizes):
+        dim = x.dim() - resized_dims + offset
+        size_in = x.shape[dim]
+        grid = _sampling_grid(sampling_mode, size_in, size or size_in, x.device)
+        if interpolation_mode == "NEAREST_NEIGHBOR":
+            x = x.index_select(dim, (grid + 0.5).floor().long().clamp(0, size_in - 1))
+        else:
+            x = _interpolate_axis(x, dim, grid)
+    return x
+
+
+def _pixel_coordinates(values: torch.Tensor, size: int, mode: str, align_corners: bool) -> torch.Tensor:
+    """resample's coordinates along one axis as pixel positions (0 = centre of the first pixel)."""
+    if mode == "unnormalized":
+        return values
+    if mode == "normalized_zero_to_one":
+        values = 2 * values - 1
+    elif mode != "normalized_minus_one_to_one":
+        raise ValueError(f"resample coordinates_mode {mode!r} is not a MIL coordinates mode")
+    return (values + 1) / 2 * (size - 1) if align_corners else ((values + 1) * size - 1) / 2
+
+
+@register("resample", since=target.iOS15, widen=True)
+def resample(
+    x: torch.Tensor,
+    coordinates: torch.Tensor,
+    sampling_mode: str,
+    padding_mode: str,
+    padding_value: torch.Tensor,
+    coordinates_mode: str,
+    align_corners: bool,
+) -> torch.Tensor:
+    """x [B, C, H, W] sampled at coordinates [B, H_out, W_out, 2] ((w, h) pairs) by "bilinear" or
+    "nearest"; points outside the image read `padding_value` ("constant"), the edge ("border"), or
+    the image mirrored about its edge pixels' centres ("reflection") or about its edges
+    ("symmetric"). PyTorch's grid_sample does the sampling on coordinates renormalised to its
+    convention, whose reflection is about centres with align_corners and about edges without."""
+    coordinates = coordinates.float()
+    height, width = x.shape[-2:]
+    columns = _pixel_coordinates(coordinates[..., 0], width, coordinates_mode, align_corners)
+    rows = _pixel_coordinates(coordinates[..., 1], height, coordinates_mode, align_corners)
+    centres = padding_mode != "symmetric"
+    normalise = (lambda p, size: 2 * p / (size - 1) - 1) if centres else (lambda p, size: (2 * p + 1) / size - 1)
+    grid = torch.stack([normalise(columns, width), normalise(rows, height)], dim=-1)
+    torch_padding = {"constant": "zeros", "border": "border", "reflection": "reflection", "symmetric": "reflection"}[padding_mode]
+    value = float(padding_value) if padding_mode == "constant" else 0.0
+    # grid_sample pads with zeros: sampling x - value and adding it back pads with `value`.
+    sampled = torch.nn.functional.grid_sample(
+        x.float() - value, grid, mode=sampling_mode, padding_mode=torch_padding, align_corners=centres
+    )
+    return sampled + value

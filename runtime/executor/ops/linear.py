@@ -5,9 +5,26 @@ import torch.nn.functional as F
 from ..registry import register
 
 
+def _common_dtype(*tensors: torch.Tensor | list | None) -> list[torch.Tensor | None]:
+    """iOS 17 lets the operands of a product differ in type (float and int): integers are taken
+    as the floating-point type of the other operand. (An int32 constant weight arrives as a list,
+    as every non-float constant input does.)"""
+    device = next(t.device for t in tensors if isinstance(t, torch.Tensor))
+    tensors = [torch.tensor(t, device=device) if isinstance(t, list) else t for t in tensors]
+    floating = next((t.dtype for t in tensors if t is not None and t.is_floating_point()), None)
+    if floating is None:
+        return list(tensors)
+    return [t.to(floating) if t is not None and t.dtype != floating else t for t in tensors]
+
+
 @register("linear", widen=True)
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [*D, D_in] @ weight[D_out, D_in]^T + bias [D_out]."""
+    if not isinstance(weight, torch.Tensor) or x.dtype != weight.dtype:
+        x, weight, bias = _common_dtype(x, weight, bias)
+    if not x.is_floating_point():  # PyTorch's linear has no integer kernel
+        result = torch.matmul(x, weight.T)
+        return result if bias is None else result + bias
     return F.linear(x, weight, bias)
 
 
@@ -21,6 +38,8 @@ def matmul(
         x = x.transpose(-1, -2)
     if transpose_y and y.dim() > 1:
         y = y.transpose(-1, -2)
+    if x.dtype != y.dtype:
+        x, y = _common_dtype(x, y)
     return torch.matmul(x, y)
 
 

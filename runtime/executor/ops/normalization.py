@@ -62,3 +62,19 @@ def l2_norm(x: torch.Tensor, epsilon: torch.Tensor | None = None) -> torch.Tenso
     eps = 1e-6 if epsilon is None else float(epsilon)
     sum_of_squares = torch.sum(x * x, dim=(-3, -2, -1), keepdim=True)
     return x / torch.sqrt(sum_of_squares + eps)
+
+
+@register("local_response_norm", widen=True)
+def local_response_norm(
+    x: torch.Tensor,
+    size: int,
+    alpha: torch.Tensor | None = None,
+    beta: torch.Tensor | None = None,
+    k: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x / (k + alpha / size * sum of x^2 over `size` neighbouring channels)^beta; the window runs
+    from size // 2 channels before to (size - 1) // 2 after, as in PyTorch."""
+    alpha = 1e-4 if alpha is None else float(alpha)
+    beta = 0.75 if beta is None else float(beta)
+    k = 1.0 if k is None else float(k)
+    return F.local_response_norm(x, size, alpha, beta, k)

@@ -94,3 +94,9 @@ def topk(
 def argsort(x: torch.Tensor, axis: int = -1, ascending: bool = False) -> torch.Tensor:
     """Indices that sort x along `axis` (descending unless `ascending`), ties in input order."""
     return torch.argsort(x, dim=axis, descending=not ascending, stable=True)
+
+
+@register("non_zero")
+def non_zero(x: torch.Tensor) -> torch.Tensor:
+    """[N, rank(x)]: the coordinates of the N non-zero elements, in row-major order."""
+    return torch.nonzero(x)

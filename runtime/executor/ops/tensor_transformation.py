@@ -46,8 +46,8 @@ def expand_dims(x: torch.Tensor, axes: list[int]) -> torch.Tensor:
 
 @register("flatten2d")
 def flatten2d(x: torch.Tensor, axis: int = 1) -> torch.Tensor:
-    """[prod(shape[:axis]), prod(shape[axis:])]."""
-    axis %= x.dim()
+    """[prod(shape[:axis]), prod(shape[axis:])], the slices taken as Python's (a rank-1 x of size N
+    gives [N, 1] for axis 1 and [1, N] for axis 0 or -1)."""
     return x.reshape(math.prod(x.shape[:axis]), math.prod(x.shape[axis:]))
 
 
@@ -105,6 +105,26 @@ def _index(x: torch.Tensor, index: list) -> torch.Tensor:
             x = x.index_select(dim, item)
             dim += 1
     return x
+
+
+@register("slice_update")
+def slice_update(
+    x: torch.Tensor,
+    update: torch.Tensor,
+    begin: torch.Tensor,
+    end: torch.Tensor,
+    stride: list[int] | None = None,
+    begin_mask: list[bool] | None = None,
+    end_mask: list[bool] | None = None,
+    squeeze_mask: list[bool] | None = None,
+) -> torch.Tensor:
+    """x with the slice that slice_by_index takes (same arguments) replaced by `update`."""
+    positions = slice_by_index(
+        torch.arange(x.numel(), device=x.device).reshape(x.shape), begin, end, stride, begin_mask, end_mask, squeeze_mask
+    )
+    result = x.reshape(-1).clone()
+    result[positions.reshape(-1)] = update.reshape(-1).to(x.dtype)
+    return result.reshape(x.shape)
 
 
 @register("slice_by_size")
@@ -210,3 +230,58 @@ def pixel_shuffle(x: torch.Tensor, upscale_factor: int) -> torch.Tensor:
 def pixel_unshuffle(x: torch.Tensor, downscale_factor: int) -> torch.Tensor:
     """The inverse of pixel_shuffle."""
     return torch.nn.functional.pixel_unshuffle(x, downscale_factor)
+
+
+@register("reshape_like")
+def reshape_like(
+    x: torch.Tensor, ref_tensors: list[torch.Tensor], begins: list, ends: list, end_masks: list
+) -> torch.Tensor:
+    """Reshape to the concatenation of ref_tensors[i].shape[begins[i]:ends[i]] (to the end where
+    end_masks[i])."""
+    shape = []
+    for reference, begin, end, to_end in zip(ref_tensors, begins, ends, end_masks):
+        shape += reference.shape[int(begin) :] if bool(to_end) else reference.shape[int(begin) : int(end)]
+    return x.reshape(shape)
+
+
+@register("sliding_windows")
+def sliding_windows(x: torch.Tensor, axis: int, size: int, stride: int = 1) -> torch.Tensor:
+    """All windows of `size` elements along `axis`, `stride` apart: the axis becomes
+    [(d_axis - size) // stride + 1, size]."""
+    axis %= x.dim()
+    return torch.movedim(x.unfold(axis, size, stride), -1, axis + 1)
+
+
+@register("space_to_batch")
+def space_to_batch(x: torch.Tensor, block_shape: list[int], paddings: list[list[int]]) -> torch.Tensor:
+    """[N, C, H, W] zero-padded, then each (b0 x b1) block spread over the batch: output batch
+    (i b1 + j) N + n holds the elements at (h b0 + i, w b1 + j) of sample n (TensorFlow's order)."""
+    (top, bottom), (left, right) = paddings
+    x = torch.nn.functional.pad(x, [left, right, top, bottom])
+    n, channels, height, width = x.shape
+    b0, b1 = block_shape
+    x = x.reshape(n, channels, height // b0, b0, width // b1, b1)
+    return x.permute(3, 5, 0, 1, 2, 4).reshape(n * b0 * b1, channels, height // b0, width // b1)
+
+
+@register("batch_to_space")
+def batch_to_space(x: torch.Tensor, block_shape: list[int], crops: list[list[int]]) -> torch.Tensor:
+    """The inverse of space_to_batch, then `crops` ((top, bottom), (left, right)) removed."""
+    batch, channels, height, width = x.shape
+    b0, b1 = block_shape
+    n = batch // (b0 * b1)
+    x = x.reshape(b0, b1, n, channels, height, width).permute(2, 3, 4, 0, 5, 1)
+    x = x.reshape(n, channels, height * b0, width * b1)
+    (top, bottom), (left, right) = crops
+    return x[:, :, top : height * b0 - bottom, left : width * b1 - right]
+
+
+@register("reverse_sequence")
+def reverse_sequence(x: torch.Tensor, lengths: torch.Tensor, seq_axis: int = 0, batch_axis: int = 0) -> torch.Tensor:
+    """For each position b along batch_axis, the first lengths[b] elements along seq_axis reversed."""
+    rank = x.dim()
+    along = lambda values, axis: values.reshape([-1 if d == axis % rank else 1 for d in range(rank)])
+    position = along(torch.arange(x.shape[seq_axis], device=x.device), seq_axis)
+    length = along(lengths.long(), batch_axis)
+    source = torch.where(position < length, length - 1 - position, position)
+    return torch.gather(x, seq_axis, source.expand(x.shape))
