@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import GenerationError
-from .integrity import check_files
+from .integrity import check_files, inside
 
 PACKAGES_ENV = "COREML_SD_PACKAGES"
 MANIFEST_FILE = "manifest.json"
@@ -191,7 +191,8 @@ def load_package(folder: Path, verify: bool = False) -> Package:
             raise GenerationError(f"package {folder} lacks {file_name} (the CLIP tokenizer's files); reconvert it")
     manifest = manifest or {}
     for entry in manifest.get("components", {}).values():
-        check_files(folder, entry["file"], entry.get("files", {}), hashes=verify)
+        if inside(folder, entry["file"], "the manifest").exists():  # an absent model is a missing component
+            check_files(folder, entry["file"], entry.get("files", {}), hashes=verify)
     scheduler_config = manifest.get("scheduler", SD_V1_SCHEDULER_CONFIG)
     attention = manifest.get("attention_implementation")
     if attention is None and components["Unet"].suffix == ".mlmodelc":
