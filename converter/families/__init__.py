@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from .contract import ComponentSpec, ModelDimensions
 
 # What a component is, for the Neural Engine rewrite and for validation's reference.
-COMPONENT_KINDS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+COMPONENT_KINDS = ("text_encoder", "unet", "vae_decoder", "vae_encoder", "safety_checker")
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,7 @@ class Component:
     its contract (a builder of the `ComponentSpec` for given dimensions)."""
 
     kind: str
-    module: str  # the diffusers pipeline's attribute: "text_encoder", "text_encoder_2", "unet", "vae"
+    module: str  # the diffusers pipeline's attribute: "text_encoder", "text_encoder_2", "unet", "vae", "safety_checker"
     spec: Callable[[str, ModelDimensions], ComponentSpec]
     # Text encoders: which hidden states condition the Unet; -1 is the last layer after the final layer
     # norm (SD), -2 the penultimate layer's, without it (SDXL).
