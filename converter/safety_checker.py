@@ -11,22 +11,10 @@ from pathlib import Path
 
 import torch
 
+from coreml_sd.runtime.safety import SD_FEATURE_EXTRACTOR
+
 from .errors import ConversionError
 
-# SD v1.4's feature_extractor/preprocessor_config.json, in the older flat format: CLIP's preprocessing, for
-# checkers that come without theirs.
-CLIP_FEATURE_EXTRACTOR = {
-    "crop_size": 224,
-    "do_center_crop": True,
-    "do_convert_rgb": True,
-    "do_normalize": True,
-    "do_resize": True,
-    "feature_extractor_type": "CLIPFeatureExtractor",
-    "image_mean": [0.48145466, 0.4578275, 0.40821073],
-    "image_std": [0.26862954, 0.26130258, 0.27577711],
-    "resample": 3,
-    "size": 224,
-}
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
 # What a download fetches, for both layouts; PyTorch pickles only where a repository has no safetensors.
 HUB_PATTERNS = ["config.json", PREPROCESSOR_CONFIG, "model.safetensors", "safety_checker/config.json",
@@ -47,7 +35,7 @@ class SafetyCheckerLocation:
             checker = StableDiffusionSafetyChecker.from_pretrained(self.weights, torch_dtype=dtype)
         except (OSError, ValueError, KeyError, RuntimeError) as error:
             raise ConversionError(f"cannot load a safety checker from {self.weights}: {error}".splitlines()[0]) from error
-        config = dict(CLIP_FEATURE_EXTRACTOR)
+        config = dict(SD_FEATURE_EXTRACTOR)
         if self.preprocessor_config.is_file():
             config = json.loads(self.preprocessor_config.read_text())
         return checker, config

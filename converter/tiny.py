@@ -10,7 +10,7 @@ from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNe
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from transformers import CLIPConfig, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from .safety_checker import CLIP_FEATURE_EXTRACTOR
+from coreml_sd.runtime.safety import SD_FEATURE_EXTRACTOR
 
 SEED = 0
 TEXT_WIDTH = 32
@@ -120,4 +120,4 @@ def build_tiny_safety_checker() -> tuple[StableDiffusionSafetyChecker, dict]:
             checker.special_care_embeds.normal_()
             checker.concept_embeds_weights.fill_(SAFETY_THRESHOLD)
             checker.special_care_embeds_weights.fill_(SAFETY_THRESHOLD)
-    return checker.eval(), dict(CLIP_FEATURE_EXTRACTOR)
+    return checker.eval(), dict(SD_FEATURE_EXTRACTOR)

@@ -19,9 +19,9 @@ class ContractModel:
     it, the runtime must reproduce diffusers to the last bit an 8-bit image can show.
     """
 
-    def __init__(self, name: str, reference, unet_batch_size: int):
+    def __init__(self, name: str, reference, unet_batch_size: int, size: int = TINY_SIZE):
         self.name, self.reference = name, reference
-        dims = ModelDimensions(TEXT_WIDTH, TINY_SIZE, TINY_SIZE, unet_batch_size)
+        dims = ModelDimensions(TEXT_WIDTH, size, size, unet_batch_size)
         self.input_description = {t.name: (t.shape, np.dtype(t.dtype)) for t in SD.spec(name, dims).inputs}
 
     @torch.no_grad()
@@ -42,9 +42,10 @@ class ContractModel:
 
 @pytest.fixture(scope="session")
 def contract_models(tiny_pipeline):
-    def build(unet_batch_size: int = 2) -> dict[str, ContractModel]:
+    def build(unet_batch_size: int = 2, size: int = TINY_SIZE) -> dict[str, ContractModel]:
+        """The components at `size` x `size` pixels (the tiny model makes any multiple of 64)."""
         names = ("TextEncoder", "Unet", "VAEDecoder", "VAEEncoder")
-        return {name: ContractModel(name, tiny_pipeline, unet_batch_size) for name in names}
+        return {name: ContractModel(name, tiny_pipeline, unet_batch_size, size) for name in names}
 
     return build
 
