@@ -156,7 +156,7 @@ def convert_model(options: ConversionOptions) -> ConversionReport:
         "scheduler": source.scheduler_config,
         "latent_scaling_factor": source.latent_scaling_factor,
         "prediction_type": source.prediction_type,
-        "watermark": source.watermark.to_manifest(),
+        "watermark": source.family.watermark.to_manifest(),
     }
     with folder.lock():
         try:

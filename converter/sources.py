@@ -19,8 +19,6 @@ from pathlib import Path
 
 import torch
 
-from coreml_sd.runtime.watermark import STABLE_DIFFUSION_V1, Watermark
-
 from .errors import ConversionError
 from .families import Family, detect_family
 from .families.sd import SD
@@ -85,7 +83,6 @@ class ModelSource:
     prediction_type: str
     family: Family
     safety_checker: str | None = None  # --safety-checker: another model's checker, by folder or id
-    watermark: Watermark = STABLE_DIFFUSION_V1  # what the family's images carry (SD 1.x and 2.x: CompVis')
     _tiny_pipeline: object = field(default=None, repr=False)
 
     def load(self, component: str, dtype: torch.dtype) -> ModelParts:

@@ -9,6 +9,8 @@ an entry in `FAMILIES`.
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from coreml_sd.runtime.watermark import STABLE_DIFFUSION_V1, Watermark
+
 from .contract import ComponentSpec, ModelDimensions
 
 # What a component is, for the Neural Engine rewrite and for validation's reference.
@@ -49,6 +51,8 @@ class Family:
     defaults: Defaults
     # transformers class of each text encoder module, as model_index.json names it.
     text_encoder_classes: dict[str, str] = field(default_factory=lambda: {"text_encoder": "CLIPTextModel"})
+    # The invisible watermark the family's images carry (SD 1.x and 2.x: CompVis' `StableDiffusionV1`).
+    watermark: Watermark = STABLE_DIFFUSION_V1
     # Recognises the family from a folder's model_index.json and unet/config.json.
     matches: Callable[[dict, dict], bool] = lambda model_index, unet_config: True
 
