@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from .errors import GenerationError
+
 METHOD = "dwtDct"
 MIN_PIXELS = 256 * 256  # the library's limit on rows x columns
 # The share of matched bits above which an image counts as watermarked: by chance, 136 bits reach it with
@@ -47,11 +49,19 @@ def fits(image: Image.Image) -> bool:
     return image.width * image.height >= MIN_PIXELS
 
 
+def _library():
+    """invisible-watermark, or one line on what to do when OpenCV cannot load (Linux without libGL)."""
+    try:
+        import imwatermark
+    except ImportError as error:
+        raise GenerationError(f"invisible-watermark cannot load ({error}); on Linux install libgl1 or "
+                              "pip install opencv-python-headless, or pass --no-watermark") from None
+    return imwatermark
+
+
 def apply(image: Image.Image, watermark: Watermark) -> Image.Image:
     """`image` with `watermark` written in; call only where `fits(image)`."""
-    from imwatermark import WatermarkEncoder
-
-    encoder = WatermarkEncoder()
+    encoder = _library().WatermarkEncoder()
     encoder.set_watermark("bits", list(watermark.bits))
     bgr = np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1])
     return Image.fromarray(np.ascontiguousarray(encoder.encode(bgr, METHOD)[:, :, ::-1]))
@@ -59,10 +69,8 @@ def apply(image: Image.Image, watermark: Watermark) -> Image.Image:
 
 def read_bits(image: Image.Image, length: int) -> np.ndarray:
     """The `length` bits the method reads from `image` (whatever it holds: unmarked images give noise)."""
-    from imwatermark import WatermarkDecoder
-
     bgr = np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1])
-    return np.asarray(WatermarkDecoder("bits", length).decode(bgr, METHOD), dtype=np.uint8)
+    return np.asarray(_library().WatermarkDecoder("bits", length).decode(bgr, METHOD), dtype=np.uint8)
 
 
 def matched_bits(image: Image.Image, watermark: Watermark) -> int:

@@ -12,7 +12,7 @@ from imwatermark import WatermarkDecoder
 from PIL import Image
 
 from coreml_sd.runtime import watermark
-from coreml_sd.runtime.cli import check_watermark_main
+from coreml_sd.runtime.cli import watermark_main
 from coreml_sd.runtime.pipeline import Pipeline
 
 PROMPT = "a photo of an astronaut riding a horse"
@@ -50,7 +50,7 @@ def test_unwatermarked_image_matches_by_chance_only(images_512, tmp_path, capsys
     marked, _ = images_512
     for name, result in (("marked", marked), ("plain", plain)):
         result.images[0].save(tmp_path / f"{name}.png")
-    assert check_watermark_main([str(tmp_path / "marked.png"), str(tmp_path / "plain.png")]) == 0
+    assert watermark_main([str(tmp_path / "marked.png"), str(tmp_path / "plain.png")]) == 0
     marked_line, plain_line = capsys.readouterr().out.splitlines()
     assert marked_line == f"{tmp_path / 'marked.png'}: watermark (136/136 bits of StableDiffusionV1 matched; 68 by chance)"
     assert plain_line.startswith(f"{tmp_path / 'plain.png'}: no watermark (")
@@ -79,7 +79,7 @@ def test_small_images_are_saved_without_it_and_said_once(tiny_runtime, caplog, t
     ]
     assert "Watermark" not in result.parameters[0]
     result.images[0].save(tmp_path / "small.png")
-    assert check_watermark_main([str(tmp_path / "small.png"), str(tmp_path / "missing.png")]) == 1
+    assert watermark_main([str(tmp_path / "small.png"), str(tmp_path / "missing.png")]) == 1
     captured = capsys.readouterr()
     assert "128x128 is too small to carry the watermark" in captured.out
-    assert captured.err.startswith("error: no image at")
+    assert captured.err.startswith("Error: no image at")
