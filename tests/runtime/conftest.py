@@ -78,7 +78,7 @@ def start_image() -> Image.Image:
 
 @pytest.fixture(scope="session")
 def tiny_package(tiny_packages):
-    """The split-einsum tiny package folder (all four components)."""
+    """The split-einsum tiny package folder (every component, the safety checker too)."""
     return tiny_packages("split_einsum")
 
 

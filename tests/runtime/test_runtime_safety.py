@@ -111,8 +111,11 @@ def test_generation_blackens_the_flagged_image(flagging_package, generated, tmp_
 
 
 def test_package_without_a_checker_runs_as_before(tiny_package, generated, tmp_path):
-    folder = tmp_path / "tiny"
+    folder = tmp_path / "tiny"  # as converted without SafetyChecker in --components
     shutil.copytree(tiny_package, folder, ignore=shutil.ignore_patterns("SafetyChecker.mlpackage"))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    del manifest["components"]["SafetyChecker"]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
     result = Pipeline.from_package(folder, backend="reference")(PROMPT, steps=2, seed=FLAGGED_SEED, progress=False)
     assert result.nsfw_content_detected is None and "Safety checker" not in result.parameters[0]
     np.testing.assert_array_equal(np.asarray(result.images[0]), np.asarray(generated[0]))
