@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .errors import GenerationError
 from .integrity import check_files
-from .safety import SD_FEATURE_EXTRACTOR
+from .safety import SD_FEATURE_EXTRACTOR, ClipPreprocessing
 from .watermark import STABLE_DIFFUSION_V1, Watermark
 
 PACKAGES_ENV = "COREML_SD_PACKAGES"
@@ -211,9 +211,20 @@ def load_package(folder: Path, verify: bool = False) -> Package:
         scaling_factor=float(manifest.get("latent_scaling_factor", SD_V1_SCALING_FACTOR)),
         prediction_type=manifest.get("prediction_type", SD_V1_PREDICTION_TYPE),
         attention_implementation=attention,
-        feature_extractor=manifest.get("components", {}).get("SafetyChecker", {}).get("feature_extractor", SD_FEATURE_EXTRACTOR),
+        feature_extractor=_feature_extractor(manifest, folder),
         watermark=_watermark(manifest, folder),
     )
+
+
+def _feature_extractor(manifest: dict, folder: Path) -> dict:
+    """The SafetyChecker's preprocessing as the converter recorded it (SD v1.4's for bundles without a manifest)."""
+    config = manifest.get("components", {}).get("SafetyChecker", {}).get("feature_extractor", SD_FEATURE_EXTRACTOR)
+    try:
+        ClipPreprocessing.from_config(config)
+    except (TypeError, KeyError, ValueError, AttributeError) as exc:
+        raise GenerationError(f"{folder / MANIFEST_FILE}: unreadable SafetyChecker 'feature_extractor' ({exc!r}); "
+                              "reconvert the package") from None
+    return config
 
 
 def _watermark(manifest: dict, folder: Path) -> Watermark:
