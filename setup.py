@@ -36,6 +36,8 @@ setup(
         "scipy",
         "pillow",
         "click>=8.1",
+        # Stable Diffusion's invisible watermark, on by default; it brings opencv-python and PyWavelets
+        "invisible-watermark>=0.2.0",
     ],
     extras_require={
         "test": ["pytest", "hypothesis", "scikit-learn"],  # scikit-learn: the reference k-means for palettes
@@ -45,6 +47,7 @@ setup(
             "coreml-convert=coreml_sd.converter.cli:main",
             "coreml-generate=coreml_sd.runtime.cli:main",
             "coreml-sd=coreml_sd.runtime.commandline:main",
+            "coreml-watermark=coreml_sd.runtime.cli:watermark_main",
         ]
     },
 )

@@ -51,6 +51,9 @@ def list_models(ctx: click.Context, _, value: bool) -> None:
 @click.option("--quantize-nbits", type=click.Choice(NBITS_CHOICES),
               help="Store the text encoders' and Unet's weights as 2^N-entry palettes (at 6 bits they take 6/16 "
               "of their float16 size; default: float16).")
+@click.option("--safety-checker", metavar="PATH_OR_ID",
+              help="With SafetyChecker in --components: convert this folder's or Hugging Face id's safety checker "
+              "(e.g. CompVis/stable-diffusion-safety-checker) instead of the model's own, for models that carry none.")
 @click.option("--force", is_flag=True, help="Convert components again even if up to date.")
 @click.option("--no-validate", is_flag=True,
               help="Skip checking each component against the original with the reference executor.")
@@ -62,7 +65,7 @@ def list_models(ctx: click.Context, _, value: bool) -> None:
 @shared_options
 def convert(model: str | None, revision: str | None, output: Path | None, components: str | None,
             attention_implementation: str, height: int | None, width: int | None, unet_batch_size: int,
-            quantize_nbits: int | None, force: bool, no_validate: bool, validate_only: Path | None,
+            quantize_nbits: int | None, safety_checker: str | None, force: bool, no_validate: bool, validate_only: Path | None,
             verbose: bool) -> int:
     """Convert a Stable Diffusion model (alias, Hugging Face id or local diffusers folder) into Core ML packages
     for the Neural Engine, in packages/<name>/."""
@@ -84,6 +87,7 @@ def convert(model: str | None, revision: str | None, output: Path | None, compon
         width=width,
         unet_batch_size=unet_batch_size,
         quantize_nbits=quantize_nbits,
+        safety_checker=safety_checker,
         force=force,
         validate=not no_validate,
         verbose=verbose,

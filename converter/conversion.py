@@ -34,6 +34,7 @@ class ConversionOptions:
     width: int | None = None
     unet_batch_size: int = 2
     quantize_nbits: int | None = None  # palettize the TextEncoder's and Unet's weights to this many bits
+    safety_checker: str | None = None  # the SafetyChecker from this folder or id instead of the model's own
     force: bool = False
     validate: bool = True
     validation_seed: int = 0
@@ -125,6 +126,8 @@ def component_settings(component: str, source: ModelSource, dims: ModelDimension
     kind = source.family.component(component).kind
     if kind == "unet":
         settings.update(attention_implementation=options.attention_implementation, unet_batch_size=dims.unet_batch_size)
+    elif kind == "safety_checker":
+        settings.update(safety_checker=source.safety_checker)
     elif kind != "text_encoder":
         settings.update(attention_implementation=options.attention_implementation)
     if quantize_nbits(source.family.component(component), options.quantize_nbits):
@@ -141,6 +144,7 @@ def convert_model(options: ConversionOptions) -> ConversionReport:
     check_options(options)
     source = resolve(options.model, options.revision)
     components = chosen_components(source, options)
+    source.safety_checker = options.safety_checker
     dims = model_dimensions(source, options)
     folder = PackageFolder(options.output or Path("packages") / source.name)
     report = ConversionReport(folder=folder.path)
@@ -152,6 +156,7 @@ def convert_model(options: ConversionOptions) -> ConversionReport:
         "scheduler": source.scheduler_config,
         "latent_scaling_factor": source.latent_scaling_factor,
         "prediction_type": source.prediction_type,
+        "watermark": source.family.watermark.to_manifest(),
     }
     with folder.lock():
         try:
@@ -195,6 +200,7 @@ def convert_component(folder: PackageFolder, source: ModelSource, component: str
     try:
         with stage(report, component, "load"):
             parts = source.load(component, torch.float16)
+        feature_extractor = parts.feature_extractor
         palettized = None
         if nbits:
             with stage(report, component, "palettize"):
@@ -233,6 +239,8 @@ def convert_component(folder: PackageFolder, source: ModelSource, component: str
                     f"{component}: PSNR {validation['psnr_db']:.1f} dB against {original} is below "
                     f"{PSNR_THRESHOLD_DB:.0f} dB, so it was not installed (--no-validate installs it anyway)")
         entry = dict(spec.to_json(), settings=settings, validation=validation)
+        if feature_extractor is not None:
+            entry["feature_extractor"] = feature_extractor  # the runtime prepares the checker's input with it
         if palettized is not None:
             entry["palettized_parameters"] = palettized
         folder.install(staged, component, entry)
@@ -274,6 +282,7 @@ def validate_package(path: Path, seed: int = 0) -> dict[str, dict]:
     for entry in manifest["components"].values():
         check_files(folder.path, entry["file"], entry.get("files", {}), hashes=True)
     source = source_of(manifest)
+    source.safety_checker = manifest["components"].get("SafetyChecker", {}).get("settings", {}).get("safety_checker")
     dims = ModelDimensions.from_manifest(manifest)
     results, report = {}, ConversionReport(folder.path)
     with folder.lock():

@@ -14,6 +14,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -64,6 +65,8 @@ class ModelParts:
     vae: torch.nn.Module | None = None
     text_encoder: torch.nn.Module | None = None
     text_encoder_2: torch.nn.Module | None = None
+    safety_checker: torch.nn.Module | None = None
+    feature_extractor: dict | None = None  # the safety checker's preprocessing, as preprocessor_config.json holds it
 
 
 @dataclass
@@ -79,12 +82,17 @@ class ModelSource:
     latent_scaling_factor: float
     prediction_type: str
     family: Family
+    safety_checker: str | None = None  # --safety-checker: another model's checker, by folder or id
     _tiny_pipeline: object = field(default=None, repr=False)
 
     def load(self, component: str, dtype: torch.dtype) -> ModelParts:
         """The pipeline modules `component` needs, in `dtype`, in eval mode."""
         parts = ModelParts()
         module_name = self.family.component(component).module
+        if module_name == "safety_checker":
+            checker, parts.feature_extractor = self._load_safety_checker(dtype)
+            parts.safety_checker = checker.eval().requires_grad_(False)
+            return parts
         module = self._load_module(module_name, dtype)
         setattr(parts, module_name, module.eval().requires_grad_(False))
         return parts
@@ -105,6 +113,21 @@ class ModelSource:
             return load_diffusers_module(loader, self.folder / module_name, dtype)
         except (OSError, ValueError, KeyError, RuntimeError) as error:
             raise ConversionError(f"cannot load {module_name} from {self.folder}: {error}".splitlines()[0]) from error
+
+    def _load_safety_checker(self, dtype: torch.dtype) -> tuple[torch.nn.Module, dict]:
+        from . import safety_checker
+
+        if self.safety_checker is not None:
+            return safety_checker.locate(self.safety_checker, partial(_download, revision=None)).load(dtype)
+        if self._tiny_pipeline is not None:
+            from .tiny import build_tiny_safety_checker
+
+            checker, feature_extractor = build_tiny_safety_checker()
+            return checker.to(dtype=dtype), feature_extractor
+        folder = self.folder
+        if "id" in self.description:  # the conversion's download left the checker out
+            folder = _download(self.description["id"], self.description.get("revision"), safety_checker.HUB_PATTERNS)
+        return safety_checker.in_model_folder(folder, self.name).load(dtype)
 
     def file_hashes(self, components: list[str]) -> dict[str, str]:
         """SHA-256 of the configuration files and of the weights the given components are built from."""
@@ -228,7 +251,7 @@ def resolve(model: str, revision: str | None = None) -> ModelSource:
     return _folder_source(folder, name=name, description={"id": hub_id, "revision": revision})
 
 
-def _download(hub_id: str, revision: str | None) -> Path:
+def _download(hub_id: str, revision: str | None, patterns: list[str] = HUB_PATTERNS) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -239,7 +262,7 @@ def _download(hub_id: str, revision: str | None) -> Path:
     )
 
     try:
-        return Path(snapshot_download(hub_id, revision=revision, allow_patterns=HUB_PATTERNS))
+        return Path(snapshot_download(hub_id, revision=revision, allow_patterns=patterns))
     except GatedRepoError:
         raise ConversionError(f"{hub_id} is gated: accept its license on huggingface.co and log in (hf auth login), or pass a local folder") from None
     except RepositoryNotFoundError:

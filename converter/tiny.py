@@ -7,7 +7,10 @@ from importlib import resources
 
 import torch
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+from transformers import CLIPConfig, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from coreml_sd.runtime.safety import SD_FEATURE_EXTRACTOR
 
 SEED = 0
 TEXT_WIDTH = 32
@@ -51,6 +54,17 @@ TEXT_ENCODER_CONFIG = dict(
     pad_token_id=49407,
 )
 
+# A CLIP vision tower at toy size; the input stays CLIP's 224x224, as the contract has it.
+SAFETY_CHECKER_CONFIG = dict(
+    vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       image_size=224, patch_size=32, hidden_act="quick_gelu"),
+    text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4),
+    projection_dim=16,
+)
+# Cosine similarities never exceed 1, so with these thresholds the random concepts flag nothing; tests set
+# their own to flag chosen images.
+SAFETY_THRESHOLD = 1.0
+
 # SD v1.4's scheduler configuration.
 SCHEDULER_CONFIG = dict(
     num_train_timesteps=1000,
@@ -93,3 +107,17 @@ def build_tiny_pipeline() -> StableDiffusionPipeline:
     )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+def build_tiny_safety_checker() -> tuple[StableDiffusionSafetyChecker, dict]:
+    """The tiny safety checker in float32 (a random CLIP vision tower and random concepts, from its own seed so
+    the pipeline's weights stay as they are) and its feature extractor's configuration (SD v1.4's)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED + 1)
+        checker = StableDiffusionSafetyChecker(CLIPConfig(**SAFETY_CHECKER_CONFIG))
+        with torch.no_grad():
+            checker.concept_embeds.normal_()
+            checker.special_care_embeds.normal_()
+            checker.concept_embeds_weights.fill_(SAFETY_THRESHOLD)
+            checker.special_care_embeds_weights.fill_(SAFETY_THRESHOLD)
+    return checker.eval(), dict(SD_FEATURE_EXTRACTOR)

@@ -38,6 +38,10 @@ def validation_inputs(spec: ComponentSpec, seed: int, latent_scaling_factor: flo
             value = rng.uniform(-1, 1, size=tensor.shape)
         elif tensor.name == "time_ids":
             value = random_time_ids(rng, tensor.shape)
+        elif tensor.name == "images":
+            value = rng.uniform(0, 1, size=tensor.shape)
+        elif tensor.name == "adjustment":
+            value = np.zeros(tensor.shape)
         else:
             value = rng.randn(*tensor.shape)
         inputs[tensor.name] = value.astype(tensor.dtype)
@@ -61,6 +65,8 @@ def reference_outputs(parts: ModelParts, component: Component, spec: ComponentSp
     """The original modules' outputs in float32, for the contract's inputs."""
     x = {name: torch.from_numpy(value.astype(np.float32)) for name, value in inputs.items()}
     module = getattr(parts, component.module)
+    if component.kind == "safety_checker":  # the scores decide; the flag and the filtered images follow from them
+        return {"concept_scores": safety_concept_scores(module, x["clip_input"], x["adjustment"]).numpy()}
     if component.kind == "text_encoder":
         output = module(x["input_ids"].long(), output_hidden_states=True)
         hidden = output.last_hidden_state if component.hidden_layer == -1 else output.hidden_states[component.hidden_layer]
@@ -75,6 +81,17 @@ def reference_outputs(parts: ModelParts, component: Component, spec: ComponentSp
     else:
         values = (module.quant_conv(module.encoder(x["x"])),)
     return {tensor.name: value.numpy() for tensor, value in zip(spec.outputs, values)}
+
+
+def safety_concept_scores(checker: torch.nn.Module, clip_input: torch.Tensor, adjustment: torch.Tensor) -> torch.Tensor:
+    """diffusers' concept scores (its `forward_onnx` math, with diffusers' `cosine_distance`), `adjustment` on
+    the special-care scores as Apple's contract has it."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import cosine_distance
+
+    image_embeds = checker.visual_projection(checker.vision_model(clip_input)[1])
+    special_scores = cosine_distance(image_embeds, checker.special_care_embeds) - checker.special_care_embeds_weights + adjustment
+    special_care = torch.any(special_scores > 0, dim=1, keepdim=True)
+    return cosine_distance(image_embeds, checker.concept_embeds) - checker.concept_embeds_weights + special_care * 0.01
 
 
 def validate(package: Path, component: Component, spec: ComponentSpec, load_reference, seed: int,

@@ -100,6 +100,12 @@ def _console_logging():
               help="Core ML compute units (default: CPU_AND_NE for split-einsum packages, CPU_AND_GPU for original "
               "attention, ALL when the package does not say).")
 @click.option("--verify", is_flag=True, help="Check every model file's SHA-256 against the manifest before loading.")
+@click.option("--safety-checker/--no-safety-checker", default=True,
+              help="Run the package's safety checker, if it has one: flagged images are saved black "
+              "[default: on; off is stated in the PNG].")
+@click.option("--watermark/--no-watermark", default=True,
+              help="Write Stable Diffusion's invisible watermark (see coreml-sd watermark) "
+              "[default: on; off is stated in the PNG].")
 @shared_options
 def generate(**options) -> None:
     """Make images from a converted package and write them as PNGs with their settings."""
@@ -112,7 +118,7 @@ def generate(**options) -> None:
 def write_images(prompt: str, negative_prompt: str, model: str | None, steps: int, guidance_scale: float,
                  scheduler: str | None, seed: int | None, image: str | None, strength: float | None, num_images: int,
                  height: int | None, width: int | None, output: str | None, backend: str,
-                 compute_unit: str | None, verify: bool) -> list[Path]:
+                 compute_unit: str | None, verify: bool, safety_checker: bool, watermark: bool) -> list[Path]:
     try:  # the option checks that need no model are usage errors
         if strength is not None and image is None:
             raise GenerationError("--strength applies to image-to-image only; add --image PATH or drop --strength")
@@ -140,7 +146,12 @@ def write_images(prompt: str, negative_prompt: str, model: str | None, steps: in
         num_images=num_images,
         height=height,
         width=width,
+        safety_checker=safety_checker,
+        watermark=watermark,
     )
+    for index, flagged in enumerate(result.nsfw_content_detected or []):
+        if flagged:
+            click.echo(f"image {index + 1} (seed {result.seeds[index]}) was flagged by the safety checker and saved black")
     for picture, parameters, path in zip(result.images, result.parameters, paths):
         images.save_png(picture, path, parameters)
     if grid is not None:
@@ -151,6 +162,37 @@ def write_images(prompt: str, negative_prompt: str, model: str | None, steps: in
 
 def main(argv: list[str] | None = None) -> int:
     return run_command(generate, argv)
+
+
+@click.command("coreml-watermark", context_settings=CONTEXT_SETTINGS)
+@click.argument("files", nargs=-1, required=True, metavar="FILE...")
+@shared_options
+def check_watermark(files: tuple[str, ...]) -> int:
+    """Say whether each image carries Stable Diffusion's invisible watermark, and how many of its bits matched."""
+    failed = False
+    for file in files:
+        try:
+            click.echo(f"{file}: {watermark_report(images.open_image(file))}")
+        except GenerationError as error:
+            click.echo(f"Error: {error}", err=True)
+            failed = True
+    return 1 if failed else 0
+
+
+def watermark_report(image) -> str:
+    from . import watermark
+
+    if not watermark.fits(image):
+        return f"{image.width}x{image.height} is too small to carry the watermark (256x256 at least)"
+    matches = [(watermark.matched_bits(image, known), known) for known in watermark.KNOWN_WATERMARKS]
+    best, known = max(matches, key=lambda match: match[0] / len(match[1].bits))
+    length = len(known.bits)
+    verdict = "watermark" if best >= watermark.PRESENT_FRACTION * length else "no watermark"
+    return f"{verdict} ({best}/{length} bits of {known.name} matched; {length // 2} by chance)"
+
+
+def watermark_main(argv: list[str] | None = None) -> int:
+    return run_command(check_watermark, argv)
 
 
 if __name__ == "__main__":

@@ -76,6 +76,7 @@ class LazyGroup(click.Group):
     SUBCOMMANDS = {
         "convert": ("coreml_sd.converter.cli", "convert", "Convert a model into Core ML packages."),
         "generate": ("coreml_sd.runtime.cli", "generate", "Make images from a converted package."),
+        "watermark": ("coreml_sd.runtime.cli", "check_watermark", "Check images for Stable Diffusion's invisible watermark."),
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -96,7 +97,7 @@ class LazyGroup(click.Group):
 @shared_options
 def cli() -> None:
     """coreml-sd: Stable Diffusion on Apple silicon. `coreml-sd convert` is `coreml-convert`, `coreml-sd generate`
-    is `coreml-generate`."""
+    is `coreml-generate`, `coreml-sd watermark` is `coreml-watermark`."""
 
 
 def main(argv: list[str] | None = None) -> int:

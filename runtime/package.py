@@ -6,18 +6,20 @@ without a manifest). Without a manifest, SD v1's settings apply; shapes always c
 """
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import GenerationError
 from .integrity import check_files, inside
+from .safety import SD_FEATURE_EXTRACTOR, ClipPreprocessing
+from .watermark import STABLE_DIFFUSION_V1, Watermark
 
 PACKAGES_ENV = "COREML_SD_PACKAGES"
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT_VERSION = 1
 MODEL_SUFFIXES = (".mlpackage", ".mlmodelc")
 REQUIRED_COMPONENTS = ("TextEncoder", "Unet", "VAEDecoder")
-OPTIONAL_COMPONENTS = ("VAEEncoder",)
+OPTIONAL_COMPONENTS = ("VAEEncoder", "SafetyChecker")
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
 
 # SD v1.4's settings, for bundles that carry no manifest (Apple's published SD v1 bundles).
@@ -39,13 +41,16 @@ SD_V1_PREDICTION_TYPE = "epsilon"
 class Package:
     path: Path
     name: str
-    components: dict[str, Path]  # component name -> model file; VAEEncoder may be absent
+    components: dict[str, Path]  # component name -> model file; VAEEncoder and SafetyChecker may be absent
     vocab_file: Path
     merges_file: Path
     scheduler_config: dict
     scaling_factor: float
     prediction_type: str
     attention_implementation: str | None  # None when neither a manifest nor the models say
+    # The SafetyChecker's CLIP preprocessing (preprocessor_config.json) and the invisible watermark the images carry.
+    feature_extractor: dict = field(default_factory=lambda: dict(SD_FEATURE_EXTRACTOR))
+    watermark: Watermark = STABLE_DIFFUSION_V1
 
     def component(self, name: str) -> Path:
         if name not in self.components:
@@ -207,4 +212,26 @@ def load_package(folder: Path, verify: bool = False) -> Package:
         scaling_factor=float(manifest.get("latent_scaling_factor", SD_V1_SCALING_FACTOR)),
         prediction_type=manifest.get("prediction_type", SD_V1_PREDICTION_TYPE),
         attention_implementation=attention,
+        feature_extractor=_feature_extractor(manifest, folder),
+        watermark=_watermark(manifest, folder),
     )
+
+
+def _feature_extractor(manifest: dict, folder: Path) -> dict:
+    """The SafetyChecker's preprocessing as the converter recorded it (SD v1.4's for bundles without a manifest)."""
+    config = manifest.get("components", {}).get("SafetyChecker", {}).get("feature_extractor", SD_FEATURE_EXTRACTOR)
+    try:
+        ClipPreprocessing.from_config(config)
+    except (TypeError, KeyError, ValueError, AttributeError) as exc:
+        raise GenerationError(f"{folder / MANIFEST_FILE}: unreadable SafetyChecker 'feature_extractor' ({exc!r}); "
+                              "reconvert the package") from None
+    return config
+
+
+def _watermark(manifest: dict, folder: Path) -> Watermark:
+    if "watermark" not in manifest:
+        return STABLE_DIFFUSION_V1  # packages converted before the manifest recorded it, Swift bundles
+    try:
+        return Watermark.from_manifest(manifest["watermark"])
+    except (TypeError, KeyError, ValueError) as exc:
+        raise GenerationError(f"{folder / MANIFEST_FILE}: unreadable 'watermark' ({exc}); reconvert the package") from None

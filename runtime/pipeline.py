@@ -3,6 +3,7 @@
 The random numbers are Apple's: NumPy's legacy `RandomState(seed).randn` draws the initial noise (and, for
 image-to-image, then the VAE sample), cast to float16, so a seed gives the image the Swift package gives.
 """
+import logging
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,13 +16,16 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import images
+from . import watermark as watermarks
 from .backends import Model, default_compute_unit, load_model, resolve_backend
 from .errors import GenerationError
 from .package import Package, find_package, load_package
 from .prompt import PromptEncoder
+from .safety import SafetyChecker
 from .schedulers import build_scheduler, default_scheduler_name, scheduler_class, step_keywords
 
 VAE_FACTOR = 8
+logger = logging.getLogger("coreml_sd.runtime")
 MAX_SEED = 2**32 - 1  # RandomState's seed range
 
 
@@ -30,6 +34,7 @@ class GenerationResult:
     images: list[Image.Image]
     seeds: list[int]
     parameters: list[str]  # per image, the settings as text in the format other SD tools write into PNGs
+    nsfw_content_detected: list[bool] | None = None  # per image, as diffusers; None when no checker ran
 
 
 @dataclass(frozen=True)
@@ -142,10 +147,14 @@ class Pipeline:
         height: int | None = None,
         width: int | None = None,
         progress: bool = True,
+        safety_checker: bool = True,
+        watermark: bool = True,
     ) -> GenerationResult:
         """`num_images` images from seeds seed, seed+1, ... (a random seed when None); with `image`, image-to-image
         that keeps `1 - strength` of it. `scheduler` is a name from `schedulers.SCHEDULERS`; `height`/`width`, when
-        given, must be the package's. Raises GenerationError for anything the caller can fix."""
+        given, must be the package's. The package's safety checker, if it has one, blackens flagged images
+        (`safety_checker=False` skips it); `watermark=False` leaves out the invisible watermark. Raises
+        GenerationError for anything the caller can fix."""
         scheduler = scheduler or default_scheduler_name(self.package.scheduler_config)
         check_options(scheduler, steps, strength, num_images, seed)
         training_steps = self.package.scheduler_config.get("num_train_timesteps", 1000)
@@ -165,19 +174,44 @@ class Pipeline:
         hidden = np.concatenate([self.prompt_encoder(negative_prompt), self.prompt_encoder(prompt)])
         hidden = hidden.astype(self.unet_dtypes["encoder_hidden_states"])
         settings = {"Steps": steps, "Sampler": scheduler, "CFG scale": guidance_scale}
-        result = GenerationResult([], [], [])
+        # The safeguards, in the order Stable Diffusion's scripts apply them: safety check, then watermark.
+        checker = self._safety_checker() if safety_checker else None
+        safeguard_settings = {
+            **({"Safety checker": "off"} if not safety_checker and "SafetyChecker" in self.package.components else {}),
+            **({} if watermark else {"Watermark": "off"}),
+        }
+        watermark = watermark and self._watermark_fits()
+        result = GenerationResult([], [], [], [] if checker is not None else None)
         for index, image_seed in enumerate(range(seed, seed + num_images)):
             label = f"image {index + 1}/{num_images}" if num_images > 1 else "denoising"
             # disable=None: a bar on terminals only, so that logs and pipes stay clean
             bar = partial(tqdm, desc=label, unit="step", disable=None if progress else True, leave=False)
-            result.images.append(self._decode(self._denoise(hidden, sampling, image_seed, init_latents, bar)))
+            picture = self._decode(self._denoise(hidden, sampling, image_seed, init_latents, bar))
+            if checker is not None:
+                picture, flagged = checker(picture)
+                result.nsfw_content_detected.append(flagged)
+            if watermark:
+                picture = watermarks.apply(picture, self.package.watermark)
+            result.images.append(picture)
             result.seeds.append(image_seed)
             image_settings = {**settings, "Seed": image_seed, "Size": f"{self.width}x{self.height}",
-                              "Model": self.package.name}
+                              "Model": self.package.name, **safeguard_settings}
             if image is not None:
                 image_settings["Denoising strength"] = strength
             result.parameters.append(parameters_text(prompt, negative_prompt, image_settings))
         return result
+
+    def _safety_checker(self) -> SafetyChecker | None:
+        if "SafetyChecker" not in self.package.components:
+            return None
+        return SafetyChecker(self._model("SafetyChecker"), self.package.feature_extractor)
+
+    def _watermark_fits(self) -> bool:
+        if self.width * self.height < watermarks.MIN_PIXELS:
+            logger.warning("%dx%d images are too small for the invisible watermark (256x256 at least): saved "
+                           "without it", self.width, self.height)
+            return False
+        return True
 
     def _check_size(self, height: int | None, width: int | None) -> None:
         height, width = height or self.height, width or self.width

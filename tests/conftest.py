@@ -1,7 +1,7 @@
 """Fixtures shared by all test areas: the tiny model and its converted packages.
 
 Conversions are the slow part of the suite, so each attention implementation's package folder is
-converted once per session (all four components) and shared by every test that needs it.
+converted once per session (all of SD's components) and shared by every test that needs it.
 """
 from pathlib import Path
 
@@ -20,7 +20,7 @@ def tiny_pipeline():
 
 @pytest.fixture(scope="session")
 def tiny_packages(tmp_path_factory):
-    """`tiny_packages(attention_implementation)` -> a package folder with all four components."""
+    """`tiny_packages(attention_implementation)` -> a package folder with all of SD's components."""
     folders: dict[str, Path] = {}
 
     def package(attention_implementation: str = "split_einsum") -> Path:

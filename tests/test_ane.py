@@ -217,7 +217,7 @@ def test_unknown_names_are_rejected_with_the_choices(tiny_pipeline):
     with pytest.raises(ValueError, match="split_einsum_v2"):
         component_module(tiny_pipeline, SD.component("Unet"), "flash")
     with pytest.raises(ValueError, match="VAEEncoder"):
-        component_module(tiny_pipeline, SD.component("SafetyChecker"), "split_einsum")
+        component_module(tiny_pipeline, SD.component("Vocoder"), "split_einsum")
 
 
 def test_unsupported_unet_configuration_is_rejected(tiny_pipeline):

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..families import Component
 from .attention import IMPLEMENTATIONS, implementation_by_name
+from .safety_checker import SafetyChecker
 from .text_encoder import TextEncoder
 from .unet import Unet
 from .vae import VAEDecoder, VAEEncoder
@@ -25,5 +26,6 @@ def component_module(parts, component: Component, attention_implementation: str)
         "unet": lambda: Unet(module, implementation),
         "vae_decoder": lambda: VAEDecoder(module, implementation),
         "vae_encoder": lambda: VAEEncoder(module, implementation),
+        "safety_checker": lambda: SafetyChecker(module),  # tokens-last whatever the attention
     }
     return builders[component.kind]().eval()

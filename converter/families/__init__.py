@@ -9,10 +9,12 @@ an entry in `FAMILIES`.
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from coreml_sd.runtime.watermark import STABLE_DIFFUSION_V1, Watermark
+
 from .contract import ComponentSpec, ModelDimensions
 
 # What a component is, for the Neural Engine rewrite and for validation's reference.
-COMPONENT_KINDS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+COMPONENT_KINDS = ("text_encoder", "unet", "vae_decoder", "vae_encoder", "safety_checker")
 
 
 @dataclass(frozen=True)
@@ -21,7 +23,7 @@ class Component:
     its contract (a builder of the `ComponentSpec` for given dimensions)."""
 
     kind: str
-    module: str  # the diffusers pipeline's attribute: "text_encoder", "text_encoder_2", "unet", "vae"
+    module: str  # the diffusers pipeline's attribute: "text_encoder", "text_encoder_2", "unet", "vae", "safety_checker"
     spec: Callable[[str, ModelDimensions], ComponentSpec]
     # Text encoders: which hidden states condition the Unet; -1 is the last layer after the final layer
     # norm (SD), -2 the penultimate layer's, without it (SDXL).
@@ -49,6 +51,8 @@ class Family:
     defaults: Defaults
     # transformers class of each text encoder module, as model_index.json names it.
     text_encoder_classes: dict[str, str] = field(default_factory=lambda: {"text_encoder": "CLIPTextModel"})
+    # The invisible watermark the family's images carry (SD 1.x and 2.x: CompVis' `StableDiffusionV1`).
+    watermark: Watermark = STABLE_DIFFUSION_V1
     # Recognises the family from a folder's model_index.json and unet/config.json.
     matches: Callable[[dict, dict], bool] = lambda model_index, unet_config: True
 

@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass, field
 TEXT_LENGTH = 77
 LATENT_CHANNELS = 4
 VAE_FACTOR = 8
+CLIP_IMAGE_SIZE = 224  # the safety checker's CLIP input
+SAFETY_CONCEPTS = 17  # diffusers' StableDiffusionSafetyChecker holds 17 concept embeddings
 
 
 @dataclass(frozen=True)
@@ -136,4 +138,23 @@ def vae_encoder_spec(name: str, dims: ModelDimensions) -> ComponentSpec:
         name,
         inputs=(TensorSpec("x", (1, 3, dims.height, dims.width), "float16"),),
         outputs=(TensorSpec("latent", (1, 2 * LATENT_CHANNELS, h, w), "float32"),),
+    )
+
+
+def safety_checker_spec(name: str, dims: ModelDimensions) -> ComponentSpec:
+    """Apple's contract: float16 inputs (`images` in [0, 1], channels last, as decoded), float32 outputs;
+    `has_nsfw_concepts` is 1.0 for a flagged image, which `filtered_images` then holds as zeros."""
+    images = (1, dims.height, dims.width, 3)
+    return ComponentSpec(
+        name,
+        inputs=(
+            TensorSpec("clip_input", (1, 3, CLIP_IMAGE_SIZE, CLIP_IMAGE_SIZE), "float16"),
+            TensorSpec("images", images, "float16"),
+            TensorSpec("adjustment", (1,), "float16"),
+        ),
+        outputs=(
+            TensorSpec("filtered_images", images, "float32"),
+            TensorSpec("has_nsfw_concepts", (1, 1, 1, 1), "float32"),
+            TensorSpec("concept_scores", (1, SAFETY_CONCEPTS), "float32"),
+        ),
     )

@@ -5,7 +5,7 @@ scheduler for the 768 models, the Unet's attention settings), so one family cove
 needs other defaults is `dataclasses.replace(SD, name=..., defaults=...)`.
 """
 from . import Component, Defaults, Family
-from .contract import text_encoder_spec, unet_spec, vae_decoder_spec, vae_encoder_spec
+from .contract import safety_checker_spec, text_encoder_spec, unet_spec, vae_decoder_spec, vae_encoder_spec
 
 
 def _text_encoder(name, dims):
@@ -20,6 +20,7 @@ SD = Family(
         "Unet": Component("unet", "unet", unet_spec),
         "VAEDecoder": Component("vae_decoder", "vae", vae_decoder_spec),
         "VAEEncoder": Component("vae_encoder", "vae", vae_encoder_spec),
+        "SafetyChecker": Component("safety_checker", "safety_checker", safety_checker_spec),
     },
     default_components=("TextEncoder", "Unet", "VAEDecoder"),
     defaults=Defaults(latent_scaling_factor=0.18215),

@@ -47,7 +47,7 @@ def model_copy(tiny_folder, tmp_path) -> Path:
                                       "Hugging Face id or an alias (coreml-convert --list-models)"),
     (["--model", "tiny", "--components", "Unet,Vocoder"], "Error: unknown component(s) Vocoder for Stable "
                                                           "Diffusion 1.x/2.x: choose from TextEncoder, Unet, "
-                                                          "VAEDecoder, VAEEncoder"),
+                                                          "VAEDecoder, VAEEncoder, SafetyChecker"),
 ])
 def test_unknown_model_or_component(capsys, tmp_path, argv, line):
     code, err = convert(capsys, *argv, "-o", str(tmp_path / "out"))

@@ -1,5 +1,7 @@
 """Runtime fixtures: contract-shaped models computed by the tiny pipeline's own modules (tests/conftest.py
 provides the tiny pipeline and its converted packages)."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +9,8 @@ from PIL import Image
 
 from coreml_sd.converter.families.contract import ModelDimensions
 from coreml_sd.converter.families.sd import SD
-from coreml_sd.converter.tiny import TEXT_WIDTH
+from coreml_sd.converter.tiny import TEXT_WIDTH, clip_vocabulary_files
+from coreml_sd.runtime.package import Package
 
 TINY_SIZE = 128
 
@@ -19,9 +22,9 @@ class ContractModel:
     it, the runtime must reproduce diffusers to the last bit an 8-bit image can show.
     """
 
-    def __init__(self, name: str, reference, unet_batch_size: int):
+    def __init__(self, name: str, reference, unet_batch_size: int, size: int = TINY_SIZE):
         self.name, self.reference = name, reference
-        dims = ModelDimensions(TEXT_WIDTH, TINY_SIZE, TINY_SIZE, unet_batch_size)
+        dims = ModelDimensions(TEXT_WIDTH, size, size, unet_batch_size)
         self.input_description = {t.name: (t.shape, np.dtype(t.dtype)) for t in SD.spec(name, dims).inputs}
 
     @torch.no_grad()
@@ -41,10 +44,28 @@ class ContractModel:
 
 
 @pytest.fixture(scope="session")
+def package(tiny_pipeline) -> Package:
+    """The tiny model's package settings, for pipelines on contract models (no files behind it)."""
+    vocab, merges = clip_vocabulary_files()
+    return Package(
+        path=Path("tiny"),
+        name="tiny",
+        components={},
+        vocab_file=Path(vocab),
+        merges_file=Path(merges),
+        scheduler_config=dict(tiny_pipeline.scheduler.config),
+        scaling_factor=tiny_pipeline.vae.config.scaling_factor,
+        prediction_type="epsilon",
+        attention_implementation="split_einsum",
+    )
+
+
+@pytest.fixture(scope="session")
 def contract_models(tiny_pipeline):
-    def build(unet_batch_size: int = 2) -> dict[str, ContractModel]:
+    def build(unet_batch_size: int = 2, size: int = TINY_SIZE) -> dict[str, ContractModel]:
+        """The components at `size` x `size` pixels (the tiny model makes any multiple of 64)."""
         names = ("TextEncoder", "Unet", "VAEDecoder", "VAEEncoder")
-        return {name: ContractModel(name, tiny_pipeline, unet_batch_size) for name in names}
+        return {name: ContractModel(name, tiny_pipeline, unet_batch_size, size) for name in names}
 
     return build
 
@@ -57,7 +78,7 @@ def start_image() -> Image.Image:
 
 @pytest.fixture(scope="session")
 def tiny_package(tiny_packages):
-    """The split-einsum tiny package folder (all four components)."""
+    """The split-einsum tiny package folder (every component, the safety checker too)."""
     return tiny_packages("split_einsum")
 
 
