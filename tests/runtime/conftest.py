@@ -1,5 +1,7 @@
 """Runtime fixtures: contract-shaped models computed by the tiny pipeline's own modules (tests/conftest.py
 provides the tiny pipeline and its converted packages)."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +9,8 @@ from PIL import Image
 
 from coreml_sd.converter.families.contract import ModelDimensions
 from coreml_sd.converter.families.sd import SD
-from coreml_sd.converter.tiny import TEXT_WIDTH
+from coreml_sd.converter.tiny import TEXT_WIDTH, clip_vocabulary_files
+from coreml_sd.runtime.package import Package
 
 TINY_SIZE = 128
 
@@ -47,6 +50,23 @@ def contract_models(tiny_pipeline):
         return {name: ContractModel(name, tiny_pipeline, unet_batch_size) for name in names}
 
     return build
+
+
+@pytest.fixture(scope="session")
+def package(tiny_pipeline) -> Package:
+    """The tiny model's package description, for pipelines on `contract_models`."""
+    vocab, merges = clip_vocabulary_files()
+    return Package(
+        path=Path("tiny"),
+        name="tiny",
+        components={},
+        vocab_file=Path(vocab),
+        merges_file=Path(merges),
+        scheduler_config=dict(tiny_pipeline.scheduler.config),
+        scaling_factor=tiny_pipeline.vae.config.scaling_factor,
+        prediction_type="epsilon",
+        attention_implementation="split_einsum",
+    )
 
 
 @pytest.fixture(scope="session")

@@ -4,13 +4,10 @@ With no float16 model numerics in the way, the images must agree to 8-bit roundi
 through the reference executor are compared in test_runtime_packages.py.
 """
 import logging
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from coreml_sd.converter.tiny import clip_vocabulary_files
-from coreml_sd.runtime.package import Package
 from coreml_sd.runtime.pipeline import Pipeline
 from coreml_sd.runtime.schedulers import SCHEDULERS
 from coreml_sd.runtime.executor import psnr
@@ -19,22 +16,6 @@ from runtime_testing import diffusers_img2img, diffusers_txt2img, pixels
 LOGIC_PSNR_DB = 50.0
 PROMPT = "a photo of an astronaut riding a horse"
 STEPS = 5
-
-
-@pytest.fixture(scope="module")
-def package(tiny_pipeline) -> Package:
-    vocab, merges = clip_vocabulary_files()
-    return Package(
-        path=Path("tiny"),
-        name="tiny",
-        components={},
-        vocab_file=Path(vocab),
-        merges_file=Path(merges),
-        scheduler_config=dict(tiny_pipeline.scheduler.config),
-        scaling_factor=tiny_pipeline.vae.config.scaling_factor,
-        prediction_type="epsilon",
-        attention_implementation="split_einsum",
-    )
 
 
 @pytest.fixture(scope="module")
