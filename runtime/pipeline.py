@@ -109,6 +109,8 @@ class Pipeline:
     Sizes beyond the package's are denoised in overlapping Unet windows and decoded in VAE tiles (see tiling.py).
     """
 
+    window_weights = staticmethod(tiling.feathered_weights)  # how the Unet windows' predictions are blended
+
     def __init__(self, package: Package, models: dict[str, Model], backend: str, compute_unit: str):
         self.package = package
         self.models = models
@@ -275,7 +277,7 @@ class Pipeline:
         step_kwargs = {key: value for key, value in step_kwargs.items() if key in step_keywords(scheduler)}
         guided_noise = partial(self._guided_noise, hidden=hidden, guidance_scale=sampling.guidance_scale)
         noise_prediction = TiledNoise(guided_noise, Layout(latent_size, self.latent_window, overlap),
-                                      windows_per_call=max(1, self.unet_batch_size // 2))
+                                      windows_per_call=max(1, self.unet_batch_size // 2), weights=self.window_weights)
         windows = len(noise_prediction.windows)
         description = f"{stage.size[0]}x{stage.size[1]}, {windows} windows x {len(timesteps)} steps"
         with bar(total=windows * len(timesteps), unit="window", postfix=description) as progress:

@@ -55,37 +55,47 @@ class Layout:
                       self.overlap * factor)
 
 
-def ramp(length: int, overlap: int) -> np.ndarray:
-    """Weights along one side of a window: rising linearly over `overlap` cells from each edge, 1 inside."""
-    distance_to_edge = np.minimum(np.arange(length), np.arange(length)[::-1]) + 1
-    return np.minimum(distance_to_edge / (overlap + 1), 1.0).astype(np.float32)
+def ramp(length: int, overlap: int, rise_at_start: bool, rise_at_end: bool) -> np.ndarray:
+    """Weights along one side of a window: 1, except over `overlap` cells at each end that meets a neighbour,
+    where they rise linearly from near 0 at the edge (where the model sees least context) to 1."""
+    weights = np.ones(length, np.float32)
+    rise = (np.arange(overlap, dtype=np.float32) + 0.5) / overlap
+    if overlap and rise_at_start:
+        weights[:overlap] = rise
+    if overlap and rise_at_end:
+        weights[length - overlap :] = np.minimum(weights[length - overlap :], rise[::-1])
+    return weights
 
 
-def feathered_weights(window: tuple[int, int], overlap: int) -> np.ndarray:
-    """(height, width) weights that fall off toward the window's edges, so that neighbours cross-fade."""
-    return np.outer(ramp(window[0], overlap), ramp(window[1], overlap))
+def feathered_weights(layout: Layout, top: int, left: int) -> np.ndarray:
+    """(height, width) weights for the window at (top, left) that cross-fade it into its neighbours; at the
+    grid's own edges, where it has none, they stay 1."""
+    (height, width), (rows, columns) = layout.window, layout.size
+    return np.outer(ramp(height, layout.overlap, top > 0, top + height < rows),
+                    ramp(width, layout.overlap, left > 0, left + width < columns))
 
 
-def uniform_weights(window: tuple[int, int], overlap: int) -> np.ndarray:
+def uniform_weights(layout: Layout, top: int, left: int) -> np.ndarray:
     """Equal weights everywhere: the plain average of the windows (diffusers' StableDiffusionPanoramaPipeline)."""
-    return np.ones(window, np.float32)
+    return np.ones(layout.window, np.float32)
 
 
-Weights = Callable[[tuple[int, int], int], np.ndarray]
+Weights = Callable[[Layout, int, int], np.ndarray]
 
 
 class Canvas:
     """Weighted sum of window outputs over a large (1, C, H, W) array, normalised on `result`."""
 
-    def __init__(self, channels: int, size: tuple[int, int], weights: np.ndarray):
-        self.total = np.zeros((1, channels, *size), np.float32)
-        self.weight_sum = np.zeros(size, np.float32)
-        self.weights = weights
+    def __init__(self, layout: Layout, channels: int, weights: Weights):
+        self.layout, self.weights = layout, weights
+        self.total = np.zeros((1, channels, *layout.size), np.float32)
+        self.weight_sum = np.zeros(layout.size, np.float32)
 
     def add(self, tile: np.ndarray, top: int, left: int) -> None:
-        height, width = self.weights.shape
-        self.total[..., top : top + height, left : left + width] += tile * self.weights
-        self.weight_sum[top : top + height, left : left + width] += self.weights
+        weights = self.weights(self.layout, top, left)
+        height, width = self.layout.window
+        self.total[..., top : top + height, left : left + width] += tile * weights
+        self.weight_sum[top : top + height, left : left + width] += weights
 
     def result(self) -> np.ndarray:
         return self.total / self.weight_sum
@@ -106,13 +116,13 @@ class TiledNoise:
         self.layout = layout
         self.windows = layout.windows
         self.windows_per_call = windows_per_call
-        self.weights = weights(layout.window, layout.overlap)
+        self.weights = weights
 
     def __call__(self, model_input: np.ndarray, t: float) -> np.ndarray:
         if len(self.windows) == 1:
             return self.guided_noise(model_input, t)
         height, width = self.layout.window
-        canvas = Canvas(model_input.shape[1], self.layout.size, self.weights)
+        canvas = Canvas(self.layout, model_input.shape[1], self.weights)
         for batch in _batches(self.windows, self.windows_per_call):
             crops = np.concatenate([model_input[..., top : top + height, left : left + width] for top, left in batch])
             for (top, left), noise in zip(batch, self.guided_noise(crops, t)):
@@ -132,7 +142,7 @@ def tiled_decode(decode: Callable[[np.ndarray], np.ndarray], latents: np.ndarray
     for top, left in layout.windows:
         tile = decode(latents[..., top : top + window[0], left : left + window[1]])
         if canvas is None:
-            canvas = Canvas(tile.shape[1], pixels.size, feathered_weights(pixels.window, pixels.overlap))
+            canvas = Canvas(pixels, tile.shape[1], feathered_weights)
         canvas.add(tile, top * VAE_FACTOR, left * VAE_FACTOR)
     return canvas.result()
 
@@ -150,6 +160,6 @@ def tiled_encode(encode: Callable[[np.ndarray], np.ndarray], image: np.ndarray, 
     for top, left in layout.windows:
         tile = encode(image[..., top * VAE_FACTOR : top * VAE_FACTOR + height, left * VAE_FACTOR : left * VAE_FACTOR + width])
         if canvas is None:
-            canvas = Canvas(tile.shape[1], size, feathered_weights(window, overlap))
+            canvas = Canvas(layout, tile.shape[1], feathered_weights)
         canvas.add(tile, top, left)
     return canvas.result()
