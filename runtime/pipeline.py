@@ -77,7 +77,7 @@ def check_options(
     """The checks that need no model, so that a command line fails before any model loads."""
     for name, side in (("--width", width), ("--height", height)):
         if side is not None and (side < VAE_FACTOR or side % VAE_FACTOR):
-            raise GenerationError(f"{name} must be a positive multiple of {VAE_FACTOR}, not {side}")
+            raise GenerationError(f"{name} {side} is not a positive multiple of {VAE_FACTOR}")
     if upscale is not None:
         upscale.check()
     if scheduler is not None:
@@ -250,7 +250,7 @@ class Pipeline:
         if upscale is not None:
             if not from_image:
                 settings["First pass size"] = "{}x{}".format(*passes[0].size)
-            settings.update({"Hires upscale": upscale.factor, "Hires steps": last.sampling.steps,
+            settings.update({"Hires upscale": f"{upscale.factor:g}", "Hires steps": last.sampling.steps,
                              "Hires upscaler": upscale.upscaler.name})
         if any(stage.size != (self.width, self.height) for stage in passes):
             settings["Tile overlap"] = overlap * VAE_FACTOR
