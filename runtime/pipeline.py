@@ -208,6 +208,7 @@ class Pipeline:
             settings = self._settings(passes, image_seed, overlap, start is not None, upscale)
             result.parameters.append(parameters_text(prompt, negative_prompt, settings))
         return result
+
     def _overlap(self, overlap: int | None) -> int:
         """The windows' overlap in latent pixels, from image pixels."""
         overlap = self.default_overlap if overlap is None else overlap
