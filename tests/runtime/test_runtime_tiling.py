@@ -123,7 +123,8 @@ def smooth_latent(height: int, width: int) -> np.ndarray:
 @pytest.mark.parametrize("size", [(32, 32), (16, 48)], ids=["2x", "3:1"])
 def test_tiled_decode_leaves_no_seam(pipe, size):
     decoder = pipe.models["VAEDecoder"]
-    tiled = tiling.tiled_decode(lambda z: decoder.predict({"z": z})["image"], smooth_latent(*size), WINDOW, 4)
+    dtype = decoder.input_description["z"][1]
+    tiled = tiling.tiled_decode(lambda z: decoder.predict({"z": z.astype(dtype)})["image"], smooth_latent(*size), WINDOW, 4)
     image = Image.fromarray((np.clip(tiled[0].transpose(1, 2, 0) / 2 + 0.5, 0, 1) * 255).round().astype(np.uint8))
     assert seam_ratio(image, Layout(size, WINDOW, 4)) <= SEAM_RATIO
 
