@@ -41,6 +41,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "hypothesis", "scikit-learn"],  # scikit-learn: the reference k-means for palettes
+        "upscalers": ["spandrel"],  # --upscaler: ESRGAN-family .pth models
     },
     entry_points={
         "console_scripts": [

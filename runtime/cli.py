@@ -16,6 +16,7 @@ from .errors import GenerationError
 from .package import PACKAGES_ENV
 from .pipeline import Pipeline, check_options, random_seed
 from .schedulers import SCHEDULERS
+from .upscaling import DEFAULT_STRENGTH, ModelUpscaler, Upscale
 
 DEFAULT_OUTPUT = Path("outputs")
 OTHER_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
@@ -91,8 +92,19 @@ def _console_logging():
 @click.option("--image", help="Start from this image (image-to-image).")
 @click.option("--strength", type=float, help="With --image: how much to change it, 0 to 1 (default: 0.8).")
 @click.option("--num-images", type=int, default=1, show_default=True, help="Images from consecutive seeds.")
-@click.option("--height", type=int, help="Must match the package (default: the package's).")
-@click.option("--width", type=int, help="Must match the package (default: the package's).")
+@click.option("--height", type=int, help="In pixels, a multiple of 8, at least the package's (default: the package's); "
+              "larger sizes are denoised in overlapping windows of the package's size.")
+@click.option("--width", type=int, help="In pixels, as --height (e.g. 1536 with --height 512 for a 3:1 panorama from a "
+              "512x512 package).")
+@click.option("--upscale", type=float, metavar="FACTOR", help="Hires: enlarge each image (or --image) FACTOR times, "
+              "1 to 8, then refine it at that size in overlapping windows.")
+@click.option("--upscale-strength", type=float, help="With --upscale: how much the refinement may change the "
+              f"enlarged image, 0 to 1 (default: {DEFAULT_STRENGTH}).")
+@click.option("--upscale-steps", type=int, help="With --upscale: steps of the refinement's schedule (default: --steps).")
+@click.option("--upscaler", metavar="PATH", help="With --upscale: an ESRGAN-family .pth model to enlarge with instead of "
+              "Lanczos (needs pip install 'coreml-sd[upscalers]').")
+@click.option("--tile-overlap", type=int, metavar="PIXELS", help="How many pixels neighbouring windows share, a "
+              "multiple of 8 (default: a quarter of the package's shorter side).")
 @click.option("-o", "--output", help=f"A .png file or a folder (default: {DEFAULT_OUTPUT}/, named after prompt and seed).")
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
               help="auto: Core ML on macOS, else the reference executor.")
@@ -117,15 +129,23 @@ def generate(**options) -> None:
 
 def write_images(prompt: str, negative_prompt: str, model: str | None, steps: int, guidance_scale: float,
                  scheduler: str | None, seed: int | None, image: str | None, strength: float | None, num_images: int,
-                 height: int | None, width: int | None, output: str | None, backend: str,
-                 compute_unit: str | None, verify: bool, safety_checker: bool, watermark: bool) -> list[Path]:
+                 height: int | None, width: int | None, upscale: float | None, upscale_strength: float | None,
+                 upscale_steps: int | None, upscaler: str | None, tile_overlap: int | None, output: str | None,
+                 backend: str, compute_unit: str | None, verify: bool, safety_checker: bool,
+                 watermark: bool) -> list[Path]:
     try:  # the option checks that need no model are usage errors
+        hires = hires_settings(upscale, upscale_strength, upscale_steps, upscaler is not None)
         if strength is not None and image is None:
             raise GenerationError("--strength applies to image-to-image only; add --image PATH or drop --strength")
+        if image is not None and hires is not None and (strength is not None or width or height):
+            raise GenerationError("--image with --upscale refines the enlarged image: its size follows the image, "
+                                  "and --upscale-strength says how much it changes; drop --strength, --width, --height")
         strength = 0.8 if strength is None else strength
-        check_options(scheduler, steps, strength, num_images, seed)
+        check_options(scheduler, steps, strength, num_images, seed, width, height, hires)
     except GenerationError as error:
         raise click.UsageError(str(error)) from None
+    if upscaler is not None:
+        hires = Upscale(hires.factor, hires.strength, hires.steps, ModelUpscaler(upscaler))
     start_image = images.open_image(image) if image is not None else None
     if seed is None:
         seed = random_seed(num_images)
@@ -146,6 +166,8 @@ def write_images(prompt: str, negative_prompt: str, model: str | None, steps: in
         num_images=num_images,
         height=height,
         width=width,
+        upscale=hires,
+        overlap=tile_overlap,
         safety_checker=safety_checker,
         watermark=watermark,
     )
@@ -158,6 +180,17 @@ def write_images(prompt: str, negative_prompt: str, model: str | None, steps: in
         images.save_png(images.contact_sheet(result.images), grid)
         paths.append(grid)
     return paths
+
+
+def hires_settings(factor: float | None, strength: float | None, steps: int | None, model: bool) -> Upscale | None:
+    """The hires pass the options ask for (its model upscaler is loaded later), or None without --upscale."""
+    if factor is None:
+        given = [name for name, value in (("--upscale-strength", strength), ("--upscale-steps", steps),
+                                          ("--upscaler", model or None)) if value is not None]
+        if given:
+            raise GenerationError(f"{', '.join(given)} applies to --upscale only; add --upscale FACTOR")
+        return None
+    return Upscale(factor, DEFAULT_STRENGTH if strength is None else strength, steps)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,9 +35,9 @@ def open_image(source: str | Path | Image.Image) -> Image.Image:
 
 
 def to_encoder_input(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
-    """(1, 3, H, W) in [-1, 1]; an image of another size is resized to the package's (width, height)."""
+    """(1, 3, H, W) in [-1, 1]; an image of another size is resized to `size` (width, height), the output's."""
     if image.size != size:
-        logger.warning("resized the input image from %dx%d to %dx%d, the package's size", *image.size, *size)
+        logger.warning("resized the input image from %dx%d to %dx%d, the output's size", *image.size, *size)
         image = image.resize(size, Image.Resampling.LANCZOS)
     pixels = np.asarray(image, dtype=np.float32) / 127.5 - 1
     return pixels.transpose(2, 0, 1)[None]

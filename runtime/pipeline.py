@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from . import images
+from . import images, tiling
 from . import watermark as watermarks
 from .backends import Model, default_compute_unit, load_model, resolve_backend
 from .errors import GenerationError
@@ -23,15 +23,17 @@ from .package import Package, find_package, load_package
 from .prompt import PromptEncoder
 from .safety import SafetyChecker
 from .schedulers import build_scheduler, default_scheduler_name, scheduler_class, step_keywords
+from .tiling import VAE_FACTOR, Layout, TiledNoise
+from .upscaling import Upscale, Upscaler
 
-VAE_FACTOR = 8
 logger = logging.getLogger("coreml_sd.runtime")
+OUTPUT_TYPES = ("pil", "latent")
 MAX_SEED = 2**32 - 1  # RandomState's seed range
 
 
 @dataclass
 class GenerationResult:
-    images: list[Image.Image]
+    images: list[Image.Image]  # or (1, 4, h, w) latent tensors, for output_type="latent"
     seeds: list[int]
     parameters: list[str]  # per image, the settings as text in the format other SD tools write into PNGs
     nsfw_content_detected: list[bool] | None = None  # per image, as diffusers; None when no checker ran
@@ -45,6 +47,16 @@ class Sampling:
     steps: int
     guidance_scale: float
     strength: float
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One denoising run at `size` (width, height); with an image to start from, `upscaler` brings it to `size`
+    (None: resized with a warning, as any image-to-image input of another size)."""
+
+    size: tuple[int, int]
+    sampling: Sampling
+    upscaler: Upscaler | None = None
 
 
 def draw_noise(rng: np.random.RandomState, shape: tuple[int, ...]) -> np.ndarray:
@@ -71,8 +83,16 @@ def random_seed(num_images: int = 1) -> int:
     return secrets.randbelow(MAX_SEED + 2 - num_images)
 
 
-def check_options(scheduler: str | None, steps: int, strength: float, num_images: int, seed: int | None) -> None:
+def check_options(
+    scheduler: str | None, steps: int, strength: float, num_images: int, seed: int | None,
+    width: int | None = None, height: int | None = None, upscale: Upscale | None = None,
+) -> None:
     """The checks that need no model, so that a command line fails before any model loads."""
+    for name, side in (("--width", width), ("--height", height)):
+        if side is not None and (side < VAE_FACTOR or side % VAE_FACTOR):
+            raise GenerationError(f"{name} {side} is not a positive multiple of {VAE_FACTOR}")
+    if upscale is not None:
+        upscale.check()
     if scheduler is not None:
         scheduler_class(scheduler)
     if steps < 1:
@@ -96,7 +116,13 @@ class Pipeline:
 
         pipe = Pipeline.from_package("packages/tiny")
         image = pipe("a photo of an astronaut riding a horse", seed=1).images[0]
+        wide = pipe("a mountain range at dawn", width=1536, height=512).images[0]   # on a 512x512 package
+        large = pipe("a castle", upscale=Upscale(2)).images[0]                      # 1024x1024
+
+    Sizes beyond the package's are denoised in overlapping Unet windows and decoded in VAE tiles (see tiling.py).
     """
+
+    window_weights = staticmethod(tiling.feathered_weights)  # how the Unet windows' predictions are blended
 
     def __init__(self, package: Package, models: dict[str, Model], backend: str, compute_unit: str):
         self.package = package
@@ -108,8 +134,11 @@ class Pipeline:
         self.unet_dtypes = {name: dtype for name, (_, dtype) in unet_inputs.items()}
         sample_shape = unet_inputs["sample"][0]
         self.unet_batch_size = sample_shape[0]
-        self.latent_shape = (1, *sample_shape[1:])
+        self.latent_channels = sample_shape[1]
+        self.latent_window = tuple(sample_shape[2:])
         self.height, self.width = sample_shape[2] * VAE_FACTOR, sample_shape[3] * VAE_FACTOR
+        # a quarter of the window's shorter side: a 512x512 package's windows share 16 latent (128 image) pixels
+        self.default_overlap = min(self.latent_window) // 4 * VAE_FACTOR
 
     @classmethod
     def from_package(
@@ -146,59 +175,66 @@ class Pipeline:
         num_images: int = 1,
         height: int | None = None,
         width: int | None = None,
+        upscale: Upscale | None = None,
+        overlap: int | None = None,
+        output_type: str = "pil",
         progress: bool = True,
         safety_checker: bool = True,
         watermark: bool = True,
     ) -> GenerationResult:
         """`num_images` images from seeds seed, seed+1, ... (a random seed when None); with `image`, image-to-image
-        that keeps `1 - strength` of it. `scheduler` is a name from `schedulers.SCHEDULERS`; `height`/`width`, when
-        given, must be the package's. The package's safety checker, if it has one, blackens flagged images
-        (`safety_checker=False` skips it); `watermark=False` leaves out the invisible watermark. Raises
-        GenerationError for anything the caller can fix."""
+        that keeps `1 - strength` of it. `scheduler` is a name from `schedulers.SCHEDULERS`. `height`/`width`
+        (default: the package's) may be any multiples of 8 at least the package's; with `upscale`, each image is
+        then enlarged and refined (with `image`, the image itself is). `overlap`: image pixels that neighbouring
+        windows share (default: a quarter of the package's shorter side). The package's safety checker, if it has
+        one, blackens flagged images (`safety_checker=False` skips it); `watermark=False` leaves out the invisible
+        watermark. Raises GenerationError for anything the caller can fix."""
         scheduler = scheduler or default_scheduler_name(self.package.scheduler_config)
-        check_options(scheduler, steps, strength, num_images, seed)
+        check_options(scheduler, steps, strength, num_images, seed, width, height, upscale)
         training_steps = self.package.scheduler_config.get("num_train_timesteps", 1000)
-        if steps > training_steps:
-            raise GenerationError(f"--steps must be at most {training_steps}, the model's training timesteps, "
-                                  f"not {steps}")
-        self._check_size(height, width)
+        for name, count in (("--steps", steps), ("--upscale-steps", upscale and upscale.steps)):
+            if count and count > training_steps:
+                raise GenerationError(f"{name} must be at most {training_steps}, the model's training timesteps, "
+                                      f"not {count}")
+        if output_type not in OUTPUT_TYPES:
+            raise GenerationError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, not {output_type!r}")
+        overlap = self._overlap(overlap)
+        start = None if image is None else images.open_image(image)
+        passes = self._passes(Sampling(scheduler, steps, guidance_scale, strength), (width, height), start, upscale)
         if seed is None:
             seed = random_seed(num_images)
-        init_latents = None
-        if image is not None:
-            encoder = self._model("VAEEncoder")
-            pixels = images.to_encoder_input(images.open_image(image), (self.width, self.height))
-            init_latents = encoder.predict({"x": pixels.astype(encoder.input_description["x"][1])})["latent"]
 
-        sampling = Sampling(scheduler, steps, guidance_scale, strength)
         hidden = np.concatenate([self.prompt_encoder(negative_prompt), self.prompt_encoder(prompt)])
         hidden = hidden.astype(self.unet_dtypes["encoder_hidden_states"])
-        settings = {"Steps": steps, "Sampler": scheduler, "CFG scale": guidance_scale}
+        start_latents = None if start is None else self._encode(start, passes[0], overlap)
         # The safeguards, in the order Stable Diffusion's scripts apply them: safety check, then watermark.
-        checker = self._safety_checker() if safety_checker else None
+        checker = self._safety_checker() if safety_checker and output_type == "pil" else None
         safeguard_settings = {
             **({"Safety checker": "off"} if not safety_checker and "SafetyChecker" in self.package.components else {}),
             **({} if watermark else {"Watermark": "off"}),
         }
-        watermark = watermark and self._watermark_fits()
+        watermark = watermark and output_type == "pil" and self._watermark_fits(passes[-1].size)
         result = GenerationResult([], [], [], [] if checker is not None else None)
         for index, image_seed in enumerate(range(seed, seed + num_images)):
             label = f"image {index + 1}/{num_images}" if num_images > 1 else "denoising"
             # disable=None: a bar on terminals only, so that logs and pipes stay clean
-            bar = partial(tqdm, desc=label, unit="step", disable=None if progress else True, leave=False)
-            picture = self._decode(self._denoise(hidden, sampling, image_seed, init_latents, bar))
+            bar = partial(tqdm, desc=label, disable=None if progress else True, leave=False)
+            picture, init_latents = None, start_latents
+            for number, stage in enumerate(passes):
+                if number > 0:  # a hires pass: the previous pass's image, enlarged
+                    init_latents = self._encode(picture, stage, overlap)
+                latents = self._denoise(hidden, stage, image_seed, init_latents, overlap, bar)
+                if output_type == "pil" or number < len(passes) - 1:
+                    picture = self._decode(latents, overlap)
             if checker is not None:
                 picture, flagged = checker(picture)
                 result.nsfw_content_detected.append(flagged)
             if watermark:
                 picture = watermarks.apply(picture, self.package.watermark)
-            result.images.append(picture)
+            result.images.append(picture if output_type == "pil" else latents)
             result.seeds.append(image_seed)
-            image_settings = {**settings, "Seed": image_seed, "Size": f"{self.width}x{self.height}",
-                              "Model": self.package.name, **safeguard_settings}
-            if image is not None:
-                image_settings["Denoising strength"] = strength
-            result.parameters.append(parameters_text(prompt, negative_prompt, image_settings))
+            settings = {**self._settings(passes, image_seed, overlap, start is not None, upscale), **safeguard_settings}
+            result.parameters.append(parameters_text(prompt, negative_prompt, settings))
         return result
 
     def _safety_checker(self) -> SafetyChecker | None:
@@ -206,28 +242,71 @@ class Pipeline:
             return None
         return SafetyChecker(self._model("SafetyChecker"), self.package.feature_extractor)
 
-    def _watermark_fits(self) -> bool:
-        if self.width * self.height < watermarks.MIN_PIXELS:
+    @staticmethod
+    def _watermark_fits(size: tuple[int, int]) -> bool:
+        if size[0] * size[1] < watermarks.MIN_PIXELS:
             logger.warning("%dx%d images are too small for the invisible watermark (256x256 at least): saved "
-                           "without it", self.width, self.height)
+                           "without it", *size)
             return False
         return True
 
-    def _check_size(self, height: int | None, width: int | None) -> None:
-        height, width = height or self.height, width or self.width
-        if (height, width) != (self.height, self.width):
+    def _overlap(self, overlap: int | None) -> int:
+        """The windows' overlap in latent pixels, from image pixels."""
+        overlap = self.default_overlap if overlap is None else overlap
+        window = min(self.latent_window) * VAE_FACTOR
+        if overlap % VAE_FACTOR or not 0 <= overlap < window:
             raise GenerationError(
-                f"package {self.package.name!r} makes {self.width}x{self.height} images (width x height), not "
-                f"{width}x{height}; convert the model at that size (coreml-convert --width {width} --height {height})"
+                f"--tile-overlap must be a multiple of {VAE_FACTOR} in [0, {window}) pixels, not {overlap}"
             )
+        return overlap // VAE_FACTOR
+
+    def _checked_size(self, size: tuple[int, int], what: str) -> tuple[int, int]:
+        if size[0] < self.width or size[1] < self.height:
+            raise GenerationError(
+                f"{what} {size[0]}x{size[1]} (width x height) is smaller than package {self.package.name!r}'s "
+                f"{self.width}x{self.height}; its models run at that size or, in overlapping tiles, larger"
+            )
+        return size
+
+    def _passes(
+        self, sampling: Sampling, size: tuple[int | None, int | None], start: Image.Image | None, upscale: Upscale | None
+    ) -> list[Pass]:
+        """The denoising runs for one image: the generation (or image-to-image), then the hires pass."""
+        size = self._checked_size((size[0] or self.width, size[1] or self.height), "the size")
+        if upscale is None:
+            return [Pass(size, sampling)]
+        detail = Sampling(sampling.scheduler, upscale.steps or sampling.steps, sampling.guidance_scale, upscale.strength)
+        if start is None:
+            return [Pass(size, sampling), Pass(upscale.size(size), detail, upscale.upscaler)]
+        return [Pass(self._checked_size(upscale.size(start.size), "the upscaled image"), detail, upscale.upscaler)]
+
+    def _settings(
+        self, passes: list[Pass], seed: int, overlap: int, from_image: bool, upscale: Upscale | None
+    ) -> dict[str, object]:
+        """What the PNG records, in the names other SD tools write."""
+        first, last = passes[0].sampling, passes[-1]
+        settings = {"Steps": first.steps, "Sampler": first.scheduler, "CFG scale": first.guidance_scale, "Seed": seed,
+                    "Size": "{}x{}".format(*last.size), "Model": self.package.name}
+        if from_image or upscale is not None:
+            settings["Denoising strength"] = last.sampling.strength
+        if upscale is not None:
+            if not from_image:
+                settings["First pass size"] = "{}x{}".format(*passes[0].size)
+            settings.update({"Hires upscale": f"{upscale.factor:g}", "Hires steps": last.sampling.steps,
+                             "Hires upscaler": upscale.upscaler.name})
+        if any(stage.size != (self.width, self.height) for stage in passes):
+            settings["Tile overlap"] = overlap * VAE_FACTOR
+        return settings
 
     def _denoise(
-        self, hidden: np.ndarray, sampling: Sampling, seed: int, init_latents: np.ndarray | None, bar: Callable
+        self, hidden: np.ndarray, stage: Pass, seed: int, init_latents: np.ndarray | None, overlap: int, bar: Callable
     ) -> torch.Tensor:
+        sampling = stage.sampling
         scheduler = build_scheduler(sampling.scheduler, self.package.scheduler_config, self.package.prediction_type)
         scheduler.set_timesteps(sampling.steps)
         rng = np.random.RandomState(seed)
-        noise = torch.from_numpy(draw_noise(rng, self.latent_shape))
+        latent_size = (stage.size[1] // VAE_FACTOR, stage.size[0] // VAE_FACTOR)
+        noise = torch.from_numpy(draw_noise(rng, (1, self.latent_channels, *latent_size)))
         if init_latents is None:
             timesteps = scheduler.timesteps
             latents = noise * scheduler.init_noise_sigma
@@ -238,29 +317,52 @@ class Pipeline:
                 latents = scheduler.add_noise(latents, noise, timesteps[:1])
         step_kwargs = {"eta": 0.0, "generator": torch.Generator().manual_seed(seed)}
         step_kwargs = {key: value for key, value in step_kwargs.items() if key in step_keywords(scheduler)}
-        for t in bar(timesteps):
-            model_input = scheduler.scale_model_input(latents, t).numpy()
-            noise_pred = self._guided_noise(model_input, float(t), hidden, sampling.guidance_scale)
-            latents = scheduler.step(torch.from_numpy(noise_pred), t, latents, **step_kwargs).prev_sample
+        guided_noise = partial(self._guided_noise, hidden=hidden, guidance_scale=sampling.guidance_scale)
+        noise_prediction = TiledNoise(guided_noise, Layout(latent_size, self.latent_window, overlap),
+                                      windows_per_call=max(1, self.unet_batch_size // 2), weights=self.window_weights)
+        windows = len(noise_prediction.windows)
+        description = f"{stage.size[0]}x{stage.size[1]}, {windows} windows x {len(timesteps)} steps"
+        with bar(total=windows * len(timesteps), unit="window", postfix=description) as progress:
+            for t in timesteps:
+                model_input = scheduler.scale_model_input(latents, t).numpy()
+                noise_pred = noise_prediction(model_input, float(t))
+                latents = scheduler.step(torch.from_numpy(noise_pred), t, latents, **step_kwargs).prev_sample
+                progress.update(windows)
         return latents
 
-    def _guided_noise(self, model_input: np.ndarray, t: float, hidden: np.ndarray, guidance_scale: float) -> np.ndarray:
-        """Classifier-free guidance: one batch-2 Unet call (unconditional first), or two batch-1 calls."""
+    def _guided_noise(self, samples: np.ndarray, t: float, hidden: np.ndarray, guidance_scale: float) -> np.ndarray:
+        """Classifier-free guidance for N window-sized samples: their 2N (unconditional, conditional) Unet inputs
+        packed into as few calls of the Unet's batch size as they fill (one sample per call at batch 2)."""
         unet = self.models["Unet"]
-        sample = model_input.astype(self.unet_dtypes["sample"])
         batch = self.unet_batch_size
+        pairs = len(samples)
+        sample = np.repeat(samples.astype(self.unet_dtypes["sample"]), 2, axis=0)
+        context = np.concatenate([hidden] * pairs)
+        padding = -len(sample) % batch  # the last call's empty places repeat its last input
+        sample = np.concatenate([sample, sample[-1:].repeat(padding, axis=0)])
+        context = np.concatenate([context, context[-1:].repeat(padding, axis=0)])
         timestep = np.full((batch,), t, dtype=self.unet_dtypes["timestep"])
-        if batch == 2:
-            inputs = {"sample": np.concatenate([sample, sample]), "timestep": timestep, "encoder_hidden_states": hidden}
-            uncond, cond = np.split(unet.predict(inputs)["noise_pred"], 2)
-        else:
-            uncond, cond = (
-                unet.predict({"sample": sample, "timestep": timestep, "encoder_hidden_states": hidden[i : i + 1]})["noise_pred"]
-                for i in range(2)
-            )
+        noise = np.concatenate([
+            unet.predict({"sample": sample[i : i + batch], "timestep": timestep,
+                          "encoder_hidden_states": context[i : i + batch]})["noise_pred"]
+            for i in range(0, len(sample), batch)
+        ])[: 2 * pairs]
+        uncond, cond = noise[0::2], noise[1::2]
         return uncond + guidance_scale * (cond - uncond)
 
-    def _decode(self, latents: torch.Tensor) -> Image.Image:
+    def _encode(self, picture: Image.Image, stage: Pass, overlap: int) -> np.ndarray:
+        """The VAE encoder's moments for `picture` brought to the pass's size, in tiles when it is larger."""
+        if stage.upscaler is not None:
+            picture = stage.upscaler(picture, stage.size)
+        encoder = self._model("VAEEncoder")
+        dtype = encoder.input_description["x"][1]
+        window = tuple(side // VAE_FACTOR for side in encoder.input_description["x"][0][2:])
+        pixels = images.to_encoder_input(picture, stage.size)
+        return tiling.tiled_encode(lambda x: encoder.predict({"x": x.astype(dtype)})["latent"], pixels, window, overlap)
+
+    def _decode(self, latents: torch.Tensor, overlap: int) -> Image.Image:
         decoder = self.models["VAEDecoder"]
-        z = (latents.numpy() / self.package.scaling_factor).astype(decoder.input_description["z"][1])
-        return images.to_pil(decoder.predict({"z": z})["image"])
+        shape, dtype = decoder.input_description["z"]
+        z = latents.numpy() / self.package.scaling_factor
+        return images.to_pil(tiling.tiled_decode(lambda tile: decoder.predict({"z": tile.astype(dtype)})["image"], z,
+                                                 tuple(shape[2:]), overlap))

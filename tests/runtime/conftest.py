@@ -71,6 +71,23 @@ def contract_models(tiny_pipeline):
 
 
 @pytest.fixture(scope="session")
+def package(tiny_pipeline) -> Package:
+    """The tiny model's package description, for pipelines on `contract_models`."""
+    vocab, merges = clip_vocabulary_files()
+    return Package(
+        path=Path("tiny"),
+        name="tiny",
+        components={},
+        vocab_file=Path(vocab),
+        merges_file=Path(merges),
+        scheduler_config=dict(tiny_pipeline.scheduler.config),
+        scaling_factor=tiny_pipeline.vae.config.scaling_factor,
+        prediction_type="epsilon",
+        attention_implementation="split_einsum",
+    )
+
+
+@pytest.fixture(scope="session")
 def start_image() -> Image.Image:
     """A 128x128 image for image-to-image (noise: every pixel matters to the comparison)."""
     return Image.fromarray(np.random.default_rng(0).integers(0, 256, (TINY_SIZE, TINY_SIZE, 3), dtype=np.uint8))
