@@ -169,6 +169,8 @@ def convert_model(options: ConversionOptions) -> ConversionReport:
         "latent_scaling_factor": source.latent_scaling_factor,
         "prediction_type": source.prediction_type,
     }
+    if source.force_zeros_for_empty_prompt is not None:
+        header["force_zeros_for_empty_prompt"] = source.force_zeros_for_empty_prompt
     with folder.lock():
         try:
             folder.prepare(header, force=options.force)

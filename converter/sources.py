@@ -90,6 +90,7 @@ class ModelSource:
     latent_scaling_factor: float
     prediction_type: str
     family: Family
+    force_zeros_for_empty_prompt: bool | None = None  # as the model's pipeline config (model_index.json) says
     vae_folder: Path | None = None  # a VAE swapped in for the model's own (--vae)
     _tiny_pipeline: object = field(default=None, repr=False)
 
@@ -321,7 +322,13 @@ def _folder_source(folder: Path, name: str, description: dict) -> ModelSource:
         latent_scaling_factor=float(vae_config.get("scaling_factor", family.defaults.latent_scaling_factor)),
         prediction_type=scheduler_config.get("prediction_type", family.defaults.prediction_type),
         family=family,
+        force_zeros_for_empty_prompt=_pipeline_setting(model_index, family),
     )
+
+
+def _pipeline_setting(model_index: dict, family: Family) -> bool | None:
+    default = family.defaults.force_zeros_for_empty_prompt
+    return None if default is None else bool(model_index.get("force_zeros_for_empty_prompt", default))
 
 
 def _built_in_source(name: str) -> ModelSource:
@@ -344,6 +351,7 @@ def _built_in_source(name: str) -> ModelSource:
         latent_scaling_factor=pipeline.vae.config.scaling_factor,
         prediction_type=pipeline.scheduler.config.prediction_type,
         family=family,
+        force_zeros_for_empty_prompt=_pipeline_setting(dict(pipeline.config), family),
         _tiny_pipeline=pipeline,
     )
 

@@ -38,6 +38,9 @@ class Defaults:
     prediction_type: str = "epsilon"
     # The VAE's compute precision: float32 for VAEs whose activations overflow float16.
     vae_compute_precision: str = "float16"
+    # diffusers' pipeline setting: an empty negative prompt conditions on zeros rather than on the encoded
+    # empty string (None: the family's pipeline has no such setting).
+    force_zeros_for_empty_prompt: bool | None = None
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ SDXL = Family(
         "VAEEncoder": _VAE_ENCODER,
     },
     default_components=("TextEncoder", "TextEncoder2", "Unet", "VAEDecoder"),
-    defaults=Defaults(latent_scaling_factor=0.13025, vae_compute_precision="float32"),
+    defaults=Defaults(latent_scaling_factor=0.13025, vae_compute_precision="float32", force_zeros_for_empty_prompt=True),
     text_encoder_classes={"text_encoder": "CLIPTextModel", "text_encoder_2": "CLIPTextModelWithProjection"},
     matches=lambda model_index, unet_config: _is_xl(unet_config) and _has_first_text_encoder(model_index),
 )
