@@ -36,7 +36,8 @@ def list_models(ctx: click.Context, _, value: bool) -> None:
 
 
 @click.command("coreml-convert", context_settings=CONTEXT_SETTINGS)
-@click.option("--model", help="Alias (see --list-models), Hugging Face id, local diffusers folder, or 'tiny'.")
+@click.option("--model", help="Alias (see --list-models), Hugging Face id, local diffusers folder, or a built-in "
+              "model (tiny, tiny-xl, tiny-xl-refiner).")
 @click.option("--revision", help="Hugging Face revision (branch, tag or commit).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Package folder (default: packages/<model name>).")
 @click.option("--components", help="Comma-separated (default: the model family's; " + "; ".join(
@@ -54,6 +55,9 @@ def list_models(ctx: click.Context, _, value: bool) -> None:
 @click.option("--safety-checker", metavar="PATH_OR_ID",
               help="With SafetyChecker in --components: convert this folder's or Hugging Face id's safety checker "
               "(e.g. CompVis/stable-diffusion-safety-checker) instead of the model's own, for models that carry none.")
+@click.option("--vae", metavar="PATH_OR_ID",
+              help="Convert this VAE instead of the model's own: a diffusers VAE folder or Hugging Face id (e.g. "
+              "madebyollin/sdxl-vae-fp16-fix); it computes in float16 (an SDXL model's own VAE computes in float32).")
 @click.option("--force", is_flag=True, help="Convert components again even if up to date.")
 @click.option("--no-validate", is_flag=True,
               help="Skip checking each component against the original with the reference executor.")
@@ -65,7 +69,8 @@ def list_models(ctx: click.Context, _, value: bool) -> None:
 @shared_options
 def convert(model: str | None, revision: str | None, output: Path | None, components: str | None,
             attention_implementation: str, height: int | None, width: int | None, unet_batch_size: int,
-            quantize_nbits: int | None, safety_checker: str | None, force: bool, no_validate: bool, validate_only: Path | None,
+            quantize_nbits: int | None, safety_checker: str | None, vae: str | None, force: bool, no_validate: bool,
+            validate_only: Path | None,
             verbose: bool) -> int:
     """Convert a Stable Diffusion model (alias, Hugging Face id or local diffusers folder) into Core ML packages
     for the Neural Engine, in packages/<name>/."""
@@ -88,6 +93,7 @@ def convert(model: str | None, revision: str | None, output: Path | None, compon
         unet_batch_size=unet_batch_size,
         quantize_nbits=quantize_nbits,
         safety_checker=safety_checker,
+        vae=vae,
         force=force,
         validate=not no_validate,
         verbose=verbose,

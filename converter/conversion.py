@@ -21,6 +21,8 @@ from .palettize import NBITS_CHOICES, QUANTIZED_KINDS
 from .sources import ModelSource, resolve
 
 RESOLUTION_STEP = 64
+# Where a float32-compute component runs well: the Neural Engine computes in float16 only.
+FLOAT32_COMPUTE_UNITS = "CPU_AND_GPU"
 
 
 @dataclass
@@ -35,6 +37,7 @@ class ConversionOptions:
     unet_batch_size: int = 2
     quantize_nbits: int | None = None  # palettize the TextEncoder's and Unet's weights to this many bits
     safety_checker: str | None = None  # the SafetyChecker from this folder or id instead of the model's own
+    vae: str | None = None  # another VAE (folder or Hugging Face id) in place of the model's own
     force: bool = False
     validate: bool = True
     validation_seed: int = 0
@@ -108,11 +111,19 @@ def chosen_components(source: ModelSource, options: ConversionOptions) -> tuple[
 def model_dimensions(source: ModelSource, options: ConversionOptions) -> ModelDimensions:
     default = source.sample_size * 8
     return ModelDimensions(
-        text_width=source.text_width,
         height=options.height or default,
         width=options.width or default,
         unet_batch_size=options.unet_batch_size,
+        **source.conditioning,
     )
+
+
+def compute_precision(source: ModelSource, component: str, options: ConversionOptions) -> str:
+    """float16, but the family's VAE precision for its own VAE (SDXL's overflows float16); a VAE swapped in
+    with --vae is taken to be made for float16 (validation refuses it if it overflows)."""
+    if source.family.component(component).kind.startswith("vae") and not options.vae:
+        return source.family.defaults.vae_compute_precision
+    return "float16"
 
 
 def component_settings(component: str, source: ModelSource, dims: ModelDimensions, options: ConversionOptions) -> dict:
@@ -132,6 +143,8 @@ def component_settings(component: str, source: ModelSource, dims: ModelDimension
         settings.update(attention_implementation=options.attention_implementation)
     if quantize_nbits(source.family.component(component), options.quantize_nbits):
         settings.update(quantize_nbits=options.quantize_nbits)
+    if compute_precision(source, component, options) != "float16":
+        settings.update(compute_precision=compute_precision(source, component, options))
     return settings
 
 
@@ -143,6 +156,8 @@ def quantize_nbits(component: Component, nbits: int | None) -> int | None:
 def convert_model(options: ConversionOptions) -> ConversionReport:
     check_options(options)
     source = resolve(options.model, options.revision)
+    if options.vae:
+        source.use_vae(options.vae)
     components = chosen_components(source, options)
     source.safety_checker = options.safety_checker
     dims = model_dimensions(source, options)
@@ -151,6 +166,7 @@ def convert_model(options: ConversionOptions) -> ConversionReport:
     source.description["files"] = source.file_hashes(list(components))
     header = {
         "source": {k: v for k, v in source.description.items() if k != "files"},
+        "family": source.family.name,
         "attention_implementation": options.attention_implementation,
         **dims.as_dict(),
         "scheduler": source.scheduler_config,
@@ -158,6 +174,8 @@ def convert_model(options: ConversionOptions) -> ConversionReport:
         "prediction_type": source.prediction_type,
         "watermark": source.family.watermark.to_manifest(),
     }
+    if source.force_zeros_for_empty_prompt is not None:
+        header["force_zeros_for_empty_prompt"] = source.force_zeros_for_empty_prompt
     with folder.lock():
         try:
             folder.prepare(header, force=options.force)
@@ -196,10 +214,12 @@ def convert_component(folder: PackageFolder, source: ModelSource, component: str
 
     spec = source.family.spec(component, dims)
     nbits = quantize_nbits(source.family.component(component), options.quantize_nbits)
+    precision = compute_precision(source, component, options)
     staging = folder.staging_folder()
     try:
         with stage(report, component, "load"):
-            parts = source.load(component, torch.float16)
+            # A float32 program keeps float32 weights: its constants are what it computes with.
+            parts = source.load(component, torch.float32 if precision == "float32" else torch.float16)
         feature_extractor = parts.feature_extractor
         palettized = None
         if nbits:
@@ -212,7 +232,7 @@ def convert_component(folder: PackageFolder, source: ModelSource, component: str
             del module, parts
             release_memory()
         with stage(report, component, "convert"):
-            model = to_ml_program(program, spec, nbits, options.verbose)
+            model = to_ml_program(program, spec, nbits, precision, options.verbose)
             del program
             release_memory()
         with stage(report, component, "save"):
@@ -233,7 +253,9 @@ def convert_component(folder: PackageFolder, source: ModelSource, component: str
                                       lambda: source.load(component, torch.float32),
                                       options.validation_seed, source.latent_scaling_factor, nbits)
             print_validation(component, validation)
-            if not validation["psnr_db"] >= PSNR_THRESHOLD_DB:  # NaN (an fp16 overflow) fails too
+            if validation["non_finite_outputs"]:
+                raise ConversionError(overflow_message(component, source.family.component(component), precision))
+            if not validation["psnr_db"] >= PSNR_THRESHOLD_DB:
                 original = "the diffusers original" + (" with the same palettes" if nbits else "")
                 raise ConversionError(
                     f"{component}: PSNR {validation['psnr_db']:.1f} dB against {original} is below "
@@ -241,11 +263,22 @@ def convert_component(folder: PackageFolder, source: ModelSource, component: str
         entry = dict(spec.to_json(), settings=settings, validation=validation)
         if feature_extractor is not None:
             entry["feature_extractor"] = feature_extractor  # the runtime prepares the checker's input with it
+        if precision == "float32":
+            entry.update(compute_precision=precision, compute_units=FLOAT32_COMPUTE_UNITS)
         if palettized is not None:
             entry["palettized_parameters"] = palettized
         folder.install(staged, component, entry)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def overflow_message(component: str, kind: Component, precision: str) -> str:
+    advice = "convert it with float32 compute"
+    if kind.kind.startswith("vae"):
+        advice = ("convert the model's own VAE, which an SDXL model's converts with float32 compute (drop --vae), "
+                  "or pass --vae with a VAE made for float16 (e.g. madebyollin/sdxl-vae-fp16-fix)")
+    return (f"{component}: its {precision} outputs hold inf/NaN (the activations overflow {precision}), "
+            f"so it was not installed: {advice}")
 
 
 def print_validation(component: str, validation: dict) -> None:

@@ -33,10 +33,16 @@ def computes_in_float16(op) -> bool:
 
 
 def to_ml_program(program: torch.export.ExportedProgram, spec: ComponentSpec,
-                  quantize_nbits: int | None = None, verbose: bool = False) -> ct.models.MLModel:
-    """Convert with float16 compute and the contract's input and output names and dtypes; with
-    `quantize_nbits`, weights palettized by `palettize_module` are stored as palette + indices. coremltools'
-    progress bars (hundreds of carriage-return updates) are kept out of the stage lines unless `verbose`."""
+                  quantize_nbits: int | None = None, precision: str = "float16",
+                  verbose: bool = False) -> ct.models.MLModel:
+    """Convert with float16 compute (or float32, for a program traced with float32 weights) and the
+    contract's input and output names and dtypes; with `quantize_nbits`, weights palettized by
+    `palettize_module` are stored as palette + indices. coremltools' progress bars (hundreds of
+    carriage-return updates) are kept out of the stage lines unless `verbose`."""
+    if precision == "float32":
+        compute_precision = ct.precision.FLOAT32
+    else:
+        compute_precision = ct.transform.FP16ComputePrecision(op_selector=computes_in_float16)
     bars = contextlib.nullcontext() if verbose else contextlib.redirect_stderr(io.StringIO())
     with bars:
         return ct.convert(
@@ -44,7 +50,7 @@ def to_ml_program(program: torch.export.ExportedProgram, spec: ComponentSpec,
             inputs=[ct.TensorType(name=t.name, shape=t.shape, dtype=NUMPY_DTYPES[t.dtype]) for t in spec.inputs],
             outputs=[ct.TensorType(name=t.name, dtype=NUMPY_DTYPES[t.dtype]) for t in spec.outputs],
             convert_to="mlprogram",
-            compute_precision=ct.transform.FP16ComputePrecision(op_selector=computes_in_float16),
+            compute_precision=compute_precision,
             minimum_deployment_target=MINIMUM_DEPLOYMENT_TARGET,
             skip_model_load=True,
             pass_pipeline=palettizing_pipeline(quantize_nbits) if quantize_nbits else ct.PassPipeline.DEFAULT,

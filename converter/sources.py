@@ -21,23 +21,32 @@ import torch
 
 from .errors import ConversionError
 from .families import Family, detect_family
-from .families.sd import SD
 
 ALIASES = {
     "sd-v1-4": "CompVis/stable-diffusion-v1-4",
     "sd-v1-5": "stable-diffusion-v1-5/stable-diffusion-v1-5",
     "sd-2-base": "stabilityai/stable-diffusion-2-base",
     "sd-2-1-base": "stabilityai/stable-diffusion-2-1-base",
+    "sdxl-base": "stabilityai/stable-diffusion-xl-base-1.0",
+    "sdxl-refiner": "stabilityai/stable-diffusion-xl-refiner-1.0",
 }
-TINY = "tiny"
+# The embedded models: name -> (what it is, the module and function that build its diffusers pipeline).
+BUILT_IN = {
+    "tiny": ("embedded SD-architecture model with random weights, for trying things out", "tiny", "build_tiny_pipeline"),
+    "tiny-xl": ("embedded SDXL-architecture base with random weights", "tiny_xl", "build_tiny_xl_pipeline"),
+    "tiny-xl-refiner": ("embedded SDXL-architecture refiner with random weights", "tiny_xl", "build_tiny_xl_refiner_pipeline"),
+}
 
 # What a conversion reads from a diffusers folder; weights in safetensors, else PyTorch pickles.
 HUB_PATTERNS = [
     "model_index.json",
     "scheduler/*.json",
     "tokenizer/*",
+    "tokenizer_2/*",
     "text_encoder/config.json",
     "text_encoder/model.safetensors",
+    "text_encoder_2/config.json",
+    "text_encoder_2/model.safetensors",
     "unet/config.json",
     "unet/diffusion_pytorch_model.safetensors",
     "vae/config.json",
@@ -51,6 +60,8 @@ SAFETENSORS_DTYPES = {
 }
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX = WEIGHTS_FILE + ".index.json"
+# What --vae reads from a hub repo: a VAE repo's own files, or a model repo's vae/.
+VAE_HUB_PATTERNS = ["config.json", WEIGHTS_FILE, "vae/config.json", f"vae/{WEIGHTS_FILE}"]
 
 # Checkpoints saved before diffusers' `Attention` (every SD v1/v2 VAE on the hub) name the VAE's attention
 # projections as the old `AttentionBlock` did.
@@ -77,13 +88,22 @@ class ModelSource:
     description: dict
     folder: Path | None
     scheduler_config: dict
-    text_width: int
+    conditioning: dict  # the ModelDimensions fields of the text conditioning (Family.conditioning)
     sample_size: int
     latent_scaling_factor: float
     prediction_type: str
     family: Family
     safety_checker: str | None = None  # --safety-checker: another model's checker, by folder or id
+    force_zeros_for_empty_prompt: bool | None = None  # as the model's pipeline config (model_index.json) says
+    vae_folder: Path | None = None  # a VAE swapped in for the model's own (--vae)
     _tiny_pipeline: object = field(default=None, repr=False)
+
+    def use_vae(self, vae: str) -> None:
+        """Take the VAE from `vae` (a diffusers VAE folder, a model folder with vae/, or a Hugging Face id of
+        either), with its latent scale."""
+        self.vae_folder, self.description["vae"] = _vae_folder(vae)
+        self.latent_scaling_factor = float(_read_json(self.vae_folder / "config.json").get(
+            "scaling_factor", self.family.defaults.latent_scaling_factor))
 
     def load(self, component: str, dtype: torch.dtype) -> ModelParts:
         """The pipeline modules `component` needs, in `dtype`, in eval mode."""
@@ -98,15 +118,23 @@ class ModelSource:
         return parts
 
     def _load_module(self, module_name: str, dtype: torch.dtype) -> torch.nn.Module:
+        if module_name == "vae" and self.vae_folder is not None:
+            from diffusers import AutoencoderKL
+
+            try:
+                return load_diffusers_module(AutoencoderKL, self.vae_folder, dtype)
+            except (OSError, ValueError, KeyError, RuntimeError) as error:
+                raise ConversionError(f"cannot load the VAE from {self.vae_folder}: {error}".splitlines()[0]) from error
         if self._tiny_pipeline is not None:
             # A copy: the float32 original must survive for validation after an fp16 conversion.
             return copy.deepcopy(getattr(self._tiny_pipeline, module_name)).to(dtype=dtype)
         try:
-            if module_name == "text_encoder":
+            if module_name in self.family.text_encoder_classes:
                 # transformers already builds its models empty and casts the weights as it loads them.
-                from transformers import CLIPTextModel
+                import transformers
 
-                return CLIPTextModel.from_pretrained(self.folder, subfolder=module_name, torch_dtype=dtype)
+                loader = getattr(transformers, self.family.text_encoder_classes[module_name])
+                return loader.from_pretrained(self.folder, subfolder=module_name, torch_dtype=dtype)
             from diffusers import AutoencoderKL, UNet2DConditionModel
 
             loader = {"unet": UNet2DConditionModel, "vae": AutoencoderKL}[module_name]
@@ -144,12 +172,13 @@ class ModelSource:
     def write_tokenizer_files(self, destination: Path) -> None:
         """vocab.json and merges.txt, as the Swift package reads them."""
         if self._tiny_pipeline is not None:
-            from .tiny import clip_vocabulary_files
+            from .tiny import clip_vocabulary_files  # every built-in model's tokenizers use them
 
             for path in clip_vocabulary_files():
                 (destination / Path(path).name).write_bytes(Path(path).read_bytes())
             return
-        tokenizer_folder = self.folder / "tokenizer"
+        # SDXL's two tokenizers share the BPE files (the second pads with "!"); a refiner has only the second.
+        tokenizer_folder = self.folder / ("tokenizer" if (self.folder / "tokenizer").is_dir() else "tokenizer_2")
         if (tokenizer_folder / "vocab.json").is_file() and (tokenizer_folder / "merges.txt").is_file():
             for name in ("vocab.json", "merges.txt"):
                 (destination / name).write_bytes((tokenizer_folder / name).read_bytes())
@@ -228,15 +257,13 @@ def read_safetensors(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
 
 
 def list_models() -> list[tuple[str, str]]:
-    return [(TINY, "embedded SD-architecture model with random weights, for trying things out")] + [
-        (alias, hub_id) for alias, hub_id in ALIASES.items()
-    ]
+    return [(name, what) for name, (what, _, _) in BUILT_IN.items()] + list(ALIASES.items())
 
 
 def resolve(model: str, revision: str | None = None) -> ModelSource:
-    """Turn `--model` into a ModelSource: tiny, an alias, a local folder or a Hugging Face id."""
-    if model == TINY:
-        return _tiny_source()
+    """Turn `--model` into a ModelSource: a built-in model, an alias, a local folder or a Hugging Face id."""
+    if model in BUILT_IN:
+        return _built_in_source(model)
     if Path(model).expanduser().is_dir():
         folder = Path(model).expanduser().resolve()
         return _folder_source(folder, name=folder.name, description={"path": str(folder)})
@@ -249,6 +276,21 @@ def resolve(model: str, revision: str | None = None) -> ModelSource:
     folder = _download(hub_id, revision)
     name = model if model in ALIASES else hub_id.split("/")[-1]
     return _folder_source(folder, name=name, description={"id": hub_id, "revision": revision})
+
+
+def _vae_folder(vae: str) -> tuple[Path, dict]:
+    """The folder holding a VAE's config.json and weights, and how the manifest records where it came from."""
+    if Path(vae).expanduser().is_dir():
+        folder, description = Path(vae).expanduser().resolve(), {"path": str(Path(vae).expanduser().resolve())}
+    elif vae.startswith((".", "/", "~")) or vae.count("/") != 1:
+        raise ConversionError(f"--vae {vae} is neither a folder nor a Hugging Face id (org/name)")
+    else:
+        folder, description = _download(vae, None, VAE_HUB_PATTERNS), {"id": vae}
+    if not (folder / "config.json").is_file() and (folder / "vae" / "config.json").is_file():
+        folder = folder / "vae"
+    if not (folder / "config.json").is_file():
+        raise ConversionError(f"--vae {vae}: no config.json in {folder} or its vae/ folder; pass a diffusers VAE (AutoencoderKL) folder")
+    return folder, description
 
 
 def _download(hub_id: str, revision: str | None, patterns: list[str] = HUB_PATTERNS) -> Path:
@@ -290,7 +332,7 @@ def _folder_source(folder: Path, name: str, description: dict) -> ModelSource:
     unet_config = _read_json(folder / "unet" / "config.json")
     model_index = _read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
     family = detect_family(model_index, unet_config)
-    text_config = _read_json(folder / "text_encoder" / "config.json")
+    text_configs = {module: _read_json(folder / module / "config.json") for module in family.text_encoder_classes}
     vae_config = _read_json(folder / "vae" / "config.json")
     scheduler_config = _read_json(folder / "scheduler" / "scheduler_config.json")
     return ModelSource(
@@ -298,30 +340,41 @@ def _folder_source(folder: Path, name: str, description: dict) -> ModelSource:
         description=description,
         folder=folder,
         scheduler_config=scheduler_config,
-        text_width=int(text_config["hidden_size"]),
+        conditioning=family.conditioning(unet_config, text_configs),
         sample_size=int(unet_config["sample_size"]),
         latent_scaling_factor=float(vae_config.get("scaling_factor", family.defaults.latent_scaling_factor)),
         prediction_type=scheduler_config.get("prediction_type", family.defaults.prediction_type),
         family=family,
+        force_zeros_for_empty_prompt=_pipeline_setting(model_index, family),
     )
 
 
-def _tiny_source() -> ModelSource:
-    from .tiny import build_tiny_pipeline
+def _pipeline_setting(model_index: dict, family: Family) -> bool | None:
+    default = family.defaults.force_zeros_for_empty_prompt
+    return None if default is None else bool(model_index.get("force_zeros_for_empty_prompt", default))
 
-    pipeline = build_tiny_pipeline()
+
+def _built_in_source(name: str) -> ModelSource:
+    from importlib import import_module
+
+    _, module, builder = BUILT_IN[name]
+    pipeline = getattr(import_module(f"{__package__}.{module}"), builder)()
+    unet_config = dict(pipeline.unet.config)
+    family = detect_family(dict(pipeline.config), unet_config)
+    text_configs = {module: getattr(pipeline, module).config.to_dict() for module in family.text_encoder_classes}
     return ModelSource(
-        name=TINY,
-        description={"model": TINY, "seed": 0},
+        name=name,
+        description={"model": name, "seed": 0},
         folder=None,
         # As scheduler_config.json holds it: a scheduler built from it for another class keeps that class's own
         # defaults for the values listed in `_use_default_values`, as diffusers does.
         scheduler_config=dict(pipeline.scheduler.config, _class_name=type(pipeline.scheduler).__name__),
-        text_width=pipeline.text_encoder.config.hidden_size,
+        conditioning=family.conditioning(unet_config, text_configs),
         sample_size=pipeline.unet.config.sample_size,
         latent_scaling_factor=pipeline.vae.config.scaling_factor,
         prediction_type=pipeline.scheduler.config.prediction_type,
-        family=SD,
+        family=family,
+        force_zeros_for_empty_prompt=_pipeline_setting(dict(pipeline.config), family),
         _tiny_pipeline=pipeline,
     )
 

@@ -11,6 +11,7 @@ import click
 
 from . import images
 from .backends import BACKENDS, COMPUTE_UNITS
+from .conditioning import SizeConditioning
 from .commandline import CONTEXT_SETTINGS, run_command, shared_options
 from .errors import GenerationError
 from .package import PACKAGES_ENV
@@ -105,6 +106,16 @@ def _console_logging():
               "Lanczos (needs pip install 'coreml-sd[upscalers]').")
 @click.option("--tile-overlap", type=int, metavar="PIXELS", help="How many pixels neighbouring windows share, a "
               "multiple of 8 (default: a quarter of the package's shorter side).")
+@click.option("--original-size", type=(int, int), metavar="H W",
+              help="SDXL: the original size the image is conditioned on, height and width (default: the package's).")
+@click.option("--crop", type=(int, int), default=(0, 0), show_default=True, metavar="TOP LEFT",
+              help="SDXL: the crop top-left coordinates the image is conditioned on.")
+@click.option("--target-size", type=(int, int), metavar="H W",
+              help="SDXL: the target size the image is conditioned on, height and width (default: the package's).")
+@click.option("--refiner", metavar="PACKAGE",
+              help="SDXL: an SDXL refiner package (name or folder) that denoises the end of the schedule.")
+@click.option("--refiner-start", type=float, default=0.8, show_default=True,
+              help="With --refiner: the fraction of the schedule the base runs before handing over.")
 @click.option("-o", "--output", help=f"A .png file or a folder (default: {DEFAULT_OUTPUT}/, named after prompt and seed).")
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
               help="auto: Core ML on macOS, else the reference executor.")
@@ -130,9 +141,10 @@ def generate(**options) -> None:
 def write_images(prompt: str, negative_prompt: str, model: str | None, steps: int, guidance_scale: float,
                  scheduler: str | None, seed: int | None, image: str | None, strength: float | None, num_images: int,
                  height: int | None, width: int | None, upscale: float | None, upscale_strength: float | None,
-                 upscale_steps: int | None, upscaler: str | None, tile_overlap: int | None, output: str | None,
-                 backend: str, compute_unit: str | None, verify: bool, safety_checker: bool,
-                 watermark: bool) -> list[Path]:
+                 upscale_steps: int | None, upscaler: str | None, tile_overlap: int | None,
+                 original_size: tuple[int, int] | None, crop: tuple[int, int], target_size: tuple[int, int] | None,
+                 refiner: str | None, refiner_start: float, output: str | None, backend: str,
+                 compute_unit: str | None, verify: bool, safety_checker: bool, watermark: bool) -> list[Path]:
     try:  # the option checks that need no model are usage errors
         hires = hires_settings(upscale, upscale_strength, upscale_steps, upscaler is not None)
         if strength is not None and image is None:
@@ -141,7 +153,7 @@ def write_images(prompt: str, negative_prompt: str, model: str | None, steps: in
             raise GenerationError("--image with --upscale refines the enlarged image: its size follows the image, "
                                   "and --upscale-strength says how much it changes; drop --strength, --width, --height")
         strength = 0.8 if strength is None else strength
-        check_options(scheduler, steps, strength, num_images, seed, width, height, hires)
+        check_options(scheduler, steps, strength, num_images, seed, width, height, hires, refiner_start)
     except GenerationError as error:
         raise click.UsageError(str(error)) from None
     if upscaler is not None:
@@ -154,6 +166,8 @@ def write_images(prompt: str, negative_prompt: str, model: str | None, steps: in
     paths, grid = output_paths(output, prompt, seeds)
 
     pipe = Pipeline.from_package(model, backend=backend, compute_unit=compute_unit, verify=verify)
+    refiner_pipe = (Pipeline.from_package(refiner, backend=backend, compute_unit=compute_unit, verify=verify)
+                    if refiner else None)
     result = pipe(
         prompt,
         negative_prompt=negative_prompt,
@@ -170,6 +184,9 @@ def write_images(prompt: str, negative_prompt: str, model: str | None, steps: in
         overlap=tile_overlap,
         safety_checker=safety_checker,
         watermark=watermark,
+        size_conditioning=SizeConditioning(original_size, crop, target_size),
+        refiner=refiner_pipe,
+        refiner_start=refiner_start,
     )
     for index, flagged in enumerate(result.nsfw_content_detected or []):
         if flagged:

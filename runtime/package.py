@@ -2,7 +2,8 @@
 
 A package is a folder written by `coreml-convert` (`manifest.json`, `.mlpackage` files, `vocab.json`,
 `merges.txt`) or a Swift `Resources/` bundle (`.mlmodelc` or `.mlpackage` files with the BPE files, often
-without a manifest). Without a manifest, SD v1's settings apply; shapes always come from the models.
+without a manifest). Without a manifest, the family follows from the files (`TextEncoder2`: SDXL, `UnetRefiner`:
+the SDXL refiner) and its published settings apply; shapes always come from the models.
 """
 import json
 import os
@@ -18,8 +19,13 @@ PACKAGES_ENV = "COREML_SD_PACKAGES"
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT_VERSION = 1
 MODEL_SUFFIXES = (".mlpackage", ".mlmodelc")
-REQUIRED_COMPONENTS = ("TextEncoder", "Unet", "VAEDecoder")
-OPTIONAL_COMPONENTS = ("VAEEncoder", "SafetyChecker")
+KNOWN_COMPONENTS = ("TextEncoder", "TextEncoder2", "Unet", "UnetRefiner", "VAEDecoder", "VAEEncoder", "SafetyChecker")
+# What generating needs, per family: its text encoders, its Unet, the decoder.
+REQUIRED_COMPONENTS = {
+    "sd": ("TextEncoder", "Unet", "VAEDecoder"),
+    "sdxl": ("TextEncoder", "TextEncoder2", "Unet", "VAEDecoder"),
+    "sdxl-refiner": ("TextEncoder2", "UnetRefiner", "VAEDecoder"),
+}
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
 
 # SD v1.4's settings, for bundles that carry no manifest (Apple's published SD v1 bundles).
@@ -35,6 +41,26 @@ SD_V1_SCHEDULER_CONFIG = {
 }
 SD_V1_SCALING_FACTOR = 0.18215
 SD_V1_PREDICTION_TYPE = "epsilon"
+# stabilityai's SDXL 1.0 settings, for Apple's XL bundles, which carry no manifest.
+SDXL_SCHEDULER_CONFIG = {
+    "_class_name": "EulerDiscreteScheduler",
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "interpolation_type": "linear",
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "use_karras_sigmas": False,
+}
+SDXL_SCALING_FACTOR = 0.13025
+# By family: the scheduler, the latent scale, and whether an empty negative prompt is zeros rather than the
+# encoded empty string (diffusers' force_zeros_for_empty_prompt: true for SDXL base, false for its refiner).
+FAMILY_DEFAULTS = {
+    "sd": (SD_V1_SCHEDULER_CONFIG, SD_V1_SCALING_FACTOR, False),
+    "sdxl": (SDXL_SCHEDULER_CONFIG, SDXL_SCALING_FACTOR, True),
+    "sdxl-refiner": (SDXL_SCHEDULER_CONFIG, SDXL_SCALING_FACTOR, False),
+}
 
 
 @dataclass(frozen=True)
@@ -51,12 +77,23 @@ class Package:
     # The SafetyChecker's CLIP preprocessing (preprocessor_config.json) and the invisible watermark the images carry.
     feature_extractor: dict = field(default_factory=lambda: dict(SD_FEATURE_EXTRACTOR))
     watermark: Watermark = STABLE_DIFFUSION_V1
+    family: str = "sd"  # "sd", "sdxl" or "sdxl-refiner"
+    force_zeros_for_empty_prompt: bool = False
+    compute_units: dict[str, str] = field(default_factory=dict)  # per component, where the manifest says
+
+    @property
+    def required_components(self) -> tuple[str, ...]:
+        return REQUIRED_COMPONENTS[self.family]
+
+    @property
+    def unet_name(self) -> str:
+        return "UnetRefiner" if self.family == "sdxl-refiner" else "Unet"
 
     def component(self, name: str) -> Path:
         if name not in self.components:
             raise GenerationError(
                 f"package {self.name!r} has no {name}; convert it too "
-                f"(coreml-convert ... --components TextEncoder,Unet,VAEDecoder,{name})"
+                f"(coreml-convert ... --components {','.join(self.required_components)},{name})"
             )
         return self.components[name]
 
@@ -124,6 +161,7 @@ _MANIFEST_TYPES = {
     "latent_scaling_factor": (int, float),
     "prediction_type": str,
     "attention_implementation": str,
+    "family": str,
     "components": dict,
 }
 
@@ -148,7 +186,7 @@ def _manifest_problem(manifest: dict) -> str | None:
 def _component_files(folder: Path) -> dict[str, Path]:
     """The components present, by the contract's file names: `<Name>.mlpackage` or, in Swift bundles, `.mlmodelc`."""
     files = {}
-    for name in REQUIRED_COMPONENTS + OPTIONAL_COMPONENTS:
+    for name in KNOWN_COMPONENTS:
         present = [folder / (name + suffix) for suffix in MODEL_SUFFIXES if (folder / (name + suffix)).exists()]
         if present:
             files[name] = present[0]
@@ -176,15 +214,20 @@ def load_package(folder: Path, verify: bool = False) -> Package:
     if manifest is None and not components:
         found = sorted(p.name for p in folder.iterdir() if p.suffix in MODEL_SUFFIXES)
         if found:
-            expected = ", ".join(name + ".mlpackage" for name in REQUIRED_COMPONENTS)
+            expected = ", ".join(name + ".mlpackage" for name in REQUIRED_COMPONENTS["sd"])
             raise GenerationError(f"{folder} holds {', '.join(found)}, not the models a package has ({expected}); "
                                   "convert the model with coreml-convert")
         raise GenerationError(
             f"{folder} is not a package: no {MANIFEST_FILE} and no .mlpackage/.mlmodelc models; "
             "convert one with coreml-convert"
         )
-    missing = [name for name in REQUIRED_COMPONENTS if name not in components]
-    if "Unet" in missing and (folder / "UnetChunk1.mlmodelc").exists():
+    manifest = manifest or {}
+    family = manifest.get("family") or _family_from_files(components)
+    if family not in REQUIRED_COMPONENTS:
+        raise GenerationError(f"{folder / MANIFEST_FILE}: unknown model family {family!r}; update coreml-sd or reconvert")
+    missing = [name for name in REQUIRED_COMPONENTS[family] if name not in components]
+    unet = "UnetRefiner" if family == "sdxl-refiner" else "Unet"
+    if unet in missing and (folder / f"{unet}Chunk1.mlmodelc").exists():
         raise GenerationError(f"{folder} holds a chunked Unet, which this runtime does not run; use an unchunked one")
     if missing:
         raise GenerationError(
@@ -194,14 +237,14 @@ def load_package(folder: Path, verify: bool = False) -> Package:
     for file_name in TOKENIZER_FILES:
         if not (folder / file_name).is_file():
             raise GenerationError(f"package {folder} lacks {file_name} (the CLIP tokenizer's files); reconvert it")
-    manifest = manifest or {}
     for entry in manifest.get("components", {}).values():
         if inside(folder, entry["file"], "the manifest").exists():  # an absent model is a missing component
             check_files(folder, entry["file"], entry.get("files", {}), hashes=verify)
-    scheduler_config = manifest.get("scheduler", SD_V1_SCHEDULER_CONFIG)
+    default_scheduler, default_scaling_factor, default_force_zeros = FAMILY_DEFAULTS[family]
+    scheduler_config = manifest.get("scheduler", default_scheduler)
     attention = manifest.get("attention_implementation")
-    if attention is None and components["Unet"].suffix == ".mlmodelc":
-        attention = _attention_from_compiled_unet(components["Unet"])
+    if attention is None and components[unet].suffix == ".mlmodelc":
+        attention = _attention_from_compiled_unet(components[unet])
     return Package(
         path=folder,
         name=folder.resolve().name,
@@ -209,11 +252,15 @@ def load_package(folder: Path, verify: bool = False) -> Package:
         vocab_file=folder / "vocab.json",
         merges_file=folder / "merges.txt",
         scheduler_config=scheduler_config,
-        scaling_factor=float(manifest.get("latent_scaling_factor", SD_V1_SCALING_FACTOR)),
+        scaling_factor=float(manifest.get("latent_scaling_factor", default_scaling_factor)),
         prediction_type=manifest.get("prediction_type", SD_V1_PREDICTION_TYPE),
         attention_implementation=attention,
         feature_extractor=_feature_extractor(manifest, folder),
         watermark=_watermark(manifest, folder),
+        family=family,
+        force_zeros_for_empty_prompt=bool(manifest.get("force_zeros_for_empty_prompt", default_force_zeros)),
+        compute_units={name: entry["compute_units"] for name, entry in manifest.get("components", {}).items()
+                       if isinstance(entry, dict) and "compute_units" in entry},
     )
 
 
@@ -235,3 +282,9 @@ def _watermark(manifest: dict, folder: Path) -> Watermark:
         return Watermark.from_manifest(manifest["watermark"])
     except (TypeError, KeyError, ValueError) as exc:
         raise GenerationError(f"{folder / MANIFEST_FILE}: unreadable 'watermark' ({exc}); reconvert the package") from None
+
+
+def _family_from_files(components: dict[str, Path]) -> str:
+    if "UnetRefiner" in components:
+        return "sdxl-refiner"
+    return "sdxl" if "TextEncoder2" in components else "sd"

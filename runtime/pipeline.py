@@ -1,4 +1,5 @@
-"""Text-to-image and image-to-image over a converted package, step for step as diffusers' SD pipelines.
+"""Text-to-image and image-to-image over a converted package, step for step as diffusers' SD and SDXL pipelines,
+and SDXL's base + refiner ensemble (the refiner takes the latents for the end of the schedule).
 
 The random numbers are Apple's: NumPy's legacy `RandomState(seed).randn` draws the initial noise (and, for
 image-to-image, then the VAE sample), cast to float16, so a seed gives the image the Swift package gives.
@@ -19,8 +20,8 @@ from . import images, tiling
 from . import watermark as watermarks
 from .backends import Model, default_compute_unit, load_model, resolve_backend
 from .errors import GenerationError
+from .conditioning import SizeConditioning, conditioning_for
 from .package import Package, find_package, load_package
-from .prompt import PromptEncoder
 from .safety import SafetyChecker
 from .schedulers import build_scheduler, default_scheduler_name, scheduler_class, step_keywords
 from .tiling import VAE_FACTOR, Layout, TiledNoise
@@ -71,6 +72,23 @@ def sample_encoder_latents(moments: np.ndarray, rng: np.random.RandomState, scal
     return ((mean + std * draw_noise(rng, mean.shape)) * scaling_factor).astype(np.float32)
 
 
+def timestep_cutoff(scheduler, fraction: float) -> int:
+    """The training timestep at which `fraction` of the schedule is done, as diffusers' denoising_end/_start."""
+    train_steps = scheduler.config.num_train_timesteps
+    return int(round(train_steps - fraction * train_steps))
+
+
+def refiner_timesteps(scheduler, start: float) -> torch.Tensor:
+    """The tail of the schedule after `start` of it, as diffusers' SDXL img2img with `denoising_start`."""
+    count = int((scheduler.timesteps < timestep_cutoff(scheduler, start)).sum())
+    if scheduler.order == 2 and count % 2 == 0:  # never stop between a second-order step's two halves
+        count += 1
+    begin = len(scheduler.timesteps) - count
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(begin)
+    return scheduler.timesteps[begin:]
+
+
 def denoising_timesteps(scheduler, steps: int, strength: float) -> torch.Tensor:
     """The tail of the schedule that image-to-image runs: `int(steps * strength)` steps, as diffusers."""
     start = (steps - min(int(steps * strength), steps)) * scheduler.order
@@ -85,7 +103,7 @@ def random_seed(num_images: int = 1) -> int:
 
 def check_options(
     scheduler: str | None, steps: int, strength: float, num_images: int, seed: int | None,
-    width: int | None = None, height: int | None = None, upscale: Upscale | None = None,
+    width: int | None = None, height: int | None = None, upscale: Upscale | None = None, refiner_start: float = 0.8,
 ) -> None:
     """The checks that need no model, so that a command line fails before any model loads."""
     for name, side in (("--width", width), ("--height", height)):
@@ -93,6 +111,9 @@ def check_options(
             raise GenerationError(f"{name} {side} is not a positive multiple of {VAE_FACTOR}")
     if upscale is not None:
         upscale.check()
+    if not 0 < refiner_start < 1:
+        raise GenerationError(f"--refiner-start must be between 0 and 1 (the fraction of the schedule the base runs), "
+                              f"not {refiner_start}")
     if scheduler is not None:
         scheduler_class(scheduler)
     if steps < 1:
@@ -109,6 +130,13 @@ def check_options(
 def parameters_text(prompt: str, negative_prompt: str, settings: dict[str, object]) -> str:
     lines = [prompt] + ([f"Negative prompt: {negative_prompt}"] if negative_prompt else [])
     return "\n".join(lines + [", ".join(f"{key}: {value}" for key, value in settings.items())])
+
+
+def load_component(package: Package, name: str, backend: str, compute_unit: str | None) -> Model:
+    """A component on the compute units asked for, else where its manifest says it runs (a float32 VAE:
+    CPU_AND_GPU), else where its attention implementation runs best."""
+    units = compute_unit or package.compute_units.get(name) or default_compute_unit(package.attention_implementation)
+    return load_model(package.component(name), backend, units)
 
 
 class Pipeline:
@@ -129,8 +157,9 @@ class Pipeline:
         self.models = models
         self.backend = backend
         self.compute_unit = compute_unit
-        self.prompt_encoder = PromptEncoder(package.vocab_file, package.merges_file, models["TextEncoder"])
-        unet_inputs = models["Unet"].input_description
+        self.conditioning = conditioning_for(package, models)
+        self.unet = models[package.unet_name]
+        unet_inputs = self.unet.input_description
         self.unet_dtypes = {name: dtype for name, (_, dtype) in unet_inputs.items()}
         sample_shape = unet_inputs["sample"][0]
         self.unet_batch_size = sample_shape[0]
@@ -149,16 +178,12 @@ class Pipeline:
         `verify`, every model file's SHA-256 is checked against the manifest first."""
         loaded = load_package(find_package(None if package is None else str(package)), verify)
         backend = resolve_backend(backend)
-        compute_unit = compute_unit or default_compute_unit(loaded.attention_implementation)
-        models = {
-            name: load_model(loaded.component(name), backend, compute_unit)
-            for name in ("TextEncoder", "Unet", "VAEDecoder")
-        }
+        models = {name: load_component(loaded, name, backend, compute_unit) for name in loaded.required_components}
         return cls(loaded, models, backend, compute_unit)
 
     def _model(self, name: str) -> Model:
         if name not in self.models:
-            self.models[name] = load_model(self.package.component(name), self.backend, self.compute_unit)
+            self.models[name] = load_component(self.package, name, self.backend, self.compute_unit)
         return self.models[name]
 
     def __call__(
@@ -178,6 +203,9 @@ class Pipeline:
         upscale: Upscale | None = None,
         overlap: int | None = None,
         output_type: str = "pil",
+        size_conditioning: SizeConditioning = SizeConditioning(),
+        refiner: "Pipeline | None" = None,
+        refiner_start: float = 0.8,
         progress: bool = True,
         safety_checker: bool = True,
         watermark: bool = True,
@@ -186,11 +214,14 @@ class Pipeline:
         that keeps `1 - strength` of it. `scheduler` is a name from `schedulers.SCHEDULERS`. `height`/`width`
         (default: the package's) may be any multiples of 8 at least the package's; with `upscale`, each image is
         then enlarged and refined (with `image`, the image itself is). `overlap`: image pixels that neighbouring
-        windows share (default: a quarter of the package's shorter side). The package's safety checker, if it has
-        one, blackens flagged images (`safety_checker=False` skips it); `watermark=False` leaves out the invisible
-        watermark. Raises GenerationError for anything the caller can fix."""
+        windows share (default: a quarter of the package's shorter side). SDXL packages take `size_conditioning`
+        (original size, crop, target size; default: the image's size and (0, 0)); with an SDXL `refiner` pipeline,
+        this one runs the first `refiner_start` of the schedule and the refiner the rest, as diffusers' base +
+        refiner ensemble. The package's safety checker, if it has one, blackens flagged images
+        (`safety_checker=False` skips it); `watermark=False` leaves out the invisible watermark. Raises
+        GenerationError for anything the caller can fix."""
         scheduler = scheduler or default_scheduler_name(self.package.scheduler_config)
-        check_options(scheduler, steps, strength, num_images, seed, width, height, upscale)
+        check_options(scheduler, steps, strength, num_images, seed, width, height, upscale, refiner_start)
         training_steps = self.package.scheduler_config.get("num_train_timesteps", 1000)
         for name, count in (("--steps", steps), ("--upscale-steps", upscale and upscale.steps)):
             if count and count > training_steps:
@@ -198,14 +229,21 @@ class Pipeline:
                                       f"not {count}")
         if output_type not in OUTPUT_TYPES:
             raise GenerationError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, not {output_type!r}")
+        if refiner is not None:
+            self._check_refiner(refiner, upscale)
         overlap = self._overlap(overlap)
         start = None if image is None else images.open_image(image)
         passes = self._passes(Sampling(scheduler, steps, guidance_scale, strength), (width, height), start, upscale)
         if seed is None:
             seed = random_seed(num_images)
 
-        hidden = np.concatenate([self.prompt_encoder(negative_prompt), self.prompt_encoder(prompt)])
-        hidden = hidden.astype(self.unet_dtypes["encoder_hidden_states"])
+        first_size = passes[0].size[1], passes[0].size[0]
+        conditioning = self._conditioning(prompt, negative_prompt, size_conditioning, first_size)
+        refiner_conditioning = None
+        refiner_settings = {}
+        if refiner is not None:
+            refiner_conditioning = refiner._conditioning(prompt, negative_prompt, size_conditioning, first_size)
+            refiner_settings = {"Refiner": refiner.package.name, "Refiner start": refiner_start}
         start_latents = None if start is None else self._encode(start, passes[0], overlap)
         # The safeguards, in the order Stable Diffusion's scripts apply them: safety check, then watermark.
         checker = self._safety_checker() if safety_checker and output_type == "pil" else None
@@ -214,6 +252,7 @@ class Pipeline:
             **({} if watermark else {"Watermark": "off"}),
         }
         watermark = watermark and output_type == "pil" and self._watermark_fits(passes[-1].size)
+        decoder = refiner or self
         result = GenerationResult([], [], [], [] if checker is not None else None)
         for index, image_seed in enumerate(range(seed, seed + num_images)):
             label = f"image {index + 1}/{num_images}" if num_images > 1 else "denoising"
@@ -223,9 +262,13 @@ class Pipeline:
             for number, stage in enumerate(passes):
                 if number > 0:  # a hires pass: the previous pass's image, enlarged
                     init_latents = self._encode(picture, stage, overlap)
-                latents = self._denoise(hidden, stage, image_seed, init_latents, overlap, bar)
+                end = refiner_start if refiner is not None else None
+                latents = self._denoise(conditioning, stage, image_seed, init_latents, overlap, bar, end)
+                if refiner is not None:
+                    latents = refiner._refine(latents, refiner_conditioning, stage, image_seed, refiner_start,
+                                              overlap, bar)
                 if output_type == "pil" or number < len(passes) - 1:
-                    picture = self._decode(latents, overlap)
+                    picture = decoder._decode(latents, overlap)
             if checker is not None:
                 picture, flagged = checker(picture)
                 result.nsfw_content_detected.append(flagged)
@@ -233,9 +276,16 @@ class Pipeline:
                 picture = watermarks.apply(picture, self.package.watermark)
             result.images.append(picture if output_type == "pil" else latents)
             result.seeds.append(image_seed)
-            settings = {**self._settings(passes, image_seed, overlap, start is not None, upscale), **safeguard_settings}
+            settings = {**self._settings(passes, image_seed, overlap, start is not None, upscale), **refiner_settings,
+                        **safeguard_settings}
             result.parameters.append(parameters_text(prompt, negative_prompt, settings))
         return result
+
+    def _conditioning(self, prompt: str, negative_prompt: str, size: SizeConditioning,
+                      image_size: tuple[int, int]) -> dict[str, np.ndarray]:
+        """The Unet's conditioning inputs for the guidance batch, in the Unet's dtypes."""
+        inputs = self.conditioning(prompt, negative_prompt, size, image_size)
+        return {name: value.astype(self.unet_dtypes[name]) for name, value in inputs.items()}
 
     def _safety_checker(self) -> SafetyChecker | None:
         if "SafetyChecker" not in self.package.components:
@@ -298,12 +348,27 @@ class Pipeline:
             settings["Tile overlap"] = overlap * VAE_FACTOR
         return settings
 
+    def _check_refiner(self, refiner: "Pipeline", upscale: Upscale | None) -> None:
+        if refiner.package.family != "sdxl-refiner" or self.package.family != "sdxl":
+            raise GenerationError(
+                f"--refiner takes an SDXL refiner package for an SDXL base package; {refiner.package.name!r} is "
+                f"{refiner.package.family!r} and {self.package.name!r} is {self.package.family!r}")
+        if refiner.latent_window != self.latent_window:
+            raise GenerationError(
+                f"refiner {refiner.package.name!r} makes {refiner.width}x{refiner.height} images, the base "
+                f"{self.width}x{self.height}; convert both at the same size")
+        if upscale is not None:
+            raise GenerationError("--refiner and --upscale cannot be combined yet; upscale the refined image with "
+                                  "--image FILE --upscale")
+
     def _denoise(
-        self, hidden: np.ndarray, stage: Pass, seed: int, init_latents: np.ndarray | None, overlap: int, bar: Callable
+        self, conditioning: dict[str, np.ndarray], stage: Pass, seed: int, init_latents: np.ndarray | None,
+        overlap: int, bar: Callable, end: float | None = None,
     ) -> torch.Tensor:
+        """The latents after the pass's schedule (or, with `end`, its first `end` fraction: diffusers'
+        denoising_end)."""
         sampling = stage.sampling
-        scheduler = build_scheduler(sampling.scheduler, self.package.scheduler_config, self.package.prediction_type)
-        scheduler.set_timesteps(sampling.steps)
+        scheduler = self._scheduler(sampling)
         rng = np.random.RandomState(seed)
         latent_size = (stage.size[1] // VAE_FACTOR, stage.size[0] // VAE_FACTOR)
         noise = torch.from_numpy(draw_noise(rng, (1, self.latent_channels, *latent_size)))
@@ -315,10 +380,30 @@ class Pipeline:
             latents = torch.from_numpy(sample_encoder_latents(init_latents, rng, self.package.scaling_factor))
             if len(timesteps):
                 latents = scheduler.add_noise(latents, noise, timesteps[:1])
+        if end is not None:
+            timesteps = timesteps[timesteps >= timestep_cutoff(scheduler, end)]
+        return self._run(scheduler, timesteps, latents, conditioning, stage, seed, overlap, bar)
+
+    def _refine(self, latents: torch.Tensor, conditioning: dict[str, np.ndarray], stage: Pass, seed: int,
+                start: float, overlap: int, bar: Callable) -> torch.Tensor:
+        """The base's latents through the schedule after `start` of it (diffusers' denoising_start), no noise added."""
+        scheduler = self._scheduler(stage.sampling)
+        return self._run(scheduler, refiner_timesteps(scheduler, start), latents, conditioning, stage, seed, overlap,
+                         bar)
+
+    def _scheduler(self, sampling: Sampling):
+        scheduler = build_scheduler(sampling.scheduler, self.package.scheduler_config, self.package.prediction_type)
+        scheduler.set_timesteps(sampling.steps)
+        return scheduler
+
+    def _run(self, scheduler, timesteps: torch.Tensor, latents: torch.Tensor, conditioning: dict[str, np.ndarray],
+             stage: Pass, seed: int, overlap: int, bar: Callable) -> torch.Tensor:
+        """The scheduler's steps over `timesteps`, the Unet run in windows of its own size over the latents."""
         step_kwargs = {"eta": 0.0, "generator": torch.Generator().manual_seed(seed)}
         step_kwargs = {key: value for key, value in step_kwargs.items() if key in step_keywords(scheduler)}
-        guided_noise = partial(self._guided_noise, hidden=hidden, guidance_scale=sampling.guidance_scale)
-        noise_prediction = TiledNoise(guided_noise, Layout(latent_size, self.latent_window, overlap),
+        guided_noise = partial(self._guided_noise, conditioning=conditioning,
+                               guidance_scale=stage.sampling.guidance_scale)
+        noise_prediction = TiledNoise(guided_noise, Layout(tuple(latents.shape[2:]), self.latent_window, overlap),
                                       windows_per_call=max(1, self.unet_batch_size // 2), weights=self.window_weights)
         windows = len(noise_prediction.windows)
         description = f"{stage.size[0]}x{stage.size[1]}, {windows} windows x {len(timesteps)} steps"
@@ -330,22 +415,24 @@ class Pipeline:
                 progress.update(windows)
         return latents
 
-    def _guided_noise(self, samples: np.ndarray, t: float, hidden: np.ndarray, guidance_scale: float) -> np.ndarray:
+    def _guided_noise(self, samples: np.ndarray, t: float, conditioning: dict[str, np.ndarray],
+                      guidance_scale: float) -> np.ndarray:
         """Classifier-free guidance for N window-sized samples: their 2N (unconditional, conditional) Unet inputs
         packed into as few calls of the Unet's batch size as they fill (one sample per call at batch 2)."""
-        unet = self.models["Unet"]
         batch = self.unet_batch_size
         pairs = len(samples)
-        sample = np.repeat(samples.astype(self.unet_dtypes["sample"]), 2, axis=0)
-        context = np.concatenate([hidden] * pairs)
-        padding = -len(sample) % batch  # the last call's empty places repeat its last input
-        sample = np.concatenate([sample, sample[-1:].repeat(padding, axis=0)])
-        context = np.concatenate([context, context[-1:].repeat(padding, axis=0)])
+        padding = -2 * pairs % batch  # the last call's empty places repeat its last input
+
+        def batched(rows: np.ndarray) -> np.ndarray:
+            return np.concatenate([rows, rows[-1:].repeat(padding, axis=0)])
+
+        inputs = {"sample": batched(np.repeat(samples.astype(self.unet_dtypes["sample"]), 2, axis=0)),
+                  **{name: batched(np.concatenate([value] * pairs)) for name, value in conditioning.items()}}
         timestep = np.full((batch,), t, dtype=self.unet_dtypes["timestep"])
         noise = np.concatenate([
-            unet.predict({"sample": sample[i : i + batch], "timestep": timestep,
-                          "encoder_hidden_states": context[i : i + batch]})["noise_pred"]
-            for i in range(0, len(sample), batch)
+            self.unet.predict({"timestep": timestep, **{name: value[i : i + batch] for name, value in inputs.items()}})[
+                "noise_pred"]
+            for i in range(0, len(inputs["sample"]), batch)
         ])[: 2 * pairs]
         uncond, cond = noise[0::2], noise[1::2]
         return uncond + guidance_scale * (cond - uncond)

@@ -1,4 +1,4 @@
-"""Prompt to text embeddings: CLIP's tokenizer and the TextEncoder, in the layout the Unet takes."""
+"""Prompt to a text encoder's outputs: CLIP's tokenizer and one TextEncoder package."""
 import logging
 from pathlib import Path
 
@@ -8,15 +8,16 @@ from transformers import CLIPTokenizer
 from .backends import Model
 
 TEXT_LENGTH = 77
+END_OF_TEXT = "<|endoftext|>"
 logger = logging.getLogger("coreml_sd.runtime")
 
 
 class PromptEncoder:
-    def __init__(self, vocab_file: Path, merges_file: Path, text_encoder: Model):
-        # SD v1 pads with the end-of-text token.
-        self.tokenizer = CLIPTokenizer(
-            str(vocab_file), str(merges_file), model_max_length=TEXT_LENGTH, pad_token="<|endoftext|>"
-        )
+    """One tokenizer and text encoder. SD's (and SDXL's first) tokenizer pads with the end-of-text token,
+    SDXL's second with "!"."""
+
+    def __init__(self, vocab_file: Path, merges_file: Path, text_encoder: Model, pad_token: str = END_OF_TEXT):
+        self.tokenizer = CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=TEXT_LENGTH, pad_token=pad_token)
         self.text_encoder = text_encoder
 
     def token_ids(self, prompt: str) -> np.ndarray:
@@ -32,8 +33,8 @@ class PromptEncoder:
             prompt, padding="max_length", max_length=TEXT_LENGTH, truncation=True, return_tensors="np"
         ).input_ids
 
-    def __call__(self, prompt: str) -> np.ndarray:
-        """(1, D, 1, 77): last_hidden_state (1, 77, D) with the channel axis first, as the Unet takes it."""
+    def __call__(self, prompt: str) -> dict[str, np.ndarray]:
+        """The text encoder's outputs by their contract names: hidden states (1, 77, D) as `last_hidden_state`
+        (SD) or `hidden_embeds` (SDXL), and `pooled_outputs` (1, P)."""
         ids = self.token_ids(prompt).astype(self.text_encoder.input_description["input_ids"][1])
-        hidden = self.text_encoder.predict({"input_ids": ids})["last_hidden_state"]
-        return np.ascontiguousarray(hidden.transpose(0, 2, 1)[:, :, None, :])
+        return self.text_encoder.predict({"input_ids": ids})

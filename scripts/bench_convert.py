@@ -8,9 +8,10 @@ kernel reports it (what `/usr/bin/time -v` prints), its stage peaks come from sa
     python scripts/bench_convert.py                      # full size: targets enforced, exit 1 if one is missed
     python scripts/bench_convert.py --small              # the tiny configuration: a quick smoke run
     python scripts/bench_convert.py --baseline old.json  # also check the outputs against an earlier run
+    python scripts/bench_convert.py --xl                 # SDXL base instead (2.57 B-parameter Unet; --small works too)
 
 Besides each component on its own, it converts the TextEncoder and Unet with `--quantize-nbits 6`, and
-runs one whole `coreml-convert` (all three components, validation on), whose peak with validation
+runs one whole `coreml-convert` (the default components, validation on), whose peak with validation
 is the one a user's machine must hold.
 
 Full-size runs need several GB: wrap them in `flock /tmp/fullsize.lock ...`.
@@ -25,40 +26,83 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 GIB = 2**30
 CACHE = Path.home() / ".cache" / "coreml-sd" / "bench"
-COMPONENTS = ("TextEncoder", "Unet", "VAEDecoder")
-ATTENTION_IMPLEMENTATIONS = ("split_einsum", "split_einsum_v2", "original")
 MAIN_IMPLEMENTATION = "split_einsum"
-
-PEAK_RSS_TARGETS_GIB = {"TextEncoder": 1.5, "Unet": 4.3, "VAEDecoder": 2.0}
-TOTAL_WALL_TARGET_S = 121.0
 VALIDATION_PEAK_FACTOR = 2.0  # a run with validation may peak at most this multiple of one without
 QUANTIZE_NBITS = 6
-QUANTIZED_COMPONENTS = ("TextEncoder", "Unet")
 QUANTIZED_UNET_SIZE_FRACTION = 0.4  # of the float16 package: 6 of 16 bits, plus the small weights
 PSNR_TOLERANCE_DB = 0.5
 MAX_RANK = 4
 MAX_SPLIT_EINSUM_TRANSPOSES = 32
 SCORES_FRACTION = {"split_einsum": 1 / 8, "split_einsum_v2": 1 / 64}  # of original's attention scores
 
-MODEL_INDEX = {
-    "_class_name": "StableDiffusionPipeline",
-    "feature_extractor": [None, None],
-    "safety_checker": [None, None],
-    "requires_safety_checker": False,
-    "scheduler": ["diffusers", "PNDMScheduler"],
-    "text_encoder": ["transformers", "CLIPTextModel"],
-    "tokenizer": ["transformers", "CLIPTokenizer"],
-    "unet": ["diffusers", "UNet2DConditionModel"],
-    "vae": ["diffusers", "AutoencoderKL"],
-}
 SEED = 0
+SHARD_BYTES = 2**30  # the random full-size weights are written a shard at a time, so that building stays lean
 
 
-def model_configs(small: bool) -> dict:
+@dataclass(frozen=True)
+class Variant:
+    """One model family's benchmark: what it converts, and the targets."""
+
+    name: str
+    small_name: str
+    components: tuple[str, ...]
+    peak_rss_targets_gib: dict[str, float]
+    total_wall_target_s: float
+    quantized_components: tuple[str, ...]
+    attention_implementations: tuple[str, ...]
+    model_index: dict = field(default_factory=dict)
+
+
+SD = Variant(
+    name="sd-v1-4",
+    small_name="tiny",
+    components=("TextEncoder", "Unet", "VAEDecoder"),
+    peak_rss_targets_gib={"TextEncoder": 1.5, "Unet": 4.3, "VAEDecoder": 2.0},
+    total_wall_target_s=121.0,
+    quantized_components=("TextEncoder", "Unet"),
+    attention_implementations=("split_einsum", "split_einsum_v2", "original"),
+    model_index={
+        "_class_name": "StableDiffusionPipeline", "feature_extractor": [None, None], "safety_checker": [None, None],
+        "requires_safety_checker": False, "scheduler": ["diffusers", "PNDMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+    },
+)
+XL = Variant(
+    name="sdxl-base",
+    small_name="tiny-xl",
+    components=("TextEncoder", "TextEncoder2", "Unet", "VAEDecoder"),
+    peak_rss_targets_gib={"TextEncoder2": 2.5, "Unet": 7.5, "VAEDecoder": 2.0},  # Unet: 1.5x its float16 weights
+    total_wall_target_s=480.0,
+    quantized_components=("Unet",),
+    attention_implementations=("split_einsum",),
+    model_index={
+        "_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": True,
+        "scheduler": ["diffusers", "EulerDiscreteScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+    },
+)
+VARIANTS = {"sd": SD, "xl": XL}
+
+
+def model_configs(variant: Variant, small: bool) -> dict:
+    if variant is XL:
+        if small:
+            from coreml_sd.converter import tiny_xl
+
+            return {"unet": tiny_xl.UNET_CONFIG, "vae": tiny_xl.XL_VAE_CONFIG,
+                    "text_encoder": tiny_xl.TEXT_ENCODER_CONFIG, "text_encoder_2": tiny_xl.TEXT_ENCODER_2_CONFIG}
+        from coreml_sd.converter import sdxl_base
+
+        return {"unet": sdxl_base.SDXL_UNET_CONFIG, "vae": sdxl_base.SDXL_VAE_CONFIG,
+                "text_encoder": sdxl_base.SDXL_TEXT_ENCODER_CONFIG, "text_encoder_2": sdxl_base.SDXL_TEXT_ENCODER_2_CONFIG}
     if small:
         from coreml_sd.converter.tiny import TEXT_ENCODER_CONFIG, UNET_CONFIG, VAE_CONFIG
 
@@ -68,37 +112,114 @@ def model_configs(small: bool) -> dict:
     return {"unet": SD_UNET_CONFIG, "vae": SD_VAE_CONFIG, "text_encoder": SD_TEXT_ENCODER_CONFIG}
 
 
-def build_model_folder(folder: Path, small: bool) -> None:
-    """Random weights in a diffusers folder, one module at a time (each saved, then released)."""
+def random_state(module, generator, names: list[str]) -> dict:
+    """Random float32 weights for a module built on the meta device, as PyTorch initializes them (uniform in
+    ±1/sqrt(fan-in) for matrices and kernels, ones for norm scales, zeros for biases), one tensor at a time."""
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
 
-    from coreml_sd.converter.tiny import SCHEDULER_CONFIG, build_tokenizer
-
-    configs = model_configs(small)
-    torch.manual_seed(SEED)
-    builders = {
-        "text_encoder": lambda: CLIPTextModel(CLIPTextConfig(**configs["text_encoder"])),
-        "vae": lambda: AutoencoderKL(**configs["vae"]),
-        "unet": lambda: UNet2DConditionModel(**configs["unet"]),
-    }
-    for name, build in builders.items():
-        build().save_pretrained(folder / name, safe_serialization=True)
-    PNDMScheduler(**SCHEDULER_CONFIG).save_pretrained(folder / "scheduler")
-    build_tokenizer().save_pretrained(folder / "tokenizer")
-    (folder / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2) + "\n")
+    state = {}
+    metas = module.state_dict()
+    for name in names:
+        meta = metas[name]
+        if not meta.is_floating_point():
+            state[name] = torch.arange(meta.shape[-1]).expand(meta.shape).to(meta.dtype).clone()
+        elif meta.ndim >= 2:
+            bound = meta[0].numel() ** -0.5
+            state[name] = torch.empty(meta.shape).uniform_(-bound, bound, generator=generator)
+        else:
+            state[name] = (torch.ones if name.endswith("weight") else torch.zeros)(meta.shape)
+    return state
 
 
-def model_folder(small: bool, cache: Path) -> Path:
+def save_sharded(module, generator, folder: Path, weights_name: str) -> None:
+    """Random weights in ~1 GiB safetensors shards with a diffusers/transformers index, as the hub's large repos
+    hold them; a shard's tensors are made when it is written, so building holds one shard at a time."""
+    from safetensors.torch import save_file
+
+    shards, current, size = [], [], 0
+    for name, meta in module.state_dict().items():
+        nbytes = meta.numel() * meta.element_size()
+        if current and size + nbytes > SHARD_BYTES:
+            shards.append(current)
+            current, size = [], 0
+        current.append(name)
+        size += nbytes
+    shards.append(current)
+    stem, suffix = weights_name.rsplit(".", 1)
+    weight_map, total = {}, 0
+    for index, shard_names in enumerate(shards, 1):
+        shard = random_state(module, generator, shard_names)
+        file = f"{stem}-{index:05d}-of-{len(shards):05d}.{suffix}" if len(shards) > 1 else weights_name
+        save_file(shard, folder / file, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, file))
+        total += sum(t.nbytes for t in shard.values())
+        del shard
+    if len(shards) > 1:
+        (folder / f"{weights_name}.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+
+
+def build_random_modules(folder: Path, variant: Variant, configs: dict) -> None:
+    """Each module built on the meta device and its random weights written a shard at a time: SDXL's Unet
+    alone would take 10 GB in float32."""
+    import torch
+    import transformers
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    generator = torch.Generator().manual_seed(SEED)
+    for name, config in configs.items():
+        if name.startswith("text_encoder"):
+            text_config = transformers.CLIPTextConfig(**config)
+            with torch.device("meta"):
+                module = getattr(transformers, variant.model_index[name][1])(text_config)
+            text_config.save_pretrained(folder / name)
+            save_sharded(module, generator, folder / name, "model.safetensors")
+        else:
+            with torch.device("meta"):
+                module = (UNet2DConditionModel if name == "unet" else AutoencoderKL)(**config)
+            module.save_config(folder / name)
+            save_sharded(module, generator, folder / name, "diffusion_pytorch_model.safetensors")
+
+
+def build_model_folder(folder: Path, variant: Variant, small: bool) -> None:
+    """Random float32 weights in a diffusers folder (as the hub holds them), one module at a time (each saved,
+    then released)."""
+    import torch
+    import transformers
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, PNDMScheduler, UNet2DConditionModel
+
+    from coreml_sd.converter import tiny, tiny_xl
+
+    configs = model_configs(variant, small)
+    if variant is XL:
+        build_random_modules(folder, variant, configs)
+        EulerDiscreteScheduler(**tiny_xl.SCHEDULER_CONFIG).save_pretrained(folder / "scheduler")
+        for subfolder, tokenizer in zip(("tokenizer", "tokenizer_2"), tiny_xl.build_tokenizers()):
+            tokenizer.save_pretrained(folder / subfolder)
+    else:
+        torch.manual_seed(SEED)
+        builders = {
+            "text_encoder": lambda: transformers.CLIPTextModel(transformers.CLIPTextConfig(**configs["text_encoder"])),
+            "vae": lambda: AutoencoderKL(**configs["vae"]),
+            "unet": lambda: UNet2DConditionModel(**configs["unet"]),
+        }
+        for name, build in builders.items():
+            build().save_pretrained(folder / name, safe_serialization=True)
+        PNDMScheduler(**tiny.SCHEDULER_CONFIG).save_pretrained(folder / "scheduler")
+        tiny.build_tokenizer().save_pretrained(folder / "tokenizer")
+    (folder / "model_index.json").write_text(json.dumps(variant.model_index, indent=2) + "\n")
+
+
+def model_folder(variant: Variant, small: bool, cache: Path) -> Path:
     """The cached folder for these configurations, built in a child process when missing."""
-    key = hashlib.sha256(json.dumps([model_configs(small), SEED], sort_keys=True, default=list).encode()).hexdigest()[:12]
-    folder = cache / f"{'tiny' if small else 'sd-v1-4'}-random-{key}"
+    configs = model_configs(variant, small)
+    key = hashlib.sha256(json.dumps([configs, SEED], sort_keys=True, default=list).encode()).hexdigest()[:12]
+    folder = cache / f"{variant.small_name if small else variant.name}-random-{key}"
     if not folder.is_dir():
         cache.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=cache))
         try:
-            argv = [sys.executable, __file__, "--build-folder", str(staging)] + (["--small"] if small else [])
+            argv = [sys.executable, __file__, "--build-folder", str(staging)] + (["--small"] if small else []) + \
+                (["--xl"] if variant is XL else [])
             subprocess.run(argv, check=True)
             staging.rename(folder)
         finally:
@@ -232,14 +353,15 @@ def check(checks: list, name: str, value, target, met: bool) -> None:
 
 
 def evaluate(report: dict, baseline: dict | None) -> list[dict]:
+    variant = VARIANTS[report["variant"]]
     checks = []
     main_runs = report["conversion"][MAIN_IMPLEMENTATION]
-    for component, target in PEAK_RSS_TARGETS_GIB.items():
+    for component, target in variant.peak_rss_targets_gib.items():
         check(checks, f"{component} conversion peak RSS (GiB)", main_runs[component]["peak_rss_gib"], f"<= {target}",
               main_runs[component]["peak_rss_gib"] <= target)
-    check(checks, "conversion wall time, all three (s)", report["conversion_wall_s"], f"<= {TOTAL_WALL_TARGET_S}",
-          report["conversion_wall_s"] <= TOTAL_WALL_TARGET_S)
-    conversion_peak = max(main_runs[c]["peak_rss_gib"] for c in COMPONENTS)
+    check(checks, "conversion wall time, all components (s)", report["conversion_wall_s"],
+          f"<= {variant.total_wall_target_s}", report["conversion_wall_s"] <= variant.total_wall_target_s)
+    conversion_peak = max(main_runs[c]["peak_rss_gib"] for c in variant.components)
     limit = round(VALIDATION_PEAK_FACTOR * conversion_peak, 2)
     check(checks, "whole run with validation, peak RSS (GiB)", report["whole_run"]["peak_rss_gib"], f"<= {limit}",
           report["whole_run"]["peak_rss_gib"] <= limit)
@@ -247,7 +369,7 @@ def evaluate(report: dict, baseline: dict | None) -> list[dict]:
         check(checks, f"{component} PSNR (dB)", figures["psnr_db"], f">= {report['psnr_threshold_db']}",
               figures["psnr_db"] >= report["psnr_threshold_db"])
     for component, figures in report["quantized"]["conversion"].items():
-        target = PEAK_RSS_TARGETS_GIB[component]
+        target = variant.peak_rss_targets_gib[component]
         check(checks, f"{component} {QUANTIZE_NBITS}-bit conversion peak RSS (GiB)", figures["peak_rss_gib"],
               f"<= {target}", figures["peak_rss_gib"] <= target)
         validation = report["quantized"]["validation"][component]
@@ -259,6 +381,8 @@ def evaluate(report: dict, baseline: dict | None) -> list[dict]:
     scores = {name: runs["Unet"]["program"]["largest_attention_scores"]["elements"]
               for name, runs in report["conversion"].items()}
     for name, fraction in SCORES_FRACTION.items():
+        if name not in scores or "original" not in scores:  # a variant that converts split_einsum only
+            continue
         limit = int(scores["original"] * fraction)
         check(checks, f"Unet {name} largest attention scores (elements)", scores[name], f"<= {limit}", scores[name] <= limit)
     transposes = main_runs["Unet"]["program"]["transposes"]
@@ -287,19 +411,20 @@ def evaluate(report: dict, baseline: dict | None) -> list[dict]:
     return checks
 
 
-def benchmark(small: bool, cache: Path, output: Path, baseline: dict | None) -> dict:
+def benchmark(variant: Variant, small: bool, cache: Path, output: Path, baseline: dict | None) -> dict:
     from coreml_sd.converter.validate import PSNR_THRESHOLD_DB
 
-    folder = model_folder(small, cache)
+    folder = model_folder(variant, small, cache)
     report = {
+        "variant": next(key for key, value in VARIANTS.items() if value is variant),
         "size": "small" if small else "full",
         "model_folder": str(folder),
         "cpus": os.cpu_count(),
         "load_average_before": [round(x, 2) for x in os.getloadavg()],
         "conversion": {},
     }
-    for implementation in ATTENTION_IMPLEMENTATIONS:
-        components = COMPONENTS if implementation == MAIN_IMPLEMENTATION else ("Unet",)
+    for implementation in variant.attention_implementations:
+        components = variant.components if implementation == MAIN_IMPLEMENTATION else ("Unet",)
         runs = report["conversion"][implementation] = {}
         for component in components:
             print(f"converting {component} ({implementation})", file=sys.stderr, flush=True)
@@ -308,17 +433,17 @@ def benchmark(small: bool, cache: Path, output: Path, baseline: dict | None) -> 
     for figures, program in zip(converted, program_figures([Path(f.pop("package")) for f in converted])):
         figures["program"] = program
     main_runs = report["conversion"][MAIN_IMPLEMENTATION]
-    report["conversion_wall_s"] = round(sum(main_runs[c]["wall_s"] for c in COMPONENTS), 1)
+    report["conversion_wall_s"] = round(sum(main_runs[c]["wall_s"] for c in variant.components), 1)
     report["psnr_threshold_db"] = PSNR_THRESHOLD_DB
     report["validation"] = {}
-    for component in COMPONENTS:
+    for component in variant.components:
         print(f"validating {component} ({MAIN_IMPLEMENTATION})", file=sys.stderr, flush=True)
         report["validation"][component] = validate(output / MAIN_IMPLEMENTATION, component)
     report["validation_wall_s"] = round(sum(v["wall_s"] for v in report["validation"].values()), 1)
     for component, figures in report["validation"].items():
         figures["peak_ratio_to_conversion"] = round(figures["peak_rss_gib"] / main_runs[component]["peak_rss_gib"], 2)
-    report["quantized"] = quantized_runs(folder, output / f"{MAIN_IMPLEMENTATION}-{QUANTIZE_NBITS}-bit")
-    print("converting and validating all three in one coreml-convert run", file=sys.stderr, flush=True)
+    report["quantized"] = quantized_runs(variant, folder, output / f"{MAIN_IMPLEMENTATION}-{QUANTIZE_NBITS}-bit")
+    print("converting and validating the default components in one coreml-convert run", file=sys.stderr, flush=True)
     report["whole_run"] = whole_run(folder, output / "whole-run")
     report["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     report["checks"] = evaluate(report, baseline)
@@ -327,16 +452,16 @@ def benchmark(small: bool, cache: Path, output: Path, baseline: dict | None) -> 
     return report
 
 
-def quantized_runs(folder: Path, output: Path) -> dict:
+def quantized_runs(variant: Variant, folder: Path, output: Path) -> dict:
     """The palettized components: conversion, program figures and validation, as for float16."""
     runs = {"nbits": QUANTIZE_NBITS, "conversion": {}, "validation": {}}
-    for component in QUANTIZED_COMPONENTS:
+    for component in variant.quantized_components:
         print(f"converting {component} ({MAIN_IMPLEMENTATION}, {QUANTIZE_NBITS}-bit)", file=sys.stderr, flush=True)
         runs["conversion"][component] = convert(folder, output, component, MAIN_IMPLEMENTATION, QUANTIZE_NBITS)
     converted = list(runs["conversion"].values())
     for figures, program in zip(converted, program_figures([Path(f.pop("package")) for f in converted])):
         figures["program"] = program
-    for component in QUANTIZED_COMPONENTS:
+    for component in variant.quantized_components:
         print(f"validating {component} ({MAIN_IMPLEMENTATION}, {QUANTIZE_NBITS}-bit)", file=sys.stderr, flush=True)
         runs["validation"][component] = validate(output, component)
     return runs
@@ -352,6 +477,7 @@ def print_checks(checks: list[dict]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="the tiny configuration (targets not enforced)")
+    parser.add_argument("--xl", action="store_true", help="SDXL base instead of SD v1.4")
     parser.add_argument("--cache", type=Path, default=CACHE, help="where the random-weight model folders are kept (default: %(default)s)")
     parser.add_argument("--output", type=Path, help="keep the converted packages here (default: a temporary folder)")
     parser.add_argument("--baseline", type=Path, help="an earlier run's JSON: I/O, op counts and PSNR must match it")
@@ -359,11 +485,12 @@ def main() -> int:
     parser.add_argument("--validate-component", nargs=2, metavar=("COMPONENT", "FOLDER"), help=argparse.SUPPRESS)
     parser.add_argument("--program-stats", type=Path, nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    variant = XL if args.xl else SD
     from coreml_sd.converter.cli import quiet_libraries
 
     quiet_libraries()
     if args.build_folder:
-        build_model_folder(args.build_folder, args.small)
+        build_model_folder(args.build_folder, variant, args.small)
         return 0
     if args.validate_component:
         component, folder = args.validate_component
@@ -377,7 +504,7 @@ def main() -> int:
     baseline = json.loads(args.baseline.read_text()) if args.baseline else None
     with tempfile.TemporaryDirectory(prefix="bench-convert-") as temporary:
         output = args.output or Path(temporary)
-        report = benchmark(args.small, args.cache, output, baseline)
+        report = benchmark(variant, args.small, args.cache, output, baseline)
     print_checks(report["checks"])
     print(json.dumps(report, indent=2))
     return 0 if report["all_targets_met"] or args.small else 1

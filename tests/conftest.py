@@ -32,3 +32,39 @@ def tiny_packages(tmp_path_factory):
         return folders[attention_implementation]
 
     return package
+
+
+@pytest.fixture(scope="session")
+def tiny_xl_pipeline():
+    """The diffusers original of the `tiny-xl` packages (float32, the same weights)."""
+    from coreml_sd.converter.tiny_xl import build_tiny_xl_pipeline
+
+    return build_tiny_xl_pipeline()
+
+
+@pytest.fixture(scope="session")
+def tiny_xl_refiner_pipeline():
+    """The diffusers original of the `tiny-xl-refiner` packages."""
+    from coreml_sd.converter.tiny_xl import build_tiny_xl_refiner_pipeline
+
+    return build_tiny_xl_refiner_pipeline()
+
+
+@pytest.fixture(scope="session")
+def tiny_xl_packages(tmp_path_factory):
+    """`tiny_xl_packages(model, attention_implementation)` -> a package folder of `tiny-xl` (every component) or
+    `tiny-xl-refiner` (its default components), converted once per session; the tests compare them with
+    diffusers themselves, so the converter's own validation is skipped here."""
+    folders: dict[tuple[str, str], Path] = {}
+
+    def package(model: str = "tiny-xl", attention_implementation: str = "split_einsum") -> Path:
+        key = (model, attention_implementation)
+        if key not in folders:
+            output = tmp_path_factory.mktemp(f"{model}-{attention_implementation}")
+            components = ("TextEncoder", "TextEncoder2", "Unet", "VAEDecoder", "VAEEncoder") if model == "tiny-xl" else None
+            convert_model(ConversionOptions(model=model, output=output, components=components,
+                                            attention_implementation=attention_implementation, validate=False))
+            folders[key] = output
+        return folders[key]
+
+    return package

@@ -1,7 +1,10 @@
-"""The `Unet` component: diffusers' `UNet2DConditionModel` (SD v1/v2 configuration) for the Neural Engine.
+"""The `Unet` component: diffusers' `UNet2DConditionModel` (SD v1/v2 and SDXL configurations) for the
+Neural Engine.
 
 The text conditioning arrives as (B, D, 1, 77), the layout of Apple's Swift package, and stays in it for
-the channels-first implementations; `original` turns it into diffusers' (B, 77, D) once.
+the channels-first implementations; `original` turns it into diffusers' (B, 77, D) once. An SDXL Unet
+(`addition_embed_type="text_time"`) also takes `time_ids` and the pooled `text_embeds`, whose embedding is
+added to the timestep's.
 """
 import torch
 from torch import nn
@@ -90,18 +93,21 @@ class Unet(nn.Module):
 
     def __init__(self, unet: nn.Module, implementation: AttentionImplementation):
         super().__init__()
+        text_time = unet.config.addition_embed_type == "text_time"
         extras = [
             name for name in ("class_embedding", "add_embedding", "encoder_hid_proj", "time_embed_act")
-            if getattr(unet, name, None) is not None
+            if getattr(unet, name, None) is not None and not (name == "add_embedding" and text_time)
         ] + (["center_input_sample"] if unet.config.center_input_sample else [])
         if extras or getattr(unet.time_embedding, "cond_proj", None) is not None or unet.conv_norm_out is None:
             raise ValueError(
                 f"this UNet ({', '.join(extras) or 'timestep condition or no output norm'}) is not supported "
-                "for conversion; SD v1/v2-style UNets are"
+                "for conversion; SD v1/v2- and SDXL-style UNets are"
             )
         self.layout = implementation.layout
         self.time_proj = unet.time_proj
         self.time_embedding = unet.time_embedding
+        self.add_time_proj = unet.add_time_proj if text_time else None
+        self.add_embedding = unet.add_embedding if text_time else None
         self.conv_in = unet.conv_in
         self.down_blocks = nn.ModuleList(DownBlock(block, implementation) for block in unet.down_blocks)
         self.mid_block = MidBlock(unet.mid_block, implementation)
@@ -112,7 +118,8 @@ class Unet(nn.Module):
         self.conv_out = unet.conv_out
 
     def forward(
-        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+        time_ids: torch.Tensor | None = None, text_embeds: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor]:
         dtype = self.conv_in.weight.dtype
         sample = sample.to(dtype)
@@ -120,6 +127,11 @@ class Unet(nn.Module):
         if self.layout is TOKENS_LAST:
             context = context[:, :, 0, :].transpose(1, 2)
         temb = self.time_embedding(self.time_proj(timestep).to(dtype))
+        if self.add_embedding is not None:
+            # Each size number gets its own sinusoidal embedding, as the timestep does (in float32: see
+            # convert.computes_in_float16); they follow the pooled text embedding.
+            time_embeds = self.add_time_proj(time_ids.reshape(-1)).to(dtype).reshape(time_ids.shape[0], -1)
+            temb = temb + self.add_embedding(torch.cat([text_embeds.to(dtype), time_embeds], dim=1))
 
         # diffusers resizes to the skip connection's size only when the latent isn't a multiple of 2^up-blocks.
         exact_upsample = any(size % self.upsampling for size in sample.shape[2:])

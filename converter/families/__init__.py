@@ -40,6 +40,9 @@ class Defaults:
     prediction_type: str = "epsilon"
     # The VAE's compute precision: float32 for VAEs whose activations overflow float16.
     vae_compute_precision: str = "float16"
+    # diffusers' pipeline setting: an empty negative prompt conditions on zeros rather than on the encoded
+    # empty string (None: the family's pipeline has no such setting).
+    force_zeros_for_empty_prompt: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,24 @@ class Family:
     def spec(self, name: str, dims: ModelDimensions) -> ComponentSpec:
         return self.component(name).spec(name, dims)
 
+    def conditioning(self, unet_config: dict, text_configs: dict[str, dict]) -> dict:
+        """The `ModelDimensions` fields of the text conditioning, from the Unet's and the text encoders'
+        configurations (`text_configs` by pipeline module): the Unet takes the text encoders' hidden states
+        concatenated, and a `text_time` Unet also the projected encoder's pooled output and the time ids
+        that fill the rest of its added embedding's input."""
+        encoders = {name: c for name, c in self.components.items() if c.kind == "text_encoder"}
+        widths = {}
+        for name, component in encoders.items():
+            config = text_configs[component.module]
+            hidden = int(config["hidden_size"])
+            widths[name] = (hidden, int(config["projection_dim"]) if component.projected else hidden)
+        fields = {"text_width": sum(hidden for hidden, _ in widths.values())}
+        if unet_config.get("addition_embed_type") == "text_time":
+            pooled = next(widths[name][1] for name, component in encoders.items() if component.projected)
+            time_ids = (unet_config["projection_class_embeddings_input_dim"] - pooled) // unet_config["addition_time_embed_dim"]
+            fields.update(pooled_width=pooled, time_ids_length=time_ids, text_encoders=widths)
+        return fields
+
     def modules(self, components) -> set[str]:
         """The pipeline modules the given components are built from."""
         return {self.component(name).module for name in components}
@@ -71,8 +92,9 @@ class Family:
 
 def _families() -> tuple[Family, ...]:
     from .sd import SD
+    from .sdxl import SDXL, SDXL_REFINER
 
-    return (SD,)  # most specific first: the first that matches a folder is its family
+    return (SDXL, SDXL_REFINER, SD)  # most specific first: the first that matches a folder is its family
 
 
 FAMILIES = _families()

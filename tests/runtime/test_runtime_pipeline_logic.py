@@ -80,8 +80,8 @@ def test_parameters_text(pipe):
 def test_long_prompt_is_truncated_with_a_warning(pipe, caplog):
     words = 100  # "a" is one token; with the start and end tokens, 102 tokens of which 77 are kept
     with caplog.at_level(logging.WARNING, logger="coreml_sd.runtime"):
-        ids = pipe.prompt_encoder.token_ids("a " * words)
-    assert ids.shape == (1, 77) and ids[0, -1] == pipe.prompt_encoder.tokenizer.eos_token_id
+        ids = pipe.conditioning.encoders[0].token_ids("a " * words)
+    assert ids.shape == (1, 77) and ids[0, -1] == pipe.conditioning.encoders[0].tokenizer.eos_token_id
     assert "the last 25 tokens were dropped" in caplog.text
 
 

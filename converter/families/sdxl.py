@@ -1,0 +1,61 @@
+"""Stable Diffusion XL, base and refiner, with the names of Apple's XL contract.
+
+Both text encoders give their penultimate layer's hidden states (`hidden_embeds`); the base's Unet takes
+them concatenated (768 + 1280 wide), the refiner's the second encoder's alone. The second encoder's projected
+pooled output conditions the Unet as `text_embeds`, with `time_ids`: original size, crop top-left and target
+size (base, 6 numbers) or aesthetic score (refiner, 5). SDXL's VAE overflows float16, so it computes in
+float32 unless another VAE is swapped in. The refiner's Unet is `UnetRefiner`, the name Apple's Swift package
+loads it by beside a base.
+"""
+from dataclasses import replace
+
+from . import Component, Defaults, Family
+from .contract import text_encoder_spec, unet_spec, vae_decoder_spec, vae_encoder_spec
+
+
+def _text_encoder(name, dims):
+    return text_encoder_spec(name, "hidden_embeds", dims)
+
+
+def _is_xl(unet_config: dict) -> bool:
+    return unet_config.get("addition_embed_type") == "text_time"
+
+
+def _has_first_text_encoder(model_index: dict) -> bool:
+    return bool(model_index.get("text_encoder") and model_index["text_encoder"][0] is not None)
+
+
+_VAE_DECODER = Component("vae_decoder", "vae", vae_decoder_spec)
+_VAE_ENCODER = Component("vae_encoder", "vae", vae_encoder_spec)
+_TEXT_ENCODER_2 = Component("text_encoder", "text_encoder_2", _text_encoder, hidden_layer=-2, projected=True)
+
+SDXL = Family(
+    name="sdxl",
+    description="Stable Diffusion XL",
+    components={
+        "TextEncoder": Component("text_encoder", "text_encoder", _text_encoder, hidden_layer=-2),
+        "TextEncoder2": _TEXT_ENCODER_2,
+        "Unet": Component("unet", "unet", unet_spec),
+        "VAEDecoder": _VAE_DECODER,
+        "VAEEncoder": _VAE_ENCODER,
+    },
+    default_components=("TextEncoder", "TextEncoder2", "Unet", "VAEDecoder"),
+    defaults=Defaults(latent_scaling_factor=0.13025, vae_compute_precision="float32", force_zeros_for_empty_prompt=True),
+    text_encoder_classes={"text_encoder": "CLIPTextModel", "text_encoder_2": "CLIPTextModelWithProjection"},
+    matches=lambda model_index, unet_config: _is_xl(unet_config) and _has_first_text_encoder(model_index),
+)
+
+SDXL_REFINER = replace(
+    SDXL,
+    name="sdxl-refiner",
+    description="Stable Diffusion XL refiner",
+    components={
+        "TextEncoder2": _TEXT_ENCODER_2,
+        "UnetRefiner": Component("unet", "unet", unet_spec),
+        "VAEDecoder": _VAE_DECODER,
+        "VAEEncoder": _VAE_ENCODER,
+    },
+    default_components=("TextEncoder2", "UnetRefiner", "VAEDecoder"),
+    text_encoder_classes={"text_encoder_2": "CLIPTextModelWithProjection"},
+    matches=lambda model_index, unet_config: _is_xl(unet_config) and not _has_first_text_encoder(model_index),
+)

@@ -1,0 +1,97 @@
+"""Prompt to the Unet's conditioning, one small piece per model family.
+
+Each piece turns a prompt and a negative prompt into the Unet's conditioning inputs for classifier-free
+guidance, keyed by the contract's names, row 0 unconditional and row 1 conditional, exactly as diffusers'
+pipelines condition: `TextConditioning` for SD 1/2, `XLConditioning` for SDXL base and refiner.
+`conditioning_for(package, models)` picks the piece a package needs.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+
+from .backends import Model
+from .package import Package
+from .prompt import END_OF_TEXT, PromptEncoder
+
+# diffusers' defaults for SDXL's micro-conditioning that has no image size in it.
+AESTHETIC_SCORE = 6.0
+NEGATIVE_AESTHETIC_SCORE = 2.5
+
+
+@dataclass(frozen=True)
+class SizeConditioning:
+    """SDXL's micro-conditioning, (height, width) pairs as diffusers takes them; None: the image's size."""
+
+    original_size: tuple[int, int] | None = None
+    crop_top_left: tuple[int, int] = (0, 0)
+    target_size: tuple[int, int] | None = None
+    aesthetic_score: float = AESTHETIC_SCORE
+    negative_aesthetic_score: float = NEGATIVE_AESTHETIC_SCORE
+
+
+def channels_first(hidden: np.ndarray) -> np.ndarray:
+    """(B, 77, D) → (B, D, 1, 77), the layout the Unet takes."""
+    return np.ascontiguousarray(hidden.transpose(0, 2, 1)[:, :, None, :])
+
+
+class TextConditioning:
+    """SD 1/2: the text encoder's last hidden states; the negative prompt (empty or not) is encoded too."""
+
+    def __init__(self, encoder: PromptEncoder):
+        self.encoders = [encoder]
+
+    def __call__(self, prompt: str, negative_prompt: str, size: SizeConditioning, image_size: tuple[int, int]) -> dict:
+        encoder = self.encoders[0]
+        hidden = [encoder(text)["last_hidden_state"] for text in (negative_prompt, prompt)]
+        return {"encoder_hidden_states": channels_first(np.concatenate(hidden))}
+
+
+class XLConditioning:
+    """SDXL: each encoder's penultimate hidden states, concatenated along the channels; the last encoder's
+    projected pooled output as `text_embeds`; and `time_ids`, original size + crop top-left + target size
+    (6 numbers) or, for the refiner, + aesthetic score (5). With `force_zeros_for_empty_prompt` an empty
+    negative prompt is zeros, not the encoded empty string."""
+
+    def __init__(self, encoders: list[PromptEncoder], time_ids_length: int, force_zeros_for_empty_prompt: bool):
+        self.encoders = encoders
+        self.time_ids_length = time_ids_length
+        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
+
+    def _encode(self, prompt: str) -> tuple[np.ndarray, np.ndarray]:
+        outputs = [encoder(prompt) for encoder in self.encoders]
+        hidden = np.concatenate([output["hidden_embeds"] for output in outputs], axis=-1)
+        return hidden, outputs[-1]["pooled_outputs"]
+
+    def time_ids(self, size: SizeConditioning, image_size: tuple[int, int], negative: bool) -> np.ndarray:
+        original = size.original_size or image_size
+        if self.time_ids_length == 5:
+            last = (size.negative_aesthetic_score if negative else size.aesthetic_score,)
+        else:
+            last = size.target_size or image_size
+        return np.array([[*original, *size.crop_top_left, *last]], dtype=np.float32)
+
+    def __call__(self, prompt: str, negative_prompt: str, size: SizeConditioning, image_size: tuple[int, int]) -> dict:
+        hidden, pooled = self._encode(prompt)
+        if not negative_prompt and self.force_zeros_for_empty_prompt:
+            negative_hidden, negative_pooled = np.zeros_like(hidden), np.zeros_like(pooled)
+        else:
+            negative_hidden, negative_pooled = self._encode(negative_prompt)
+        return {
+            "encoder_hidden_states": channels_first(np.concatenate([negative_hidden, hidden])),
+            "time_ids": np.concatenate([self.time_ids(size, image_size, negative) for negative in (True, False)]),
+            "text_embeds": np.concatenate([negative_pooled, pooled]),
+        }
+
+
+def conditioning_for(package: Package, models: dict[str, Model]):
+    """The conditioning piece for a package's family, over its text encoder models."""
+    def encoder(name: str, pad_token: str = END_OF_TEXT) -> PromptEncoder:
+        return PromptEncoder(package.vocab_file, package.merges_file, models[name], pad_token)
+
+    if package.family == "sd":
+        return TextConditioning(encoder("TextEncoder"))
+    # SDXL's second tokenizer pads with "!"; the refiner has only that encoder.
+    encoders = [encoder(name, "!" if name == "TextEncoder2" else END_OF_TEXT)
+                for name in ("TextEncoder", "TextEncoder2") if name in package.required_components]
+    time_ids_length = models[package.unet_name].input_description["time_ids"][0][1]
+    return XLConditioning(encoders, time_ids_length, package.force_zeros_for_empty_prompt)
