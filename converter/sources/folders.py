@@ -1,7 +1,4 @@
-"""Where a model comes from: an alias, a Hugging Face id, a local diffusers folder, or `tiny`.
-
-Every source is resolved to a `ModelSource`, which loads one component's modules at a time, in the
-dtype asked for, so a conversion holds only what the component it converts needs.
+"""Diffusers folders, local or downloaded from the Hugging Face hub.
 
 diffusers modules (Unet, VAE) are built without weights on PyTorch's meta device and then given their
 weights tensor by tensor, each cast to the asked dtype as it is read. The file is read with ordinary
@@ -9,26 +6,18 @@ reads, not memory-mapped: mapped pages count in the process's resident memory fo
 mapping lives, so `from_pretrained` holds the fp32 file (3.4 GB for SD's Unet) beside the fp16 module
 it fills, while read pages stay in the kernel's page cache.
 """
-import copy
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .errors import ConversionError
-from .families import Family, detect_family
-from .families.sd import SD
-
-ALIASES = {
-    "sd-v1-4": "CompVis/stable-diffusion-v1-4",
-    "sd-v1-5": "stable-diffusion-v1-5/stable-diffusion-v1-5",
-    "sd-2-base": "stabilityai/stable-diffusion-2-base",
-    "sd-2-1-base": "stabilityai/stable-diffusion-2-1-base",
-}
-TINY = "tiny"
+from ..errors import ConversionError
+from ..families import detect_family
+from . import ModelSource
 
 # What a conversion reads from a diffusers folder; weights in safetensors, else PyTorch pickles.
 HUB_PATTERNS = [
@@ -57,42 +46,12 @@ LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj
 LEGACY_ATTENTION_KEY = re.compile(r"^(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$")
 
 @dataclass
-class ModelParts:
-    """The subset of a StableDiffusionPipeline that the Neural Engine modules are built from."""
+class FolderReader:
+    """Modules from a diffusers folder (saved with save_pretrained, or a Hugging Face snapshot)."""
 
-    unet: torch.nn.Module | None = None
-    vae: torch.nn.Module | None = None
-    text_encoder: torch.nn.Module | None = None
-    text_encoder_2: torch.nn.Module | None = None
+    folder: Path
 
-
-@dataclass
-class ModelSource:
-    """A resolved model: its configuration is read eagerly, its weights only per component."""
-
-    name: str
-    description: dict
-    folder: Path | None
-    scheduler_config: dict
-    text_width: int
-    sample_size: int
-    latent_scaling_factor: float
-    prediction_type: str
-    family: Family
-    _tiny_pipeline: object = field(default=None, repr=False)
-
-    def load(self, component: str, dtype: torch.dtype) -> ModelParts:
-        """The pipeline modules `component` needs, in `dtype`, in eval mode."""
-        parts = ModelParts()
-        module_name = self.family.component(component).module
-        module = self._load_module(module_name, dtype)
-        setattr(parts, module_name, module.eval().requires_grad_(False))
-        return parts
-
-    def _load_module(self, module_name: str, dtype: torch.dtype) -> torch.nn.Module:
-        if self._tiny_pipeline is not None:
-            # A copy: the float32 original must survive for validation after an fp16 conversion.
-            return copy.deepcopy(getattr(self._tiny_pipeline, module_name)).to(dtype=dtype)
+    def load(self, module_name: str, dtype: torch.dtype) -> torch.nn.Module:
         try:
             if module_name == "text_encoder":
                 # transformers already builds its models empty and casts the weights as it loads them.
@@ -106,26 +65,16 @@ class ModelSource:
         except (OSError, ValueError, KeyError, RuntimeError) as error:
             raise ConversionError(f"cannot load {module_name} from {self.folder}: {error}".splitlines()[0]) from error
 
-    def file_hashes(self, components: list[str]) -> dict[str, str]:
-        """SHA-256 of the configuration files and of the weights the given components are built from."""
-        if self.folder is None:
-            return {}
-        subfolders = {"scheduler", "tokenizer"} | self.family.modules(components)
+    def file_hashes(self, modules: set[str]) -> dict[str, str]:
+        subfolders = {"scheduler", "tokenizer"} | modules
         hashes = {}
         for path in sorted(self.folder.rglob("*")):
             relative = path.relative_to(self.folder)
             if path.is_file() and (len(relative.parts) == 1 or relative.parts[0] in subfolders):
-                hashes[str(relative)] = _sha256(path)
+                hashes[str(relative)] = sha256(path)
         return hashes
 
     def write_tokenizer_files(self, destination: Path) -> None:
-        """vocab.json and merges.txt, as the Swift package reads them."""
-        if self._tiny_pipeline is not None:
-            from .tiny import clip_vocabulary_files
-
-            for path in clip_vocabulary_files():
-                (destination / Path(path).name).write_bytes(Path(path).read_bytes())
-            return
         tokenizer_folder = self.folder / "tokenizer"
         if (tokenizer_folder / "vocab.json").is_file() and (tokenizer_folder / "merges.txt").is_file():
             for name in ("vocab.json", "merges.txt"):
@@ -143,8 +92,7 @@ class ModelSource:
 def load_diffusers_module(loader, folder: Path, dtype: torch.dtype) -> torch.nn.Module:
     """A diffusers model from its folder (config.json and safetensors weights), its floating-point
     weights in `dtype`; the same module as `loader.from_pretrained(folder, torch_dtype=dtype)`."""
-    with torch.device("meta"):
-        module = loader.from_config(loader.load_config(folder))
+    module = empty_module(loader, loader.load_config(folder))
     expected = set(module.state_dict())
     state = {}
     for path in weight_files(folder):
@@ -154,12 +102,23 @@ def load_diffusers_module(loader, folder: Path, dtype: torch.dtype) -> torch.nn.
                 prefix, old_name, kind = legacy.groups()
                 name = f"{prefix}.{LEGACY_ATTENTION_NAMES[old_name]}.{kind}"
             state[name] = tensor
+    return fill_module(module, state, "its config.json")
+
+
+def empty_module(loader, config: dict) -> torch.nn.Module:
+    """A diffusers or transformers model built from its config on the meta device: no memory for weights."""
+    with torch.device("meta"):
+        return loader.from_config(config) if hasattr(loader, "from_config") else loader(config)
+
+
+def fill_module(module: torch.nn.Module, state: dict[str, torch.Tensor], config_name: str) -> torch.nn.Module:
+    """Give an empty module its weights (the tensors themselves, not copies); every weight must be there."""
     missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
     unloaded = [name for name, tensor in [*module.named_parameters(), *module.named_buffers()] if tensor.is_meta]
     if missing or unexpected or unloaded:
         problems = [f"missing {', '.join(sorted(set(missing) | set(unloaded))[:3])}" if missing or unloaded else "",
                     f"unexpected {', '.join(sorted(unexpected)[:3])}" if unexpected else ""]
-        raise ValueError(f"its weights do not fit its config.json ({'; '.join(p for p in problems if p)})")
+        raise ValueError(f"its weights do not fit {config_name} ({'; '.join(p for p in problems if p)})")
     return module
 
 
@@ -168,27 +127,38 @@ def weight_files(folder: Path) -> list[Path]:
     if (folder / WEIGHTS_FILE).is_file():
         return [folder / WEIGHTS_FILE]
     if (folder / WEIGHTS_INDEX).is_file():
-        shards = sorted(set(_read_json(folder / WEIGHTS_INDEX)["weight_map"].values()))
+        shards = sorted(set(read_json(folder / WEIGHTS_INDEX)["weight_map"].values()))
         return [folder / shard for shard in shards]
     raise OSError(f"no {WEIGHTS_FILE} in {folder} (save the model with safe_serialization=True)")
 
 
-def read_safetensors(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Every tensor of a .safetensors file, the floating-point ones cast to `dtype`, read one at a time
-    (the format: an 8-byte little-endian header size, a JSON header of name → dtype, shape and byte
-    range, then the little-endian data). A file already in `dtype` is memory-mapped instead: its
-    tensors are then the module's weights, with nothing copied."""
-    state = {}
+def safetensors_header(path: Path) -> tuple[dict, int]:
+    """A .safetensors file's header (name → dtype, shape, byte range) and where its data starts
+    (the format: an 8-byte little-endian header size, the JSON header, then the little-endian data)."""
     with path.open("rb") as stream:
         header_size = int.from_bytes(stream.read(8), "little")
         header = json.loads(stream.read(header_size))
-        header.pop("__metadata__", None)
-        stored_dtypes = {SAFETENSORS_DTYPES[entry["dtype"]] for entry in header.values()}
-        if all(stored == dtype or not stored.is_floating_point for stored in stored_dtypes):
-            from safetensors.torch import load_file
+    header.pop("__metadata__", None)
+    return header, 8 + header_size
 
-            return load_file(path)
-        data_start = 8 + header_size
+
+def read_safetensors(path: Path, dtype: torch.dtype, names: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a .safetensors file (those whose names `names` accepts, default all), the
+    floating-point ones cast to `dtype`, read one at a time. A file already in `dtype` is memory-mapped
+    instead: its tensors are then the module's weights, with nothing copied."""
+    header, data_start = safetensors_header(path)
+    if names is not None:
+        header = {name: entry for name, entry in header.items() if names(name)}
+    state = {}
+    if not header:
+        return state
+    stored_dtypes = {SAFETENSORS_DTYPES[entry["dtype"]] for entry in header.values()}
+    if all(stored == dtype or not stored.is_floating_point for stored in stored_dtypes):
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as mapped:
+            return {name: mapped.get_tensor(name) for name in header}
+    with path.open("rb") as stream:
         # One buffer, reused for every tensor, so that the file's bytes never fault in fresh memory.
         scratch = torch.empty(max(end - begin for begin, end in (e["data_offsets"] for e in header.values())),
                               dtype=torch.uint8)
@@ -204,28 +174,8 @@ def read_safetensors(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     return state
 
 
-def list_models() -> list[tuple[str, str]]:
-    return [(TINY, "embedded SD-architecture model with random weights, for trying things out")] + [
-        (alias, hub_id) for alias, hub_id in ALIASES.items()
-    ]
-
-
-def resolve(model: str, revision: str | None = None) -> ModelSource:
-    """Turn `--model` into a ModelSource: tiny, an alias, a local folder or a Hugging Face id."""
-    if model == TINY:
-        return _tiny_source()
-    if Path(model).expanduser().is_dir():
-        folder = Path(model).expanduser().resolve()
-        return _folder_source(folder, name=folder.name, description={"path": str(folder)})
-    if model.startswith((".", "/", "~")) or model.count("/") > 1:
-        raise ConversionError(f"{model} is not a folder; pass a diffusers model folder, a Hugging Face id or an alias (coreml-convert --list-models)")
-    hub_id = ALIASES.get(model, model)
-    if "/" not in hub_id:
-        known = ", ".join(name for name, _ in list_models())
-        raise ConversionError(f"unknown model {model!r}: use one of {known}, a Hugging Face id (org/name) or a local folder")
-    folder = _download(hub_id, revision)
-    name = model if model in ALIASES else hub_id.split("/")[-1]
-    return _folder_source(folder, name=name, description={"id": hub_id, "revision": revision})
+def hub_source(hub_id: str, revision: str | None, name: str) -> ModelSource:
+    return folder_source(_download(hub_id, revision), name=name, description={"id": hub_id, "revision": revision})
 
 
 def _download(hub_id: str, revision: str | None) -> Path:
@@ -252,7 +202,7 @@ def _download(hub_id: str, revision: str | None) -> Path:
         raise ConversionError(f"downloading {hub_id} failed: {str(error).splitlines()[0]}") from None
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
@@ -261,49 +211,29 @@ def _read_json(path: Path) -> dict:
         raise ConversionError(f"{path} is not valid JSON ({error})") from None
 
 
-def _folder_source(folder: Path, name: str, description: dict) -> ModelSource:
+def folder_source(folder: Path, name: str, description: dict) -> ModelSource:
     if not (folder / "model_index.json").is_file() and not (folder / "unet").is_dir():
         raise ConversionError(f"{folder} is not a diffusers model folder (no model_index.json): convert a folder saved with save_pretrained")
-    unet_config = _read_json(folder / "unet" / "config.json")
-    model_index = _read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
+    unet_config = read_json(folder / "unet" / "config.json")
+    model_index = read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
     family = detect_family(model_index, unet_config)
-    text_config = _read_json(folder / "text_encoder" / "config.json")
-    vae_config = _read_json(folder / "vae" / "config.json")
-    scheduler_config = _read_json(folder / "scheduler" / "scheduler_config.json")
+    text_config = read_json(folder / "text_encoder" / "config.json")
+    vae_config = read_json(folder / "vae" / "config.json")
+    scheduler_config = read_json(folder / "scheduler" / "scheduler_config.json")
     return ModelSource(
         name=name,
         description=description,
-        folder=folder,
         scheduler_config=scheduler_config,
         text_width=int(text_config["hidden_size"]),
         sample_size=int(unet_config["sample_size"]),
         latent_scaling_factor=float(vae_config.get("scaling_factor", family.defaults.latent_scaling_factor)),
         prediction_type=scheduler_config.get("prediction_type", family.defaults.prediction_type),
         family=family,
+        reader=FolderReader(folder),
     )
 
 
-def _tiny_source() -> ModelSource:
-    from .tiny import build_tiny_pipeline
-
-    pipeline = build_tiny_pipeline()
-    return ModelSource(
-        name=TINY,
-        description={"model": TINY, "seed": 0},
-        folder=None,
-        # As scheduler_config.json holds it: a scheduler built from it for another class keeps that class's own
-        # defaults for the values listed in `_use_default_values`, as diffusers does.
-        scheduler_config=dict(pipeline.scheduler.config, _class_name=type(pipeline.scheduler).__name__),
-        text_width=pipeline.text_encoder.config.hidden_size,
-        sample_size=pipeline.unet.config.sample_size,
-        latent_scaling_factor=pipeline.vae.config.scaling_factor,
-        prediction_type=pipeline.scheduler.config.prediction_type,
-        family=SD,
-        _tiny_pipeline=pipeline,
-    )
-
-
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
     # In the Hugging Face cache a file links to a blob named by its SHA-256 (for weights): reuse it.
     blob = path.resolve().name
     if path.is_symlink() and len(blob) == 64 and all(c in "0123456789abcdef" for c in blob):
