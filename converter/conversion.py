@@ -26,6 +26,9 @@ class ConversionOptions:
     model: str
     output: Path | None = None
     revision: str | None = None
+    model_type: str | None = None  # single files: what the checkpoint is (default: inferred from its tensors)
+    prediction_type: str | None = None  # single files: epsilon or v_prediction (default: the checkpoint's hints)
+    config: Path | None = None  # single files: a diffusers folder whose configs to use instead of the shipped ones
     components: tuple[str, ...] | None = None  # None: the model family's default components
     attention_implementation: str = "split_einsum"
     height: int | None = None
@@ -79,13 +82,24 @@ def check_options(options: ConversionOptions) -> None:
 
 
 def chosen_components(source: ModelSource, options: ConversionOptions) -> tuple[str, ...]:
+    """The components asked for, or the family's defaults that the source holds weights for."""
     family = source.family
     if options.components is None:
-        return family.default_components
+        present = tuple(c for c in family.default_components if family.component(c).module not in source.absent_modules)
+        for component in sorted(set(family.default_components) - set(present)):
+            print(f"{component:<11} left out: {source.name} holds no {family.component(component).module} weights",
+                  file=sys.stderr)
+        if not present:
+            raise ConversionError(f"{source.name} holds none of the weights of {', '.join(family.default_components)}")
+        return present
     unknown = [c for c in options.components if c not in family.components]
     if unknown:
         raise ConversionError(f"unknown component(s) {', '.join(unknown)} for {family.description}: "
                               f"choose from {', '.join(family.components)}")
+    absent = [c for c in options.components if family.component(c).module in source.absent_modules]
+    if absent:
+        raise ConversionError(f"{source.name} holds no weights for {', '.join(absent)}: leave {'it' if len(absent) == 1 else 'them'} "
+                              "out of --components")
     return options.components
 
 
@@ -124,7 +138,7 @@ def quantize_nbits(component: Component, nbits: int | None) -> int | None:
 
 def convert_model(options: ConversionOptions) -> ConversionReport:
     check_options(options)
-    source = resolve(options.model, options.revision)
+    source = resolve(options.model, options.revision, options.model_type, options.prediction_type, options.config)
     components = chosen_components(source, options)
     dims = model_dimensions(source, options)
     folder = PackageFolder(options.output or Path("packages") / source.name)
@@ -239,7 +253,8 @@ def source_of(manifest: dict) -> ModelSource:
     """Resolve the model a package was converted from, as its manifest records it."""
     recorded = manifest["source"]
     if "path" in recorded:
-        return resolve(recorded["path"])
+        return resolve(recorded["path"], model_type=recorded.get("model_type"),
+                       prediction_type=recorded.get("prediction_type"), config_folder=recorded.get("config"))
     if "id" in recorded:
         return resolve(recorded["id"], recorded.get("revision"))
     return resolve(recorded["model"])
