@@ -29,6 +29,8 @@ class ConversionOptions:
     model_type: str | None = None  # single files: what the checkpoint is (default: inferred from its tensors)
     prediction_type: str | None = None  # single files: epsilon or v_prediction (default: the checkpoint's hints)
     config: Path | None = None  # single files: a diffusers folder whose configs to use instead of the shipped ones
+    loras: tuple[str, ...] = ()  # PATH[:SCALE], merged into the Unet and text encoder
+    embeddings: tuple[str, ...] = ()  # PATH[:TOKEN], textual-inversion embeddings
     components: tuple[str, ...] | None = None  # None: the model family's default components
     attention_implementation: str = "split_einsum"
     height: int | None = None
@@ -128,6 +130,9 @@ def component_settings(component: str, source: ModelSource, dims: ModelDimension
         settings.update(attention_implementation=options.attention_implementation)
     if quantize_nbits(source.family.component(component), options.quantize_nbits):
         settings.update(quantize_nbits=options.quantize_nbits)
+    adapters = source.adapter_settings(source.family.component(component).module)
+    if adapters:
+        settings.update(adapters=adapters)
     return settings
 
 
@@ -139,7 +144,9 @@ def quantize_nbits(component: Component, nbits: int | None) -> int | None:
 def convert_model(options: ConversionOptions) -> ConversionReport:
     check_options(options)
     source = resolve(options.model, options.revision, options.model_type, options.prediction_type, options.config)
+    source.adapters = load_adapters(options.loras, options.embeddings)
     components = chosen_components(source, options)
+    source.check_adapters(list(components))
     dims = model_dimensions(source, options)
     folder = PackageFolder(options.output or Path("packages") / source.name)
     report = ConversionReport(folder=folder.path)
@@ -151,6 +158,7 @@ def convert_model(options: ConversionOptions) -> ConversionReport:
         "scheduler": source.scheduler_config,
         "latent_scaling_factor": source.latent_scaling_factor,
         "prediction_type": source.prediction_type,
+        "adapters": [entry for adapter in source.adapters for entry in adapter.describe()],
     }
     try:
         folder.prepare(header, force=options.force)
@@ -168,6 +176,15 @@ def convert_model(options: ConversionOptions) -> ConversionReport:
         folder.discard_if_empty()
         raise
     return report
+
+
+def load_adapters(loras: tuple[str, ...], embeddings: tuple[str, ...]) -> list:
+    """LoRAs and embeddings from their command-line arguments, read (and checked) before anything converts."""
+    from .adapters.embeddings import Embedding
+    from .adapters.lora import Lora
+
+    adapters = [Lora.from_argument(argument) for argument in loras]
+    return adapters + Embedding.from_arguments(embeddings)
 
 
 def install_tokenizer_files(folder: PackageFolder, source: ModelSource) -> None:

@@ -41,6 +41,10 @@ class ModuleReader(Protocol):
 
     def load(self, module_name: str, dtype: torch.dtype) -> torch.nn.Module: ...
 
+    def empty(self, module_name: str) -> torch.nn.Module:
+        """The module's layout on the meta device: names and shapes, no weights."""
+        ...
+
     def file_hashes(self, modules: set[str]) -> dict[str, str]: ...
 
     def write_tokenizer_files(self, destination: Path) -> None: ...
@@ -77,6 +81,14 @@ class ModelSource:
             adapter.apply(module_name, module)
         setattr(parts, module_name, module.eval().requires_grad_(False))
         return parts
+
+    def check_adapters(self, components: list[str]) -> None:
+        """Let each adapter refuse what does not fit the model (names, shapes) before anything converts."""
+        for module_name in sorted(self.family.modules(components)):
+            if self.adapters and module_name not in self.absent_modules:
+                layout = self.reader.empty(module_name)
+                for adapter in self.adapters:
+                    adapter.check(module_name, layout)
 
     def file_hashes(self, components: list[str]) -> dict[str, str]:
         """SHA-256 of the configuration files and of the weights the given components are built from."""

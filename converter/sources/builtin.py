@@ -19,6 +19,9 @@ class PipelineReader:
         # A copy: the float32 original must survive for validation after an fp16 conversion.
         return copy.deepcopy(getattr(self.pipeline, module_name)).to(dtype=dtype)
 
+    def empty(self, module_name: str) -> torch.nn.Module:
+        return copy.deepcopy(getattr(self.pipeline, module_name)).to("meta")
+
     def file_hashes(self, modules: set[str]) -> dict[str, str]:
         return {}
 

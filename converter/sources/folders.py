@@ -65,6 +65,16 @@ class FolderReader:
         except (OSError, ValueError, KeyError, RuntimeError) as error:
             raise ConversionError(f"cannot load {module_name} from {self.folder}: {error}".splitlines()[0]) from error
 
+    def empty(self, module_name: str) -> torch.nn.Module:
+        if module_name == "text_encoder":
+            from transformers import CLIPTextConfig, CLIPTextModel
+
+            return empty_module(CLIPTextModel, CLIPTextConfig.from_pretrained(self.folder / module_name))
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+
+        loader = {"unet": UNet2DConditionModel, "vae": AutoencoderKL}[module_name]
+        return empty_module(loader, loader.load_config(self.folder / module_name))
+
     def file_hashes(self, modules: set[str]) -> dict[str, str]:
         subfolders = {"scheduler", "tokenizer"} | modules
         hashes = {}

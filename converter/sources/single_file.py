@@ -81,6 +81,14 @@ class SingleFileReader:
             raise ConversionError(f"cannot load {module_name} from {self.checkpoint.path.name}: "
                                   f"{str(error).splitlines()[0]}") from error
 
+    def empty(self, module_name: str) -> torch.nn.Module:
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        if module_name == "text_encoder":
+            return empty_module(CLIPTextModel, CLIPTextConfig(**self.configs[module_name]))
+        return empty_module({"unet": UNet2DConditionModel, "vae": AutoencoderKL}[module_name], self.configs[module_name])
+
     def _load_unet(self, config: dict, dtype: torch.dtype) -> torch.nn.Module:
         from diffusers import UNet2DConditionModel
         from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
