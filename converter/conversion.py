@@ -267,14 +267,22 @@ def print_validation(component: str, validation: dict) -> None:
 
 
 def source_of(manifest: dict) -> ModelSource:
-    """Resolve the model a package was converted from, as its manifest records it."""
+    """Resolve the model a package was converted from, as its manifest records it, with its adapters."""
     recorded = manifest["source"]
     if "path" in recorded:
-        return resolve(recorded["path"], model_type=recorded.get("model_type"),
-                       prediction_type=recorded.get("prediction_type"), config_folder=recorded.get("config"))
-    if "id" in recorded:
-        return resolve(recorded["id"], recorded.get("revision"))
-    return resolve(recorded["model"])
+        source = resolve(recorded["path"], model_type=recorded.get("model_type"),
+                         prediction_type=recorded.get("prediction_type"), config_folder=recorded.get("config"))
+    elif "id" in recorded:
+        source = resolve(recorded["id"], recorded.get("revision"))
+    else:
+        source = resolve(recorded["model"])
+    adapters = manifest.get("adapters", [])
+    source.adapters = load_adapters(tuple(f"{a['path']}:{a['scale']}" for a in adapters if "lora" in a),
+                                    tuple(f"{a['path']}:{a['tokens'][0]}" for a in adapters if "embedding" in a))
+    for adapter, entry in zip(source.adapters, [a for a in adapters if "lora" in a] + [a for a in adapters if "embedding" in a]):
+        if adapter.digest != entry["sha256"]:
+            raise ConversionError(f"{adapter.path} changed since the package was converted (SHA-256 differs): convert again")
+    return source
 
 
 def validate_package(path: Path, seed: int = 0) -> dict[str, dict]:

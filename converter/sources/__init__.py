@@ -116,19 +116,19 @@ def resolve(model: str, revision: str | None = None, model_type: str | None = No
     """Turn `--model` into a ModelSource: tiny, an alias, a local folder, a single file or a Hugging Face id.
     `model_type`, `prediction_type` and `config_folder` apply to single files only."""
     path = Path(model).expanduser()
-    if model == TINY:
-        from .builtin import tiny_source
-
-        return tiny_source()
     if path.suffix in SINGLE_FILE_SUFFIXES:
         from .single_file import single_file_source
 
         if not path.is_file():
             raise ConversionError(f"{model} does not exist: pass the path of a .safetensors or .ckpt checkpoint")
         return single_file_source(path.resolve(), model_type, prediction_type, config_folder)
-    if model_type or prediction_type:
-        raise ConversionError("--model-type and --prediction-type apply to single-file checkpoints only; a folder's "
-                              "own configs say what it is")
+    if model_type or prediction_type or config_folder:
+        raise ConversionError("--model-type, --prediction-type and --config apply to single-file checkpoints only; "
+                              "other models' own configs say what they are")
+    if model == TINY:
+        from .builtin import tiny_source
+
+        return tiny_source()
     from .folders import folder_source, hub_source
 
     if path.is_dir():

@@ -24,6 +24,10 @@ def run(capsys, *argv: str) -> tuple[int, str]:
         (["--model", "tiny", "--height", "100"], "multiple of 64"),
         (["--model", "tiny", "--components", "Unet,Vocoder"], "unknown component"),
         (["--model", "some-org/some-model"], "cannot reach the Hugging Face hub"),
+        (["--model", "./no/such/model.safetensors"], "does not exist"),
+        (["--model", "tiny", "--model-type", "sd1"], "apply to single-file checkpoints only"),
+        (["--model", "tiny", "--lora", "./no/such/lora.safetensors:0.5"], "is not a file"),
+        (["--model", "tiny", "--embedding", "./no/such/embedding.pt"], "is not a file"),
     ],
 )
 def test_bad_input_is_one_line_and_leaves_nothing(capsys, tmp_path, monkeypatch, argv, expected):
