@@ -36,6 +36,7 @@ setup(
         "scipy",
         "pillow",
         "click>=8.1",
+        "peft>=0.15",  # diffusers reads kohya LoRAs only with peft installed
     ],
     extras_require={
         "test": ["pytest", "hypothesis", "scikit-learn"],  # scikit-learn: the reference k-means for palettes
