@@ -158,6 +158,7 @@ def convert_model(options: ConversionOptions) -> ConversionReport:
         "scheduler": source.scheduler_config,
         "latent_scaling_factor": source.latent_scaling_factor,
         "prediction_type": source.prediction_type,
+        "pad_token": source.pad_token,
         "adapters": [entry for adapter in source.adapters for entry in adapter.describe()],
     }
     try:

@@ -32,6 +32,7 @@ SD_V1_SCHEDULER_CONFIG = {
 }
 SD_V1_SCALING_FACTOR = 0.18215
 SD_V1_PREDICTION_TYPE = "epsilon"
+SD_V1_PAD_TOKEN = "<|endoftext|>"  # SD 2.x's tokenizer pads with "!" instead; its manifest says so
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class Package:
     scaling_factor: float
     prediction_type: str
     attention_implementation: str | None  # None when neither a manifest nor the models say
+    pad_token: str = SD_V1_PAD_TOKEN  # what fills the 77 tokens after the end of the prompt
 
     def component(self, name: str) -> Path:
         if name not in self.components:
@@ -167,5 +169,6 @@ def load_package(folder: Path) -> Package:
         scheduler_config=scheduler_config,
         scaling_factor=float(manifest.get("latent_scaling_factor", SD_V1_SCALING_FACTOR)),
         prediction_type=manifest.get("prediction_type", SD_V1_PREDICTION_TYPE),
+        pad_token=manifest.get("pad_token", SD_V1_PAD_TOKEN),
         attention_implementation=attention,
     )

@@ -90,7 +90,8 @@ class Pipeline:
         self.models = models
         self.backend = backend
         self.compute_unit = compute_unit
-        self.prompt_encoder = PromptEncoder(package.vocab_file, package.merges_file, models["TextEncoder"])
+        self.prompt_encoder = PromptEncoder(package.vocab_file, package.merges_file, models["TextEncoder"],
+                                            package.pad_token)
         unet_inputs = models["Unet"].input_description
         self.unet_dtypes = {name: dtype for name, (_, dtype) in unet_inputs.items()}
         sample_shape = unet_inputs["sample"][0]

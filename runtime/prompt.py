@@ -12,10 +12,10 @@ logger = logging.getLogger("coreml_sd.runtime")
 
 
 class PromptEncoder:
-    def __init__(self, vocab_file: Path, merges_file: Path, text_encoder: Model):
-        # SD v1 pads with the end-of-text token.
+    def __init__(self, vocab_file: Path, merges_file: Path, text_encoder: Model, pad_token: str = "<|endoftext|>"):
+        # SD v1 pads with the end-of-text token, SD 2.x with "!" (as the tokenizer each model ships says).
         self.tokenizer = CLIPTokenizer(
-            str(vocab_file), str(merges_file), model_max_length=TEXT_LENGTH, pad_token="<|endoftext|>"
+            str(vocab_file), str(merges_file), model_max_length=TEXT_LENGTH, pad_token=pad_token
         )
         self.text_encoder = text_encoder
 

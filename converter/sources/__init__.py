@@ -69,6 +69,7 @@ class ModelSource:
     adapters: list = field(default_factory=list, repr=False)
     # Pipeline modules the source holds no weights for (a single file without its VAE or text encoder).
     absent_modules: frozenset[str] = frozenset()
+    pad_token: str = "<|endoftext|>"  # what the tokenizer pads prompts with: SD 2.x's pads with "!"
 
     def load(self, component: str, dtype: torch.dtype) -> ModelParts:
         """The pipeline modules `component` needs, in `dtype`, in eval mode."""

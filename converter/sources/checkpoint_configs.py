@@ -71,15 +71,17 @@ class ModelType:
     vae: dict
     text_encoder: dict
     scheduler: dict
+    pad_token: str = "<|endoftext|>"
 
 
 MODEL_TYPES = {
     "sd1": ModelType("SD 1.x (CLIP ViT-L text encoder, 512x512, epsilon)", SD, SD1_UNET, SD_VAE, CLIP_L_TEXT,
                      PNDM_EPSILON),
+    # SD 2.x was trained with OpenCLIP's tokenizer, which pads with id 0 ("!"), as its diffusers tokenizer does.
     "sd2": ModelType("SD 2.x base (OpenCLIP ViT-H text encoder, 512x512, epsilon)", SD, SD2_UNET, SD_VAE,
-                     OPEN_CLIP_H_TEXT, PNDM_EPSILON),
+                     OPEN_CLIP_H_TEXT, PNDM_EPSILON, pad_token="!"),
     "sd2-v": ModelType("SD 2.x 768-v (OpenCLIP ViT-H text encoder, 768x768, v-prediction)", SD, SD2_V_UNET,
-                       dict(SD_VAE, sample_size=768), OPEN_CLIP_H_TEXT, DDIM_V_PREDICTION),
+                       dict(SD_VAE, sample_size=768), OPEN_CLIP_H_TEXT, DDIM_V_PREDICTION, pad_token="!"),
 }
 # Names --model-type accepts that this converter cannot convert from a single file yet.
 NOT_YET = {"sdxl": "SDXL", "sdxl-refiner": "the SDXL refiner"}

@@ -240,7 +240,18 @@ def folder_source(folder: Path, name: str, description: dict) -> ModelSource:
         prediction_type=scheduler_config.get("prediction_type", family.defaults.prediction_type),
         family=family,
         reader=FolderReader(folder),
+        pad_token=tokenizer_pad_token(folder / "tokenizer"),
     )
+
+
+def tokenizer_pad_token(folder: Path) -> str:
+    """The pad token a saved CLIPTokenizer names (special_tokens_map.json or tokenizer_config.json)."""
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        if (folder / name).is_file():
+            pad = read_json(folder / name).get("pad_token")
+            if pad:
+                return pad["content"] if isinstance(pad, dict) else str(pad)
+    return "<|endoftext|>"
 
 
 def sha256(path: Path) -> str:

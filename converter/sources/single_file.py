@@ -224,4 +224,5 @@ def single_file_source(path: Path, model_type: str | None, prediction_type: str 
         family=chosen.family,
         reader=SingleFileReader(checkpoint, configs),
         absent_modules=absent,
+        pad_token=chosen.pad_token,
     )

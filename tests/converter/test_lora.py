@@ -61,7 +61,7 @@ def diffusers_lora(pipeline, folder):
                                for kind, tensor in zip("AB", pair)}
     StableDiffusionPipeline.save_lora_weights(
         folder, unet_lora_layers=layers["unet"], text_encoder_lora_layers=layers["text_encoder"],
-        unet_lora_adapter_metadata={"r": RANK, "lora_alpha": 8})
+        unet_lora_adapter_metadata={"r": RANK, "lora_alpha": 8, "target_modules": list(UNET_LAYERS[:4] + ("conv1",))})
     return folder / "pytorch_lora_weights.safetensors"
 
 

@@ -147,3 +147,17 @@ def test_lightning_objects_load_as_inert_placeholders(tmp_path, monkeypatch):
     assert isinstance(loaded["trainer"], InertObject) and loaded["global_step"] == 470000
     assert loaded["trainer"].state == {"best_model_path": "/trainer/last.ckpt"}
     assert not any(name.startswith("pytorch_lightning") for name in sys.modules)
+
+
+def test_open_clip_checkpoint_is_sd2_and_its_prediction_type_follows_the_hints(tmp_path, tiny_pipeline, saved_folder):
+    """SD 2.x files hold OpenCLIP's text tower (fused q/k/v, one layer more than SD reads): the same text
+    encoder comes out; 768-v (v-prediction) unless the flag or SD 2.0-base's global_step say otherwise."""
+    state = ldm_state(tiny_pipeline, open_clip=True)
+    save_file(state, str(tmp_path / "sd2.safetensors"))
+    source = resolve(str(tmp_path / "sd2.safetensors"), config_folder=saved_folder)
+    assert (source.description["model_type"], source.prediction_type, source.pad_token) == ("sd2-v", "v_prediction", "!")
+    assert_modules_equal(source, tiny_pipeline, ["TextEncoder"])
+    base = resolve(str(tmp_path / "sd2.safetensors"), prediction_type="epsilon", config_folder=saved_folder)
+    assert (base.description["model_type"], base.scheduler_config["prediction_type"]) == ("sd2", "epsilon")
+    torch.save({"state_dict": state, "global_step": 875000}, tmp_path / "sd2-base.ckpt")
+    assert resolve(str(tmp_path / "sd2-base.ckpt"), config_folder=saved_folder).prediction_type == "epsilon"

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from coreml_sd.converter import tiny
 from coreml_sd.converter.conversion import ConversionOptions, convert_model
@@ -28,7 +28,9 @@ def tiny_sd2_pipeline() -> StableDiffusionPipeline:
                                                            intermediate_size=4 * TEXT_WIDTH, hidden_act="gelu")))
     scheduler = DDIMScheduler(**{k: v for k, v in tiny.SCHEDULER_CONFIG.items() if k != "skip_prk_steps"},
                               clip_sample=False, prediction_type="v_prediction")
-    pipeline = StableDiffusionPipeline(vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tiny.build_tokenizer(),
+    # SD 2.x's tokenizer pads with "!" (id 0), not the end-of-text token.
+    tokenizer = CLIPTokenizer(*tiny.clip_vocabulary_files(), model_max_length=77, pad_token="!")
+    pipeline = StableDiffusionPipeline(vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer,
                                        unet=unet.eval(), scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
     pipeline.set_progress_bar_config(disable=True)
@@ -49,6 +51,7 @@ def test_manifest_records_v_prediction(sd2):
     _, package = sd2
     manifest = json.loads((package / "manifest.json").read_text())
     assert manifest["prediction_type"] == "v_prediction" and manifest["text_width"] == TEXT_WIDTH
+    assert manifest["pad_token"] == "!"
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "euler"])
