@@ -51,8 +51,8 @@ def kohya_lora(pipeline, path, alpha=2.0):
 
 
 def diffusers_lora(pipeline, folder):
-    """diffusers' layout (PEFT names), written by diffusers itself; the Unet's PEFT lora_alpha in its metadata (diffusers
-    0.42 cannot load text-encoder metadata under transformers 5: the text encoder's alpha is the rank)."""
+    """diffusers' layout (PEFT names), written by diffusers itself, alpha = rank (diffusers 0.42 with transformers 5
+    cannot load a file that carries PEFT's lora_alpha metadata into the text encoder)."""
     layers = {}
     for module_name, module, suffixes in (("unet", pipeline.unet, UNET_LAYERS[:4] + ("conv1",)),
                                           ("text_encoder", pipeline.text_encoder, TEXT_LAYERS[:2])):
@@ -60,8 +60,7 @@ def diffusers_lora(pipeline, folder):
                                for name, pair in random_pairs(module, suffixes, seed=7).items()
                                for kind, tensor in zip("AB", pair)}
     StableDiffusionPipeline.save_lora_weights(
-        folder, unet_lora_layers=layers["unet"], text_encoder_lora_layers=layers["text_encoder"],
-        unet_lora_adapter_metadata={"r": RANK, "lora_alpha": 8, "target_modules": list(UNET_LAYERS[:4] + ("conv1",))})
+        folder, unet_lora_layers=layers["unet"], text_encoder_lora_layers=layers["text_encoder"])
     return folder / "pytorch_lora_weights.safetensors"
 
 
@@ -127,3 +126,28 @@ def test_bad_loras_are_refused_in_one_line(tmp_path, tiny_pipeline):
     with pytest.raises(ConversionError, match="not a number"):
         convert_model(ConversionOptions(model="tiny", output=tmp_path / "c", loras=(f"{tmp_path / 'sd-size.safetensors'}:strong",)))
     assert not any((tmp_path / name).exists() for name in "abc")
+
+
+def test_peft_metadata_alpha_and_locon_merge_as_written_out(tmp_path, tiny_pipeline):
+    """PEFT's lora_alpha (file metadata) and a kohya LoCon 3x3 pair, against W + scale * alpha/rank * up @ down
+    written out here."""
+    from coreml_sd.converter.adapters.lora import Lora
+
+    conv = "down_blocks.0.resnets.0.conv1"
+    pairs = random_pairs(tiny_pipeline.unet, (conv,), seed=3)
+    StableDiffusionPipeline.save_lora_weights(
+        tmp_path, unet_lora_layers={f"{conv}.lora_{k}.weight": t for k, t in zip("AB", pairs[conv])},
+        unet_lora_adapter_metadata={"r": RANK, "lora_alpha": 8, "target_modules": ["conv1"]})
+    kohya = {f"lora_unet_{conv.replace('.', '_')}.lora_down.weight": pairs[conv][0],
+             f"lora_unet_{conv.replace('.', '_')}.lora_up.weight": pairs[conv][1],
+             f"lora_unet_{conv.replace('.', '_')}.alpha": torch.tensor(2.0)}
+    save_file(kohya, str(tmp_path / "locon.safetensors"))
+    down, up = pairs[conv]
+    original = tiny_pipeline.unet.get_submodule(conv).weight
+    product = torch.nn.functional.conv2d(down.permute(1, 0, 2, 3), up).permute(1, 0, 2, 3)  # PEFT's 3x3 delta
+    for path, alpha, scale in ((tmp_path / "pytorch_lora_weights.safetensors", 8.0, 0.5),
+                               (tmp_path / "locon.safetensors", 2.0, 1.5)):
+        unet = copy.deepcopy(tiny_pipeline.unet)
+        Lora.from_argument(f"{path}:{scale}").apply("unet", unet)
+        expected = original + scale * alpha / RANK * product
+        torch.testing.assert_close(unet.get_submodule(conv).weight, expected, rtol=1e-5, atol=1e-6)
