@@ -38,6 +38,7 @@ setup(
         "click>=8.1",
         # Stable Diffusion's invisible watermark, on by default; it brings opencv-python and PyWavelets
         "invisible-watermark>=0.2.0",
+        "peft>=0.15",  # diffusers reads kohya LoRAs only with peft installed
     ],
     extras_require={
         "test": ["pytest", "hypothesis", "scikit-learn"],  # scikit-learn: the reference k-means for palettes

@@ -13,6 +13,10 @@ from coreml_sd.runtime.errors import Interrupted
 from .ane import ATTENTION_IMPLEMENTATIONS
 from .families import FAMILIES
 from .palettize import NBITS_CHOICES
+from .sources.checkpoint_configs import MODEL_TYPES, NOT_YET
+from .sources.single_file import PREDICTION_TYPES
+
+SINGLE_FILE_MODEL_TYPES = (*MODEL_TYPES, *NOT_YET)
 
 
 def quiet_libraries() -> None:
@@ -36,9 +40,20 @@ def list_models(ctx: click.Context, _, value: bool) -> None:
 
 
 @click.command("coreml-convert", context_settings=CONTEXT_SETTINGS)
-@click.option("--model", help="Alias (see --list-models), Hugging Face id, local diffusers folder, or a built-in "
-              "model (tiny, tiny-xl, tiny-xl-refiner).")
+@click.option("--model", help="Alias (see --list-models), Hugging Face id, local diffusers folder, single-file "
+              "checkpoint (.safetensors/.ckpt, converted offline), or a built-in model (tiny, tiny-xl, tiny-xl-refiner).")
 @click.option("--revision", help="Hugging Face revision (branch, tag or commit).")
+@click.option("--model-type", type=click.Choice(SINGLE_FILE_MODEL_TYPES),
+              help="Single files: what the checkpoint is (default: inferred from its tensors, and printed).")
+@click.option("--prediction-type", type=click.Choice(PREDICTION_TYPES),
+              help="Single files: what the Unet predicts (default: the checkpoint's hints; SD 2.x: v_prediction, 768x768).")
+@click.option("--config", "config_folder", type=click.Path(path_type=Path, file_okay=False),
+              help="Single files: a diffusers folder whose configs to use instead of the shipped SD 1.x/2.x ones.")
+@click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]",
+              help="Merge a LoRA (kohya/LoCon or diffusers/PEFT) into the Unet and text encoder; repeatable.")
+@click.option("--embedding", "embeddings", multiple=True, metavar="PATH[:TOKEN]",
+              help="Add a textual-inversion embedding (A1111, kohya, diffusers) as TOKEN (letters only; k vectors: "
+              "TOKEN, TOKENb, ...); one id for every BPE tokenizer of the package, Swift's included; repeatable.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Package folder (default: packages/<model name>).")
 @click.option("--components", help="Comma-separated (default: the model family's; " + "; ".join(
     f"{f.description}: {','.join(f.default_components)} of {','.join(f.components)}" for f in FAMILIES) + ").")
@@ -67,13 +82,15 @@ def list_models(ctx: click.Context, _, value: bool) -> None:
 @click.option("--list-models", is_flag=True, expose_value=False, is_eager=True, callback=list_models,
               help="List the model aliases and exit.")
 @shared_options
-def convert(model: str | None, revision: str | None, output: Path | None, components: str | None,
+def convert(model: str | None, revision: str | None, model_type: str | None, prediction_type: str | None,
+            config_folder: Path | None, loras: tuple[str, ...], embeddings: tuple[str, ...],
+            output: Path | None, components: str | None,
             attention_implementation: str, height: int | None, width: int | None, unet_batch_size: int,
             quantize_nbits: int | None, safety_checker: str | None, vae: str | None, force: bool, no_validate: bool,
             validate_only: Path | None,
             verbose: bool) -> int:
-    """Convert a Stable Diffusion model (alias, Hugging Face id or local diffusers folder) into Core ML packages
-    for the Neural Engine, in packages/<name>/."""
+    """Convert a Stable Diffusion model (alias, Hugging Face id, local diffusers folder or single-file checkpoint),
+    with any LoRAs and embeddings merged, into Core ML packages for the Neural Engine, in packages/<name>/."""
     if not verbose:
         quiet_libraries()
     if validate_only:
@@ -86,6 +103,11 @@ def convert(model: str | None, revision: str | None, output: Path | None, compon
         model=model,
         output=output,
         revision=revision,
+        model_type=model_type,
+        prediction_type=prediction_type,
+        config=config_folder,
+        loras=loras,
+        embeddings=embeddings,
         components=None if components is None else tuple(c.strip() for c in components.split(",") if c.strip()),
         attention_implementation=attention_implementation,
         height=height,

@@ -30,6 +30,11 @@ class ConversionOptions:
     model: str
     output: Path | None = None
     revision: str | None = None
+    model_type: str | None = None  # single files: what the checkpoint is (default: inferred from its tensors)
+    prediction_type: str | None = None  # single files: epsilon or v_prediction (default: the checkpoint's hints)
+    config: Path | None = None  # single files: a diffusers folder whose configs to use instead of the shipped ones
+    loras: tuple[str, ...] = ()  # PATH[:SCALE], merged into the Unet and text encoder
+    embeddings: tuple[str, ...] = ()  # PATH[:TOKEN], textual-inversion embeddings
     components: tuple[str, ...] | None = None  # None: the model family's default components
     attention_implementation: str = "split_einsum"
     height: int | None = None
@@ -98,13 +103,24 @@ def check_options(options: ConversionOptions) -> None:
 
 
 def chosen_components(source: ModelSource, options: ConversionOptions) -> tuple[str, ...]:
+    """The components asked for, or the family's defaults that the source holds weights for."""
     family = source.family
     if options.components is None:
-        return family.default_components
+        present = tuple(c for c in family.default_components if family.component(c).module not in source.absent_modules)
+        for component in sorted(set(family.default_components) - set(present)):
+            print(f"{component:<11} left out: {source.name} holds no {family.component(component).module} weights",
+                  file=sys.stderr)
+        if not present:
+            raise ConversionError(f"{source.name} holds none of the weights of {', '.join(family.default_components)}")
+        return present
     unknown = [c for c in options.components if c not in family.components]
     if unknown:
         raise ConversionError(f"unknown component(s) {', '.join(unknown)} for {family.description}: "
                               f"choose from {', '.join(family.components)}")
+    absent = [c for c in options.components if family.component(c).module in source.absent_modules]
+    if absent:
+        raise ConversionError(f"{source.name} holds no weights for {', '.join(absent)}: leave {'it' if len(absent) == 1 else 'them'} "
+                              "out of --components")
     return options.components
 
 
@@ -145,6 +161,9 @@ def component_settings(component: str, source: ModelSource, dims: ModelDimension
         settings.update(quantize_nbits=options.quantize_nbits)
     if compute_precision(source, component, options) != "float16":
         settings.update(compute_precision=compute_precision(source, component, options))
+    adapters = source.adapter_settings(source.family.component(component).module)
+    if adapters:
+        settings.update(adapters=adapters)
     return settings
 
 
@@ -155,10 +174,12 @@ def quantize_nbits(component: Component, nbits: int | None) -> int | None:
 
 def convert_model(options: ConversionOptions) -> ConversionReport:
     check_options(options)
-    source = resolve(options.model, options.revision)
+    source = resolve(options.model, options.revision, options.model_type, options.prediction_type, options.config)
     if options.vae:
         source.use_vae(options.vae)
+    source.adapters = load_adapters(options.loras, options.embeddings)
     components = chosen_components(source, options)
+    source.check_adapters(list(components))
     source.safety_checker = options.safety_checker
     dims = model_dimensions(source, options)
     folder = PackageFolder(options.output or Path("packages") / source.name)
@@ -173,6 +194,8 @@ def convert_model(options: ConversionOptions) -> ConversionReport:
         "latent_scaling_factor": source.latent_scaling_factor,
         "prediction_type": source.prediction_type,
         "watermark": source.family.watermark.to_manifest(),
+        "pad_token": source.pad_token,
+        "adapters": [entry for adapter in source.adapters for entry in adapter.describe()],
     }
     if source.force_zeros_for_empty_prompt is not None:
         header["force_zeros_for_empty_prompt"] = source.force_zeros_for_empty_prompt
@@ -193,6 +216,15 @@ def convert_model(options: ConversionOptions) -> ConversionReport:
             folder.discard_if_empty()
             raise
     return report
+
+
+def load_adapters(loras: tuple[str, ...], embeddings: tuple[str, ...]) -> list:
+    """LoRAs and embeddings from their command-line arguments, read (and checked) before anything converts."""
+    from .adapters.embeddings import Embedding
+    from .adapters.lora import Lora
+
+    adapters = [Lora.from_argument(argument) for argument in loras]
+    return adapters + Embedding.from_arguments(embeddings)
 
 
 def install_tokenizer_files(folder: PackageFolder, source: ModelSource) -> None:
@@ -293,13 +325,22 @@ def print_validation(component: str, validation: dict) -> None:
 
 
 def source_of(manifest: dict) -> ModelSource:
-    """Resolve the model a package was converted from, as its manifest records it."""
+    """Resolve the model a package was converted from, as its manifest records it, with its adapters."""
     recorded = manifest["source"]
     if "path" in recorded:
-        return resolve(recorded["path"])
-    if "id" in recorded:
-        return resolve(recorded["id"], recorded.get("revision"))
-    return resolve(recorded["model"])
+        source = resolve(recorded["path"], model_type=recorded.get("model_type"),
+                         prediction_type=recorded.get("prediction_type"), config_folder=recorded.get("config"))
+    elif "id" in recorded:
+        source = resolve(recorded["id"], recorded.get("revision"))
+    else:
+        source = resolve(recorded["model"])
+    adapters = manifest.get("adapters", [])
+    source.adapters = load_adapters(tuple(f"{a['path']}:{a['scale']}" for a in adapters if "lora" in a),
+                                    tuple(f"{a['path']}:{a['tokens'][0]}" for a in adapters if "embedding" in a))
+    for adapter, entry in zip(source.adapters, [a for a in adapters if "lora" in a] + [a for a in adapters if "embedding" in a]):
+        if adapter.digest != entry["sha256"]:
+            raise ConversionError(f"{adapter.path} changed since the package was converted (SHA-256 differs): convert again")
+    return source
 
 
 def validate_package(path: Path, seed: int = 0) -> dict[str, dict]:

@@ -89,7 +89,7 @@ def conditioning_for(package: Package, models: dict[str, Model]):
         return PromptEncoder(package.vocab_file, package.merges_file, models[name], pad_token)
 
     if package.family == "sd":
-        return TextConditioning(encoder("TextEncoder"))
+        return TextConditioning(encoder("TextEncoder", package.pad_token))  # SD 2.x pads with "!"
     # SDXL's second tokenizer pads with "!"; the refiner has only that encoder.
     encoders = [encoder(name, "!" if name == "TextEncoder2" else END_OF_TEXT)
                 for name in ("TextEncoder", "TextEncoder2") if name in package.required_components]

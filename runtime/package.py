@@ -61,6 +61,7 @@ FAMILY_DEFAULTS = {
     "sdxl": (SDXL_SCHEDULER_CONFIG, SDXL_SCALING_FACTOR, True),
     "sdxl-refiner": (SDXL_SCHEDULER_CONFIG, SDXL_SCALING_FACTOR, False),
 }
+SD_V1_PAD_TOKEN = "<|endoftext|>"  # SD 2.x's tokenizer pads with "!" instead; its manifest says so
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,7 @@ class Package:
     @property
     def unet_name(self) -> str:
         return "UnetRefiner" if self.family == "sdxl-refiner" else "Unet"
+    pad_token: str = SD_V1_PAD_TOKEN  # what fills the 77 tokens after the end of the prompt
 
     def component(self, name: str) -> Path:
         if name not in self.components:
@@ -254,6 +256,7 @@ def load_package(folder: Path, verify: bool = False) -> Package:
         scheduler_config=scheduler_config,
         scaling_factor=float(manifest.get("latent_scaling_factor", default_scaling_factor)),
         prediction_type=manifest.get("prediction_type", SD_V1_PREDICTION_TYPE),
+        pad_token=manifest.get("pad_token", SD_V1_PAD_TOKEN),
         attention_implementation=attention,
         feature_extractor=_feature_extractor(manifest, folder),
         watermark=_watermark(manifest, folder),

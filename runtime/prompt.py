@@ -13,8 +13,8 @@ logger = logging.getLogger("coreml_sd.runtime")
 
 
 class PromptEncoder:
-    """One tokenizer and text encoder. SD's (and SDXL's first) tokenizer pads with the end-of-text token,
-    SDXL's second with "!"."""
+    """One tokenizer and text encoder. SD 1.x's (and SDXL's first) tokenizer pads with the end-of-text token,
+    SD 2.x's and SDXL's second with "!" (as the tokenizer each model ships says)."""
 
     def __init__(self, vocab_file: Path, merges_file: Path, text_encoder: Model, pad_token: str = END_OF_TEXT):
         self.tokenizer = CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=TEXT_LENGTH, pad_token=pad_token)

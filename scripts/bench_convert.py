@@ -9,6 +9,7 @@ kernel reports it (what `/usr/bin/time -v` prints), its stage peaks come from sa
     python scripts/bench_convert.py --small              # the tiny configuration: a quick smoke run
     python scripts/bench_convert.py --baseline old.json  # also check the outputs against an earlier run
     python scripts/bench_convert.py --xl                 # SDXL base instead (2.57 B-parameter Unet; --small works too)
+    python scripts/bench_convert.py --single-file        # only: the same model as one LDM-layout fp16 file
 
 Besides each component on its own, it converts the TextEncoder and Unet with `--quantize-nbits 6`, and
 runs one whole `coreml-convert` (the default components, validation on), whose peak with validation
@@ -33,6 +34,7 @@ GIB = 2**30
 CACHE = Path.home() / ".cache" / "coreml-sd" / "bench"
 MAIN_IMPLEMENTATION = "split_einsum"
 VALIDATION_PEAK_FACTOR = 2.0  # a run with validation may peak at most this multiple of one without
+SINGLE_FILE_PEAK_FACTOR = 1.1  # a single file's conversion peak, at most this multiple of the folder's
 QUANTIZE_NBITS = 6
 QUANTIZED_UNET_SIZE_FRACTION = 0.4  # of the float16 package: 6 of 16 bits, plus the small weights
 PSNR_TOLERANCE_DB = 0.5
@@ -227,6 +229,66 @@ def model_folder(variant: Variant, small: bool, cache: Path) -> Path:
     return folder
 
 
+def build_single_file(folder: Path, path: Path) -> None:
+    """The diffusers folder's weights as one fp16 .safetensors in the original LDM layout, as model sites
+    publish checkpoints (the layout is the tests' inverse of diffusers' single-file key conversion)."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModel
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "converter"))
+    from ldm_layout import ldm_state
+
+    class Modules:  # what ldm_state reads: a pipeline's three modules
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch.float16)
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float16)
+        text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=torch.float16)
+
+    save_file(ldm_state(Modules), str(path))
+
+
+def single_file(folder: Path, cache: Path) -> Path:
+    path = cache / f"{folder.name}-ldm-fp16.safetensors"
+    if not path.is_file():
+        staging = path.with_name(".partial-" + path.name)
+        subprocess.run([sys.executable, __file__, "--build-single-file", str(folder), str(staging)], check=True)
+        staging.rename(path)
+    return path
+
+
+def weights_digest(package: Path) -> str:
+    """SHA-256 of a package's weight file: equal digests are the same weights."""
+    return hashlib.sha256((package / "Data" / "com.apple.CoreML" / "weights" / "weight.bin").read_bytes()).hexdigest()
+
+
+def single_file_runs(folder: Path, cache: Path, output: Path, small: bool) -> dict:
+    """Each component converted from the diffusers folder and from the same weights as one LDM-layout fp16
+    .safetensors file (with the shipped SD 1.x configs, offline): peak RSS, wall, and whether the packages
+    hold the same weights."""
+    path = single_file(folder, cache)
+    # The tiny configuration is no published architecture: its configs come from the folder, as --config.
+    configs = {"folder": (), "single_file": ("--config", str(folder)) if small else ()}
+    runs = {"file": str(path), "file_gib": round(path.stat().st_size / GIB, 2), "components": {}}
+    for component in COMPONENTS:
+        figures = runs["components"][component] = {}
+        for kind, model in (("folder", folder), ("single_file", path)):
+            print(f"converting {component} from the {kind.replace('_', ' ')}", file=sys.stderr, flush=True)
+            target = output / kind
+            result = convert(model, target, component, MAIN_IMPLEMENTATION, extra=configs[kind])
+            figures[kind] = {"peak_rss_gib": result["peak_rss_gib"], "wall_s": result["wall_s"],
+                             "cpu_s": result["cpu_s"], "weights_sha256": weights_digest(Path(result["package"]))}
+        figures["peak_ratio"] = round(figures["single_file"]["peak_rss_gib"] / figures["folder"]["peak_rss_gib"], 3)
+        figures["same_weights"] = figures["single_file"]["weights_sha256"] == figures["folder"]["weights_sha256"]
+    runs["checks"] = checks = []
+    for component, figures in runs["components"].items():
+        check(checks, f"{component} single-file / folder conversion peak RSS", figures["peak_ratio"],
+              f"<= {SINGLE_FILE_PEAK_FACTOR}", figures["peak_ratio"] <= SINGLE_FILE_PEAK_FACTOR)
+        check(checks, f"{component} single-file package weights equal the folder's", figures["same_weights"], True,
+              figures["same_weights"])
+    return runs
+
+
 def rss_bytes(pid: int) -> int | None:
     try:
         with open(f"/proc/{pid}/status") as status:
@@ -301,8 +363,9 @@ def program_figures(packages: list[Path]) -> list[dict]:
 
 
 def convert(folder: Path, output: Path, component: str, attention_implementation: str,
-            quantize_nbits: int | None = None) -> dict:
+            quantize_nbits: int | None = None, extra: tuple[str, ...] = ()) -> dict:
     quantize = ["--quantize-nbits", str(quantize_nbits)] if quantize_nbits else []
+    quantize += extra
     result = run_measured([
         sys.executable, "-m", "coreml_sd.converter.cli", "--model", str(folder), "--components", component,
         "--attention-implementation", attention_implementation, "--no-validate", "--force", "-o", str(output),
@@ -481,7 +544,10 @@ def main() -> int:
     parser.add_argument("--cache", type=Path, default=CACHE, help="where the random-weight model folders are kept (default: %(default)s)")
     parser.add_argument("--output", type=Path, help="keep the converted packages here (default: a temporary folder)")
     parser.add_argument("--baseline", type=Path, help="an earlier run's JSON: I/O, op counts and PSNR must match it")
+    parser.add_argument("--single-file", action="store_true",
+                        help="only compare converting from one LDM-layout fp16 .safetensors with the folder")
     parser.add_argument("--build-folder", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--build-single-file", type=Path, nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--validate-component", nargs=2, metavar=("COMPONENT", "FOLDER"), help=argparse.SUPPRESS)
     parser.add_argument("--program-stats", type=Path, nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -491,6 +557,9 @@ def main() -> int:
     quiet_libraries()
     if args.build_folder:
         build_model_folder(args.build_folder, variant, args.small)
+        return 0
+    if args.build_single_file:
+        build_single_file(*args.build_single_file)
         return 0
     if args.validate_component:
         component, folder = args.validate_component
@@ -504,7 +573,14 @@ def main() -> int:
     baseline = json.loads(args.baseline.read_text()) if args.baseline else None
     with tempfile.TemporaryDirectory(prefix="bench-convert-") as temporary:
         output = args.output or Path(temporary)
-        report = benchmark(variant, args.small, args.cache, output, baseline)
+        if args.single_file:
+            report = {"size": "small" if args.small else "full", "load_average_before": list(os.getloadavg()),
+                      **single_file_runs(model_folder(args.small, args.cache), args.cache, output, args.small),
+                      "targets_enforced": not args.small}
+            report["load_average_after"] = list(os.getloadavg())
+            report["all_targets_met"] = all(c["met"] for c in report["checks"])
+        else:
+            report = benchmark(variant, args.small, args.cache, output, baseline)
     print_checks(report["checks"])
     print(json.dumps(report, indent=2))
     return 0 if report["all_targets_met"] or args.small else 1

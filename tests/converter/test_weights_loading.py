@@ -8,7 +8,8 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 
 from coreml_sd.converter.errors import ConversionError
-from coreml_sd.converter.sources import load_diffusers_module, resolve
+from coreml_sd.converter.sources import resolve
+from coreml_sd.converter.sources.folders import load_diffusers_module
 
 LOADERS = {"unet": UNet2DConditionModel, "vae": AutoencoderKL}
 
