@@ -95,6 +95,11 @@ def build_tiny_pipeline() -> StableDiffusionPipeline:
         unet = UNet2DConditionModel(**UNET_CONFIG)
         vae = AutoencoderKL(**VAE_CONFIG)
         text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_ENCODER_CONFIG))
+    return assemble_pipeline(unet, vae, text_encoder)
+
+
+def assemble_pipeline(unet, vae, text_encoder) -> StableDiffusionPipeline:
+    """An SD v1 pipeline (PNDM, the CLIP tokenizer, no safety checker) on the given modules, in eval mode."""
     pipeline = StableDiffusionPipeline(
         vae=vae.eval(),
         text_encoder=text_encoder.eval(),

@@ -132,11 +132,14 @@ def parameters_text(prompt: str, negative_prompt: str, settings: dict[str, objec
     return "\n".join(lines + [", ".join(f"{key}: {value}" for key, value in settings.items())])
 
 
+def compute_unit_of(package: Package, name: str, requested: str | None) -> str:
+    """Where a component runs: on the compute units asked for, else where its manifest says it runs (a float32
+    VAE: CPU_AND_GPU), else where its attention implementation runs best."""
+    return requested or package.compute_units.get(name) or default_compute_unit(package.attention_implementation)
+
+
 def load_component(package: Package, name: str, backend: str, compute_unit: str | None) -> Model:
-    """A component on the compute units asked for, else where its manifest says it runs (a float32 VAE:
-    CPU_AND_GPU), else where its attention implementation runs best."""
-    units = compute_unit or package.compute_units.get(name) or default_compute_unit(package.attention_implementation)
-    return load_model(package.component(name), backend, units)
+    return load_model(package.component(name), backend, compute_unit_of(package, name, compute_unit))
 
 
 class Pipeline:
@@ -152,11 +155,11 @@ class Pipeline:
 
     window_weights = staticmethod(tiling.feathered_weights)  # how the Unet windows' predictions are blended
 
-    def __init__(self, package: Package, models: dict[str, Model], backend: str, compute_unit: str):
+    def __init__(self, package: Package, models: dict[str, Model], backend: str, compute_unit: str | None):
         self.package = package
         self.models = models
         self.backend = backend
-        self.compute_unit = compute_unit
+        self.compute_unit = compute_unit  # as asked; None: each component's own (see compute_unit_of)
         self.conditioning = conditioning_for(package, models)
         self.unet = models[package.unet_name]
         unet_inputs = self.unet.input_description

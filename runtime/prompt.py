@@ -6,6 +6,7 @@ import numpy as np
 from transformers import CLIPTokenizer
 
 from .backends import Model
+from .errors import GenerationError
 
 TEXT_LENGTH = 77
 END_OF_TEXT = "<|endoftext|>"
@@ -17,7 +18,14 @@ class PromptEncoder:
     SD 2.x's and SDXL's second with "!" (as the tokenizer each model ships says)."""
 
     def __init__(self, vocab_file: Path, merges_file: Path, text_encoder: Model, pad_token: str = END_OF_TEXT):
-        self.tokenizer = CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=TEXT_LENGTH, pad_token=pad_token)
+        try:
+            self.tokenizer = CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=TEXT_LENGTH,
+                                           pad_token=pad_token)
+        except Exception as error:  # the tokenizers library reports damaged files with its bare Exception
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise GenerationError(f"cannot read the tokenizer files {vocab_file.name} and {merges_file.name} in "
+                                  f"{vocab_file.parent} ({reason}): the package is damaged; convert again or copy it "
+                                  "again") from None
         self.text_encoder = text_encoder
 
     def token_ids(self, prompt: str) -> np.ndarray:

@@ -87,8 +87,12 @@ class SafetyChecker:
         self.dtypes = {name: dtype for name, (_, dtype) in model.input_description.items()}
 
     def scores(self, image: Image.Image) -> dict[str, np.ndarray]:
-        """The package's outputs for `image`: `filtered_images`, `has_nsfw_concepts`, `concept_scores`."""
-        rgb = np.asarray(image.convert("RGB"), dtype=np.float32)[None] / 255  # channels last in [0, 1], as decoded
+        """The package's outputs for `image`: `filtered_images`, `has_nsfw_concepts`, `concept_scores`. The CLIP
+        input is prepared from the image itself; `images` takes it at the package's size (resized when the image
+        was made larger, in tiles)."""
+        height, width = self.model.input_description["images"][0][1:3]
+        shown = image if image.size == (width, height) else image.resize((width, height), Image.Resampling.LANCZOS)
+        rgb = np.asarray(shown.convert("RGB"), dtype=np.float32)[None] / 255  # channels last in [0, 1], as decoded
         return self.model.predict({
             "clip_input": self.preprocess(image).astype(self.dtypes["clip_input"]),
             "images": rgb.astype(self.dtypes["images"]),
@@ -97,5 +101,8 @@ class SafetyChecker:
 
     def __call__(self, image: Image.Image) -> tuple[Image.Image, bool]:
         outputs = self.scores(image)
+        flagged = bool(outputs["has_nsfw_concepts"].any())
         filtered = np.clip(outputs["filtered_images"][0] * 255, 0, 255).round().astype(np.uint8)
-        return Image.fromarray(filtered), bool(outputs["has_nsfw_concepts"].any())
+        if filtered.shape[1::-1] != image.size:  # checked at the package's size: black or the image as it was
+            return (Image.new("RGB", image.size) if flagged else image), flagged
+        return Image.fromarray(filtered), flagged

@@ -104,7 +104,8 @@ class FolderReader:
 
     def write_tokenizer_files(self, destination: Path) -> None:
         # SDXL's two tokenizers share the BPE files (the second pads with "!"); a refiner has only the second.
-        tokenizer_folder = self.folder / ("tokenizer" if (self.folder / "tokenizer").is_dir() else "tokenizer_2")
+        only_second = not (self.folder / "tokenizer").is_dir() and (self.folder / "tokenizer_2").is_dir()
+        tokenizer_folder = self.folder / ("tokenizer_2" if only_second else "tokenizer")
         if (tokenizer_folder / "vocab.json").is_file() and (tokenizer_folder / "merges.txt").is_file():
             for name in ("vocab.json", "merges.txt"):
                 (destination / name).write_bytes((tokenizer_folder / name).read_bytes())

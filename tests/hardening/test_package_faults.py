@@ -154,3 +154,15 @@ def test_manifest_of_the_wrong_shape(package_copy, capsys):
     assert code == 1
     assert error_line(err) == (f"Error: {package_copy / 'manifest.json'}: component 'Unet' has a damaged file list; "
                                "the manifest is damaged: convert the package again")
+
+
+def test_damaged_tokenizer_file(package_copy, capsys):
+    merges = package_copy / "merges.txt"
+    content = bytearray(merges.read_bytes())
+    content[200] = 0xFF  # not UTF-8
+    merges.write_bytes(bytes(content))
+    code, err = generate(capsys, package_copy)
+    assert code == 1
+    line = error_line(err)
+    assert line.startswith(f"Error: cannot read the tokenizer files vocab.json and merges.txt in {package_copy} (")
+    assert line.endswith("the package is damaged; convert again or copy it again")

@@ -10,6 +10,7 @@ from coreml_sd.converter.conversion import ConversionOptions, convert_model
 from coreml_sd.runtime import Pipeline
 from coreml_sd.runtime.backends import _description_from_spec
 from coreml_sd.runtime.executor import psnr
+from coreml_sd.runtime.pipeline import compute_unit_of
 from runtime_testing import PSNR_THRESHOLD_DB, diffusers_img2img, diffusers_txt2img, pixels
 
 PROMPT = "a photo of an astronaut riding a horse"
@@ -77,7 +78,7 @@ def test_a_bundle_without_manifest_runs_with_sd_v1_settings(tiny_runtime, tiny_p
     bundle = tmp_path / "Resources"
     shutil.copytree(tiny_package, bundle, ignore=shutil.ignore_patterns("manifest.json"))
     bare = Pipeline.from_package(bundle, backend="reference")
-    assert bare.package.attention_implementation is None and bare.compute_unit == "ALL"
+    assert bare.package.attention_implementation is None and compute_unit_of(bare.package, "Unet", bare.compute_unit) == "ALL"
     settings = dict(steps=2, scheduler="pndm", seed=9, progress=False)
     np.testing.assert_array_equal(np.asarray(bare(PROMPT, **settings).images[0]),
                                   np.asarray(tiny_runtime(PROMPT, **settings).images[0]))
@@ -85,7 +86,7 @@ def test_a_bundle_without_manifest_runs_with_sd_v1_settings(tiny_runtime, tiny_p
 
 def test_compute_unit_follows_the_attention_implementation(tiny_runtime):
     assert tiny_runtime.package.attention_implementation == "split_einsum"
-    assert tiny_runtime.compute_unit == "CPU_AND_NE"
+    assert compute_unit_of(tiny_runtime.package, "Unet", tiny_runtime.compute_unit) == "CPU_AND_NE"
 
 
 @pytest.mark.parametrize("component", ["TextEncoder", "Unet", "VAEDecoder", "VAEEncoder"])
