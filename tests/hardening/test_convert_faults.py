@@ -41,10 +41,12 @@ def model_copy(tiny_folder, tmp_path) -> Path:
 
 
 @pytest.mark.parametrize("argv, line", [
-    (["--model", "no-such-alias"], "Error: unknown model 'no-such-alias': use one of tiny, sd-v1-4, sd-v1-5, "
-                                   "sd-2-base, sd-2-1-base, a Hugging Face id (org/name) or a local folder"),
-    (["--model", "./no/such/folder"], "Error: ./no/such/folder is not a folder; pass a diffusers model folder, a "
-                                      "Hugging Face id or an alias (coreml-convert --list-models)"),
+    (["--model", "no-such-alias"], "Error: unknown model 'no-such-alias': use one of tiny, tiny-xl, tiny-xl-refiner, "
+                                   "sd-v1-4, sd-v1-5, sd-2-base, sd-2-1-base, sd-2-1, sdxl-base, sdxl-refiner, a Hugging "
+                                   "Face id (org/name), a local folder or a .safetensors/.ckpt file"),
+    (["--model", "./no/such/folder"], "Error: ./no/such/folder is not a folder or a .safetensors/.ckpt file; pass a "
+                                      "diffusers model folder, a single-file checkpoint, a Hugging Face id or an alias "
+                                      "(coreml-convert --list-models)"),
     (["--model", "tiny", "--components", "Unet,Vocoder"], "Error: unknown component(s) Vocoder for Stable "
                                                           "Diffusion 1.x/2.x: choose from TextEncoder, Unet, "
                                                           "VAEDecoder, VAEEncoder, SafetyChecker"),
@@ -52,6 +54,18 @@ def model_copy(tiny_folder, tmp_path) -> Path:
 def test_unknown_model_or_component(capsys, tmp_path, argv, line):
     code, err = convert(capsys, *argv, "-o", str(tmp_path / "out"))
     assert (code, error_line(err)) == (1, line)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--model", "./no/such/model.safetensors"], "does not exist: pass the path of a .safetensors or .ckpt checkpoint"),
+    (["--model", "tiny", "--model-type", "sd1"], "apply to single-file checkpoints only"),
+    (["--model", "tiny", "--lora", "./no/such/lora.safetensors:0.5"], "is not a file"),
+    (["--model", "tiny", "--embedding", "./no/such/embedding.pt"], "is not a file"),
+])
+def test_missing_single_file_lora_or_embedding(capsys, tmp_path, argv, expected):
+    code, err = convert(capsys, *argv, "-o", str(tmp_path / "out"))
+    assert code == 1 and expected in error_line(err)
     assert not (tmp_path / "out").exists()
 
 

@@ -44,23 +44,6 @@ class ContractModel:
 
 
 @pytest.fixture(scope="session")
-def package(tiny_pipeline) -> Package:
-    """The tiny model's package settings, for pipelines on contract models (no files behind it)."""
-    vocab, merges = clip_vocabulary_files()
-    return Package(
-        path=Path("tiny"),
-        name="tiny",
-        components={},
-        vocab_file=Path(vocab),
-        merges_file=Path(merges),
-        scheduler_config=dict(tiny_pipeline.scheduler.config),
-        scaling_factor=tiny_pipeline.vae.config.scaling_factor,
-        prediction_type="epsilon",
-        attention_implementation="split_einsum",
-    )
-
-
-@pytest.fixture(scope="session")
 def contract_models(tiny_pipeline):
     def build(unet_batch_size: int = 2, size: int = TINY_SIZE) -> dict[str, ContractModel]:
         """The components at `size` x `size` pixels (the tiny model makes any multiple of 64)."""
