@@ -86,7 +86,7 @@ def overflowing_folder(tmp_path_factory, tiny_pipeline):
 def test_failed_validation_installs_nothing_and_keeps_what_was_valid(overflowing_folder, tmp_path):
     output = tmp_path / "package"
     convert_model(ConversionOptions(model=str(overflowing_folder), output=output, components=("TextEncoder",)))
-    with pytest.raises(ConversionError, match="VAEDecoder: PSNR .* below 35 dB"):
+    with pytest.raises(ConversionError, match="VAEDecoder: its float16 outputs hold inf/NaN"):
         convert_model(ConversionOptions(model=str(overflowing_folder), output=output, components=("VAEDecoder",)))
     assert sorted(p.name for p in output.iterdir()) == ["TextEncoder.mlpackage", "manifest.json", "merges.txt", "vocab.json"]
     assert list(json.loads((output / "manifest.json").read_text())["components"]) == ["TextEncoder"]
