@@ -262,7 +262,7 @@ def weights_digest(package: Path) -> str:
     return hashlib.sha256((package / "Data" / "com.apple.CoreML" / "weights" / "weight.bin").read_bytes()).hexdigest()
 
 
-def single_file_runs(folder: Path, cache: Path, output: Path, small: bool) -> dict:
+def single_file_runs(variant: Variant, folder: Path, cache: Path, output: Path, small: bool) -> dict:
     """Each component converted from the diffusers folder and from the same weights as one LDM-layout fp16
     .safetensors file (with the shipped SD 1.x configs, offline): peak RSS, wall, and whether the packages
     hold the same weights."""
@@ -270,7 +270,7 @@ def single_file_runs(folder: Path, cache: Path, output: Path, small: bool) -> di
     # The tiny configuration is no published architecture: its configs come from the folder, as --config.
     configs = {"folder": (), "single_file": ("--config", str(folder)) if small else ()}
     runs = {"file": str(path), "file_gib": round(path.stat().st_size / GIB, 2), "components": {}}
-    for component in COMPONENTS:
+    for component in variant.components:
         figures = runs["components"][component] = {}
         for kind, model in (("folder", folder), ("single_file", path)):
             print(f"converting {component} from the {kind.replace('_', ' ')}", file=sys.stderr, flush=True)
@@ -575,7 +575,8 @@ def main() -> int:
         output = args.output or Path(temporary)
         if args.single_file:
             report = {"size": "small" if args.small else "full", "load_average_before": list(os.getloadavg()),
-                      **single_file_runs(model_folder(args.small, args.cache), args.cache, output, args.small),
+                      **single_file_runs(variant, model_folder(variant, args.small, args.cache), args.cache, output,
+                                         args.small),
                       "targets_enforced": not args.small}
             report["load_average_after"] = list(os.getloadavg())
             report["all_targets_met"] = all(c["met"] for c in report["checks"])
