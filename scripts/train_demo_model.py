@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Train the embedded `demo` model on synthetic captioned pictures of coloured shapes, on the CPU.
 
-    python scripts/train_demo_model.py --work-dir build/demo-training --output converter/data/demo
+    .venv/bin/python scripts/train_demo_model.py --work-dir build/demo-training --output converter/data/demo
+
+(coreml-sd installed, as in the .venv that scripts/demo and scripts/test make.)
 
 Two phases, each resumable from `work-dir/checkpoint.pt` (rerun the same command after an interruption):
 1. the AutoencoderKL learns to reconstruct the pictures (L1 on pixels and on their gradients, so that edges stay
@@ -18,7 +20,6 @@ import argparse
 import copy
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -29,16 +30,14 @@ from diffusers import DDPMScheduler
 from PIL import Image
 from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-
-from coreml_sd.converter.demo import (  # noqa: E402
+from coreml_sd.converter.demo import (
     IMAGE_SIZE,
     SCALING_FACTOR_KEY,
     WEIGHT_FILES,
     build_modules,
 )
-from coreml_sd.converter.demo_data import SAMPLE_PROMPTS, ShapePicture, caption, draw, random_picture  # noqa: E402
-from coreml_sd.converter.tiny import SCHEDULER_CONFIG, assemble_pipeline, build_tokenizer  # noqa: E402
+from coreml_sd.converter.demo_data import SAMPLE_PROMPTS, ShapePicture, caption, draw, random_picture
+from coreml_sd.converter.tiny import SCHEDULER_CONFIG, assemble_pipeline, build_tokenizer
 
 VAE_PHASE, UNET_PHASE = "vae", "unet"
 # Independent random streams, so that each phase's data depends only on (seed, stream, step).
