@@ -11,9 +11,11 @@ import pytest
 from coreml_sd.converter.bundle import RESOURCES, write_bundle
 from coreml_sd.converter.chunks import WEIGHTS_FILE, split_package
 from coreml_sd.converter.cli import main
+from coreml_sd.converter.contract_doc import generated
+from coreml_sd.converter.metadata import licence_in_card
 from coreml_sd.converter.families import family_by_name
 from coreml_sd.converter.program_stats import load_program
-from coreml_sd.converter.families.contract import TOKENIZER_FILES, ModelDimensions, TensorSpec
+from coreml_sd.converter.families.contract import TENSOR_MEANINGS, TOKENIZER_FILES, ModelDimensions, TensorSpec
 from coreml_sd.runtime.executor import ReferenceModel, psnr
 
 # The file names Apple's Swift package loads from its resources folder (StableDiffusionPipeline.ResourceURLs and
@@ -63,8 +65,23 @@ def assert_bundle_follows_the_contract(folder: Path, expected_models: set[str]) 
     for name in expected_models - {"UnetChunk1", "UnetChunk2"}:
         spec = family.spec(name, dims)
         assert declared(resources / f"{name}.mlpackage") == (list(spec.inputs), list(spec.outputs)), name
+        assert_described(resources / f"{name}.mlpackage", spec, manifest)
     if "UnetChunk1" in expected_models:
         assert_chunks_chain(family.spec("Unet", dims), resources / "UnetChunk1.mlpackage", resources / "UnetChunk2.mlpackage")
+
+
+def assert_described(package: Path, spec, manifest: dict) -> None:
+    """What Xcode shows: each feature's meaning, layout and dtype as the table has them ("sample: noisy latents,
+    (B,4,h,w) float16"); the source model as the version; and the coreml_sd.* metadata the runtime reads."""
+    description = ct.utils.load_spec(str(package)).description
+    for feature, tensor in zip((*description.input, *description.output), (*spec.inputs, *spec.outputs)):
+        meaning, layout = TENSOR_MEANINGS[tensor.name]
+        assert feature.shortDescription == f"{meaning}, {layout} {tensor.dtype}"
+    assert description.metadata.versionString == manifest["source"]["model"]
+    assert description.metadata.shortDescription
+    user = description.metadata.userDefined
+    assert user["coreml_sd.attention_implementation"] == manifest["attention_implementation"]
+    assert user["coreml_sd.source"] == manifest["source"]["model"]
 
 
 def assert_chunks_chain(unet, first: Path, second: Path) -> None:
@@ -151,3 +168,19 @@ def test_xl_chunks_follow_the_contract(tiny_xl_packages, tmp_path):
     unet, first, second = split_unet(folder, tmp_path)
     assert_chunks_chain(unet, first, second)
     assert_weights_are_halved(folder / "Unet.mlpackage", first, second)
+
+
+def test_packages_readme_holds_the_contract_table():
+    readme = (Path(__file__).resolve().parents[2] / "packages" / "README.md").read_text()
+    assert generated() in readme, "regenerate it: python -m coreml_sd.converter.contract_doc packages/README.md"
+    assert all(f"`{name}`" in readme for name in SWIFT_RESOURCE_FILES)
+
+
+@pytest.mark.parametrize("card, licence", [
+    ("---\nlicense: creativeml-openrail-m\ntags:\n- stable-diffusion\n---\n# Model", "creativeml-openrail-m"),
+    ("---\nlicense: other\nlicense_name: sai-nc-community\n---\n", "sai-nc-community"),
+    ("---\nlicense: 'openrail++'\n---\nlicense: mit\n", "openrail++"),
+    ("# A card without a header\nlicense: mit\n", None),
+])
+def test_licence_is_read_from_the_model_card_header(card, licence):
+    assert licence_in_card(card) == licence
