@@ -228,14 +228,14 @@ def chunk_contract_problems(whole: ComponentSpec, first: ComponentSpec, second: 
     """How two chunks break the Swift package's chaining of a split model (none: they follow it).
 
     The Swift package runs chunk 1 on the model's inputs and chunk 2 on chunk 1's outputs merged with the same
-    inputs (an output of chunk 1 wins over an input of that name), and reads the first output of chunk 2. So:
-    chunk 1 takes only the model's inputs, as the whole model declares them; its outputs are float32 and do not
-    shadow an input; chunk 2 takes only chunk 1's outputs and the model's inputs, as declared; and chunk 2's
-    outputs are the model's."""
+    inputs (an output of chunk 1 wins over an input of that name), and reads the first output of chunk 2; it
+    reads the shapes of `sample` and `time_ids` from chunk 1. So: chunk 1 takes the model's inputs, as the whole
+    model declares them; its outputs are float32 and do not shadow an input; chunk 2 takes only chunk 1's outputs
+    and the model's inputs, as declared; and chunk 2's outputs are the model's."""
     inputs = {t.name: t for t in whole.inputs}
     passed = {t.name: t for t in first.outputs}
-    problems = [f"{first.name} takes {t.name} {t.shape} {t.dtype}, not one of {whole.name}'s inputs"
-                for t in first.inputs if inputs.get(t.name) != t]
+    problems = [] if first.inputs == whole.inputs else [
+        f"{first.name} takes {[t.name for t in first.inputs]}, not {whole.name}'s inputs {list(inputs)}"]
     problems += [f"{first.name} output {t.name} shadows {whole.name}'s input" for t in first.outputs if t.name in inputs]
     problems += [f"{first.name} output {t.name} is {t.dtype}, not float32" for t in first.outputs if t.dtype != "float32"]
     problems += [f"{second.name} takes {t.name} {t.shape} {t.dtype}, neither an input of {whole.name} nor an output "

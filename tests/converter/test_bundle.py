@@ -11,6 +11,7 @@ import pytest
 from coreml_sd.converter.bundle import RESOURCES, write_bundle
 from coreml_sd.converter.chunks import WEIGHTS_FILE, split_package
 from coreml_sd.converter.cli import main
+from coreml_sd.converter.errors import ConversionError
 from coreml_sd.converter.contract_doc import generated
 from coreml_sd.converter.metadata import licence_in_card
 from coreml_sd.converter.families import family_by_name
@@ -85,12 +86,13 @@ def assert_described(package: Path, spec, manifest: dict) -> None:
 
 
 def assert_chunks_chain(unet, first: Path, second: Path) -> None:
-    """The Swift package's chaining: chunk 1 takes the Unet's inputs as declared and returns float32 values of new
-    names; chunk 2 takes those and Unet inputs, and returns the Unet's output."""
+    """The Swift package's chaining: chunk 1 takes the Unet's inputs as declared (the Swift package reads the
+    `sample` and `time_ids` shapes from it) and returns float32 values of new names; chunk 2 takes those and Unet
+    inputs, and returns the Unet's output."""
     first_inputs, first_outputs = declared(first)
     second_inputs, second_outputs = declared(second)
     unet_inputs = {t.name: t for t in unet.inputs}
-    assert first_inputs and all(unet_inputs[t.name] == t for t in first_inputs)
+    assert first_inputs == list(unet.inputs)
     assert first_outputs and all(t.dtype == "float32" and t.name not in unet_inputs for t in first_outputs)
     passed = {t.name: t for t in first_outputs}
     assert all(unet_inputs.get(t.name, passed.get(t.name)) == t for t in second_inputs)
@@ -184,3 +186,10 @@ def test_packages_readme_holds_the_contract_table():
 ])
 def test_licence_is_read_from_the_model_card_header(card, licence):
     assert licence_in_card(card) == licence
+
+
+def test_bundle_of_a_folder_without_the_pipelines_models_is_refused(tiny_palettized_unet, tmp_path):
+    folder = copy_folder(tiny_palettized_unet, tmp_path / "unet-only")
+    with pytest.raises(ConversionError, match="lacks TextEncoder, VAEDecoder, which StableDiffusionPipeline needs"):
+        write_bundle(folder, family_by_name("sd"))
+    assert sorted(p.name for p in folder.iterdir()) == ["Unet.mlpackage", "manifest.json", "merges.txt", "vocab.json"]
