@@ -193,3 +193,30 @@ def test_bundle_of_a_folder_without_the_pipelines_models_is_refused(tiny_paletti
     with pytest.raises(ConversionError, match="lacks TextEncoder, VAEDecoder, which StableDiffusionPipeline needs"):
         write_bundle(folder, family_by_name("sd"))
     assert sorted(p.name for p in folder.iterdir()) == ["Unet.mlpackage", "manifest.json", "merges.txt", "vocab.json"]
+
+
+def test_compiled_bundle_holds_what_the_swift_package_loads(tiny_packages, tmp_path, capsys):
+    """On a Mac each model goes through the compiler (here a stand-in at the adapter's seam that writes the folder
+    `xcrun coremlcompiler compile` would write); Resources/ then holds exactly the names StableDiffusionPipeline
+    loads, and a manifest that lists the compiled folders' files."""
+    folder = copy_folder(tiny_packages("split_einsum"), tmp_path / "tiny")
+    compiled = []
+
+    def compiler(package: Path, destination: Path) -> Path:
+        compiled.append(package.name)
+        model = destination / (package.stem + ".mlmodelc")
+        (model / "model.mil").parent.mkdir()
+        (model / "model.mil").write_text(package.stem)
+        return model
+
+    resources = write_bundle(folder, family_by_name("sd"), compile_with=compiler)
+
+    names = {p.name for p in resources.iterdir()} - {"manifest.json"}
+    assert names <= SWIFT_RESOURCE_FILES
+    assert names == {f"{name}.mlmodelc" for name in ("TextEncoder", "Unet", "VAEDecoder", "VAEEncoder", "SafetyChecker")} \
+        | set(TOKENIZER_FILES)
+    assert sorted(compiled) == sorted(f"{name}.mlpackage" for name in json.loads((folder / "manifest.json").read_text())["components"])
+    manifest = json.loads((resources / "manifest.json").read_text())
+    assert manifest["components"]["Unet"]["file"] == "Unet.mlmodelc"
+    assert set(manifest["components"]["Unet"]["files"]) == {"model.mil"}
+    assert "Xcode" not in capsys.readouterr().out
