@@ -14,6 +14,7 @@ built by coremltools' own chunk builders, the ones `bisect_model` uses.
 """
 import contextlib
 import io
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from coremltools.converters.mil.mil import types
 from coremltools.models import utils as ct_utils
 
 from .errors import ConversionError
+from .package import PackageFolder
 from .families.contract import PACKAGE_SUFFIX, ComponentSpec, TensorSpec, chunk_contract_problems
 from .memory import release_memory
 
@@ -208,3 +210,22 @@ def check_chunks(whole: Path, whole_spec: ComponentSpec, chunks: tuple[Path, ...
             raise ConversionError(f"{whole_spec.name}: chunk 1 -> chunk 2 gives PSNR {result['psnr_db']:.1f} dB against "
                                   f"the whole model, below {CHUNK_PSNR_THRESHOLD_DB:.0f} dB")
     return result
+
+
+def install_chunks(folder: PackageFolder, staged: Path, spec: ComponentSpec, entry: dict,
+                   describe: Callable[[ct.models.MLModel, ComponentSpec], None], inputs: dict[str, np.ndarray] | None,
+                   timed: Callable[[str], contextlib.AbstractContextManager]) -> None:
+    """Split the staged (and validated) package `spec.name` into its chunks beside it, check them against it, and
+    install them in `folder` in its place, each entry naming the model it is a chunk of; `timed(stage)` times a
+    stage."""
+    with timed("chunk"):
+        cut, chunk_specs = split_package(staged, staged.parent, spec.name, describe)
+    chunks = tuple(staged.parent / chunk_spec.file_name for chunk_spec in chunk_specs)
+    with timed("check"):
+        checked = check_chunks(staged, spec, chunks, chunk_specs, inputs)
+    checked.update(cut_after_op=cut.op_index, crossing_bytes=cut.crossing_bytes)
+    print(f"{spec.name:<11} chunks of {', '.join(f'{size / 2**20:.1f}' for size in checked['weight_bytes'])} MiB "
+          f"of weights" + (f", PSNR {checked['psnr_db']:.1f} dB against the whole model" if inputs else ""),
+          file=sys.stderr)
+    for chunk_spec, chunk in zip(chunk_specs, chunks):
+        folder.install(chunk, chunk_spec.name, dict(entry, **chunk_spec.to_json(), chunk_of=spec.name, chunk_validation=checked))

@@ -6,13 +6,14 @@ import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from . import __version__
 from .ane import ATTENTION_IMPLEMENTATIONS
-from .chunks import CHUNK_COUNT, chunk_names
+from .chunks import CHUNK_COUNT, chunk_names, install_chunks
 from .families.contract import ComponentSpec, ModelDimensions
 from .metadata import model_licence, model_version, user_metadata
 from .errors import ConversionError
@@ -324,32 +325,14 @@ def convert_component(folder: PackageFolder, source: ModelSource, component: str
             folder.install(staged, component, entry)
             replaced = chunk_names(component)
         else:
-            install_chunks(folder, staged, component, spec, entry, describe_package, report,
+            install_chunks(folder, staged, spec, entry, describe_package,
                            validation_inputs(spec, options.validation_seed, source.latent_scaling_factor)
-                           if options.validate else None)
+                           if options.validate else None, partial(stage, report, component))
             replaced = (component,)
         for name in replaced:
             folder.remove(name)  # the Unet as it was installed before: whole, or in chunks
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def install_chunks(folder: PackageFolder, staged: Path, component: str, spec: ComponentSpec, entry: dict,
-                   describe_package, report: ConversionReport, inputs: dict | None) -> None:
-    """Split the staged, validated package into the Swift package's chunks, check them against it, install them."""
-    from .chunks import check_chunks, split_package
-
-    with stage(report, component, "chunk"):
-        cut, chunk_specs = split_package(staged, staged.parent, component, describe_package)
-    chunks = tuple(staged.parent / chunk_spec.file_name for chunk_spec in chunk_specs)
-    with stage(report, component, "check"):
-        checked = check_chunks(staged, spec, chunks, chunk_specs, inputs)
-    print(f"{component:<11} chunks of {', '.join(f'{size / 2**20:.1f}' for size in checked['weight_bytes'])} MiB "
-          f"of weights" + (f", PSNR {checked['psnr_db']:.1f} dB against the whole model" if inputs else ""),
-          file=sys.stderr)
-    for chunk_spec, chunk in zip(chunk_specs, chunks):
-        chunk_entry = dict(entry, **chunk_spec.to_json(), chunk_of=component, chunk_validation=checked)
-        folder.install(chunk, chunk_spec.name, chunk_entry)
 
 
 def overflow_message(component: str, kind: Component, precision: str) -> str:
