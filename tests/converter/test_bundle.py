@@ -16,7 +16,14 @@ from coreml_sd.converter.contract_doc import generated
 from coreml_sd.converter.metadata import licence_in_card
 from coreml_sd.converter.families import family_by_name
 from coreml_sd.converter.program_stats import load_program
-from coreml_sd.converter.families.contract import TENSOR_MEANINGS, TOKENIZER_FILES, ModelDimensions, TensorSpec
+from coreml_sd.converter.families.contract import (
+    TENSOR_MEANINGS,
+    TOKENIZER_FILES,
+    ComponentSpec,
+    ModelDimensions,
+    TensorSpec,
+    chunk_contract_problems,
+)
 from coreml_sd.runtime.executor import ReferenceModel, psnr
 
 # The file names Apple's Swift package loads from its resources folder (StableDiffusionPipeline.ResourceURLs and
@@ -220,3 +227,22 @@ def test_compiled_bundle_holds_what_the_swift_package_loads(tiny_packages, tmp_p
     assert manifest["components"]["Unet"]["file"] == "Unet.mlmodelc"
     assert set(manifest["components"]["Unet"]["files"]) == {"model.mil"}
     assert "Xcode" not in capsys.readouterr().out
+
+
+def test_the_chaining_rule_names_what_breaks_it():
+    unet = family_by_name("sd").spec("Unet", ModelDimensions(32, 128, 128))
+    hidden = TensorSpec("hidden", (2, 64, 8, 8), "float32")
+    first = ComponentSpec("UnetChunk1", unet.inputs, (hidden,))
+    second = ComponentSpec("UnetChunk2", (unet.inputs[2], hidden), unet.outputs)
+    assert chunk_contract_problems(unet, first, second) == []
+
+    half_precision = TensorSpec("hidden", (2, 64, 8, 8), "float16")
+    broken = [
+        (ComponentSpec("UnetChunk1", unet.inputs[:2], (hidden,)), second, "not Unet's inputs"),
+        (ComponentSpec("UnetChunk1", unet.inputs, (half_precision,)), second, "is float16, not float32"),
+        (ComponentSpec("UnetChunk1", unet.inputs, (unet.inputs[0],)), second, "shadows Unet's input"),
+        (first, ComponentSpec("UnetChunk2", (TensorSpec("other", (1,), "float32"),), unet.outputs), "takes other"),
+        (first, ComponentSpec("UnetChunk2", (hidden,), (hidden,)), "outputs ['hidden'], not Unet's"),
+    ]
+    for chunk_1, chunk_2, problem in broken:
+        assert any(problem in line for line in chunk_contract_problems(unet, chunk_1, chunk_2)), problem
