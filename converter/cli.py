@@ -73,6 +73,12 @@ def list_models(ctx: click.Context, _, value: bool) -> None:
 @click.option("--vae", metavar="PATH_OR_ID",
               help="Convert this VAE instead of the model's own: a diffusers VAE folder or Hugging Face id (e.g. "
               "madebyollin/sdxl-vae-fp16-fix); it computes in float16 (an SDXL model's own VAE computes in float32).")
+@click.option("--chunk-unet", is_flag=True,
+              help="Split the Unet into UnetChunk1 and UnetChunk2 of about half its weights each (iPhone/iPad: "
+              "each under 1 GB for SD 1.x), chained as Apple's Swift package chains them.")
+@click.option("--bundle-resources", is_flag=True,
+              help="Also write Resources/ in the package folder, as Apple's Swift package loads it: .mlmodelc "
+              "compiled with xcrun coremlcompiler on a Mac, the .mlpackage files for Xcode to compile elsewhere.")
 @click.option("--force", is_flag=True, help="Convert components again even if up to date.")
 @click.option("--no-validate", is_flag=True,
               help="Skip checking each component against the original with the reference executor.")
@@ -86,7 +92,8 @@ def convert(model: str | None, revision: str | None, model_type: str | None, pre
             config_folder: Path | None, loras: tuple[str, ...], embeddings: tuple[str, ...],
             output: Path | None, components: str | None,
             attention_implementation: str, height: int | None, width: int | None, unet_batch_size: int,
-            quantize_nbits: int | None, safety_checker: str | None, vae: str | None, force: bool, no_validate: bool,
+            quantize_nbits: int | None, safety_checker: str | None, vae: str | None, chunk_unet: bool,
+            bundle_resources: bool, force: bool, no_validate: bool,
             validate_only: Path | None,
             verbose: bool) -> int:
     """Convert a Stable Diffusion model (alias, Hugging Face id, local diffusers folder or single-file checkpoint),
@@ -116,6 +123,8 @@ def convert(model: str | None, revision: str | None, model_type: str | None, pre
         quantize_nbits=quantize_nbits,
         safety_checker=safety_checker,
         vae=vae,
+        chunk_unet=chunk_unet,
+        bundle_resources=bundle_resources,
         force=force,
         validate=not no_validate,
         verbose=verbose,
@@ -155,6 +164,8 @@ def print_summary(report) -> None:
         inputs = ", ".join(f"{k} {tuple(v['shape'])} {v['dtype']}" for k, v in entry["inputs"].items())
         outputs = ", ".join(f"{k} {tuple(v['shape'])} {v['dtype']}" for k, v in entry["outputs"].items())
         click.echo(f"  {entry['file']:<22} {size / 2**20:8.1f} MiB  {inputs} -> {outputs}")
+    if report.bundle is not None:
+        click.echo(f"{report.bundle}: {', '.join(sorted(p.name for p in report.bundle.iterdir()))}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,13 +6,16 @@ import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from . import __version__
 from .ane import ATTENTION_IMPLEMENTATIONS
-from .families.contract import ModelDimensions
+from .chunks import CHUNK_COUNT, chunk_names, install_chunks
+from .families.contract import ComponentSpec, ModelDimensions
+from .metadata import model_licence, model_version, user_metadata
 from .errors import ConversionError
 from .memory import release_memory
 from .package import PackageFolder
@@ -46,6 +49,8 @@ class ConversionOptions:
     force: bool = False
     validate: bool = True
     validation_seed: int = 0
+    chunk_unet: bool = False  # the Unet as two packages, UnetChunk1 and UnetChunk2 (see chunks.py)
+    bundle_resources: bool = False  # also write Resources/ as the Swift package loads it (see bundle.py)
     verbose: bool = False  # show coremltools' own progress bars
 
 
@@ -55,6 +60,7 @@ class ConversionReport:
     converted: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     seconds: dict[str, dict[str, float]] = field(default_factory=dict)
+    bundle: Path | None = None  # Resources/, with --bundle-resources
 
 
 @contextmanager
@@ -153,6 +159,8 @@ def component_settings(component: str, source: ModelSource, dims: ModelDimension
     kind = source.family.component(component).kind
     if kind == "unet":
         settings.update(attention_implementation=options.attention_implementation, unet_batch_size=dims.unet_batch_size)
+        if options.chunk_unet:
+            settings.update(chunks=CHUNK_COUNT)
     elif kind == "safety_checker":
         settings.update(safety_checker=source.safety_checker)
     elif kind != "text_encoder":
@@ -165,6 +173,13 @@ def component_settings(component: str, source: ModelSource, dims: ModelDimension
     if adapters:
         settings.update(adapters=adapters)
     return settings
+
+
+def installed_names(source: ModelSource, component: str, options: ConversionOptions) -> tuple[str, ...]:
+    """The packages a component is installed as: itself, or a Unet's chunks."""
+    if options.chunk_unet and source.family.component(component).kind == "unet":
+        return chunk_names(component)
+    return (component,)
 
 
 def quantize_nbits(component: Component, nbits: int | None) -> int | None:
@@ -205,7 +220,8 @@ def convert_model(options: ConversionOptions) -> ConversionReport:
             install_tokenizer_files(folder, source)
             for component in components:
                 settings = component_settings(component, source, dims, options)
-                if folder.is_current(component, settings) and not options.force:
+                names = installed_names(source, component, options)
+                if all(folder.is_current(name, settings) for name in names) and not options.force:
                     print(f"{component:<11} up to date (pass --force to convert again)", file=sys.stderr)
                     report.skipped.append(component)
                     continue
@@ -215,6 +231,10 @@ def convert_model(options: ConversionOptions) -> ConversionReport:
         except BaseException:
             folder.discard_if_empty()
             raise
+        if options.bundle_resources:
+            from .bundle import write_bundle
+
+            report.bundle = write_bundle(folder.path, source.family)
     return report
 
 
@@ -242,7 +262,7 @@ def convert_component(folder: PackageFolder, source: ModelSource, component: str
     from .ane import component_module
     from .convert import describe, to_ml_program, trace
     from .palettize import palettize_parts
-    from .validate import PSNR_THRESHOLD_DB, validate
+    from .validate import PSNR_THRESHOLD_DB, validate, validation_inputs
 
     spec = source.family.spec(component, dims)
     nbits = quantize_nbits(source.family.component(component), options.quantize_nbits)
@@ -267,13 +287,15 @@ def convert_component(folder: PackageFolder, source: ModelSource, component: str
             model = to_ml_program(program, spec, nbits, precision, options.verbose)
             del program
             release_memory()
+        kind = source.family.component(component).kind
+        version, licence = model_version(source), model_licence(source)
+        metadata = user_metadata(source, options.attention_implementation, nbits)
+
+        def describe_package(model, package_spec: ComponentSpec) -> None:
+            describe(model, package_spec, kind, version, licence, metadata)
+
         with stage(report, component, "save"):
-            describe(model, spec, {
-                "coreml_sd.source": str(source.description.get("id") or source.description.get("path") or source.name),
-                "coreml_sd.attention_implementation": options.attention_implementation,
-                "coreml_sd.converter_version": __version__,
-                **({"coreml_sd.quantize_nbits": str(nbits)} if nbits else {}),
-            })
+            describe_package(model, spec)
             staged = staging / spec.file_name
             model.save(str(staged))
             del model
@@ -299,7 +321,16 @@ def convert_component(folder: PackageFolder, source: ModelSource, component: str
             entry.update(compute_precision=precision, compute_units=FLOAT32_COMPUTE_UNITS)
         if palettized is not None:
             entry["palettized_parameters"] = palettized
-        folder.install(staged, component, entry)
+        if component in installed_names(source, component, options):
+            folder.install(staged, component, entry)
+            replaced = chunk_names(component)
+        else:
+            install_chunks(folder, staged, spec, entry, describe_package,
+                           validation_inputs(spec, options.validation_seed, source.latent_scaling_factor)
+                           if options.validate else None, partial(stage, report, component))
+            replaced = (component,)
+        for name in replaced:
+            folder.remove(name)  # the Unet as it was installed before: whole, or in chunks
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -343,6 +374,15 @@ def source_of(manifest: dict) -> ModelSource:
     return source
 
 
+def installed_components(manifest: dict) -> dict[str, tuple[str, ...]]:
+    """Each component of a manifest and the entries it is installed as: itself, or its chunks in order."""
+    installed: dict[str, tuple[str, ...]] = {}
+    for name, entry in manifest["components"].items():
+        component = entry.get("chunk_of", name)
+        installed[component] = installed.get(component, ()) + (name,)
+    return installed
+
+
 def validate_package(path: Path, seed: int = 0) -> dict[str, dict]:
     """Check every component of an existing package folder again (its files' hashes first) and record the results."""
     from coreml_sd.runtime.integrity import check_files
@@ -360,16 +400,19 @@ def validate_package(path: Path, seed: int = 0) -> dict[str, dict]:
     dims = ModelDimensions.from_manifest(manifest)
     results, report = {}, ConversionReport(folder.path)
     with folder.lock():
-        for component, entry in manifest["components"].items():
-            package = folder.path / entry["file"]
-            if not package.is_dir():
-                raise ConversionError(f"{package} is missing: convert it again with coreml-convert")
+        for component, names in installed_components(manifest).items():
+            packages = tuple(folder.path / manifest["components"][name]["file"] for name in names)
+            for package in packages:
+                if not package.is_dir():
+                    raise ConversionError(f"{package} is missing: convert it again with coreml-convert")
+            settings = manifest["components"][names[0]].get("settings", {})
             with stage(report, component, "validate"):
-                results[component] = validate(package, source.family.component(component),
+                results[component] = validate(packages if len(packages) > 1 else packages[0],
+                                              source.family.component(component),
                                               source.family.spec(component, dims),
                                               lambda c=component: source.load(c, torch.float32), seed,
-                                              source.latent_scaling_factor,
-                                              entry.get("settings", {}).get("quantize_nbits"))
-            entry["validation"] = results[component]
+                                              source.latent_scaling_factor, settings.get("quantize_nbits"))
+            for name in names:
+                manifest["components"][name]["validation"] = results[component]
             folder.write_manifest()
     return results

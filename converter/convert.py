@@ -6,13 +6,13 @@ import coremltools as ct
 import numpy as np
 import torch
 
-from .families.contract import ComponentSpec
+from .families.contract import COMPONENT_SUMMARIES, PACKAGE_MINIMUM_OS, ComponentSpec
 from .export import export_module
 from .palettize import palettizing_pipeline
 
 TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 NUMPY_DTYPES = {"float16": np.float16, "float32": np.float32}
-MINIMUM_DEPLOYMENT_TARGET = ct.target.macOS13  # = iOS16: the oldest OS the Swift package supports
+MINIMUM_DEPLOYMENT_TARGET = getattr(ct.target, f"iOS{PACKAGE_MINIMUM_OS.ios}")  # = macOS 13
 
 
 def example_inputs(spec: ComponentSpec) -> tuple[torch.Tensor, ...]:
@@ -57,8 +57,19 @@ def to_ml_program(program: torch.export.ExportedProgram, spec: ComponentSpec,
         )
 
 
-def describe(model: ct.models.MLModel, spec: ComponentSpec, metadata: dict[str, str]) -> None:
-    """Xcode shows these descriptions; the metadata records what the package was made from."""
-    model.short_description = f"Stable Diffusion {spec.name}, converted by coreml-sd"
+def describe(model: ct.models.MLModel, spec: ComponentSpec, kind: str, version: str, licence: str | None,
+             metadata: dict[str, str]) -> None:
+    """What Xcode shows of a package (a summary, each input's and output's meaning, layout and dtype, the
+    version and licence of the model it was converted from, as Apple's packages carry them), and the
+    `coreml_sd.*` metadata that records what it was made from."""
+    model.short_description = f"{COMPONENT_SUMMARIES[kind]} ({spec.name}, converted by coreml-sd)"
     model.author = "coreml-sd"
+    model.version = version
+    if licence:
+        model.license = licence
+    tensors = {t.name: t for t in (*spec.inputs, *spec.outputs)}
+    for name in model.input_description:
+        model.input_description[name] = tensors[name].description
+    for name in model.output_description:
+        model.output_description[name] = tensors[name].description
     model.user_defined_metadata.update(metadata)

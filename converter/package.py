@@ -118,6 +118,13 @@ class PackageFolder:
         self.manifest["components"][component] = dict(entry, files=files)
         self.write_manifest()
 
+    def remove(self, component: str) -> None:
+        """Uninstall a component, if installed (a whole Unet replaced by its chunks, or the other way round)."""
+        entry = self.manifest["components"].pop(component, None)
+        if entry is not None:
+            self.write_manifest()
+            shutil.rmtree(self.path / entry["file"], ignore_errors=True)
+
     def write_manifest(self) -> None:
         self.write_text(MANIFEST, json.dumps(self.manifest, indent=2) + "\n")
 

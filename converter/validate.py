@@ -94,15 +94,18 @@ def safety_concept_scores(checker: torch.nn.Module, clip_input: torch.Tensor, ad
     return cosine_distance(image_embeds, checker.concept_embeds) - checker.concept_embeds_weights + special_care * 0.01
 
 
-def validate(package: Path, component: Component, spec: ComponentSpec, load_reference, seed: int,
+def validate(package: Path | tuple[Path, ...], component: Component, spec: ComponentSpec, load_reference, seed: int,
              latent_scaling_factor: float, quantize_nbits: int | None = None) -> dict:
     """PSNR (worst output) and max abs error of the package against the original; `load_reference()`
     returns the float32 ModelParts and is called only when needed, so nothing else is held then.
 
     A palettized package is compared with the original carrying the same palettes (its float32
     weights palettized as the converter palettized the float16 ones), which isolates the conversion;
-    its PSNR against the unquantized original is reported as `unquantized_psnr_db`."""
+    its PSNR against the unquantized original is reported as `unquantized_psnr_db`. A chunked model (a tuple
+    of packages) runs chunk after chunk, as the Swift package runs it."""
     from coreml_sd.runtime.executor import ReferenceModel
+
+    from .chunks import ChunkedModel
 
     inputs = validation_inputs(spec, seed, latent_scaling_factor)
     parts = load_reference()
@@ -114,7 +117,7 @@ def validate(package: Path, component: Component, spec: ComponentSpec, load_refe
         expected = reference_outputs(parts, component, spec, inputs)
     del parts
     release_memory()
-    model = ReferenceModel(package)
+    model = ChunkedModel(package) if isinstance(package, tuple) else ReferenceModel(package)
     actual = model.predict(inputs)
     del model
     release_memory()

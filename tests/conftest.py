@@ -35,6 +35,15 @@ def tiny_packages(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_palettized_unet(tmp_path_factory):
+    """A package folder with the `tiny` Unet alone, its weights in 6-bit palettes (converted and validated)."""
+    output = tmp_path_factory.mktemp("tiny-6-bit")
+    report = convert_model(ConversionOptions(model="tiny", output=output, components=("Unet",), quantize_nbits=6))
+    assert report.converted == ["Unet"]
+    return output
+
+
+@pytest.fixture(scope="session")
 def tiny_xl_pipeline():
     """The diffusers original of the `tiny-xl` packages (float32, the same weights)."""
     from coreml_sd.converter.tiny_xl import build_tiny_xl_pipeline

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from coreml_sd.runtime.watermark import STABLE_DIFFUSION_V1, Watermark
 
-from .contract import ComponentSpec, ModelDimensions
+from .contract import ComponentSpec, MinimumOS, ModelDimensions
 
 # What a component is, for the Neural Engine rewrite and for validation's reference.
 COMPONENT_KINDS = ("text_encoder", "unet", "vae_decoder", "vae_encoder", "safety_checker")
@@ -56,6 +56,9 @@ class Family:
     text_encoder_classes: dict[str, str] = field(default_factory=lambda: {"text_encoder": "CLIPTextModel"})
     # The invisible watermark the family's images carry (SD 1.x and 2.x: CompVis' `StableDiffusionV1`).
     watermark: Watermark = STABLE_DIFFUSION_V1
+    # The Swift package's pipeline that loads the family's Resources/ bundle, and the OS versions it needs.
+    swift_pipeline: str = "StableDiffusionPipeline"
+    minimum_os: MinimumOS = MinimumOS(macos="13.1", ios="16.2")
     # Recognises the family from a folder's model_index.json and unet/config.json.
     matches: Callable[[dict, dict], bool] = lambda model_index, unet_config: True
 

@@ -2,7 +2,9 @@
 
 These are the names and layouts of Apple's StableDiffusion Swift package, so that a Swift app can
 load the packages as they are. Each family (`coreml_sd.converter.families`) composes its components'
-contracts from the builders here.
+contracts from the builders here. The same table gives each tensor the description Xcode shows, the
+rule a chunked Unet's two packages follow, the minimum OS versions and the Swift bundle's file names;
+the converter, the bundle writer, the tests and packages/README.md all read it from here.
 """
 from dataclasses import asdict, dataclass, field
 
@@ -13,6 +15,58 @@ CLIP_IMAGE_SIZE = 224  # the safety checker's CLIP input
 SAFETY_CONCEPTS = 17  # diffusers' StableDiffusionSafetyChecker holds 17 concept embeddings
 
 
+TOKENIZER_FILES = ("vocab.json", "merges.txt")  # beside the models, in package folders and Swift bundles
+COMPILED_SUFFIX = ".mlmodelc"  # what the Swift package loads: a compiled model
+PACKAGE_SUFFIX = ".mlpackage"
+
+
+@dataclass(frozen=True)
+class MinimumOS:
+    macos: str
+    ios: str
+
+    def __str__(self) -> str:
+        return f"macOS {self.macos} / iOS {self.ios}"
+
+
+# The packages' format: ML Programs of Core ML specification 7, with float16 inputs and palettes.
+PACKAGE_MINIMUM_OS = MinimumOS(macos="13", ios="16")
+
+# What each tensor is (its description in Xcode, "sample: noisy latents, (B,4,h,w) float16") and its layout in
+# symbols: B the Unet's batch (2 with guidance in one call), h x w the latent size, H x W the image's, D and P the
+# text encoders' hidden and pooled widths, N the number of size-conditioning numbers.
+TENSOR_MEANINGS = {
+    "input_ids": ("prompt token ids, padded to 77", "(1,77)"),
+    "last_hidden_state": ("text embeddings, last layer", "(1,77,D)"),
+    "hidden_embeds": ("text embeddings, penultimate layer", "(1,77,D)"),
+    "pooled_outputs": ("pooled text embedding", "(1,P)"),
+    "sample": ("noisy latents", "(B,4,h,w)"),
+    "timestep": ("diffusion timestep per batch row", "(B)"),
+    "encoder_hidden_states": ("text embeddings, negative prompt first", "(B,D,1,77)"),
+    "time_ids": ("size conditioning: original size, crop, target size (refiner: aesthetic score)", "(B,N)"),
+    "text_embeds": ("pooled text embedding of TextEncoder2", "(B,P)"),
+    "noise_pred": ("predicted noise (or v)", "(B,4,h,w)"),
+    "z": ("latents divided by the latent scale factor", "(1,4,h,w)"),
+    "image": ("decoded image in [-1, 1]", "(1,3,H,W)"),
+    "x": ("image in [-1, 1]", "(1,3,H,W)"),
+    "latent": ("latent mean and log-variance", "(1,8,h,w)"),
+    "clip_input": ("image for CLIP, 224x224, normalized", "(1,3,224,224)"),
+    "images": ("decoded images in [0, 1], channels last", "(1,H,W,3)"),
+    "adjustment": ("added to the special-care scores", "(1)"),
+    "filtered_images": ("the images, zeros where flagged", "(1,H,W,3)"),
+    "has_nsfw_concepts": ("1 if the image is flagged", "(1,1,1,1)"),
+    "concept_scores": ("score per concept, > 0 flags", "(1,17)"),
+}
+# What each kind of component is, for its package's short description.
+COMPONENT_SUMMARIES = {
+    "text_encoder": "CLIP text encoder: prompt tokens to text embeddings",
+    "unet": "Unet: predicts the noise in latents, conditioned on the text embeddings",
+    "vae_decoder": "VAE decoder: latents to an image",
+    "vae_encoder": "VAE encoder: an image to latents (image-to-image)",
+    "safety_checker": "Safety checker: flags and blanks NSFW images",
+}
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
@@ -21,6 +75,13 @@ class TensorSpec:
 
     def to_json(self) -> dict:
         return {"shape": list(self.shape), "dtype": self.dtype}
+
+    @property
+    def description(self) -> str:
+        """What Xcode shows beside the name: meaning, layout, dtype; an intermediate value between the chunks
+        of a split model, which has no meaning of its own, is described by its concrete shape."""
+        meaning, layout = TENSOR_MEANINGS.get(self.name, (CHUNK_INTERMEDIATE, "(" + ",".join(map(str, self.shape)) + ")"))
+        return f"{meaning}, {layout} {self.dtype}"
 
 
 @dataclass(frozen=True)
@@ -158,3 +219,28 @@ def safety_checker_spec(name: str, dims: ModelDimensions) -> ComponentSpec:
             TensorSpec("concept_scores", (1, SAFETY_CONCEPTS), "float32"),
         ),
     )
+
+
+CHUNK_INTERMEDIATE = "intermediate activation between the chunks"
+
+
+def chunk_contract_problems(whole: ComponentSpec, first: ComponentSpec, second: ComponentSpec) -> list[str]:
+    """How two chunks break the Swift package's chaining of a split model (none: they follow it).
+
+    The Swift package runs chunk 1 on the model's inputs and chunk 2 on chunk 1's outputs merged with the same
+    inputs (an output of chunk 1 wins over an input of that name), and reads the first output of chunk 2; it
+    reads the shapes of `sample` and `time_ids` from chunk 1. So: chunk 1 takes the model's inputs, as the whole
+    model declares them; its outputs are float32 and do not shadow an input; chunk 2 takes only chunk 1's outputs
+    and the model's inputs, as declared; and chunk 2's outputs are the model's."""
+    inputs = {t.name: t for t in whole.inputs}
+    passed = {t.name: t for t in first.outputs}
+    problems = [] if first.inputs == whole.inputs else [
+        f"{first.name} takes {[t.name for t in first.inputs]}, not {whole.name}'s inputs {list(inputs)}"]
+    problems += [f"{first.name} output {t.name} shadows {whole.name}'s input" for t in first.outputs if t.name in inputs]
+    problems += [f"{first.name} output {t.name} is {t.dtype}, not float32" for t in first.outputs if t.dtype != "float32"]
+    problems += [f"{second.name} takes {t.name} {t.shape} {t.dtype}, neither an input of {whole.name} nor an output "
+                 f"of {first.name}" for t in second.inputs if inputs.get(t.name, passed.get(t.name)) != t]
+    if second.outputs != whole.outputs:
+        problems.append(f"{second.name} outputs {[t.name for t in second.outputs]}, not {whole.name}'s "
+                        f"{[t.name for t in whole.outputs]}")
+    return problems

@@ -10,7 +10,7 @@ loads it by beside a base.
 from dataclasses import replace
 
 from . import Component, Defaults, Family
-from .contract import text_encoder_spec, unet_spec, vae_decoder_spec, vae_encoder_spec
+from .contract import MinimumOS, text_encoder_spec, unet_spec, vae_decoder_spec, vae_encoder_spec
 
 
 def _text_encoder(name, dims):
@@ -42,6 +42,8 @@ SDXL = Family(
     default_components=("TextEncoder", "TextEncoder2", "Unet", "VAEDecoder"),
     defaults=Defaults(latent_scaling_factor=0.13025, vae_compute_precision="float32", force_zeros_for_empty_prompt=True),
     text_encoder_classes={"text_encoder": "CLIPTextModel", "text_encoder_2": "CLIPTextModelWithProjection"},
+    swift_pipeline="StableDiffusionXLPipeline",
+    minimum_os=MinimumOS(macos="14", ios="17"),
     matches=lambda model_index, unet_config: _is_xl(unet_config) and _has_first_text_encoder(model_index),
 )
 

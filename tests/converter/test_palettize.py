@@ -9,7 +9,7 @@ import torch
 from sklearn.cluster import KMeans
 
 from coreml_sd.converter.cli import main
-from coreml_sd.converter.conversion import ConversionOptions, component_settings, convert_model
+from coreml_sd.converter.conversion import ConversionOptions, component_settings
 from coreml_sd.converter.palettize import WEIGHT_THRESHOLD, palette, palettize_module
 from coreml_sd.converter.program_stats import load_program, program_stats
 from coreml_sd.runtime.executor import ReferenceModel, psnr
@@ -61,11 +61,9 @@ def test_palettize_module_changes_large_linear_and_conv_weights_only():
 
 
 @pytest.fixture(scope="module")
-def palettized_unet(tmp_path_factory):
-    output = tmp_path_factory.mktemp("tiny-6-bit")
-    report = convert_model(ConversionOptions(model="tiny", output=output, components=("Unet",), quantize_nbits=NBITS))
-    assert report.converted == ["Unet"]
-    return output
+def palettized_unet(tiny_palettized_unet):
+    assert json.loads((tiny_palettized_unet / "manifest.json").read_text())["components"]["Unet"]["settings"]["quantize_nbits"] == NBITS
+    return tiny_palettized_unet
 
 
 def test_every_large_weight_is_stored_as_a_palette(palettized_unet, tiny_pipeline):
