@@ -14,7 +14,7 @@ from . import __version__
 from .ane import ATTENTION_IMPLEMENTATIONS
 from .families.contract import ModelDimensions
 from .errors import ConversionError
-from .memory import release_memory
+from coreml_sd.runtime.memory import release_memory
 from .package import PackageFolder
 from .families import Component
 from .palettize import NBITS_CHOICES, QUANTIZED_KINDS

@@ -6,7 +6,8 @@ image-to-image, then the VAE sample), cast to float16, so a seed gives the image
 """
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -18,7 +19,7 @@ from tqdm.auto import tqdm
 
 from . import images, tiling
 from . import watermark as watermarks
-from .backends import Model, default_compute_unit, load_model, resolve_backend
+from .backends import ManagedModel, Model, default_compute_unit, load_model, release, resolve_backend
 from .errors import GenerationError
 from .conditioning import SizeConditioning, conditioning_for
 from .package import Package, find_package, load_package
@@ -138,8 +139,12 @@ def compute_unit_of(package: Package, name: str, requested: str | None) -> str:
     return requested or package.compute_units.get(name) or default_compute_unit(package.attention_implementation)
 
 
-def load_component(package: Package, name: str, backend: str, compute_unit: str | None) -> Model:
-    return load_model(package.component(name), backend, compute_unit_of(package, name, compute_unit))
+def load_component(package: Package, name: str, backend: str, compute_unit: str | None,
+                   reduce_memory: bool = False) -> Model:
+    """A component, loaded now or, with `reduce_memory`, when it first runs (and unloaded after its stage)."""
+    files = package.component(name)
+    load = partial(load_model, files, backend, compute_unit_of(package, name, compute_unit))
+    return ManagedModel(files, load) if reduce_memory else load()
 
 
 class Pipeline:
@@ -151,15 +156,19 @@ class Pipeline:
         large = pipe("a castle", upscale=Upscale(2)).images[0]                      # 1024x1024
 
     Sizes beyond the package's are denoised in overlapping Unet windows and decoded in VAE tiles (see tiling.py).
+    With `reduce_memory`, each model is loaded only while its stage runs and unloaded after it, as the Swift
+    package does on iPhones: the peak is about the largest model's, at the cost of loading each model per image.
     """
 
     window_weights = staticmethod(tiling.feathered_weights)  # how the Unet windows' predictions are blended
 
-    def __init__(self, package: Package, models: dict[str, Model], backend: str, compute_unit: str | None):
+    def __init__(self, package: Package, models: dict[str, Model], backend: str, compute_unit: str | None,
+                 reduce_memory: bool = False):
         self.package = package
         self.models = models
         self.backend = backend
         self.compute_unit = compute_unit  # as asked; None: each component's own (see compute_unit_of)
+        self.reduce_memory = reduce_memory
         self.conditioning = conditioning_for(package, models)
         self.unet = models[package.unet_name]
         unet_inputs = self.unet.input_description
@@ -175,19 +184,32 @@ class Pipeline:
     @classmethod
     def from_package(
         cls, package: str | Path | None = None, backend: str = "auto", compute_unit: str | None = None,
-        verify: bool = False,
+        verify: bool = False, reduce_memory: bool = False,
     ) -> "Pipeline":
         """Load a package by folder path or by name under the packages root (see `coreml-generate --help`); with
-        `verify`, every model file's SHA-256 is checked against the manifest first."""
+        `verify`, every model file's SHA-256 is checked against the manifest first; with `reduce_memory`, no model
+        is loaded before its stage runs."""
         loaded = load_package(find_package(None if package is None else str(package)), verify)
         backend = resolve_backend(backend)
-        models = {name: load_component(loaded, name, backend, compute_unit) for name in loaded.required_components}
-        return cls(loaded, models, backend, compute_unit)
+        models = {name: load_component(loaded, name, backend, compute_unit, reduce_memory)
+                  for name in loaded.required_components}
+        return cls(loaded, models, backend, compute_unit, reduce_memory)
 
     def _model(self, name: str) -> Model:
         if name not in self.models:
-            self.models[name] = load_component(self.package, name, self.backend, self.compute_unit)
+            self.models[name] = load_component(self.package, name, self.backend, self.compute_unit, self.reduce_memory)
         return self.models[name]
+
+    @contextmanager
+    def _stage(self, *names: str) -> Iterator[None]:
+        """A stage that runs these models; with `reduce_memory`, they are unloaded when it ends."""
+        try:
+            yield
+        finally:
+            if self.reduce_memory:
+                for name in names:
+                    if name in self.models:
+                        release(self.models[name])
 
     def __call__(
         self,
@@ -241,11 +263,13 @@ class Pipeline:
             seed = random_seed(num_images)
 
         first_size = passes[0].size[1], passes[0].size[0]
-        conditioning = self._conditioning(prompt, negative_prompt, size_conditioning, first_size)
+        with self._stage("TextEncoder", "TextEncoder2"):
+            conditioning = self._conditioning(prompt, negative_prompt, size_conditioning, first_size)
         refiner_conditioning = None
         refiner_settings = {}
         if refiner is not None:
-            refiner_conditioning = refiner._conditioning(prompt, negative_prompt, size_conditioning, first_size)
+            with refiner._stage("TextEncoder", "TextEncoder2"):
+                refiner_conditioning = refiner._conditioning(prompt, negative_prompt, size_conditioning, first_size)
             refiner_settings = {"Refiner": refiner.package.name, "Refiner start": refiner_start}
         start_latents = None if start is None else self._encode(start, passes[0], overlap)
         # The safeguards, in the order Stable Diffusion's scripts apply them: safety check, then watermark.
@@ -266,14 +290,18 @@ class Pipeline:
                 if number > 0:  # a hires pass: the previous pass's image, enlarged
                     init_latents = self._encode(picture, stage, overlap)
                 end = refiner_start if refiner is not None else None
-                latents = self._denoise(conditioning, stage, image_seed, init_latents, overlap, bar, end)
+                with self._stage(self.package.unet_name):
+                    latents = self._denoise(conditioning, stage, image_seed, init_latents, overlap, bar, end)
                 if refiner is not None:
-                    latents = refiner._refine(latents, refiner_conditioning, stage, image_seed, refiner_start,
-                                              overlap, bar)
+                    with refiner._stage(refiner.package.unet_name):
+                        latents = refiner._refine(latents, refiner_conditioning, stage, image_seed, refiner_start,
+                                                  overlap, bar)
                 if output_type == "pil" or number < len(passes) - 1:
-                    picture = decoder._decode(latents, overlap)
+                    with decoder._stage("VAEDecoder"):
+                        picture = decoder._decode(latents, overlap)
             if checker is not None:
-                picture, flagged = checker(picture)
+                with self._stage("SafetyChecker"):
+                    picture, flagged = checker(picture)
                 result.nsfw_content_detected.append(flagged)
             if watermark:
                 picture = watermarks.apply(picture, self.package.watermark)
@@ -448,7 +476,9 @@ class Pipeline:
         dtype = encoder.input_description["x"][1]
         window = tuple(side // VAE_FACTOR for side in encoder.input_description["x"][0][2:])
         pixels = images.to_encoder_input(picture, stage.size)
-        return tiling.tiled_encode(lambda x: encoder.predict({"x": x.astype(dtype)})["latent"], pixels, window, overlap)
+        with self._stage("VAEEncoder"):
+            return tiling.tiled_encode(lambda x: encoder.predict({"x": x.astype(dtype)})["latent"], pixels, window,
+                                       overlap)
 
     def _decode(self, latents: torch.Tensor, overlap: int) -> Image.Image:
         decoder = self.models["VAEDecoder"]

@@ -8,7 +8,7 @@ import pytest
 
 from coreml_sd.converter.tiny import clip_vocabulary_files
 from coreml_sd.runtime import GenerationError, Pipeline
-from coreml_sd.runtime.backends import _description_from_compiled, resolve_backend
+from coreml_sd.runtime.backends import describe_model, resolve_backend
 from coreml_sd.runtime.package import SD_V1_SCHEDULER_CONFIG, find_package, load_package
 
 
@@ -68,14 +68,16 @@ def test_manifest_from_a_newer_converter_is_refused(tmp_path):
 
 def test_missing_tokenizer_files_are_named(tmp_path):
     folder = make_folder(tmp_path, "p", files=("TextEncoder.mlpackage", "Unet.mlpackage", "VAEDecoder.mlpackage"))
-    with pytest.raises(GenerationError, match="lacks vocab.json"):
+    with pytest.raises(GenerationError, match=r"lacks vocab.json and merges.txt: put CLIP's tokenizer files vocab.json "
+                       r"and merges.txt \(the model's tokenizer/ folder on Hugging Face has them\) into .*/p$"):
         load_package(folder)
 
 
-def compiled_metadata(inputs: dict[str, tuple[list[int], str]], ops: dict[str, int]) -> str:
+def compiled_metadata(inputs: dict[str, tuple[list[int], str]], ops: dict[str, int], user: dict[str, str]) -> str:
     """metadata.json as Core ML writes it into a compiled model (a list with one description)."""
     return json.dumps([{
         "mlProgramOperationTypeHistogram": ops,
+        "userDefinedMetadata": user,
         "inputSchema": [
             {"name": name, "shape": str(shape), "dataType": dtype, "type": "MultiArray", "hasShapeFlexibility": "0",
              "formattedType": f"MultiArray ({dtype} {' × '.join(map(str, shape))})", "isOptional": "0"}
@@ -91,36 +93,38 @@ def swift_bundle(tmp_path):
     tokenizer_files(folder)
     unet_inputs = {"sample": ([2, 4, 64, 64], "Float16"), "timestep": ([2], "Float16"),
                    "encoder_hidden_states": ([2, 768, 1, 77], "Float16")}
-    (folder / "Unet.mlmodelc" / "metadata.json").write_text(
-        compiled_metadata(unet_inputs, {"Ios16.einsum": 512, "Ios16.conv": 200})
-    )
+    # split_einsum attention as coreml-convert writes it: no einsum op, so only the metadata can say what it is
+    (folder / "Unet.mlmodelc" / "metadata.json").write_text(compiled_metadata(
+        unet_inputs, {"Ios16.matmul": 512, "Ios16.conv": 200}, {"coreml_sd.attention_implementation": "split_einsum"}
+    ))
     (folder / "TextEncoder.mlmodelc" / "metadata.json").write_text(
-        compiled_metadata({"input_ids": ([1, 77], "Float32")}, {"Ios16.linear": 100})
+        compiled_metadata({"input_ids": ([1, 77], "Float32")}, {"Ios16.linear": 100}, {})
     )
     return folder
 
 
 def test_a_swift_bundle_reads_with_sd_v1_settings(swift_bundle):
     package = load_package(swift_bundle)
-    assert package.components == {name: swift_bundle / f"{name}.mlmodelc" for name in ("TextEncoder", "Unet", "VAEDecoder")}
+    assert package.components == {name: (swift_bundle / f"{name}.mlmodelc",) for name in ("TextEncoder", "Unet", "VAEDecoder")}
     assert package.scheduler_config == SD_V1_SCHEDULER_CONFIG
     assert (package.scaling_factor, package.prediction_type) == (0.18215, "epsilon")
-    assert package.attention_implementation == "split_einsum"  # the Unet's program uses einsum
+    assert package.attention_implementation == "split_einsum"  # as the Unet's metadata records it
 
 
 def test_compiled_models_declare_their_inputs_in_metadata(swift_bundle):
-    assert _description_from_compiled(swift_bundle / "Unet.mlmodelc") == {
+    assert describe_model(swift_bundle / "Unet.mlmodelc")[0] == {
         "sample": ((2, 4, 64, 64), np.dtype(np.float16)),
         "timestep": ((2,), np.dtype(np.float16)),
         "encoder_hidden_states": ((2, 768, 1, 77), np.dtype(np.float16)),
     }
-    assert _description_from_compiled(swift_bundle / "TextEncoder.mlmodelc") == {
+    assert describe_model(swift_bundle / "TextEncoder.mlmodelc")[0] == {
         "input_ids": ((1, 77), np.dtype(np.float32))
     }
 
 
 def test_compiled_models_need_core_ml(swift_bundle):
-    with pytest.raises(GenerationError, match="TextEncoder.mlmodelc is compiled, which only Core ML on macOS runs"):
+    with pytest.raises(GenerationError, match=r"TextEncoder.mlmodelc is compiled \(.mlmodelc\), which only Core ML on "
+                       "macOS runs, not the reference executor"):
         Pipeline.from_package(swift_bundle, backend="reference")
 
 
