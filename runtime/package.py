@@ -268,7 +268,7 @@ def _attention_from_metadata(files: tuple[Path, ...]) -> str | None:
     """The attention implementation the converter recorded in the Unet (its first chunk's metadata too)."""
     try:
         return model_metadata(files[0]).get(ATTENTION_METADATA)
-    except (OSError, ValueError, KeyError, IndexError):  # a model without readable metadata records nothing
+    except Exception:  # unreadable metadata records nothing; loading the model will name what is wrong with it
         return None
 
 
@@ -282,7 +282,7 @@ def load_package(folder: Path, verify: bool = False) -> Package:
     manifest = _read_manifest(folder)
     components = _component_files(folder)
     if manifest is None and not components:
-        found = [p.name for p in _model_files(folder)]
+        found = sorted(p.name for p in _model_files(folder))
         if found:
             raise GenerationError(f"{folder} holds {', '.join(found)}, not the models generating needs: "
                                   f"{_expected_files('sd')}; rename them so, or convert the model with coreml-convert")
@@ -298,7 +298,7 @@ def load_package(folder: Path, verify: bool = False) -> Package:
     if missing:
         raise GenerationError(
             f"package {folder} lacks {', '.join(missing)} (no {' or '.join(m + '.mlpackage' for m in missing)}); "
-            f"it holds {', '.join(p.name for p in _model_files(folder))} and needs {_expected_files(family)}; "
+            f"it holds {', '.join(sorted(p.name for p in _model_files(folder)))} and needs {_expected_files(family)}; "
             "reconvert it with coreml-convert"
         )
     absent = [name for name in TOKENIZER_FILES if not (folder / name).is_file()]
