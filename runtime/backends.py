@@ -13,6 +13,7 @@ Two wrappers make other layouts look like one model: `ChunkedModel` runs a Unet 
 (`--reduce-memory`).
 """
 import json
+import logging
 import os
 import platform
 import shutil
@@ -38,6 +39,7 @@ COMPUTE_UNIT_BY_ATTENTION = {
     "original": "CPU_AND_GPU",
 }
 CACHE_ENV = "COREML_SD_CACHE"
+logger = logging.getLogger("coreml_sd.runtime")
 TensorDescription = dict[str, tuple[tuple[int, ...], np.dtype]]
 
 
@@ -125,6 +127,8 @@ class CompiledModelCache:
         except OSError as exc:
             raise GenerationError(f"cannot write compiled models to {self.root} ({exc.strerror or exc}); set "
                                   f"{CACHE_ENV} to a writable folder") from None
+        logger.info("compiling %s for Core ML, once for this OS version (a Unet takes minutes); kept in %s",
+                    package.name, self.root)
         try:
             compiled = Path(self.functions.compile_model(str(package), str(staging / target.name)))
             try:

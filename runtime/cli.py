@@ -62,22 +62,29 @@ def output_paths(output: str | None, prompt: str, seeds: list[int]) -> tuple[lis
     return paths, grid
 
 
+class _ConsoleFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{'warning' if record.levelno >= logging.WARNING else 'note'}: {record.getMessage()}"
+
+
 @contextlib.contextmanager
 def _console_logging():
-    """Our warnings as `warning: ...` lines; coremltools' import-time notices (untested torch version, no
-    Core ML framework off macOS) are not the user's concern here."""
+    """Our warnings as `warning: ...` lines and our notes (a model compiled once) as `note: ...`; coremltools'
+    import-time notices (untested torch version, no Core ML framework off macOS) are not the user's concern here."""
     ours, coremltools = logging.getLogger("coreml_sd.runtime"), logging.getLogger("coremltools")
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("warning: %(message)s"))
+    handler.setFormatter(_ConsoleFormatter())
     ours.addHandler(handler)
     ours.propagate = False
-    coremltools_level = coremltools.level
+    ours_level, coremltools_level = ours.level, coremltools.level
+    ours.setLevel(logging.INFO)
     coremltools.setLevel(logging.ERROR)
     try:
         yield
     finally:
         ours.removeHandler(handler)
         ours.propagate = True
+        ours.setLevel(ours_level)
         coremltools.setLevel(coremltools_level)
 
 

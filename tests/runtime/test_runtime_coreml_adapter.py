@@ -120,3 +120,16 @@ def test_generation_through_the_core_ml_backend(tiny_package, tiny_runtime, comp
     assert swift.package.attention_implementation == "split_einsum"  # from the compiled Unet's metadata.json
     assert len(compiler.compiled) == compiled
     np.testing.assert_array_equal(np.asarray(swift(PROMPT, **SETTINGS).images[0]), np.asarray(image))
+
+
+def test_the_command_says_when_it_compiles(tiny_package, core_ml, tmp_path, capsys):
+    from coreml_sd.runtime.cli import main
+
+    argv = [PROMPT, "--model", str(tiny_package), "--backend", "coreml", "--steps", "1", "--no-safety-checker",
+            "--seed", "1", "-o", str(tmp_path / "out.png")]
+    assert main(argv) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: ")]
+    assert [line.split()[2] for line in notes] == ["TextEncoder.mlpackage", "Unet.mlpackage", "VAEDecoder.mlpackage"]
+    assert notes[0].endswith(f"once for this OS version (a Unet takes minutes); kept in {tmp_path / 'cache'}")
+    assert main(argv + ["--compute-unit", "CPU_ONLY"]) == 0
+    assert "note: " not in capsys.readouterr().err  # compiled before: loaded from the cache
