@@ -10,7 +10,7 @@ from coreml_sd.runtime.backends import ChunkedModel, ManagedModel
 from coreml_sd.runtime.executor import ReferenceModel, psnr
 
 PROMPT = "a photo of an astronaut riding a horse"
-SETTINGS = dict(steps=2, scheduler="pndm", seed=5, progress=False)
+SETTINGS = dict(steps=1, scheduler="ddim", seed=5, progress=False)
 CHUNK_PSNR_DB = 60.0
 
 
