@@ -238,9 +238,9 @@ def _component_files(folder: Path) -> dict[str, tuple[Path, ...]]:
     model_ids = set()
     for file in _model_files(folder):  # .mlpackage before .mlmodelc: both backends run those
         name, model_id = _contract_name(file)
-        if name is not None and name not in files:
-            files[name] = file
+        if name is not None:
             model_ids.add(model_id)
+            files.setdefault(name, file)
     model_ids.discard(None)
     if len(model_ids) > 1:
         raise GenerationError(f"{folder} holds the models of several conversions ({', '.join(sorted(model_ids))}); "

@@ -189,7 +189,7 @@ def test_half_a_chunked_unet_or_two_conversions_are_refused(tmp_path):
     with pytest.raises(GenerationError, match="holds UnetChunk1.mlpackage but not UnetChunk2; a chunked Unet needs both"):
         load_package(folder)
     other = "Stable_Diffusion_version_runwayml_stable-diffusion-v1-5"
-    mixed = make_folder(tmp_path, "mixed", files=(f"{APPLE}_unet.mlpackage", f"{other}_text_encoder.mlpackage"))
+    mixed = make_folder(tmp_path, "mixed", files=(f"{APPLE}_unet.mlpackage", f"{other}_unet.mlpackage"))
     with pytest.raises(GenerationError, match=r"models of several conversions \(runwayml_stable-diffusion-v1-5, "
                                               r"stabilityai_stable-diffusion-xl-base-1.0\); move each"):
         load_package(mixed)
