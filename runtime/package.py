@@ -278,6 +278,7 @@ def load_package(folder: Path, verify: bool = False) -> Package:
     folder = Path(folder)
     if not folder.is_dir():
         raise GenerationError(f"{folder} is not a folder; pass a package folder or a name under {packages_root()}")
+    package_name = folder.resolve().name  # a download's name, not that of the Resources/ folder inside it
     folder = models_folder(folder)
     manifest = _read_manifest(folder)
     components = _component_files(folder)
@@ -315,7 +316,7 @@ def load_package(folder: Path, verify: bool = False) -> Package:
     attention = manifest.get("attention_implementation") or _attention_from_metadata(components[unet])
     return Package(
         path=folder,
-        name=folder.resolve().name,
+        name=package_name,
         components=components,
         vocab_file=folder / "vocab.json",
         merges_file=folder / "merges.txt",

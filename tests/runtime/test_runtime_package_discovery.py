@@ -200,7 +200,8 @@ def test_a_downloaded_bundle_is_found_in_its_resources_folder(swift_bundle, tmp_
     download = swift_bundle.parent
     assert find_package(download.name, download.parent) == download  # listed as a package by its Resources/
     package = load_package(download)
-    assert package.path == swift_bundle and package.components["Unet"] == (swift_bundle / "Unet.mlmodelc",)
+    assert (package.path, package.name) == (swift_bundle, download.name)
+    assert package.components["Unet"] == (swift_bundle / "Unet.mlmodelc",)
     with pytest.raises(GenerationError, match=r"^TextEncoder.mlmodelc is compiled \(.mlmodelc\), which only Core ML "
                                               "on macOS runs"):
         Pipeline.from_package(download, backend="reference")
