@@ -17,7 +17,7 @@ from .chunks import CHUNK_COUNT, chunk_names, install_chunks
 from .families.contract import ComponentSpec, ModelDimensions
 from .metadata import model_licence, model_version, user_metadata
 from .errors import ConversionError
-from .memory import release_memory
+from coreml_sd.runtime.memory import release_memory
 from .package import PackageFolder
 from .families import Component
 from .palettize import NBITS_CHOICES, QUANTIZED_KINDS

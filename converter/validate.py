@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from coreml_sd.runtime.memory import release_memory
+
 from .families import Component
 from .families.contract import ComponentSpec
-from .memory import release_memory
 from .palettize import palettize_parts
 from .sources import ModelParts
 

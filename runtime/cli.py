@@ -62,22 +62,29 @@ def output_paths(output: str | None, prompt: str, seeds: list[int]) -> tuple[lis
     return paths, grid
 
 
+class _ConsoleFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{'warning' if record.levelno >= logging.WARNING else 'note'}: {record.getMessage()}"
+
+
 @contextlib.contextmanager
 def _console_logging():
-    """Our warnings as `warning: ...` lines; coremltools' import-time notices (untested torch version, no
-    Core ML framework off macOS) are not the user's concern here."""
+    """Our warnings as `warning: ...` lines and our notes (a model compiled once) as `note: ...`; coremltools'
+    import-time notices (untested torch version, no Core ML framework off macOS) are not the user's concern here."""
     ours, coremltools = logging.getLogger("coreml_sd.runtime"), logging.getLogger("coremltools")
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("warning: %(message)s"))
+    handler.setFormatter(_ConsoleFormatter())
     ours.addHandler(handler)
     ours.propagate = False
-    coremltools_level = coremltools.level
+    ours_level, coremltools_level = ours.level, coremltools.level
+    ours.setLevel(logging.INFO)
     coremltools.setLevel(logging.ERROR)
     try:
         yield
     finally:
         ours.removeHandler(handler)
         ours.propagate = True
+        ours.setLevel(ours_level)
         coremltools.setLevel(coremltools_level)
 
 
@@ -123,6 +130,8 @@ def _console_logging():
               help="Core ML compute units (default: CPU_AND_NE for split-einsum packages, CPU_AND_GPU for original "
               "attention, ALL when the package does not say).")
 @click.option("--verify", is_flag=True, help="Check every model file's SHA-256 against the manifest before loading.")
+@click.option("--reduce-memory", is_flag=True, help="Load each model only while its stage runs and unload it after "
+              "(as the Swift package on iPhones): the peak is about the largest model's, and models load per image.")
 @click.option("--safety-checker/--no-safety-checker", default=True,
               help="Run the package's safety checker, if it has one: flagged images are saved black "
               "[default: on; off is stated in the PNG].")
@@ -144,7 +153,8 @@ def write_images(prompt: str, negative_prompt: str, model: str | None, steps: in
                  upscale_steps: int | None, upscaler: str | None, tile_overlap: int | None,
                  original_size: tuple[int, int] | None, crop: tuple[int, int], target_size: tuple[int, int] | None,
                  refiner: str | None, refiner_start: float, output: str | None, backend: str,
-                 compute_unit: str | None, verify: bool, safety_checker: bool, watermark: bool) -> list[Path]:
+                 compute_unit: str | None, verify: bool, reduce_memory: bool, safety_checker: bool,
+                 watermark: bool) -> list[Path]:
     try:  # the option checks that need no model are usage errors
         hires = hires_settings(upscale, upscale_strength, upscale_steps, upscaler is not None)
         if strength is not None and image is None:
@@ -165,9 +175,9 @@ def write_images(prompt: str, negative_prompt: str, model: str | None, steps: in
     seeds = list(range(seed, seed + num_images))
     paths, grid = output_paths(output, prompt, seeds)
 
-    pipe = Pipeline.from_package(model, backend=backend, compute_unit=compute_unit, verify=verify)
-    refiner_pipe = (Pipeline.from_package(refiner, backend=backend, compute_unit=compute_unit, verify=verify)
-                    if refiner else None)
+    loading = dict(backend=backend, compute_unit=compute_unit, verify=verify, reduce_memory=reduce_memory)
+    pipe = Pipeline.from_package(model, **loading)
+    refiner_pipe = Pipeline.from_package(refiner, **loading) if refiner else None
     result = pipe(
         prompt,
         negative_prompt=negative_prompt,

@@ -33,6 +33,14 @@ def inventory(model: Path) -> dict[str, dict]:
     }
 
 
+def content_hash(model: Path) -> str:
+    """One SHA-256 for a model folder's contents: its files' relative paths and their SHA-256s."""
+    digest = hashlib.sha256()
+    for relative, record in inventory(model).items():
+        digest.update(f"{relative}\0{record['sha256']}\n".encode())
+    return digest.hexdigest()
+
+
 def inside(folder: Path, relative: str, what: str) -> Path:
     """`folder / relative`, refusing names that leave the folder (absolute, `..`, or a symlink pointing out)."""
     pure = PurePosixPath(relative)

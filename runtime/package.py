@@ -1,15 +1,19 @@
 """Finding a package folder and reading what the runtime needs from it.
 
 A package is a folder written by `coreml-convert` (`manifest.json`, `.mlpackage` files, `vocab.json`,
-`merges.txt`) or a Swift `Resources/` bundle (`.mlmodelc` or `.mlpackage` files with the BPE files, often
-without a manifest). Without a manifest, the family follows from the files (`TextEncoder2`: SDXL, `UnetRefiner`:
-the SDXL refiner) and its published settings apply; shapes always come from the models.
+`merges.txt`), a Swift `Resources/` bundle (`.mlmodelc` or `.mlpackage` files with the BPE files, often without
+a manifest; the folder itself or one holding `Resources/`), or the output folder of Apple's Python converter
+(`Stable_Diffusion_version_<model>_unet.mlpackage`, ...). A Unet may come as two chunks (`UnetChunk1` and
+`UnetChunk2`), run as one. Without a manifest, the family follows from the files (`TextEncoder2`: SDXL,
+`UnetRefiner` alone: the SDXL refiner), its published settings apply, and the attention implementation is what
+the Unet's own metadata records; shapes always come from the models.
 """
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .backends import model_metadata
 from .errors import GenerationError
 from .integrity import check_files, inside
 from .safety import SD_FEATURE_EXTRACTOR, ClipPreprocessing
@@ -27,6 +31,18 @@ REQUIRED_COMPONENTS = {
     "sdxl-refiner": ("TextEncoder2", "UnetRefiner", "VAEDecoder"),
 }
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
+# A Unet split in two for iPhones: the chunks' file names (Apple's), run one after the other.
+CHUNKS = {"Unet": ("UnetChunk1", "UnetChunk2"), "UnetRefiner": ("UnetRefinerChunk1", "UnetRefinerChunk2")}
+# Apple's Python converter (torch2coreml) names its outputs Stable_Diffusion_version_<model id>_<name>.mlpackage.
+APPLE_CONVERTER_PREFIX = "Stable_Diffusion_version_"
+APPLE_CONVERTER_NAMES = {
+    "text_encoder": "TextEncoder", "text_encoder_2": "TextEncoder2", "unet": "Unet", "unet_chunk1": "UnetChunk1",
+    "unet_chunk2": "UnetChunk2", "refiner": "UnetRefiner", "refiner_chunk1": "UnetRefinerChunk1",
+    "refiner_chunk2": "UnetRefinerChunk2", "vae_decoder": "VAEDecoder", "vae_encoder": "VAEEncoder",
+    "safety_checker": "SafetyChecker",
+}
+BUNDLE_FOLDER = "Resources"  # where a Swift app's (and the Diffusers app's) models lie
+ATTENTION_METADATA = "coreml_sd.attention_implementation"  # what coreml-convert records in each model
 
 # SD v1.4's settings, for bundles that carry no manifest (Apple's published SD v1 bundles).
 SD_V1_SCHEDULER_CONFIG = {
@@ -68,7 +84,8 @@ SD_V1_PAD_TOKEN = "<|endoftext|>"  # SD 2.x's tokenizer pads with "!" instead; i
 class Package:
     path: Path
     name: str
-    components: dict[str, Path]  # component name -> model file; VAEEncoder and SafetyChecker may be absent
+    # component name -> its model file, or its two chunks in run order; VAEEncoder and SafetyChecker may be absent
+    components: dict[str, tuple[Path, ...]]
     vocab_file: Path
     merges_file: Path
     scheduler_config: dict
@@ -91,7 +108,7 @@ class Package:
         return "UnetRefiner" if self.family == "sdxl-refiner" else "Unet"
     pad_token: str = SD_V1_PAD_TOKEN  # what fills the 77 tokens after the end of the prompt
 
-    def component(self, name: str) -> Path:
+    def component(self, name: str) -> tuple[Path, ...]:
         if name not in self.components:
             raise GenerationError(
                 f"package {self.name!r} has no {name}; convert it too "
@@ -104,8 +121,20 @@ def packages_root() -> Path:
     return Path(os.environ.get(PACKAGES_ENV) or Path.cwd() / "packages")
 
 
+def _holds_models(folder: Path) -> bool:
+    return folder.is_dir() and any(p.suffix in MODEL_SUFFIXES for p in folder.iterdir())
+
+
 def _looks_like_package(folder: Path) -> bool:
-    return (folder / MANIFEST_FILE).is_file() or any(p.suffix in MODEL_SUFFIXES for p in folder.iterdir())
+    return (folder / MANIFEST_FILE).is_file() or _holds_models(folder) or _holds_models(folder / BUNDLE_FOLDER)
+
+
+def models_folder(folder: Path) -> Path:
+    """The folder that holds the models: `folder`, or its `Resources/` when only that one does (an app's bundle,
+    or what the Hugging Face Diffusers app downloads)."""
+    if not (folder / MANIFEST_FILE).is_file() and not _holds_models(folder) and _holds_models(folder / BUNDLE_FOLDER):
+        return folder / BUNDLE_FOLDER
+    return folder
 
 
 def list_packages(root: Path) -> list[str]:
@@ -185,24 +214,62 @@ def _manifest_problem(manifest: dict) -> str | None:
     return None
 
 
-def _component_files(folder: Path) -> dict[str, Path]:
-    """The components present, by the contract's file names: `<Name>.mlpackage` or, in Swift bundles, `.mlmodelc`."""
-    files = {}
-    for name in KNOWN_COMPONENTS:
-        present = [folder / (name + suffix) for suffix in MODEL_SUFFIXES if (folder / (name + suffix)).exists()]
-        if present:
-            files[name] = present[0]
-    return files
+def _contract_name(file: Path) -> tuple[str | None, str | None]:
+    """The contract name of a model file and, for Apple's converter's names, the model id in it."""
+    if file.stem in KNOWN_COMPONENTS or any(file.stem in chunks for chunks in CHUNKS.values()):
+        return file.stem, None
+    if file.stem.startswith(APPLE_CONVERTER_PREFIX):
+        rest = file.stem[len(APPLE_CONVERTER_PREFIX):]
+        for suffix in sorted(APPLE_CONVERTER_NAMES, key=len, reverse=True):
+            if rest.endswith("_" + suffix):
+                return APPLE_CONVERTER_NAMES[suffix], rest[: -len(suffix) - 1]
+    return None, None
 
 
-def _attention_from_compiled_unet(unet: Path) -> str | None:
-    """Core ML's compiled models list their op types; split-einsum attention is the one that uses einsum."""
+def _model_files(folder: Path) -> list[Path]:
+    return sorted((p for p in folder.iterdir() if p.suffix in MODEL_SUFFIXES),
+                  key=lambda p: (MODEL_SUFFIXES.index(p.suffix), p.name))
+
+
+def _component_files(folder: Path) -> dict[str, tuple[Path, ...]]:
+    """The components present, by the contract's file names (`<Name>.mlpackage`, or in Swift bundles `.mlmodelc`)
+    or by Apple's converter's; a chunked Unet as its two chunks, as the Swift package prefers them."""
+    files: dict[str, Path] = {}
+    model_ids = set()
+    for file in _model_files(folder):  # .mlpackage before .mlmodelc: both backends run those
+        name, model_id = _contract_name(file)
+        if name is not None:
+            model_ids.add(model_id)
+            files.setdefault(name, file)
+    model_ids.discard(None)
+    if len(model_ids) > 1:
+        raise GenerationError(f"{folder} holds the models of several conversions ({', '.join(sorted(model_ids))}); "
+                              "move each model's files into a folder of its own")
+    components = {name: (files[name],) for name in KNOWN_COMPONENTS if name in files}
+    for name, (first, second) in CHUNKS.items():
+        if first in files and second in files:
+            components[name] = (files[first], files[second])
+        elif first in files or second in files:
+            present, absent = (first, second) if first in files else (second, first)
+            if name not in components:
+                raise GenerationError(f"{folder} holds {files[present].name} but not {absent}; a chunked "
+                                      f"{name} needs both chunks (or convert it unchunked)")
+    return components
+
+
+def _expected_files(family: str) -> str:
+    names = [f"{name} (or {' + '.join(CHUNKS[name])})" if name in CHUNKS else name
+             for name in REQUIRED_COMPONENTS[family]]
+    return (f"{', '.join(names)} as .mlpackage or .mlmodelc, or as Apple's converter names them "
+            f"({APPLE_CONVERTER_PREFIX}<model>_text_encoder.mlpackage, ..._unet, ..._vae_decoder)")
+
+
+def _attention_from_metadata(files: tuple[Path, ...]) -> str | None:
+    """The attention implementation the converter recorded in the Unet (its first chunk's metadata too)."""
     try:
-        metadata = json.loads((unet / "metadata.json").read_text())[0]
-    except (OSError, ValueError, KeyError, IndexError):
+        return model_metadata(files[0]).get(ATTENTION_METADATA)
+    except Exception:  # unreadable metadata records nothing; loading the model will name what is wrong with it
         return None
-    histogram = metadata.get("mlProgramOperationTypeHistogram", {})
-    return "split_einsum" if any(op.lower().endswith("einsum") for op in histogram) else "original"
 
 
 def load_package(folder: Path, verify: bool = False) -> Package:
@@ -211,14 +278,15 @@ def load_package(folder: Path, verify: bool = False) -> Package:
     folder = Path(folder)
     if not folder.is_dir():
         raise GenerationError(f"{folder} is not a folder; pass a package folder or a name under {packages_root()}")
+    package_name = folder.resolve().name  # a download's name, not that of the Resources/ folder inside it
+    folder = models_folder(folder)
     manifest = _read_manifest(folder)
     components = _component_files(folder)
     if manifest is None and not components:
-        found = sorted(p.name for p in folder.iterdir() if p.suffix in MODEL_SUFFIXES)
+        found = sorted(p.name for p in _model_files(folder))
         if found:
-            expected = ", ".join(name + ".mlpackage" for name in REQUIRED_COMPONENTS["sd"])
-            raise GenerationError(f"{folder} holds {', '.join(found)}, not the models a package has ({expected}); "
-                                  "convert the model with coreml-convert")
+            raise GenerationError(f"{folder} holds {', '.join(found)}, not the models generating needs: "
+                                  f"{_expected_files('sd')}; rename them so, or convert the model with coreml-convert")
         raise GenerationError(
             f"{folder} is not a package: no {MANIFEST_FILE} and no .mlpackage/.mlmodelc models; "
             "convert one with coreml-convert"
@@ -228,28 +296,27 @@ def load_package(folder: Path, verify: bool = False) -> Package:
     if family not in REQUIRED_COMPONENTS:
         raise GenerationError(f"{folder / MANIFEST_FILE}: unknown model family {family!r}; update coreml-sd or reconvert")
     missing = [name for name in REQUIRED_COMPONENTS[family] if name not in components]
-    unet = "UnetRefiner" if family == "sdxl-refiner" else "Unet"
-    if unet in missing and (folder / f"{unet}Chunk1.mlmodelc").exists():
-        raise GenerationError(f"{folder} holds a chunked Unet, which this runtime does not run; use an unchunked one")
     if missing:
         raise GenerationError(
             f"package {folder} lacks {', '.join(missing)} (no {' or '.join(m + '.mlpackage' for m in missing)}); "
+            f"it holds {', '.join(sorted(p.name for p in _model_files(folder)))} and needs {_expected_files(family)}; "
             "reconvert it with coreml-convert"
         )
-    for file_name in TOKENIZER_FILES:
-        if not (folder / file_name).is_file():
-            raise GenerationError(f"package {folder} lacks {file_name} (the CLIP tokenizer's files); reconvert it")
+    absent = [name for name in TOKENIZER_FILES if not (folder / name).is_file()]
+    if absent:
+        raise GenerationError(
+            f"{folder} lacks {' and '.join(absent)}: put CLIP's tokenizer files vocab.json and merges.txt (the "
+            f"model's tokenizer/ folder on Hugging Face has them) into {folder}")
     for entry in manifest.get("components", {}).values():
         if inside(folder, entry["file"], "the manifest").exists():  # an absent model is a missing component
             check_files(folder, entry["file"], entry.get("files", {}), hashes=verify)
     default_scheduler, default_scaling_factor, default_force_zeros = FAMILY_DEFAULTS[family]
     scheduler_config = manifest.get("scheduler", default_scheduler)
-    attention = manifest.get("attention_implementation")
-    if attention is None and components[unet].suffix == ".mlmodelc":
-        attention = _attention_from_compiled_unet(components[unet])
+    unet = "UnetRefiner" if family == "sdxl-refiner" else "Unet"
+    attention = manifest.get("attention_implementation") or _attention_from_metadata(components[unet])
     return Package(
         path=folder,
-        name=folder.resolve().name,
+        name=package_name,
         components=components,
         vocab_file=folder / "vocab.json",
         merges_file=folder / "merges.txt",
@@ -287,7 +354,7 @@ def _watermark(manifest: dict, folder: Path) -> Watermark:
         raise GenerationError(f"{folder / MANIFEST_FILE}: unreadable 'watermark' ({exc}); reconvert the package") from None
 
 
-def _family_from_files(components: dict[str, Path]) -> str:
-    if "UnetRefiner" in components:
+def _family_from_files(components: dict[str, tuple[Path, ...]]) -> str:
+    if "UnetRefiner" in components and "Unet" not in components:  # a base folder may hold its refiner too
         return "sdxl-refiner"
     return "sdxl" if "TextEncoder2" in components else "sd"

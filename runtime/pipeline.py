@@ -1,12 +1,14 @@
 """Text-to-image and image-to-image over a converted package, step for step as diffusers' SD and SDXL pipelines,
 and SDXL's base + refiner ensemble (the refiner takes the latents for the end of the schedule).
 
-The random numbers are Apple's: NumPy's legacy `RandomState(seed).randn` draws the initial noise (and, for
-image-to-image, then the VAE sample), cast to float16, so a seed gives the image the Swift package gives.
+The pipeline composes the stages: conditioning (conditioning.py), the VAE encoder for image-to-image, sampling
+(sampling.py), the VAE decoder (both tiled, tiling.py), the safety checker (safety.py) and the watermark
+(watermark.py).
 """
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -18,14 +20,15 @@ from tqdm.auto import tqdm
 
 from . import images, tiling
 from . import watermark as watermarks
-from .backends import Model, default_compute_unit, load_model, resolve_backend
+from .backends import ManagedModel, Model, default_compute_unit, load_model, release, resolve_backend
 from .errors import GenerationError
 from .conditioning import SizeConditioning, conditioning_for
 from .package import Package, find_package, load_package
 from .safety import SafetyChecker
-from .schedulers import build_scheduler, default_scheduler_name, scheduler_class, step_keywords
-from .tiling import VAE_FACTOR, Layout, TiledNoise
-from .upscaling import Upscale, Upscaler
+from .sampling import Pass, Sampler, Sampling
+from .schedulers import default_scheduler_name, scheduler_class
+from .tiling import VAE_FACTOR
+from .upscaling import Upscale
 
 logger = logging.getLogger("coreml_sd.runtime")
 OUTPUT_TYPES = ("pil", "latent")
@@ -38,63 +41,6 @@ class GenerationResult:
     seeds: list[int]
     parameters: list[str]  # per image, the settings as text in the format other SD tools write into PNGs
     nsfw_content_detected: list[bool] | None = None  # per image, as diffusers; None when no checker ran
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How each image is denoised; `strength` applies to image-to-image only."""
-
-    scheduler: str
-    steps: int
-    guidance_scale: float
-    strength: float
-
-
-@dataclass(frozen=True)
-class Pass:
-    """One denoising run at `size` (width, height); with an image to start from, `upscaler` brings it to `size`
-    (None: resized with a warning, as any image-to-image input of another size)."""
-
-    size: tuple[int, int]
-    sampling: Sampling
-    upscaler: Upscaler | None = None
-
-
-def draw_noise(rng: np.random.RandomState, shape: tuple[int, ...]) -> np.ndarray:
-    return rng.randn(*shape).astype(np.float16).astype(np.float32)
-
-
-def sample_encoder_latents(moments: np.ndarray, rng: np.random.RandomState, scaling_factor: float) -> np.ndarray:
-    """A draw from the VAE encoder's diagonal Gaussian (log-variance clamped as diffusers), times the scaling
-    factor; its noise comes from `rng` after the initial noise, as in Apple's pipeline."""
-    mean, log_variance = np.split(moments, 2, axis=1)
-    std = np.exp(0.5 * np.clip(log_variance, -30.0, 20.0))
-    return ((mean + std * draw_noise(rng, mean.shape)) * scaling_factor).astype(np.float32)
-
-
-def timestep_cutoff(scheduler, fraction: float) -> int:
-    """The training timestep at which `fraction` of the schedule is done, as diffusers' denoising_end/_start."""
-    train_steps = scheduler.config.num_train_timesteps
-    return int(round(train_steps - fraction * train_steps))
-
-
-def refiner_timesteps(scheduler, start: float) -> torch.Tensor:
-    """The tail of the schedule after `start` of it, as diffusers' SDXL img2img with `denoising_start`."""
-    count = int((scheduler.timesteps < timestep_cutoff(scheduler, start)).sum())
-    if scheduler.order == 2 and count % 2 == 0:  # never stop between a second-order step's two halves
-        count += 1
-    begin = len(scheduler.timesteps) - count
-    if hasattr(scheduler, "set_begin_index"):
-        scheduler.set_begin_index(begin)
-    return scheduler.timesteps[begin:]
-
-
-def denoising_timesteps(scheduler, steps: int, strength: float) -> torch.Tensor:
-    """The tail of the schedule that image-to-image runs: `int(steps * strength)` steps, as diffusers."""
-    start = (steps - min(int(steps * strength), steps)) * scheduler.order
-    if hasattr(scheduler, "set_begin_index"):
-        scheduler.set_begin_index(start)
-    return scheduler.timesteps[start:]
 
 
 def random_seed(num_images: int = 1) -> int:
@@ -138,8 +84,12 @@ def compute_unit_of(package: Package, name: str, requested: str | None) -> str:
     return requested or package.compute_units.get(name) or default_compute_unit(package.attention_implementation)
 
 
-def load_component(package: Package, name: str, backend: str, compute_unit: str | None) -> Model:
-    return load_model(package.component(name), backend, compute_unit_of(package, name, compute_unit))
+def load_component(package: Package, name: str, backend: str, compute_unit: str | None,
+                   reduce_memory: bool = False) -> Model:
+    """A component, loaded now or, with `reduce_memory`, when it first runs (and unloaded after its stage)."""
+    files = package.component(name)
+    load = partial(load_model, files, backend, compute_unit_of(package, name, compute_unit))
+    return ManagedModel(files, load) if reduce_memory else load()
 
 
 class Pipeline:
@@ -151,43 +101,54 @@ class Pipeline:
         large = pipe("a castle", upscale=Upscale(2)).images[0]                      # 1024x1024
 
     Sizes beyond the package's are denoised in overlapping Unet windows and decoded in VAE tiles (see tiling.py).
+    With `reduce_memory`, each model is loaded only while its stage runs and unloaded after it, as the Swift
+    package does on iPhones: the peak is about the largest model's, at the cost of loading each model per image.
     """
 
-    window_weights = staticmethod(tiling.feathered_weights)  # how the Unet windows' predictions are blended
-
-    def __init__(self, package: Package, models: dict[str, Model], backend: str, compute_unit: str | None):
+    def __init__(self, package: Package, models: dict[str, Model], backend: str, compute_unit: str | None,
+                 reduce_memory: bool = False):
         self.package = package
         self.models = models
         self.backend = backend
         self.compute_unit = compute_unit  # as asked; None: each component's own (see compute_unit_of)
+        self.reduce_memory = reduce_memory
         self.conditioning = conditioning_for(package, models)
-        self.unet = models[package.unet_name]
-        unet_inputs = self.unet.input_description
-        self.unet_dtypes = {name: dtype for name, (_, dtype) in unet_inputs.items()}
-        sample_shape = unet_inputs["sample"][0]
-        self.unet_batch_size = sample_shape[0]
-        self.latent_channels = sample_shape[1]
-        self.latent_window = tuple(sample_shape[2:])
-        self.height, self.width = sample_shape[2] * VAE_FACTOR, sample_shape[3] * VAE_FACTOR
+        self.sampler = Sampler(models[package.unet_name], package)
+        self.unet_batch_size = self.sampler.batch_size
+        self.latent_window = self.sampler.latent_window
+        self.height, self.width = (side * VAE_FACTOR for side in self.latent_window)
         # a quarter of the window's shorter side: a 512x512 package's windows share 16 latent (128 image) pixels
         self.default_overlap = min(self.latent_window) // 4 * VAE_FACTOR
 
     @classmethod
     def from_package(
         cls, package: str | Path | None = None, backend: str = "auto", compute_unit: str | None = None,
-        verify: bool = False,
+        verify: bool = False, reduce_memory: bool = False,
     ) -> "Pipeline":
         """Load a package by folder path or by name under the packages root (see `coreml-generate --help`); with
-        `verify`, every model file's SHA-256 is checked against the manifest first."""
+        `verify`, every model file's SHA-256 is checked against the manifest first; with `reduce_memory`, no model
+        is loaded before its stage runs."""
         loaded = load_package(find_package(None if package is None else str(package)), verify)
         backend = resolve_backend(backend)
-        models = {name: load_component(loaded, name, backend, compute_unit) for name in loaded.required_components}
-        return cls(loaded, models, backend, compute_unit)
+        models = {name: load_component(loaded, name, backend, compute_unit, reduce_memory)
+                  for name in loaded.required_components}
+        return cls(loaded, models, backend, compute_unit, reduce_memory)
 
     def _model(self, name: str) -> Model:
         if name not in self.models:
-            self.models[name] = load_component(self.package, name, self.backend, self.compute_unit)
+            self.models[name] = load_component(self.package, name, self.backend, self.compute_unit, self.reduce_memory)
         return self.models[name]
+
+    @contextmanager
+    def _stage(self, *names: str) -> Iterator[None]:
+        """A stage that runs these models; with `reduce_memory`, they are unloaded when it ends."""
+        try:
+            yield
+        finally:
+            if self.reduce_memory:
+                for name in names:
+                    if name in self.models:
+                        release(self.models[name])
 
     def __call__(
         self,
@@ -241,11 +202,13 @@ class Pipeline:
             seed = random_seed(num_images)
 
         first_size = passes[0].size[1], passes[0].size[0]
-        conditioning = self._conditioning(prompt, negative_prompt, size_conditioning, first_size)
+        with self._stage("TextEncoder", "TextEncoder2"):
+            conditioning = self._conditioning(prompt, negative_prompt, size_conditioning, first_size)
         refiner_conditioning = None
         refiner_settings = {}
         if refiner is not None:
-            refiner_conditioning = refiner._conditioning(prompt, negative_prompt, size_conditioning, first_size)
+            with refiner._stage("TextEncoder", "TextEncoder2"):
+                refiner_conditioning = refiner._conditioning(prompt, negative_prompt, size_conditioning, first_size)
             refiner_settings = {"Refiner": refiner.package.name, "Refiner start": refiner_start}
         start_latents = None if start is None else self._encode(start, passes[0], overlap)
         # The safeguards, in the order Stable Diffusion's scripts apply them: safety check, then watermark.
@@ -266,14 +229,18 @@ class Pipeline:
                 if number > 0:  # a hires pass: the previous pass's image, enlarged
                     init_latents = self._encode(picture, stage, overlap)
                 end = refiner_start if refiner is not None else None
-                latents = self._denoise(conditioning, stage, image_seed, init_latents, overlap, bar, end)
+                with self._stage(self.package.unet_name):
+                    latents = self.sampler.denoise(conditioning, stage, image_seed, init_latents, overlap, bar, end)
                 if refiner is not None:
-                    latents = refiner._refine(latents, refiner_conditioning, stage, image_seed, refiner_start,
-                                              overlap, bar)
+                    with refiner._stage(refiner.package.unet_name):
+                        latents = refiner.sampler.refine(latents, refiner_conditioning, stage, image_seed,
+                                                         refiner_start, overlap, bar)
                 if output_type == "pil" or number < len(passes) - 1:
-                    picture = decoder._decode(latents, overlap)
+                    with decoder._stage("VAEDecoder"):
+                        picture = decoder._decode(latents, overlap)
             if checker is not None:
-                picture, flagged = checker(picture)
+                with self._stage("SafetyChecker"):
+                    picture, flagged = checker(picture)
                 result.nsfw_content_detected.append(flagged)
             if watermark:
                 picture = watermarks.apply(picture, self.package.watermark)
@@ -288,7 +255,7 @@ class Pipeline:
                       image_size: tuple[int, int]) -> dict[str, np.ndarray]:
         """The Unet's conditioning inputs for the guidance batch, in the Unet's dtypes."""
         inputs = self.conditioning(prompt, negative_prompt, size, image_size)
-        return {name: value.astype(self.unet_dtypes[name]) for name, value in inputs.items()}
+        return {name: value.astype(self.sampler.dtypes[name]) for name, value in inputs.items()}
 
     def _safety_checker(self) -> SafetyChecker | None:
         if "SafetyChecker" not in self.package.components:
@@ -364,82 +331,6 @@ class Pipeline:
             raise GenerationError("--refiner and --upscale cannot be combined yet; upscale the refined image with "
                                   "--image FILE --upscale")
 
-    def _denoise(
-        self, conditioning: dict[str, np.ndarray], stage: Pass, seed: int, init_latents: np.ndarray | None,
-        overlap: int, bar: Callable, end: float | None = None,
-    ) -> torch.Tensor:
-        """The latents after the pass's schedule (or, with `end`, its first `end` fraction: diffusers'
-        denoising_end)."""
-        sampling = stage.sampling
-        scheduler = self._scheduler(sampling)
-        rng = np.random.RandomState(seed)
-        latent_size = (stage.size[1] // VAE_FACTOR, stage.size[0] // VAE_FACTOR)
-        noise = torch.from_numpy(draw_noise(rng, (1, self.latent_channels, *latent_size)))
-        if init_latents is None:
-            timesteps = scheduler.timesteps
-            latents = noise * scheduler.init_noise_sigma
-        else:
-            timesteps = denoising_timesteps(scheduler, sampling.steps, sampling.strength)
-            latents = torch.from_numpy(sample_encoder_latents(init_latents, rng, self.package.scaling_factor))
-            if len(timesteps):
-                latents = scheduler.add_noise(latents, noise, timesteps[:1])
-        if end is not None:
-            timesteps = timesteps[timesteps >= timestep_cutoff(scheduler, end)]
-        return self._run(scheduler, timesteps, latents, conditioning, stage, seed, overlap, bar)
-
-    def _refine(self, latents: torch.Tensor, conditioning: dict[str, np.ndarray], stage: Pass, seed: int,
-                start: float, overlap: int, bar: Callable) -> torch.Tensor:
-        """The base's latents through the schedule after `start` of it (diffusers' denoising_start), no noise added."""
-        scheduler = self._scheduler(stage.sampling)
-        return self._run(scheduler, refiner_timesteps(scheduler, start), latents, conditioning, stage, seed, overlap,
-                         bar)
-
-    def _scheduler(self, sampling: Sampling):
-        scheduler = build_scheduler(sampling.scheduler, self.package.scheduler_config, self.package.prediction_type)
-        scheduler.set_timesteps(sampling.steps)
-        return scheduler
-
-    def _run(self, scheduler, timesteps: torch.Tensor, latents: torch.Tensor, conditioning: dict[str, np.ndarray],
-             stage: Pass, seed: int, overlap: int, bar: Callable) -> torch.Tensor:
-        """The scheduler's steps over `timesteps`, the Unet run in windows of its own size over the latents."""
-        step_kwargs = {"eta": 0.0, "generator": torch.Generator().manual_seed(seed)}
-        step_kwargs = {key: value for key, value in step_kwargs.items() if key in step_keywords(scheduler)}
-        guided_noise = partial(self._guided_noise, conditioning=conditioning,
-                               guidance_scale=stage.sampling.guidance_scale)
-        noise_prediction = TiledNoise(guided_noise, Layout(tuple(latents.shape[2:]), self.latent_window, overlap),
-                                      windows_per_call=max(1, self.unet_batch_size // 2), weights=self.window_weights)
-        windows = len(noise_prediction.windows)
-        description = f"{stage.size[0]}x{stage.size[1]}, {windows} windows x {len(timesteps)} steps"
-        with bar(total=windows * len(timesteps), unit="window", postfix=description) as progress:
-            for t in timesteps:
-                model_input = scheduler.scale_model_input(latents, t).numpy()
-                noise_pred = noise_prediction(model_input, float(t))
-                latents = scheduler.step(torch.from_numpy(noise_pred), t, latents, **step_kwargs).prev_sample
-                progress.update(windows)
-        return latents
-
-    def _guided_noise(self, samples: np.ndarray, t: float, conditioning: dict[str, np.ndarray],
-                      guidance_scale: float) -> np.ndarray:
-        """Classifier-free guidance for N window-sized samples: their 2N (unconditional, conditional) Unet inputs
-        packed into as few calls of the Unet's batch size as they fill (one sample per call at batch 2)."""
-        batch = self.unet_batch_size
-        pairs = len(samples)
-        padding = -2 * pairs % batch  # the last call's empty places repeat its last input
-
-        def batched(rows: np.ndarray) -> np.ndarray:
-            return np.concatenate([rows, rows[-1:].repeat(padding, axis=0)])
-
-        inputs = {"sample": batched(np.repeat(samples.astype(self.unet_dtypes["sample"]), 2, axis=0)),
-                  **{name: batched(np.concatenate([value] * pairs)) for name, value in conditioning.items()}}
-        timestep = np.full((batch,), t, dtype=self.unet_dtypes["timestep"])
-        noise = np.concatenate([
-            self.unet.predict({"timestep": timestep, **{name: value[i : i + batch] for name, value in inputs.items()}})[
-                "noise_pred"]
-            for i in range(0, len(inputs["sample"]), batch)
-        ])[: 2 * pairs]
-        uncond, cond = noise[0::2], noise[1::2]
-        return uncond + guidance_scale * (cond - uncond)
-
     def _encode(self, picture: Image.Image, stage: Pass, overlap: int) -> np.ndarray:
         """The VAE encoder's moments for `picture` brought to the pass's size, in tiles when it is larger."""
         if stage.upscaler is not None:
@@ -448,7 +339,9 @@ class Pipeline:
         dtype = encoder.input_description["x"][1]
         window = tuple(side // VAE_FACTOR for side in encoder.input_description["x"][0][2:])
         pixels = images.to_encoder_input(picture, stage.size)
-        return tiling.tiled_encode(lambda x: encoder.predict({"x": x.astype(dtype)})["latent"], pixels, window, overlap)
+        with self._stage("VAEEncoder"):
+            return tiling.tiled_encode(lambda x: encoder.predict({"x": x.astype(dtype)})["latent"], pixels, window,
+                                       overlap)
 
     def _decode(self, latents: torch.Tensor, overlap: int) -> Image.Image:
         decoder = self.models["VAEDecoder"]

@@ -9,7 +9,7 @@ import pytest
 import coreml_sd.converter
 from coreml_sd.converter.families.contract import ModelDimensions
 from coreml_sd.converter.families.sd import SD
-from coreml_sd.runtime.pipeline import draw_noise, sample_encoder_latents
+from coreml_sd.runtime.sampling import draw_noise, sample_encoder_latents
 from coreml_sd.runtime.prompt import PromptEncoder
 
 # np.random.RandomState(seed).randn(8), as NumPy has drawn them since its legacy generator was frozen.

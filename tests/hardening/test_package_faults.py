@@ -130,8 +130,8 @@ def test_newer_manifest_format(package_copy, capsys):
                                "reads (1); update coreml-sd")
 
 
-def test_package_from_another_tool(tiny_package, tmp_path, capsys):
-    """Apple's converter names its files after the model; until the runtime reads that layout, say what is there."""
+def test_package_from_another_tool_without_tokenizer_files(tiny_package, tmp_path, capsys):
+    """Apple's converter writes the models alone: the error says which two files to put where."""
     foreign = tmp_path / "apple"
     foreign.mkdir()
     for ours, theirs in [("TextEncoder", "text_encoder"), ("Unet", "unet"), ("VAEDecoder", "vae_decoder")]:
@@ -140,10 +140,8 @@ def test_package_from_another_tool(tiny_package, tmp_path, capsys):
     code, err = generate(capsys, foreign)
     assert code == 1
     assert error_line(err) == (
-        f"Error: {foreign} holds Stable_Diffusion_version_tiny_text_encoder.mlpackage, "
-        "Stable_Diffusion_version_tiny_unet.mlpackage, Stable_Diffusion_version_tiny_vae_decoder.mlpackage, not the "
-        "models a package has (TextEncoder.mlpackage, Unet.mlpackage, VAEDecoder.mlpackage); convert the model with "
-        "coreml-convert")
+        f"Error: {foreign} lacks vocab.json and merges.txt: put CLIP's tokenizer files vocab.json and merges.txt "
+        f"(the model's tokenizer/ folder on Hugging Face has them) into {foreign}")
 
 
 def test_manifest_of_the_wrong_shape(package_copy, capsys):

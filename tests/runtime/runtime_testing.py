@@ -14,7 +14,7 @@ from diffusers import (
 from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_img2img
 from PIL import Image
 
-from coreml_sd.runtime.pipeline import draw_noise
+from coreml_sd.runtime.sampling import draw_noise
 
 PSNR_THRESHOLD_DB = 55.0  # images end to end measure 57.5-58.5 dB against diffusers
 LATENT_SHAPE = (1, 4, 16, 16)  # the tiny model's 128x128 images

@@ -10,7 +10,8 @@ from PIL import Image
 
 from coreml_sd.runtime import tiling
 from coreml_sd.runtime.executor import psnr
-from coreml_sd.runtime.pipeline import Pipeline, draw_noise
+from coreml_sd.runtime.pipeline import Pipeline
+from coreml_sd.runtime.sampling import draw_noise
 from coreml_sd.runtime.tiling import Layout, axis_starts
 from coreml_sd.runtime.upscaling import Upscale
 from runtime_testing import _with_scheduler, pixels
@@ -63,7 +64,7 @@ def test_wide_txt2img_matches_diffusers_panorama(pipe, package, tiny_pipeline, m
     """MultiDiffusion with diffusers' views (window 16, stride 8 latent pixels over a 3:1 latent), its uniform
     weights, DDIM and the same initial latents: the blended-prediction step equals its per-window steps."""
     steps, seed, width = 6, 5, 384
-    monkeypatch.setattr(pipe, "window_weights", tiling.uniform_weights)
+    monkeypatch.setattr(pipe.sampler, "window_weights", tiling.uniform_weights)
     ours = pipe(PROMPT, negative_prompt="blurry", steps=steps, scheduler="ddim", seed=seed, width=width, height=128,
                 overlap=64, output_type="latent", progress=False).images[0]
 

@@ -1,4 +1,4 @@
-"""Handing freed memory back to the system between stages."""
+"""Handing freed memory back to the system between stages (conversion stages, models the runtime unloads)."""
 import ctypes
 import ctypes.util
 import gc
