@@ -28,7 +28,7 @@ from coremltools.models import utils as ct_utils
 from .errors import ConversionError
 from .package import PackageFolder
 from .families.contract import PACKAGE_SUFFIX, ComponentSpec, TensorSpec, chunk_contract_problems
-from .memory import release_memory
+from coreml_sd.runtime.memory import release_memory
 
 CHUNK_COUNT = 2
 BALANCE_TOLERANCE = 0.02  # of the total weights: cuts this close to the best balance compete on crossing bytes
@@ -163,24 +163,11 @@ def weight_bytes(package: Path) -> int:
     return weights.stat().st_size if weights.is_file() else 0
 
 
-class ChunkedModel:
-    """Chunks run as the Swift package runs them: each on the original inputs merged with the previous chunk's
-    outputs; each chunk is loaded only while it runs."""
+def chunked_reference_model(chunks: tuple[Path, ...]):
+    """The chunks run through the reference executor as the runtime (and the Swift package) chains them."""
+    from coreml_sd.runtime.backends import load_model
 
-    def __init__(self, packages: tuple[Path, ...]):
-        self.packages = packages
-
-    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from coreml_sd.runtime.executor import ReferenceModel
-
-        values, outputs = dict(inputs), {}
-        for package in self.packages:
-            model = ReferenceModel(package)
-            outputs = model.predict({name: values[name] for name in model.input_description})
-            del model
-            release_memory()
-            values = {**inputs, **outputs}
-        return outputs
+    return load_model(chunks, "reference", "CPU_ONLY")
 
 
 def check_chunks(whole: Path, whole_spec: ComponentSpec, chunks: tuple[Path, ...], chunk_specs: tuple[ComponentSpec, ...],
@@ -204,7 +191,7 @@ def check_chunks(whole: Path, whole_spec: ComponentSpec, chunks: tuple[Path, ...
         expected = model.predict(inputs)
         del model
         release_memory()
-        actual = ChunkedModel(chunks).predict(inputs)
+        actual = chunked_reference_model(chunks).predict(inputs)
         result["psnr_db"] = round(min(psnr(expected[name], actual[name]) for name in expected), 2)
         if not result["psnr_db"] >= CHUNK_PSNR_THRESHOLD_DB:
             raise ConversionError(f"{whole_spec.name}: chunk 1 -> chunk 2 gives PSNR {result['psnr_db']:.1f} dB against "

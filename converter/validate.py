@@ -106,7 +106,7 @@ def validate(package: Path | tuple[Path, ...], component: Component, spec: Compo
     of packages) runs chunk after chunk, as the Swift package runs it."""
     from coreml_sd.runtime.executor import ReferenceModel
 
-    from .chunks import ChunkedModel
+    from .chunks import chunked_reference_model
 
     inputs = validation_inputs(spec, seed, latent_scaling_factor)
     parts = load_reference()
@@ -118,7 +118,7 @@ def validate(package: Path | tuple[Path, ...], component: Component, spec: Compo
         expected = reference_outputs(parts, component, spec, inputs)
     del parts
     release_memory()
-    model = ChunkedModel(package) if isinstance(package, tuple) else ReferenceModel(package)
+    model = chunked_reference_model(package) if isinstance(package, tuple) else ReferenceModel(package)
     actual = model.predict(inputs)
     del model
     release_memory()
