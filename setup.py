@@ -41,8 +41,10 @@ setup(
         "peft>=0.15",  # diffusers reads kohya LoRAs only with peft installed
     ],
     extras_require={
-        "test": ["pytest", "hypothesis", "scikit-learn"],  # scikit-learn: the reference k-means for palettes
+        # scikit-learn: the reference k-means for palettes; ray: the catalogue's tests
+        "test": ["pytest", "hypothesis", "scikit-learn", "ray>=2.40"],
         "upscalers": ["spandrel"],  # --upscaler: ESRGAN-family .pth models
+        "cluster": ["ray>=2.40"],  # coreml-convert --catalogue: conversions as Ray tasks
     },
     entry_points={
         "console_scripts": [
