@@ -23,6 +23,9 @@ MODEL_KEYS = {"source": str, "name": str, "loras": list, "embeddings": list, "re
 VARIANT_KEYS = {"name": str, "attention_implementation": str, "height": int, "width": int, "quantize_nbits": int,
                 "unet_batch_size": int, "components": list, "validate": bool}
 PATH_KEYS = ("source", "config", "vae")  # may name a file or folder beside the catalogue
+# A task whose process dies (killed, out of memory) runs again this many times (the catalogue's `retries`); an
+# error the converter reports (bad weights, a failed validation) would only repeat, so it is not retried.
+DEFAULT_RETRIES = 2
 
 
 @dataclass
@@ -50,6 +53,7 @@ class Catalogue:
     path: Path
     output: Path
     packages: list[PackagePlan]
+    retries: int = DEFAULT_RETRIES
 
     @property
     def tasks(self) -> int:
@@ -65,10 +69,13 @@ def load_catalogue(path: Path) -> Catalogue:
         raise ConversionError(f"{path} does not exist: pass a catalogue .toml file") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise ConversionError(f"{path} is not valid TOML ({error})") from None
-    unknown = set(data) - {"output", "model", "variant"}
+    unknown = set(data) - {"output", "retries", "model", "variant"}
     if unknown:
         raise ConversionError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}: a catalogue has output, "
-                              "[[model]] and [[variant]]")
+                              "retries, [[model]] and [[variant]]")
+    retries = data.get("retries", DEFAULT_RETRIES)
+    if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
+        raise ConversionError(f"{path}: retries must be a whole number, 0 or more (got {retries!r})")
     base = Path(path).resolve().parent
     if not isinstance(data.get("output"), str):
         raise ConversionError(f'{path}: no output: add e.g. output = "catalogue-out" (the root of the package folders)')
@@ -95,7 +102,7 @@ def load_catalogue(path: Path) -> Catalogue:
     if duplicates:
         raise ConversionError(f"{path}: two packages would share the folder {duplicates[0]}: give the models or "
                               "variants distinct names (name = ...)")
-    return Catalogue(Path(path), output, packages)
+    return Catalogue(Path(path), output, packages, retries)
 
 
 def entries(data: dict, key: str, path: Path) -> list[dict]:

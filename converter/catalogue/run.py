@@ -16,7 +16,7 @@ from coreml_sd.runtime.errors import Interrupted
 from ..errors import ConversionError
 from .index import DONE, FAILED, INTERRUPTED, CatalogueIndex
 from .plan import Catalogue, PackagePlan, load_catalogue
-from .tasks import RETRIES_AFTER_A_CRASH, convert_component
+from .tasks import convert_component
 
 GIB = 2**30
 OBJECT_STORE_BYTES = 256 * 2**20  # the tasks hand back a few numbers each: the store needs no more
@@ -99,7 +99,7 @@ def node_memory_gib(ray_address: str | None) -> float:
     return max((node["Resources"].get("memory", 0) for node in ray.nodes() if node["Alive"]), default=0) / GIB
 
 
-def error_line(error: Exception) -> str:
+def error_line(error: Exception, attempts: int) -> str:
     """The last line of what went wrong: the converter's own message, or how the worker process died."""
     from ray import exceptions
 
@@ -110,9 +110,9 @@ def error_line(error: Exception) -> str:
         text = str(cause).strip()
         return text.splitlines()[-1] if text else type(cause).__name__
     if isinstance(error, exceptions.OutOfMemoryError):
-        return f"killed for using too much memory, {RETRIES_AFTER_A_CRASH + 1} times (Ray's memory monitor)"
+        return f"killed for using too much memory, {attempts} times (Ray's memory monitor)"
     if isinstance(error, (exceptions.WorkerCrashedError, exceptions.NodeDiedError, exceptions.ActorDiedError)):
-        return f"its process died (killed, out of memory or crashed) on each of {RETRIES_AFTER_A_CRASH + 1} attempts"
+        return f"its process died (killed, out of memory or crashed) on each of {attempts} attempts"
     text = str(error).strip()
     return f"{type(error).__name__}: {text.splitlines()[-1] if text else ''}"
 
@@ -124,7 +124,7 @@ class Run:
     def __init__(self, ray, catalogue: Catalogue, index: CatalogueIndex, max_parallel: int | None):
         self.ray, self.catalogue, self.index = ray, catalogue, index
         self.max_parallel = max_parallel or len(catalogue.packages)
-        self.remote = ray.remote(max_retries=RETRIES_AFTER_A_CRASH, retry_exceptions=False)(convert_component)
+        self.remote = ray.remote(max_retries=catalogue.retries, retry_exceptions=False)(convert_component)
         self.waiting: deque[tuple[PackagePlan, list[str]]] = deque()  # packages with components still to submit
         self.running: dict = {}  # ObjectRef -> (plan, component, components after it)
         self.total = catalogue.tasks
@@ -169,7 +169,7 @@ class Run:
         try:
             result = self.ray.get(ref)
         except Exception as error:  # any Ray error here is this task's: the others run on
-            line = error_line(error)
+            line = error_line(error, self.catalogue.retries + 1)
             self.index.record(plan, component, None, line)
             self.finished += 1 + len(rest)  # the components after a failed one are not converted this run
             self.failed += 1

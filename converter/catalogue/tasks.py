@@ -8,11 +8,6 @@ import time
 from ..conversion import ConversionOptions, convert_model
 from ..package import PackageFolder
 
-# A task whose process dies (killed, out of memory) runs again this many times; an error the converter
-# reports (a ConversionError: bad weights, a failed validation) would only repeat, so it is not retried.
-RETRIES_AFTER_A_CRASH = 2
-
-
 def convert_component(options: ConversionOptions) -> dict:
     """Convert (and validate) `options.components`' one component; what the index records of it."""
     from ..cli import quiet_libraries
