@@ -42,9 +42,10 @@ setup(
     ],
     extras_require={
         # scikit-learn: the reference k-means for palettes; ray: the catalogue's tests
-        "test": ["pytest", "hypothesis", "scikit-learn", "ray>=2.40"],
+        "test": ["pytest", "hypothesis", "scikit-learn", "ray>=2.40", "tomli; python_version < '3.11'"],
         "upscalers": ["spandrel"],  # --upscaler: ESRGAN-family .pth models
-        "cluster": ["ray>=2.40"],  # coreml-convert --catalogue: conversions as Ray tasks
+        # coreml-convert --catalogue: conversions as Ray tasks; the catalogue file is TOML
+        "cluster": ["ray>=2.40", "tomli; python_version < '3.11'"],
     },
     entry_points={
         "console_scripts": [

@@ -7,9 +7,13 @@ taken from the catalogue file's own folder.
 """
 import hashlib
 import json
-import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 from .. import __version__
 from ..conversion import ConversionOptions, check_options, chosen_components, model_dimensions, quantize_nbits
