@@ -156,7 +156,7 @@ class Run:
         return 0
 
     def submit(self) -> None:
-        """Up to --max-parallel tasks at once, one per package, taken from the packages in turn."""
+        """Up to --max-parallel tasks at once, one per package: the next components of begun packages first."""
         while self.waiting and len(self.running) < self.max_parallel:
             plan, components = self.waiting.popleft()
             component, rest = components[0], components[1:]
@@ -181,8 +181,8 @@ class Run:
         figures = result["validation"]
         psnr = f", PSNR {figures['psnr_db']:.1f} dB" if figures else ""
         self.say(f"{plan.name:<36} {component:<13} {what} in {result['seconds']:.1f} s{psnr}")
-        if rest:
-            self.waiting.append((plan, rest))
+        if rest:  # ahead of packages not yet begun: a package is finished, and usable, as soon as it can be
+            self.waiting.appendleft((plan, rest))
 
     def stop(self) -> None:
         """Ctrl-C: submit nothing more; ask the running tasks to stop (each discards its staged component, as
