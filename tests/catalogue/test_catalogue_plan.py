@@ -87,3 +87,12 @@ def test_a_bad_catalogue_is_one_line_before_anything_runs(tmp_path, capsys, text
     assert code == 1
     assert err.count("\n") == 1 and err.startswith("Error: ") and re.search(message, err), err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dry-run"], "--ray-address, --max-parallel and --dry-run go with --catalogue FILE"),
+    (["--catalogue", "c.toml", "--model", "tiny"], "leave out --model, -o and --validate-only"),
+])
+def test_catalogue_options_out_of_place_are_usage_errors(capsys, argv, message):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
