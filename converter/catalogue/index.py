@@ -31,25 +31,35 @@ class CatalogueIndex:
         except (OSError, ValueError, AttributeError):
             return {}  # none yet, or unreadable: every package is looked at again
 
-    def is_finished(self, plan: PackagePlan) -> bool:
-        """Finished by an earlier run of the same entries, and every component's files still as installed."""
+    def finished_components(self, plan: PackagePlan) -> list[str]:
+        """The components an earlier run of the same entries finished, whose files are still as installed."""
         entry = self.packages[plan.name]
-        if entry.get("status") != DONE or entry.get("key") != plan.key:
-            return False
+        if entry.get("key") != plan.key:
+            return []
         try:
             manifest = json.loads((plan.folder / MANIFEST).read_text())
-            for component in plan.memory_gib:
-                recorded = manifest["components"][component]
+        except (OSError, ValueError):
+            return []
+        finished = []
+        for component in plan.memory_gib:
+            recorded = manifest.get("components", {}).get(component)
+            if entry.get("components", {}).get(component, {}).get("status") != DONE or recorded is None:
+                continue
+            try:
                 check_files(plan.folder, recorded["file"], recorded.get("files", {}))
-        except (OSError, ValueError, KeyError, DamagedPackage):
-            return False
-        return True
+            except (OSError, KeyError, DamagedPackage):
+                continue
+            finished.append(component)
+        return finished
 
-    def start(self, plan: PackagePlan) -> None:
+    def start(self, plan: PackagePlan, finished: list[str]) -> None:
+        """A package about to run: its finished components' records are kept, the others' begin anew."""
+        previous = self.packages[plan.name].get("components", {})
         self.packages[plan.name] = {
             "folder": str(plan.folder), "status": PENDING, "key": plan.key, "model": plan.model,
-            "variant": plan.variant, "components": {c: {"status": PENDING, "memory_gib": gib}
-                                                    for c, gib in plan.memory_gib.items()},
+            "variant": plan.variant,
+            "components": {c: previous[c] if c in finished else {"status": PENDING, "memory_gib": gib}
+                           for c, gib in plan.memory_gib.items()},
         }
 
     def record(self, plan: PackagePlan, component: str, result: dict | None, error: str | None = None,

@@ -14,7 +14,6 @@ measured yet: their figures are such estimates.
 from dataclasses import dataclass
 from functools import cache
 
-GIB = 2**30
 INTERPRETER_BASELINE_GIB = 0.37  # Python with torch, diffusers and coremltools imported, before any model
 SAFETY_MARGIN = 1.1  # a worker process runs one task after another: its heap is never as fresh as a new process's
 REFERENCE_PIXELS = 512 * 512

@@ -42,12 +42,12 @@ def print_plan(catalogue: Catalogue, index: CatalogueIndex, largest_gib: float, 
     print(f"{'package':<36} {'component':<13} {'memory':>9}", flush=True)
     finished = 0
     for plan in catalogue.packages:
-        up_to_date = index.is_finished(plan)
-        finished += up_to_date
+        done = index.finished_components(plan)
+        finished += len(done)
         for component, gib in plan.memory_gib.items():
-            print(f"{plan.name:<36} {component:<13} {gib:>5.1f} GiB{'  (up to date)' if up_to_date else ''}")
+            print(f"{plan.name:<36} {component:<13} {gib:>5.1f} GiB{'  (up to date)' if component in done else ''}")
     where = f"the largest node of {ray_address}" if ray_address else "this machine, for a local Ray instance"
-    print(f"{catalogue.tasks} tasks in {len(catalogue.packages)} packages ({finished} up to date) under "
+    print(f"{catalogue.tasks} tasks ({finished} up to date) in {len(catalogue.packages)} packages under "
           f"{catalogue.output}; largest reservation {max_reservation(catalogue):.1f} GiB, {where}: {largest_gib:.1f} GiB")
 
 
@@ -133,12 +133,13 @@ class Run:
 
     def run(self) -> int:
         for plan in self.catalogue.packages:
-            if self.index.is_finished(plan):
-                self.finished += len(plan.memory_gib)
+            finished = self.index.finished_components(plan)
+            self.finished += len(finished)
+            if len(finished) == len(plan.memory_gib):
                 self.say(f"{plan.name:<36} up to date")
-            else:
-                self.index.start(plan)
-                self.waiting.append((plan, list(plan.memory_gib)))
+                continue
+            self.index.start(plan, finished)
+            self.waiting.append((plan, [c for c in plan.memory_gib if c not in finished]))
         self.index.write()
         try:
             while self.waiting or self.running:
