@@ -1,10 +1,12 @@
-"""One local Ray instance (2 CPUs) for the catalogue's tests, with the faults of `faults.py` in its workers."""
+"""One local Ray instance (2 CPUs) for the catalogue's tests, with the faults of `catalogue_faults.py` in its
+workers. Only test_catalogue.py uses it, so it lives as long as that module: Ray's processes are gone before the
+rest of the suite runs."""
 import pytest
 
 import catalogue_faults as faults
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_instance():
     import ray
     from ray import cloudpickle
