@@ -126,6 +126,7 @@ def benchmark(small: bool, cache: Path, work: Path) -> dict:
                                              "-o", str(sequential / f"sd14-{implementation}")])
                          for implementation in VARIANTS)
     report["runs"]["sequential"] = run_measured(["bash", "-c", script])
+    print(json.dumps({"sequential": report["runs"]["sequential"]}), file=sys.stderr, flush=True)  # if later runs fail
     digests = {"sequential": weights(sequential)}
     for parallel in (1, 2):
         print(f"catalogue through local Ray, --max-parallel {parallel}", file=sys.stderr, flush=True)
@@ -138,6 +139,8 @@ def benchmark(small: bool, cache: Path, work: Path) -> dict:
             name: {"status": entry["status"], "psnr_db": {c: f["validation"]["psnr_db"] for c, f in entry["files"].items()},
                    "size_mib": entry["size_mib"]} for name, entry in index["packages"].items()}
         digests[f"ray_max_parallel_{parallel}"] = weights(output)
+        print(json.dumps({f"ray_max_parallel_{parallel}": report["runs"][f"ray_max_parallel_{parallel}"]}),
+              file=sys.stderr, flush=True)
     report["same_weights_every_way"] = all(d == digests["sequential"] for d in digests.values())
     report["packages_compared"] = len(digests["sequential"])
     sequential_wall = report["runs"]["sequential"]["wall_s"]
