@@ -41,8 +41,11 @@ setup(
         "peft>=0.15",  # diffusers reads kohya LoRAs only with peft installed
     ],
     extras_require={
-        "test": ["pytest", "hypothesis", "scikit-learn"],  # scikit-learn: the reference k-means for palettes
+        # scikit-learn: the reference k-means for palettes; ray: the catalogue's tests
+        "test": ["pytest", "hypothesis", "scikit-learn", "ray>=2.40", "tomli; python_version < '3.11'"],
         "upscalers": ["spandrel"],  # --upscaler: ESRGAN-family .pth models
+        # coreml-convert --catalogue: conversions as Ray tasks; the catalogue file is TOML
+        "cluster": ["ray>=2.40", "tomli; python_version < '3.11'"],
     },
     entry_points={
         "console_scripts": [

@@ -84,6 +84,14 @@ def list_models(ctx: click.Context, _, value: bool) -> None:
               help="Skip checking each component against the original with the reference executor.")
 @click.option("--validate-only", type=click.Path(path_type=Path), metavar="FOLDER",
               help="Check an existing package folder against its original model and print a table.")
+@click.option("--catalogue", type=click.Path(path_type=Path, dir_okay=False), metavar="FILE",
+              help="Convert and validate every model x variant of a catalogue (.toml) as Ray tasks (needs "
+              "coreml-sd[cluster]); writes catalogue.json beside the packages.")
+@click.option("--ray-address", metavar="auto|HOST:PORT",
+              help="With --catalogue: run on this Ray cluster (default: a local Ray instance on this machine).")
+@click.option("--max-parallel", type=int, help="With --catalogue: at most this many tasks at once (default: as "
+              "many as the nodes' CPUs and memory hold).")
+@click.option("--dry-run", is_flag=True, help="With --catalogue: print the tasks and the memory each reserves.")
 @click.option("--verbose", is_flag=True, help="Show the libraries' own progress bars and warnings too.")
 @click.option("--list-models", is_flag=True, expose_value=False, is_eager=True, callback=list_models,
               help="List the model aliases and exit.")
@@ -93,13 +101,15 @@ def convert(model: str | None, revision: str | None, model_type: str | None, pre
             output: Path | None, components: str | None,
             attention_implementation: str, height: int | None, width: int | None, unet_batch_size: int,
             quantize_nbits: int | None, safety_checker: str | None, vae: str | None, chunk_unet: bool,
-            bundle_resources: bool, force: bool, no_validate: bool,
-            validate_only: Path | None,
+            bundle_resources: bool, force: bool, no_validate: bool, validate_only: Path | None,
+            catalogue: Path | None, ray_address: str | None, max_parallel: int | None, dry_run: bool,
             verbose: bool) -> int:
     """Convert a Stable Diffusion model (alias, Hugging Face id, local diffusers folder or single-file checkpoint),
     with any LoRAs and embeddings merged, into Core ML packages for the Neural Engine, in packages/<name>/."""
     if not verbose:
         quiet_libraries()
+    if catalogue or ray_address or max_parallel or dry_run:
+        return convert_catalogue(catalogue, ray_address, max_parallel, dry_run, model or output or validate_only)
     if validate_only:
         return validate_folder(validate_only)
     if not model:
@@ -135,6 +145,18 @@ def convert(model: str | None, revision: str | None, model_type: str | None, pre
         raise Interrupted("interrupted: finished components were kept, nothing half-written") from None
     print_summary(report)
     return 0
+
+
+def convert_catalogue(catalogue: Path | None, ray_address: str | None, max_parallel: int | None, dry_run: bool,
+                      single_model_options: object) -> int:
+    if catalogue is None:
+        raise click.UsageError("--ray-address, --max-parallel and --dry-run go with --catalogue FILE")
+    if single_model_options:
+        raise click.UsageError("--catalogue names its models and output root itself: leave out --model, -o and "
+                               "--validate-only")
+    from .catalogue.run import run_catalogue
+
+    return run_catalogue(catalogue, ray_address, max_parallel, dry_run)
 
 
 def validate_folder(folder: Path) -> int:
