@@ -135,6 +135,20 @@ def test_chunked_bundle_from_the_command_line(tiny_packages, tmp_path, capsys):
     assert "Resources" in capsys.readouterr().out
 
 
+def test_palettized_bundle_from_the_command_line(tiny_packages, tmp_path):
+    """A bundle of 6-bit packages keeps the float16 contract (palettes change the weights' storage only)."""
+    folder = copy_folder(tiny_packages("split_einsum"), tmp_path / "tiny")
+    float16_bytes = (folder / "Unet.mlpackage" / WEIGHTS_FILE).stat().st_size
+
+    assert main(["--model", "tiny", "-o", str(folder), "--components", "TextEncoder,Unet,VAEDecoder",
+                 "--quantize-nbits", "6", "--bundle-resources", "--no-validate"]) == 0
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["components"]["Unet"]["settings"]["quantize_nbits"] == 6
+    assert (folder / RESOURCES / "Unet.mlpackage" / WEIGHTS_FILE).stat().st_size < 0.5 * float16_bytes
+    assert_bundle_follows_the_contract(folder, set(manifest["components"]))
+
+
 def split_unet(folder: Path, destination: Path):
     """The folder's Unet split into destination/UnetChunk1, UnetChunk2, with the contract of the whole."""
     split_package(folder / "Unet.mlpackage", destination, "Unet", lambda model, spec: None)
