@@ -149,3 +149,14 @@ def test_tiny_package_large_images(tiny_package_results, case, tiny_runtime):
     assert expected in result.parameters[0] and "Tile overlap: 32" in result.parameters[0]
     if case == "2x":
         assert "First pass size: 128x128, Hires upscale: 2, Hires steps: 4, Hires upscaler: Lanczos" in result.parameters[0]
+
+
+def test_upscaling_a_users_image_is_tiled_img2img_of_its_enlargement(pipe, start_image):
+    """`--image photo.png --upscale 2` = the photo enlarged with Lanczos, then image-to-image at the large size
+    (tiled windows) with the upscale's strength."""
+    settings = dict(steps=4, scheduler="ddim", seed=5, progress=False)
+    upscaled = pipe(PROMPT, image=start_image, upscale=Upscale(2, strength=0.5), **settings)
+    enlarged = start_image.resize((256, 256), Image.Resampling.LANCZOS)
+    large_img2img = pipe(PROMPT, image=enlarged, strength=0.5, width=256, height=256, **settings)
+    assert upscaled.images[0].size == (256, 256)
+    np.testing.assert_array_equal(np.asarray(upscaled.images[0]), np.asarray(large_img2img.images[0]))
