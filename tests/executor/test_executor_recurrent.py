@@ -11,21 +11,21 @@ TOLERANCE = dict(rtol=1e-5, atol=1e-5)
 T, B, I, H = 5, 2, 3, 4
 
 
-def _mil_order(torch_weights: torch.Tensor, order: list[int]) -> np.ndarray:
-    """Reorder PyTorch's stacked gate blocks into MIL's: block k of the result is PyTorch's block order[k]."""
-    blocks = torch_weights.detach().numpy().reshape(-1, H, *torch_weights.shape[1:])
+def _reorder_gates(weights: torch.Tensor, order: list[int]) -> np.ndarray:
+    """Stacked gate blocks [gates * H, ...] reordered: block k of the result is block order[k] of `weights`."""
+    blocks = weights.detach().numpy().reshape(-1, H, *weights.shape[1:])
     return np.ascontiguousarray(np.concatenate([blocks[k] for k in order]))
 
 
-LSTM_ORDER = [0, 1, 3, 2]  # PyTorch i, f, g(z), o -> MIL i, f, o, z
+LSTM_ORDER = [0, 1, 3, 2]  # PyTorch i, f, g(z), o <-> MIL i, f, o, z (its own inverse)
 
 
 def _lstm_parameters(layer: torch.nn.LSTM, suffix: str = "") -> dict:
     weights = {name: getattr(layer, f"{name}_l0{suffix}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
     return dict(
-        weight_ih=_mil_order(weights["weight_ih"], LSTM_ORDER),
-        weight_hh=_mil_order(weights["weight_hh"], LSTM_ORDER),
-        bias=_mil_order(weights["bias_ih"] + weights["bias_hh"], LSTM_ORDER),
+        weight_ih=_reorder_gates(weights["weight_ih"], LSTM_ORDER),
+        weight_hh=_reorder_gates(weights["weight_hh"], LSTM_ORDER),
+        bias=_reorder_gates(weights["bias_ih"] + weights["bias_hh"], LSTM_ORDER),
     )
 
 
@@ -71,10 +71,10 @@ def test_gru_reset_after_matches_torch(tmp_path, direction):
     layer = torch.nn.GRU(I, H)
     x, h0 = random((T, B, I), seed=1), random((B, H), seed=2)
     parameters = dict(
-        weight_ih=_mil_order(layer.weight_ih_l0, GRU_ORDER),
-        weight_hh=_mil_order(layer.weight_hh_l0, GRU_ORDER),
-        input_bias=_mil_order(layer.bias_ih_l0, GRU_ORDER),
-        bias=_mil_order(layer.bias_hh_l0, GRU_ORDER),
+        weight_ih=_reorder_gates(layer.weight_ih_l0, GRU_ORDER),
+        weight_hh=_reorder_gates(layer.weight_hh_l0, GRU_ORDER),
+        input_bias=_reorder_gates(layer.bias_ih_l0, GRU_ORDER),
+        bias=_reorder_gates(layer.bias_hh_l0, GRU_ORDER),
     )
     body = lambda x, initial_h: mb.gru(x=x, initial_h=initial_h, direction=direction, output_sequence=True,
                                        reset_after=True, **parameters)
@@ -107,3 +107,28 @@ def test_gru_reset_before_matches_numpy(tmp_path, direction):
         expected = (1 - z) * o + z * expected
     np.testing.assert_allclose(last, expected[None], **TOLERANCE)
     np.testing.assert_allclose(h, expected, **TOLERANCE)
+
+
+def test_float16_lstm_rounds_once_at_its_outputs(tmp_path):
+    """A float16 program's gates accumulate in float32 and its states stay float32 across steps, as Core ML's
+    matrix products do: the outputs are the exact LSTM of the float16 inputs, rounded once to float16."""
+    torch.manual_seed(0)
+    layer = torch.nn.LSTM(I, H).double()
+    parameters = {name: value.astype(np.float16) for name, value in _lstm_parameters(layer).items()}
+    x, h0, c0 = (random(shape, seed=seed).astype(np.float16) for seed, shape in enumerate([(T, B, I), (B, H), (B, H)]))
+    body = lambda x, initial_h, initial_c: mb.lstm(x=x, initial_h=initial_h, initial_c=initial_c, output_sequence=True,
+                                                   **parameters)
+    sequence, h, c = run_mil(body, dict(x=x, initial_h=h0, initial_c=c0), tmp_path, target=ct.target.iOS17)
+
+    # The reference runs in float64 on exactly the float16 weights the program holds.
+    wide = lambda a: torch.from_numpy(a.astype(np.float64))
+    with torch.no_grad():
+        for name, mil_name in [("weight_ih_l0", "weight_ih"), ("weight_hh_l0", "weight_hh"), ("bias_ih_l0", "bias")]:
+            getattr(layer, name).copy_(torch.from_numpy(_reorder_gates(wide(parameters[mil_name]), LSTM_ORDER)))
+        layer.bias_hh_l0.zero_()
+        expected, (expected_h, expected_c) = layer(wide(x), (wide(h0)[None], wide(c0)[None]))
+    for actual, exact in [(sequence, expected), (h, expected_h[0]), (c, expected_c[0])]:
+        assert actual.dtype == np.float16
+        rounded = exact.numpy().astype(np.float16)
+        ulp = np.spacing(np.abs(rounded)).astype(np.float64)
+        np.testing.assert_array_less(np.abs(actual.astype(np.float64) - rounded), ulp * 1.0001 + 1e-6)
