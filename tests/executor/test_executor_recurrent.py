@@ -53,7 +53,8 @@ def test_lstm_matches_torch(tmp_path, direction, output_sequence):
     # A reverse layer reads x backwards and emits its states in reading order.
     reading = np.flip(x, 0).copy() if direction == "reverse" else x
     with torch.no_grad():
-        expected, (expected_h, expected_c) = layer(torch.from_numpy(reading), (torch.from_numpy(h0), torch.from_numpy(c0)))
+        states = (torch.from_numpy(h0), torch.from_numpy(c0))
+        expected, (expected_h, expected_c) = layer(torch.from_numpy(reading), states)
     expected_h, expected_c = side_by_side(expected_h.numpy()), side_by_side(expected_c.numpy())
     expected = expected.numpy() if output_sequence else expected_h[None]
     np.testing.assert_allclose(sequence, expected, **TOLERANCE)
@@ -97,7 +98,8 @@ def test_gru_reset_before_matches_numpy(tmp_path, direction):
     last, h = run_mil(body, dict(x=x, initial_h=h0), tmp_path)
 
     sigmoid = lambda v: 1 / (1 + np.exp(-v))
-    (w_ir, w_io, w_iz), (w_hr, w_ho, w_hz), (b_r, b_o, b_z) = (np.split(a.astype(np.float64), 3) for a in (weight_ih, weight_hh, bias))
+    gate_blocks = (np.split(a.astype(np.float64), 3) for a in (weight_ih, weight_hh, bias))
+    (w_ir, w_io, w_iz), (w_hr, w_ho, w_hz), (b_r, b_o, b_z) = gate_blocks
     expected = h0.astype(np.float64)
     for step in (range(T) if direction == "forward" else reversed(range(T))):
         x_t = x[step].astype(np.float64)

@@ -162,7 +162,7 @@ def lstm(
 
     weight_ih [4H, I], weight_hh [4H, H], bias [4H] (input and recurrent biases summed; default 0),
     peephole [p_i | p_f | p_o] [3H] (default 0). `clip`, when given, clamps the cell state c_t to
-    [-clip, clip] (coremltools' docs say "cell gate"; its reference and Core ML clip the state).
+    [-clip, clip] (coremltools' docs say "cell gate"; its op tests' reference clips the state).
 
     direction forward or reverse: initial_h, initial_c [B, H]. direction bidirectional: a forward
     pass with the weights above and a reverse pass with the `*_back` ones (bias_back and
@@ -192,7 +192,15 @@ def lstm(
     return sequence, torch.cat([forward[1], backward[1]], -1), torch.cat([forward[2], backward[2]], -1)
 
 
-def _lstm_pass(x, h, c, parameters, direction, gates, clip):
+def _lstm_pass(
+    x: torch.Tensor,
+    h: torch.Tensor,
+    c: torch.Tensor,
+    parameters: tuple,
+    direction: str,
+    gates: tuple[Callable, Callable, Callable],
+    clip: float | None,
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
     """One direction of `lstm`: (the hidden states in reading order, final h, final c)."""
     weight_ih, weight_hh, bias, peephole = parameters
     recurrent_act, cell_act, act = gates
