@@ -140,8 +140,8 @@ def test_palettized_bundle_from_the_command_line(tiny_packages, tmp_path):
     folder = copy_folder(tiny_packages("split_einsum"), tmp_path / "tiny")
     float16_bytes = (folder / "Unet.mlpackage" / WEIGHTS_FILE).stat().st_size
 
-    assert main(["--model", "tiny", "-o", str(folder), "--components", "TextEncoder,Unet,VAEDecoder",
-                 "--quantize-nbits", "6", "--bundle-resources", "--no-validate"]) == 0
+    assert main(["--model", "tiny", "-o", str(folder), "--components", "Unet", "--quantize-nbits", "6",
+                 "--bundle-resources", "--no-validate"]) == 0
 
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["components"]["Unet"]["settings"]["quantize_nbits"] == 6
