@@ -1,6 +1,6 @@
 """The generated parts of packages/README.md: minimum OS versions, the Resources/ layout and the I/O contract, written
 from the contract table (`families/`), so that the document cannot drift from what the converter writes; and the
-SDXL Swift snippet with its coreml-generate line (swift_example.py), which a test runs.
+SD 1.x and SDXL Swift snippets with their coreml-generate lines (swift_example.py), which tests run.
 
     python -m coreml_sd.converter.contract_doc packages/README.md   # rewrite the parts between their markers
 """
@@ -79,7 +79,7 @@ def generated() -> str:
 
 def rewrite(readme: Path) -> None:
     text = readme.read_text()
-    parts = ((BEGIN, END, generated()), (swift_example.BEGIN, swift_example.END, swift_example.section()))
+    parts = ((BEGIN, END, generated()), *swift_example.parts())
     for begin, end, part in parts:
         if begin not in text or end not in text:
             raise SystemExit(f"{readme} lacks a generated part (the two markers {begin!r} and {end!r})")
