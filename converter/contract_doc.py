@@ -1,11 +1,13 @@
-"""The generated part of packages/README.md: minimum OS versions, the Resources/ layout and the I/O contract, written
-from the contract table (`families/`), so that the document cannot drift from what the converter writes.
+"""The generated parts of packages/README.md: minimum OS versions, the Resources/ layout and the I/O contract, written
+from the contract table (`families/`), so that the document cannot drift from what the converter writes; and the
+SD 1.x and SDXL Swift snippets with their coreml-generate lines (swift_example.py), which tests run.
 
-    python -m coreml_sd.converter.contract_doc packages/README.md   # rewrite the part between the markers
+    python -m coreml_sd.converter.contract_doc packages/README.md   # rewrite the parts between their markers
 """
 import sys
 from pathlib import Path
 
+from . import swift_example
 from .chunks import chunk_names
 from .families import FAMILIES, Family
 from .families.contract import COMPILED_SUFFIX, PACKAGE_MINIMUM_OS, TENSOR_MEANINGS, TOKENIZER_FILES, ModelDimensions
@@ -77,10 +79,13 @@ def generated() -> str:
 
 def rewrite(readme: Path) -> None:
     text = readme.read_text()
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"{readme} has no generated part (the two markers {BEGIN!r} and {END!r})")
-    before, rest = text.split(BEGIN, 1)
-    readme.write_text(before + generated() + rest.split(END, 1)[1])
+    parts = ((BEGIN, END, generated()), *swift_example.parts())
+    for begin, end, part in parts:
+        if begin not in text or end not in text:
+            raise SystemExit(f"{readme} lacks a generated part (the two markers {begin!r} and {end!r})")
+        before, rest = text.split(begin, 1)
+        text = before + part + rest.split(end, 1)[1]
+    readme.write_text(text)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from coreml_sd.converter.chunks import WEIGHTS_FILE, split_package
 from coreml_sd.converter.cli import main
 from coreml_sd.converter.errors import ConversionError
 from coreml_sd.converter.contract_doc import generated
+from coreml_sd.converter.swift_example import parts as swift_parts
 from coreml_sd.converter.metadata import licence_in_card
 from coreml_sd.converter.families import family_by_name
 from coreml_sd.converter.program_stats import load_program
@@ -195,7 +196,8 @@ def test_xl_chunks_follow_the_contract(tiny_xl_packages, tmp_path):
 
 def test_packages_readme_holds_the_contract_table():
     readme = (Path(__file__).resolve().parents[2] / "packages" / "README.md").read_text()
-    assert generated() in readme, "regenerate it: python -m coreml_sd.converter.contract_doc packages/README.md"
+    for part in (generated(), *(text for _, _, text in swift_parts())):
+        assert part in readme, "regenerate it: python -m coreml_sd.converter.contract_doc packages/README.md"
     assert all(f"`{name}`" in readme for name in SWIFT_RESOURCE_FILES)
 
 
