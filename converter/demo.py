@@ -62,7 +62,8 @@ def build_demo_pipeline(folder: Path | None = None) -> StableDiffusionPipeline:
     folder = folder or weights_folder()
     missing = [name for name in WEIGHT_FILES.values() if not (folder / name).is_file()]
     if missing:
-        raise FileNotFoundError(f"{folder} lacks {', '.join(missing)}: train them with scripts/train_demo_model.py")
+        raise FileNotFoundError(f"{folder} lacks {', '.join(missing)}: reinstall coreml-sd, or train them with "
+                                "scripts/train_demo_model.py")
     with torch.random.fork_rng(devices=[]):  # the initial weights are replaced; leave the caller's RNG alone
         unet, vae, text_encoder = build_modules()
     for module_name, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):

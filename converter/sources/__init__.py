@@ -154,7 +154,7 @@ class ModelSource:
 def list_models() -> list[tuple[str, str]]:
     from .builtin import BUILT_IN
 
-    return [(name, what) for name, (what, _, _) in BUILT_IN.items()] + list(ALIASES.items())
+    return [(name, built_in.what) for name, built_in in BUILT_IN.items()] + list(ALIASES.items())
 
 
 def resolve(model: str, revision: str | None = None, model_type: str | None = None,
