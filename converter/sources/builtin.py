@@ -53,12 +53,13 @@ class BuiltIn:
     module: str
     builder: str
     trained: bool = False  # its weights ship as files (a package records their digest); else a seed makes them
+    vae_compute_precision: str | None = None  # where its VAE needs more than its family's float16
 
 
 BUILT_IN = {
     "demo": BuiltIn("embedded 64x64 model trained on coloured shapes: draws what the prompt says "
                     "(model card: coreml_sd/converter/data/demo/README.md)", "demo", "build_demo_pipeline",
-                    trained=True),
+                    trained=True, vae_compute_precision="float32"),  # its encoder's activations reach ~300
     "tiny": BuiltIn("embedded SD-architecture model with random weights, for trying things out", "tiny",
                     "build_tiny_pipeline"),
     "tiny-xl": BuiltIn("embedded SDXL-architecture base with random weights", "tiny_xl", "build_tiny_xl_pipeline"),
@@ -96,4 +97,5 @@ def built_in_source(name: str) -> ModelSource:
         family=family,
         reader=PipelineReader(pipeline),
         force_zeros_for_empty_prompt=pipeline_setting(dict(pipeline.config), family),
+        vae_compute_precision=built_in.vae_compute_precision,
     )
