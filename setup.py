@@ -24,7 +24,8 @@ setup(
     python_requires=">=3.10",
     package_dir=package_dir,
     packages=sorted(package_dir),
-    package_data={"coreml_sd.converter": ["data/vocab.json", "data/merges.txt"]},
+    package_data={"coreml_sd.converter": ["data/vocab.json", "data/merges.txt", "data/demo/*.safetensors",
+                                           "data/demo/README.md"]},
     install_requires=[
         "coremltools>=8.0",
         "numpy<2.4",

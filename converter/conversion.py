@@ -141,10 +141,11 @@ def model_dimensions(source: ModelSource, options: ConversionOptions) -> ModelDi
 
 
 def compute_precision(source: ModelSource, component: str, options: ConversionOptions) -> str:
-    """float16, but the family's VAE precision for its own VAE (SDXL's overflows float16); a VAE swapped in
+    """float16, but the model's or its family's VAE precision for its own VAE (SDXL's overflows float16, the demo
+    model's encoder loses too much in it); a VAE swapped in
     with --vae is taken to be made for float16 (validation refuses it if it overflows)."""
     if source.family.component(component).kind.startswith("vae") and not options.vae:
-        return source.family.defaults.vae_compute_precision
+        return source.vae_compute_precision or source.family.defaults.vae_compute_precision
     return "float16"
 
 

@@ -9,7 +9,7 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -34,8 +34,20 @@ TEXT_ENCODER_CONFIG = dict(
     num_attention_heads=6,
 )
 
+# SD v1's betas rescaled to a zero terminal SNR, v-prediction and "trailing" timesteps (Lin et al. 2024, "Common
+# Diffusion Noise Schedules and Sample Steps are Flawed"): at the first sampling step the latents hold no trace of
+# a picture, so the prompt, not the noise, decides where the shape goes. SD v1's schedule leaves a faint picture
+# in its noisiest latents, and a model trained on it reads the layout out of the seed's noise.
+SCHEDULER_CONFIG = dict(tiny.SCHEDULER_CONFIG, prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                        timestep_spacing="trailing")
+
 WEIGHT_FILES = {"unet": "unet.safetensors", "vae": "vae.safetensors", "text_encoder": "text_encoder.safetensors"}
 SCALING_FACTOR_KEY = "scaling_factor"  # safetensors metadata of vae.safetensors
+
+
+def build_scheduler() -> DPMSolverMultistepScheduler:
+    """DPM-Solver++ on the demo's schedule (PNDM and LMS know no zero-SNR rescaling)."""
+    return DPMSolverMultistepScheduler.from_config(SCHEDULER_CONFIG)
 
 
 def weights_folder() -> Path:
@@ -62,7 +74,8 @@ def build_demo_pipeline(folder: Path | None = None) -> StableDiffusionPipeline:
     folder = folder or weights_folder()
     missing = [name for name in WEIGHT_FILES.values() if not (folder / name).is_file()]
     if missing:
-        raise FileNotFoundError(f"{folder} lacks {', '.join(missing)}: train them with scripts/train_demo_model.py")
+        raise FileNotFoundError(f"{folder} lacks {', '.join(missing)}: reinstall coreml-sd, or train them with "
+                                "scripts/train_demo_model.py")
     with torch.random.fork_rng(devices=[]):  # the initial weights are replaced; leave the caller's RNG alone
         unet, vae, text_encoder = build_modules()
     for module_name, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
@@ -72,4 +85,4 @@ def build_demo_pipeline(folder: Path | None = None) -> StableDiffusionPipeline:
 
     with safe_open(folder / WEIGHT_FILES["vae"], "pt") as weights:
         vae.register_to_config(scaling_factor=float(weights.metadata()[SCALING_FACTOR_KEY]))
-    return tiny.assemble_pipeline(unet, vae, text_encoder)
+    return tiny.assemble_pipeline(unet, vae, text_encoder, build_scheduler())

@@ -8,6 +8,7 @@ from importlib import resources
 import torch
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from transformers import CLIPConfig, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from coreml_sd.runtime.safety import SD_FEATURE_EXTRACTOR
@@ -98,14 +99,15 @@ def build_tiny_pipeline() -> StableDiffusionPipeline:
     return assemble_pipeline(unet, vae, text_encoder)
 
 
-def assemble_pipeline(unet, vae, text_encoder) -> StableDiffusionPipeline:
-    """An SD v1 pipeline (PNDM, the CLIP tokenizer, no safety checker) on the given modules, in eval mode."""
+def assemble_pipeline(unet, vae, text_encoder, scheduler: SchedulerMixin | None = None) -> StableDiffusionPipeline:
+    """An SD v1 pipeline (PNDM unless `scheduler` is given, the CLIP tokenizer, no safety checker) on the given
+    modules, in eval mode."""
     pipeline = StableDiffusionPipeline(
         vae=vae.eval(),
         text_encoder=text_encoder.eval(),
         tokenizer=build_tokenizer(),
         unet=unet.eval(),
-        scheduler=PNDMScheduler(**SCHEDULER_CONFIG),
+        scheduler=scheduler or PNDMScheduler(**SCHEDULER_CONFIG),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

@@ -60,7 +60,27 @@ def scheduler_class(name: str) -> type[SchedulerMixin]:
     return SCHEDULERS[name]
 
 
+# Settings of a schedule that only some of diffusers' schedulers implement: the others would quietly sample a
+# schedule the model was not trained on.
+SCHEDULE_FEATURES = ("rescale_betas_zero_snr",)
+
+
+def _implements(cls: type[SchedulerMixin], feature: str) -> bool:
+    return feature in inspect.signature(cls.__init__).parameters
+
+
+def check_schedule(name: str, config: dict) -> None:
+    """Raises GenerationError when scheduler `name` cannot follow the schedule `config` describes."""
+    cls = scheduler_class(name)
+    for feature in SCHEDULE_FEATURES:
+        if config.get(feature) and not _implements(cls, feature):
+            able = [other for other, candidate in SCHEDULERS.items() if _implements(candidate, feature)]
+            raise GenerationError(f"the {name} scheduler cannot follow this model's schedule ({feature}); choose "
+                                  f"from {', '.join(able)}")
+
+
 def build_scheduler(name: str, config: dict, prediction_type: str) -> SchedulerMixin:
+    check_schedule(name, config)
     cls = scheduler_class(name)
     scheduler = cls.from_config(config, prediction_type=prediction_type)
     corrections = {

@@ -5,13 +5,15 @@
 
 (coreml-sd installed, as in the .venv that scripts/demo and scripts/test make.)
 
-Two phases, each resumable from `work-dir/checkpoint.pt` (rerun the same command after an interruption):
+Three phases, each resumable from `work-dir/checkpoint.pt` (rerun the same command after an interruption):
 1. the AutoencoderKL learns to reconstruct the pictures (L1 on pixels and on their gradients, so that edges stay
    sharp, L1 on 8x8 block means, so that flat colours come back as they were, and a small KL term);
 2. the frozen encoder turns a pool of pictures into latents, and the UNet2DConditionModel and the CLIPTextModel
-   learn together to predict the noise added to them (SD v1's schedule, min-SNR weighting), with 10% empty
-   captions so that classifier-free guidance works; the weights shipped are an exponential moving average.
-   Meanwhile the decoder keeps learning on the frozen encoder's latents (a step every --decoder-every).
+   learn together to predict the velocity of the noising (SD v1's betas rescaled to a zero terminal SNR,
+   v-prediction), with 10% empty captions so that classifier-free guidance works; the weights shipped are an
+   exponential moving average;
+3. the decoder learns on for --decoder-steps on the frozen encoder's latents (the denoiser's latent space stays
+   put). Phases 2 and 3 depend only on phase 1's result, not on each other.
 
 Every picture, caption, noise draw and initial weight follows from --seed: a rerun gives the same weights.
 Losses go to stdout and work-dir/losses.jsonl; sample grids to work-dir/samples/.
@@ -33,13 +35,16 @@ from safetensors.torch import save_file
 from coreml_sd.converter.demo import (
     IMAGE_SIZE,
     SCALING_FACTOR_KEY,
+    SCHEDULER_CONFIG,
     WEIGHT_FILES,
     build_modules,
+    build_scheduler,
 )
 from coreml_sd.converter.demo_data import SAMPLE_PROMPTS, ShapePicture, caption, draw, random_picture
-from coreml_sd.converter.tiny import SCHEDULER_CONFIG, assemble_pipeline, build_tokenizer
+from coreml_sd.converter.tiny import assemble_pipeline, build_tokenizer
 
-VAE_PHASE, UNET_PHASE = "vae", "unet"
+VAE_PHASE, UNET_PHASE, DECODER_PHASE = "vae", "unet", "decoder"
+PHASES = (VAE_PHASE, UNET_PHASE, DECODER_PHASE)
 # Independent random streams, so that each phase's data depends only on (seed, stream, step).
 STREAMS = {"vae": 0, "pool": 1, "captions": 2, "held-out": 3, "decoder": 4}
 SHAPE_WEIGHT = 5.0  # the shape covers a few percent of a picture; its colour matters more than that
@@ -102,13 +107,11 @@ class Trainer:
         self.vae_optimizer = torch.optim.AdamW(self.vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
         self.unet_optimizer = torch.optim.AdamW(
             [*self.unet.parameters(), *self.text_encoder.parameters()], lr=args.unet_lr, weight_decay=0.01)
-        self.state = {"phase": VAE_PHASE, "step": 0, "seconds": {VAE_PHASE: 0.0, UNET_PHASE: 0.0},
+        self.state = {"phase": VAE_PHASE, "step": 0, "seconds": dict.fromkeys(PHASES, 0.0),
                       "scaling_factor": None}
         self.pool = None  # (mean, std) of the encoded pool of pictures, and the pictures
-        self.schedule = DDPMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items() if k in
-                                         ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")})
-        alphas = self.schedule.alphas_cumprod
-        self.snr = alphas / (1 - alphas)
+        self.schedule = DDPMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items() if k in (
+            "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "rescale_betas_zero_snr")})
 
     # -- checkpoints ---------------------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
@@ -205,9 +208,6 @@ class Trainer:
         args = self.args
         self.encode_pool()
         self.vae.eval().requires_grad_(False)
-        decoder = [*self.vae.post_quant_conv.parameters(), *self.vae.decoder.parameters()]
-        for parameter in decoder:
-            parameter.requires_grad_(True)
         self.unet.train()
         self.text_encoder.train()
         parameters = [*self.unet.parameters(), *self.text_encoder.parameters()]
@@ -230,16 +230,14 @@ class Trainer:
             noisy = self.schedule.add_noise(latents, noise, timesteps)
             hidden = self.text_encoder(self.tokens(captions)).last_hidden_state
             prediction = self.unet(noisy, timesteps, hidden).sample
-            # min-SNR-5 weighting (Hang et al. 2023): the easy low-noise steps do not dominate the loss
-            weights = torch.clamp(self.snr[timesteps], max=5.0) / self.snr[timesteps]
-            loss = (weights * ((prediction - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+            # The plain v loss weighs a step's error in the picture by SNR + 1: never less than 1, so the noisiest
+            # steps, where only the prompt can tell what to draw, count as much as any.
+            loss = F.mse_loss(prediction, self.schedule.get_velocity(latents, noise, timesteps))
             self.unet_optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(parameters, 1.0)
             self.unet_optimizer.step()
             self.update_ema(step)
-            if step % args.decoder_every == 0:
-                self.decoder_step(step, decoder)
             self.state["step"] = step + 1
             self.state["seconds"][UNET_PHASE] = time.perf_counter() - started
             if step % 50 == 0 or step + 1 == args.unet_steps:
@@ -249,23 +247,37 @@ class Trainer:
                 self.sample_grid(f"unet-{step + 1:05d}.png")
                 self.save_checkpoint()
 
-    def decoder_step(self, step: int, decoder: list[torch.nn.Parameter]) -> None:
-        """The decoder keeps learning on the frozen encoder's latents (the denoiser's latent space stays put)."""
+    def train_decoder(self) -> None:
+        """The decoder learns on on the frozen encoder's latents (the denoiser's latent space stays put)."""
         args = self.args
-        for group in self.vae_optimizer.param_groups:
-            group["lr"] = learning_rate(step, args.unet_steps, args.vae_lr / 2, warmup=1)
-        x, _ = picture_batch(args.seed, "decoder", step, args.vae_batch)
-        with torch.no_grad():
-            posterior = self.vae.encode(x).latent_dist
-            generator = torch.Generator().manual_seed(args.seed * 100_019 + step)
-            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
-        loss, parts = reconstruction_loss(self.vae.decode(z).sample, x)
-        self.vae_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(decoder, 1.0)
-        self.vae_optimizer.step()
-        if step % 50 == 0:
-            self.log({"phase": "decoder", "step": step, "loss": loss.item(), **parts})
+        self.vae.eval().requires_grad_(False)
+        decoder = [*self.vae.post_quant_conv.parameters(), *self.vae.decoder.parameters()]
+        for parameter in decoder:
+            parameter.requires_grad_(True)
+        started = time.perf_counter() - self.state["seconds"][DECODER_PHASE]
+        while self.state["step"] < args.decoder_steps:
+            step = self.state["step"]
+            for group in self.vae_optimizer.param_groups:
+                group["lr"] = learning_rate(step, args.decoder_steps, args.vae_lr / 2, warmup=1)
+            x, _ = picture_batch(args.seed, "decoder", step, args.vae_batch)
+            with torch.no_grad():
+                posterior = self.vae.encode(x).latent_dist
+                generator = torch.Generator().manual_seed(args.seed * 100_019 + step)
+                z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+            loss, parts = reconstruction_loss(self.vae.decode(z).sample, x)
+            self.vae_optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(decoder, 1.0)
+            self.vae_optimizer.step()
+            self.state["step"] = step + 1
+            self.state["seconds"][DECODER_PHASE] = time.perf_counter() - started
+            if step % 50 == 0 or step + 1 == args.decoder_steps:
+                self.log({"phase": DECODER_PHASE, "step": step, "loss": loss.item(), **parts,
+                          "seconds": round(self.state["seconds"][DECODER_PHASE])})
+            if (step + 1) % args.sample_every == 0 or step + 1 == args.decoder_steps:
+                self.reconstruction_grid(f"decoder-{step + 1:05d}.png")
+                self.save_checkpoint()
+        self.vae.eval()
 
     @torch.no_grad()
     def update_ema(self, step: int) -> None:
@@ -277,7 +289,8 @@ class Trainer:
     def demo_pipeline(self):
         vae = copy.deepcopy(self.vae)
         vae.register_to_config(scaling_factor=self.state["scaling_factor"])
-        return assemble_pipeline(copy.deepcopy(self.ema_unet), vae, copy.deepcopy(self.ema_text_encoder))
+        return assemble_pipeline(copy.deepcopy(self.ema_unet), vae, copy.deepcopy(self.ema_text_encoder),
+                                 build_scheduler())
 
     @torch.no_grad()
     def sample_grid(self, name: str) -> None:
@@ -294,7 +307,7 @@ class Trainer:
     def export(self, output: Path) -> None:
         output.mkdir(parents=True, exist_ok=True)
         metadata = {"seed": str(self.args.seed), "vae_steps": str(self.args.vae_steps),
-                    "unet_steps": str(self.args.unet_steps)}
+                    "unet_steps": str(self.args.unet_steps), "decoder_steps": str(self.args.decoder_steps)}
         modules = {"unet": self.ema_unet, "vae": self.vae, "text_encoder": self.ema_text_encoder}
         for name, module in modules.items():
             state = {key: tensor.detach().half().contiguous() for key, tensor in module.state_dict().items()
@@ -322,17 +335,18 @@ def main() -> None:
     parser.add_argument("--work-dir", default="build/demo-training", help="checkpoints, losses, sample grids")
     parser.add_argument("--output", default=None, help="write the weights here when done (e.g. converter/data/demo)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="more only on an idle machine: OpenMP threads spin when the cores are shared")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="more only on an idle machine: OpenMP threads spin when the cores are shared")
     parser.add_argument("--vae-steps", type=int, default=750)
     parser.add_argument("--vae-batch", type=int, default=16)
     parser.add_argument("--vae-lr", type=float, default=2e-3)
     parser.add_argument("--kl-weight", type=float, default=1e-6)
     parser.add_argument("--pool-size", type=int, default=4096, help="pictures encoded once for phase 2")
-    parser.add_argument("--unet-steps", type=int, default=1000)
+    parser.add_argument("--unet-steps", type=int, default=6000)
     parser.add_argument("--unet-batch", type=int, default=32)
     parser.add_argument("--unet-lr", type=float, default=5e-4)
     parser.add_argument("--ema-decay", type=float, default=0.995)
-    parser.add_argument("--decoder-every", type=int, default=2, help="a decoder step every N denoiser steps")
+    parser.add_argument("--decoder-steps", type=int, default=3000)
     parser.add_argument("--sample-every", type=int, default=150)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -342,7 +356,11 @@ def main() -> None:
         trainer.train_vae()
         trainer.state.update(phase=UNET_PHASE, step=0)
         trainer.save_checkpoint()
-    trainer.train_unet()
+    if trainer.state["phase"] == UNET_PHASE:
+        trainer.train_unet()
+        trainer.state.update(phase=DECODER_PHASE, step=0)
+        trainer.save_checkpoint()
+    trainer.train_decoder()
     if args.output:
         trainer.export(Path(args.output))
 

@@ -1,4 +1,4 @@
-"""Fixtures shared by all test areas: the tiny model and its converted packages.
+"""Fixtures shared by all test areas: the tiny, tiny-xl and demo models and their converted packages.
 
 Conversions are the slow part of the suite, so each attention implementation's package folder is
 converted once per session (all of SD's components) and shared by every test that needs it.
@@ -40,6 +40,23 @@ def tiny_palettized_unet(tmp_path_factory):
     output = tmp_path_factory.mktemp("tiny-6-bit")
     report = convert_model(ConversionOptions(model="tiny", output=output, components=("Unet",), quantize_nbits=6))
     assert report.converted == ["Unet"]
+    return output
+
+
+@pytest.fixture(scope="session")
+def demo_pipeline():
+    """The diffusers original of the `demo` packages (float32, the shipped weights)."""
+    from coreml_sd.converter.demo import build_demo_pipeline
+
+    return build_demo_pipeline()
+
+
+@pytest.fixture(scope="session")
+def demo_package(tmp_path_factory) -> Path:
+    """The demo model converted once (split einsum; no safety checker: it draws shapes)."""
+    output = tmp_path_factory.mktemp("demo")
+    components = ("TextEncoder", "Unet", "VAEDecoder", "VAEEncoder")
+    convert_model(ConversionOptions(model="demo", output=output, components=components))
     return output
 
 

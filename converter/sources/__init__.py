@@ -80,6 +80,7 @@ class ModelSource:
     force_zeros_for_empty_prompt: bool | None = None  # as the model's pipeline config (model_index.json) says
     safety_checker: str | None = None  # --safety-checker: another model's checker, by folder or id
     vae_folder: Path | None = None  # a VAE swapped in for the model's own (--vae)
+    vae_compute_precision: str | None = None  # the model's own VAE's, where it needs more than its family's
 
     def use_vae(self, vae: str) -> None:
         """Take the VAE from `vae` (a diffusers VAE folder, a model folder with vae/, or a Hugging Face id of
@@ -154,7 +155,7 @@ class ModelSource:
 def list_models() -> list[tuple[str, str]]:
     from .builtin import BUILT_IN
 
-    return [(name, what) for name, (what, _, _) in BUILT_IN.items()] + list(ALIASES.items())
+    return [(name, built_in.what) for name, built_in in BUILT_IN.items()] + list(ALIASES.items())
 
 
 def resolve(model: str, revision: str | None = None, model_type: str | None = None,

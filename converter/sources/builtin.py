@@ -1,11 +1,12 @@
-"""Models built into the converter: `tiny` (SD's architecture at toy size with random weights), `tiny-xl` and
-`tiny-xl-refiner` (SDXL's)."""
+"""Models built into the converter: `demo` (a small model trained here, which draws what its prompt says), `tiny`
+(SD's architecture at toy size with random weights), `tiny-xl` and `tiny-xl-refiner` (SDXL's)."""
 import copy
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..errors import ConversionError
 from ..families import detect_family
 from . import ModelSource
 
@@ -44,12 +45,26 @@ def copy_clip_vocabulary_files(destination: Path) -> None:
         (destination / Path(path).name).write_bytes(Path(path).read_bytes())
 
 
-# The embedded models: name -> (what it is, the module and function that build its diffusers pipeline).
+@dataclass(frozen=True)
+class BuiltIn:
+    """An embedded model: what `--list-models` says of it, and the module and function that build its pipeline."""
+
+    what: str
+    module: str
+    builder: str
+    trained: bool = False  # its weights ship as files (a package records their digest); else a seed makes them
+    vae_compute_precision: str | None = None  # where its VAE needs more than its family's float16
+
+
 BUILT_IN = {
-    "tiny": ("embedded SD-architecture model with random weights, for trying things out", "tiny", "build_tiny_pipeline"),
-    "tiny-xl": ("embedded SDXL-architecture base with random weights", "tiny_xl", "build_tiny_xl_pipeline"),
-    "tiny-xl-refiner": ("embedded SDXL-architecture refiner with random weights", "tiny_xl",
-                        "build_tiny_xl_refiner_pipeline"),
+    "demo": BuiltIn("embedded 64x64 model trained on coloured shapes: draws what the prompt says "
+                    "(model card: coreml_sd/converter/data/demo/README.md)", "demo", "build_demo_pipeline",
+                    trained=True, vae_compute_precision="float32"),  # its encoder's activations reach ~300
+    "tiny": BuiltIn("embedded SD-architecture model with random weights, for trying things out", "tiny",
+                    "build_tiny_pipeline"),
+    "tiny-xl": BuiltIn("embedded SDXL-architecture base with random weights", "tiny_xl", "build_tiny_xl_pipeline"),
+    "tiny-xl-refiner": BuiltIn("embedded SDXL-architecture refiner with random weights", "tiny_xl",
+                               "build_tiny_xl_refiner_pipeline"),
 }
 
 
@@ -58,14 +73,20 @@ def built_in_source(name: str) -> ModelSource:
 
     from .folders import pipeline_setting
 
-    _, module, builder = BUILT_IN[name]
-    pipeline = getattr(import_module(f"coreml_sd.converter.{module}"), builder)()
+    built_in = BUILT_IN[name]
+    module = import_module(f"coreml_sd.converter.{built_in.module}")
+    try:
+        pipeline = getattr(module, built_in.builder)()
+    except FileNotFoundError as error:
+        raise ConversionError(f"the {name} model's weights are missing: {error}") from None
+    # What a package records to tell two versions of the model apart.
+    identity = {"weights_sha256": module.weights_digest()} if built_in.trained else {"seed": 0}
     unet_config = dict(pipeline.unet.config)
     family = detect_family(dict(pipeline.config), unet_config)
     text_configs = {module: getattr(pipeline, module).config.to_dict() for module in family.text_encoder_classes}
     return ModelSource(
         name=name,
-        description={"model": name, "seed": 0},
+        description={"model": name, **identity},
         # As scheduler_config.json holds it: a scheduler built from it for another class keeps that class's own
         # defaults for the values listed in `_use_default_values`, as diffusers does.
         scheduler_config=dict(pipeline.scheduler.config, _class_name=type(pipeline.scheduler).__name__),
@@ -76,4 +97,5 @@ def built_in_source(name: str) -> ModelSource:
         family=family,
         reader=PipelineReader(pipeline),
         force_zeros_for_empty_prompt=pipeline_setting(dict(pipeline.config), family),
+        vae_compute_precision=built_in.vae_compute_precision,
     )

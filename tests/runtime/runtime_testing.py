@@ -17,7 +17,6 @@ from PIL import Image
 from coreml_sd.runtime.sampling import draw_noise
 
 PSNR_THRESHOLD_DB = 55.0  # images end to end measure 57.5-58.5 dB against diffusers
-LATENT_SHAPE = (1, 4, 16, 16)  # the tiny model's 128x128 images
 # The runtime's scheduler names, mapped here to diffusers' classes as they come.
 DIFFUSERS_SCHEDULERS = {
     "pndm": PNDMScheduler,
@@ -27,6 +26,12 @@ DIFFUSERS_SCHEDULERS = {
     "dpm++": DPMSolverMultistepScheduler,
     "lms": LMSDiscreteScheduler,
 }
+
+
+def latent_shape(reference: StableDiffusionPipeline) -> tuple[int, int, int, int]:
+    """The shape of one image's latents at the reference Unet's own size (the runtime's noise is drawn in it)."""
+    side = reference.unet.config.sample_size
+    return (1, reference.unet.config.in_channels, side, side)
 
 
 def pixels(image: Image.Image) -> np.ndarray:
@@ -47,7 +52,7 @@ def diffusers_txt2img(
     reference, config: dict, prompt: str, negative_prompt: str, scheduler: str, steps: int, seed: int
 ) -> np.ndarray:
     """diffusers' text-to-image started from the runtime's initial noise for `seed`."""
-    latents = torch.from_numpy(draw_noise(np.random.RandomState(seed), LATENT_SHAPE))
+    latents = torch.from_numpy(draw_noise(np.random.RandomState(seed), latent_shape(reference)))
     return _with_scheduler(StableDiffusionPipeline, reference, scheduler, config)(
         prompt,
         negative_prompt=negative_prompt or None,
@@ -65,8 +70,8 @@ def diffusers_img2img(
     """diffusers' image-to-image fed the runtime's noise for `seed`: first the noise it adds at the start
     step (diffusers draws it with `randn_tensor`, replaced here), then the VAE posterior's sample."""
     rng = np.random.RandomState(seed)
-    noise = torch.from_numpy(draw_noise(rng, LATENT_SHAPE))
-    sample_noise = torch.from_numpy(draw_noise(rng, LATENT_SHAPE))
+    noise = torch.from_numpy(draw_noise(rng, latent_shape(reference)))
+    sample_noise = torch.from_numpy(draw_noise(rng, latent_shape(reference)))
     x = torch.from_numpy(np.asarray(image, np.float32).transpose(2, 0, 1)[None] / 127.5 - 1)
     with torch.no_grad():
         posterior = reference.vae.encode(x).latent_dist

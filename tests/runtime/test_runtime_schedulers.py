@@ -66,3 +66,15 @@ def test_old_sd_configs_are_corrected_as_diffusers_pipeline_does(tiny_pipeline):
     reference = StableDiffusionPipeline(**{**tiny_pipeline.components, "scheduler": ddim}).scheduler.config
     ours = build_scheduler("ddim", old_config, "epsilon").config
     assert (ours.clip_sample, ours.steps_offset) == (reference.clip_sample, reference.steps_offset) == (False, 1)
+
+
+def test_a_zero_terminal_snr_schedule_refuses_the_schedulers_that_cannot_follow_it():
+    config = {**CONFIG, "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+    for name in ("pndm", "lms"):
+        with pytest.raises(GenerationError, match=f"the {name} scheduler cannot follow this model's schedule "
+                                                  r"\(rescale_betas_zero_snr\); choose from ddim, euler, euler-a, dpm\+\+"):
+            build_scheduler(name, config, "v_prediction")
+    scheduler = build_scheduler("dpm++", config, "v_prediction")
+    scheduler.set_timesteps(4)
+    # the first step starts from pure noise: diffusers clips the terminal alpha-bar of 0 to 2**-24
+    assert scheduler.timesteps[0] == 999 and scheduler.alphas_cumprod[-1] == pytest.approx(2.0 ** -24)

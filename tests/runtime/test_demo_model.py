@@ -1,0 +1,180 @@
+"""The trained `demo` model draws what the prompt says, through conversion and the reference executor.
+
+Each picture is measured with simple image statistics (thresholds below), and the same prompts and seeds are
+run through the demo's diffusers pipeline, which must agree with the packages end to end.
+"""
+import colorsys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from coreml_sd.converter.demo_data import COLOURS, ShapePicture, draw
+from coreml_sd.runtime import Pipeline
+from coreml_sd.runtime.executor import psnr
+from runtime_testing import diffusers_img2img, diffusers_txt2img, pixels
+
+SCHEDULER = "dpm++"
+STEPS = 8
+SEEDS = (0,)
+PROMPTS = (  # colour, background, position (None: not asked for)
+    ("a red circle on the left, white background", "red", "white", "left"),
+    ("a blue star on the right, black background", "blue", "black", "right"),
+    ("a yellow square at the top, black background", "yellow", "black", "top"),
+    ("a green triangle at the bottom, white background", "green", "white", "bottom"),
+    ("a purple circle in the centre, white background", "purple", "white", "centre"),
+    ("an orange square on the left, black background", "orange", "black", "left"),
+    ("a large blue triangle at the top, white background", "blue", "white", "top"),
+    ("a small red star at the bottom, black background", "red", "black", "bottom"),
+    ("a green circle on the right, black background", "green", "black", "right"),
+    ("a yellow star on a white background", "yellow", "white", None),
+)
+CHECKS = ("colour ok", "background ok", "position ok")
+# The share of cases each check must pass. Colour stays under 90%: the autoencoder's encoder keeps green and blue
+# (and orange and yellow) close together, so the model draws green shapes blue (see the model card); 40% is well
+# above the 1 in 6 of a model that ignores the colour it is asked for.
+PASS_RATES = {"colour ok": 0.4, "background ok": 0.9, "position ok": 0.9}
+# Packages against the diffusers original, end to end: 50-58 dB measured (tiny's random weights give 57-59).
+PSNR_THRESHOLD_DB = 45.0
+
+# The measures and their thresholds.
+BORDER = 3  # pixels: the background is the median colour of this frame
+FOREGROUND_DISTANCE = 0.3  # RGB distance (channels in [0, 1]) from the background colour that makes a pixel the shape's
+MIN_FOREGROUND = 0.02  # of the image: something is drawn
+MIN_SATURATION = 0.3  # foreground pixels this saturated vote for their hue
+LIGHT, DARK = 0.6, 0.4  # the background's luminance above / below
+OFF_CENTRE = 0.08  # a left/right/top/bottom centroid is this far past the middle (fractions of the side)
+CENTRED = 0.12  # a centre centroid is within this of the middle on both axes
+SIDES = {"left": (0, -1), "right": (0, 1), "top": (1, -1), "bottom": (1, 1)}  # (axis: 0 x / 1 y, direction)
+PALETTE_HUES = {name: colorsys.rgb_to_hsv(*(c / 255 for c in rgb))[0] * 360 for name, rgb in COLOURS.items()}
+
+
+def hue_distance(a: float, b: np.ndarray | float) -> np.ndarray:
+    return np.abs((np.asarray(b) - a + 180) % 360 - 180)
+
+
+def measure(image) -> dict:
+    """The background's luminance, the dominant foreground colour (the palette colour nearest in hue to most of
+    the saturated foreground pixels) and the foreground's centroid (x right, y down, as fractions of the side)."""
+    rgb = pixels(image)
+    frame = np.concatenate([rgb[:BORDER].reshape(-1, 3), rgb[-BORDER:].reshape(-1, 3),
+                            rgb[:, :BORDER].reshape(-1, 3), rgb[:, -BORDER:].reshape(-1, 3)])
+    background = np.median(frame, axis=0)
+    luminance = float(background @ np.array([0.299, 0.587, 0.114]))
+    foreground = np.linalg.norm(rgb - background, axis=-1) > FOREGROUND_DISTANCE
+    result = {"background": luminance, "foreground": float(foreground.mean()), "colour": None, "x": None, "y": None}
+    if result["foreground"] < MIN_FOREGROUND:
+        return result
+    ys, xs = np.nonzero(foreground)
+    result["x"], result["y"] = (xs.mean() + 0.5) / rgb.shape[1], (ys.mean() + 0.5) / rgb.shape[0]
+    hsv = np.array([colorsys.rgb_to_hsv(*pixel) for pixel in rgb[foreground]])
+    hues = hsv[hsv[:, 1] >= MIN_SATURATION, 0] * 360
+    if len(hues):
+        names = list(PALETTE_HUES)
+        nearest = np.argmin([hue_distance(PALETTE_HUES[name], hues) for name in names], axis=0)
+        result["colour"] = names[np.bincount(nearest, minlength=len(names)).argmax()]
+    return result
+
+
+def position_holds(position: str | None, x: float | None, y: float | None) -> bool:
+    if position is None:
+        return True
+    if x is None:
+        return False
+    if position == "centre":
+        return abs(x - 0.5) <= CENTRED and abs(y - 0.5) <= CENTRED
+    axis, direction = SIDES[position]
+    return direction * ((x, y)[axis] - 0.5) >= OFF_CENTRE
+
+
+def semantic_checks(image, colour: str, background: str, position: str | None) -> dict:
+    measured = measure(image)
+    bright = measured["background"]
+    return {
+        **measured,
+        "colour ok": measured["colour"] == colour,
+        "background ok": bright > LIGHT if background == "white" else bright < DARK,
+        "position ok": position_holds(position, measured["x"], measured["y"]),
+    }
+
+
+def table(title: str, rows: list[tuple[str, int, dict]]) -> str:
+    lines = [title, f"{'prompt':<52} {'seed':>4}  {'colour':<7} {'bg lum':>6} {'fg':>5} {'x':>5} {'y':>5}  pass"]
+    for prompt, seed, checks in rows:
+        x, y = (f"{checks[k]:.2f}" if checks[k] is not None else "-" for k in ("x", "y"))
+        passed = all(checks[k] for k in CHECKS)
+        lines.append(f"{prompt:<52} {seed:>4}  {checks['colour'] or '-':<7} {checks['background']:>6.2f} "
+                     f"{checks['foreground']:>5.2f} {x:>5} {y:>5}  {'yes' if passed else 'NO'}")
+    return "\n".join(lines)
+
+
+def pass_rates(rows: list[tuple[str, int, dict]]) -> dict[str, float]:
+    return {check: float(np.mean([checks[check] for _, _, checks in rows])) for check in CHECKS}
+
+
+def meets_pass_rates(rows: list[tuple[str, int, dict]]) -> bool:
+    return all(rate >= PASS_RATES[check] for check, rate in pass_rates(rows).items())
+
+
+@pytest.fixture(scope="session")
+def demo_runtime(demo_package):
+    return Pipeline.from_package(demo_package, backend="reference")
+
+
+@pytest.fixture(scope="session")
+def generated(demo_runtime):
+    """Every prompt and seed through the converted packages: {(prompt, seed): image}."""
+    return {(prompt, seed): demo_runtime(prompt, steps=STEPS, scheduler=SCHEDULER, seed=seed, progress=False).images[0]
+            for prompt, *_ in PROMPTS for seed in SEEDS}
+
+
+def test_measures_read_drawn_pictures():
+    """The measures recover what a picture was drawn with (so that they can judge the model's)."""
+    picture = ShapePicture("star", "orange", "small", "top", 0.5, 0.27, COLOURS["orange"], "black", 10)
+    checks = semantic_checks(draw(picture, 64), "orange", "black", "top")
+    assert checks["colour ok"] and checks["background ok"] and checks["position ok"], checks
+    assert abs(checks["y"] - 0.27) < 0.05 and not position_holds("bottom", checks["x"], checks["y"])
+
+
+def test_prompts_draw_what_they_say(generated, demo_pipeline, demo_runtime, capsys):
+    """Colour, background and position as prompted in at least PASS_RATES of the cases, for the packages and for
+    the diffusers original, and the two agree image for image."""
+    config = demo_runtime.package.scheduler_config
+    ours, reference, agreement = [], [], []
+    for prompt, colour, background, position in PROMPTS:
+        for seed in SEEDS:
+            image = generated[prompt, seed]
+            expected = diffusers_txt2img(demo_pipeline, config, prompt, "", SCHEDULER, STEPS, seed)
+            ours.append((prompt, seed, semantic_checks(image, colour, background, position)))
+            reference.append((prompt, seed, semantic_checks((expected * 255).round().astype(np.uint8),
+                                                            colour, background, position)))
+            agreement.append(psnr(expected, pixels(image)))
+    with capsys.disabled():
+        print("\n" + table("demo packages through the reference executor", ours))
+        print(table("demo diffusers pipeline", reference))
+        print(f"PSNR packages vs diffusers: min {min(agreement):.1f} dB, mean {np.mean(agreement):.1f} dB")
+    assert meets_pass_rates(ours) and meets_pass_rates(reference), (pass_rates(ours), pass_rates(reference))
+    assert min(agreement) >= PSNR_THRESHOLD_DB
+
+
+def test_different_prompts_differ_and_a_seed_repeats(generated, demo_runtime):
+    images = [pixels(generated[prompt, SEEDS[0]]) for prompt, *_ in PROMPTS]
+    differences = [np.abs(a - b).mean() for i, a in enumerate(images) for b in images[i + 1:]]
+    assert min(differences) > 0.02  # a mean absolute difference of 5 levels in 255 at least
+    prompt = PROMPTS[0][0]
+    again = demo_runtime(prompt, steps=STEPS, scheduler=SCHEDULER, seed=SEEDS[0], progress=False).images[0]
+    assert np.array_equal(np.asarray(again), np.asarray(generated[prompt, SEEDS[0]]))
+
+
+def test_img2img_turns_a_red_circle_blue(demo_runtime, demo_pipeline, monkeypatch):
+    red_circle = ShapePicture("circle", "red", "large", "centre", 0.5, 0.5, COLOURS["red"], "white", 245)
+    start = draw(red_circle, 64)
+    assert semantic_checks(start, "red", "white", "centre")["colour ok"]
+    prompt, strength, seed = "a blue circle in the centre, white background", 0.7, 3
+    ours = demo_runtime(prompt, steps=2 * STEPS, scheduler=SCHEDULER, seed=seed, image=Image.fromarray(start),
+                        strength=strength, progress=False).images[0]
+    checks = semantic_checks(ours, "blue", "white", "centre")
+    assert checks["colour ok"] and checks["background ok"] and checks["position ok"], checks
+    expected = diffusers_img2img(demo_pipeline, demo_runtime.package.scheduler_config, prompt, "", SCHEDULER,
+                                 2 * STEPS, seed, Image.fromarray(start), strength, monkeypatch)
+    assert psnr(expected, pixels(ours)) >= PSNR_THRESHOLD_DB
