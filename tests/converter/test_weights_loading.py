@@ -1,4 +1,4 @@
-"""Loading diffusers modules tensor by tensor gives what diffusers' own from_pretrained gives."""
+"""Loading diffusers and transformers modules tensor by tensor gives what their own from_pretrained gives."""
 import re
 import shutil
 
@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from coreml_sd.converter.errors import ConversionError
 from coreml_sd.converter.sources import resolve
-from coreml_sd.converter.sources.folders import load_diffusers_module
+from coreml_sd.converter.sources.folders import load_diffusers_module, load_text_encoder
 
 LOADERS = {"unet": UNet2DConditionModel, "vae": AutoencoderKL}
 
@@ -36,6 +36,24 @@ def test_module_matches_from_pretrained(saved_folder, module_name, dtype):
     loader = LOADERS[module_name]
     loaded = load_diffusers_module(loader, saved_folder / module_name, dtype)
     assert_same_module(loaded, loader.from_pretrained(saved_folder, subfolder=module_name, torch_dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("class_name, module_name", [("CLIPTextModel", "text_encoder"),
+                                                     ("CLIPTextModelWithProjection", "text_encoder_2")])
+def test_text_encoder_matches_from_pretrained(tmp_path, tiny_xl_pipeline, class_name, module_name, dtype):
+    import transformers
+
+    folder = tmp_path / module_name
+    # small shards, so that the sharded layout (SDXL's hub TextEncoder2 has it) is read too
+    getattr(tiny_xl_pipeline, module_name).save_pretrained(folder, max_shard_size="100KB")
+    assert (folder / "model.safetensors.index.json").is_file()
+    loaded = load_text_encoder(class_name, folder, dtype)
+    expected = getattr(transformers, class_name).from_pretrained(folder, torch_dtype=dtype)
+    assert_same_module(loaded, expected)
+    tokens = torch.tensor([[49406, 320, 736, 49407] + [49407] * 73])
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens).last_hidden_state, expected(tokens).last_hidden_state)
 
 
 def test_legacy_attention_names_are_renamed_as_diffusers_does(saved_folder, tmp_path):
