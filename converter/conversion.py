@@ -261,7 +261,7 @@ def install_tokenizer_files(folder: PackageFolder, source: ModelSource) -> None:
 def convert_component(folder: PackageFolder, source: ModelSource, component: str, dims: ModelDimensions,
                       options: ConversionOptions, settings: dict, report: ConversionReport) -> None:
     from .ane import component_module
-    from .convert import describe, to_ml_program, trace
+    from .convert import describe, to_mil_program, to_ml_program, trace
     from .palettize import palettize_parts
     from .validate import PSNR_THRESHOLD_DB, validate, validation_inputs
 
@@ -285,8 +285,11 @@ def convert_component(folder: PackageFolder, source: ModelSource, component: str
             del module, parts
             release_memory()
         with stage(report, component, "convert"):
-            model = to_ml_program(program, spec, nbits, precision, options.verbose)
+            mil_program = to_mil_program(program, spec, precision, options.verbose)
             del program
+            release_memory()
+            model = to_ml_program(mil_program, nbits, options.verbose)
+            del mil_program
             release_memory()
         kind = source.family.component(component).kind
         version, licence = model_version(source), model_licence(source)

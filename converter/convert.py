@@ -1,18 +1,24 @@
 """One component, from PyTorch module to Core ML ML Program."""
 import contextlib
+import copy
 import io
 
 import coremltools as ct
 import numpy as np
 import torch
+from coremltools.converters.mil.mil import Program
 
 from .families.contract import COMPONENT_SUMMARIES, PACKAGE_MINIMUM_OS, ComponentSpec
 from .export import export_module
-from .palettize import palettizing_pipeline
+from .palettize import palettize_program
 
 TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 NUMPY_DTYPES = {"float16": np.float16, "float32": np.float32}
 MINIMUM_DEPLOYMENT_TARGET = getattr(ct.target, f"iOS{PACKAGE_MINIMUM_OS.ios}")  # = macOS 13
+# export_module lowers to the ATen dialect
+TORCH_SOURCE = {"com.github.apple.coremltools.source": f"torch=={torch.__version__}",
+                "com.github.apple.coremltools.source_dialect": "TorchExport::ATEN"}
+TORCH_BUILD_INFO = {"coremltools-component-torch": torch.__version__, "coremltools-source-dialect": "TorchExport::ATEN"}
 
 
 def example_inputs(spec: ComponentSpec) -> tuple[torch.Tensor, ...]:
@@ -32,29 +38,68 @@ def computes_in_float16(op) -> bool:
     return not (op.op_type == "mul" and any(child.op_type in ("sin", "cos") for child in op.outputs[0].child_ops))
 
 
-def to_ml_program(program: torch.export.ExportedProgram, spec: ComponentSpec,
-                  quantize_nbits: int | None = None, precision: str = "float16",
-                  verbose: bool = False) -> ct.models.MLModel:
-    """Convert with float16 compute (or float32, for a program traced with float32 weights) and the
-    contract's input and output names and dtypes; with `quantize_nbits`, weights palettized by
-    `palettize_module` are stored as palette + indices. coremltools' progress bars (hundreds of
-    carriage-return updates) are kept out of the stage lines unless `verbose`."""
+def to_mil_program(program: torch.export.ExportedProgram, spec: ComponentSpec, precision: str = "float16",
+                   verbose: bool = False) -> Program:
+    """coremltools' frontend and default passes: float16 compute (or float32, for a program traced with float32
+    weights), the contract's input and output names and dtypes. The MIL program's constants share the traced
+    program's weights: drop the traced program before `to_ml_program`, so that palettizing frees each float16
+    weight as it stores its palette (otherwise the traced program keeps all of them beside the palettes)."""
     if precision == "float32":
         compute_precision = ct.precision.FLOAT32
     else:
         compute_precision = ct.transform.FP16ComputePrecision(op_selector=computes_in_float16)
-    bars = contextlib.nullcontext() if verbose else contextlib.redirect_stderr(io.StringIO())
-    with bars:
+    with _quiet(verbose):
         return ct.convert(
             program,
             inputs=[ct.TensorType(name=t.name, shape=t.shape, dtype=NUMPY_DTYPES[t.dtype]) for t in spec.inputs],
             outputs=[ct.TensorType(name=t.name, dtype=NUMPY_DTYPES[t.dtype]) for t in spec.outputs],
-            convert_to="mlprogram",
+            convert_to="milinternal",
             compute_precision=compute_precision,
             minimum_deployment_target=MINIMUM_DEPLOYMENT_TARGET,
-            skip_model_load=True,
-            pass_pipeline=palettizing_pipeline(quantize_nbits) if quantize_nbits else ct.PassPipeline.DEFAULT,
         )
+
+
+def to_ml_program(program: Program, quantize_nbits: int | None = None, verbose: bool = False) -> ct.models.MLModel:
+    """The ML Program of `to_mil_program`'s result; with `quantize_nbits`, weights palettized by `palettize_module`
+    are stored as palette + indices. Its metadata names the PyTorch program it was converted from, as a one-step
+    conversion records it."""
+    with _quiet(verbose):
+        if quantize_nbits:
+            palettize_program(program, quantize_nbits)
+        model = ct.convert(
+            program,
+            convert_to="mlprogram",
+            compute_precision=ct.precision.FLOAT32,  # leaves the precision to_mil_program chose as it is
+            minimum_deployment_target=MINIMUM_DEPLOYMENT_TARGET,
+            skip_model_load=True,
+            pass_pipeline=ct.PassPipeline.EMPTY,
+        )
+    record_torch_source(model)
+    return model
+
+
+def record_torch_source(model: ct.models.MLModel) -> None:
+    """The source coremltools records, in the metadata and in the program's build info, when it converts the exported
+    program in one step (converted from the MIL program, it records "milinternal")."""
+    model.user_defined_metadata.update(TORCH_SOURCE)
+    entries = model._spec.mlProgram.attributes["buildInfo"].immediateValue.dictionary.values
+    build_info = {entry.key.immediateValue.tensor.strings.values[0]: entry.value.immediateValue.tensor.strings.values[0]
+                  for entry in entries}
+    build_info.pop("coremltools-component-milinternal", None)
+    build_info.update(TORCH_BUILD_INFO)
+    template = copy.deepcopy(entries[0])
+    del entries[:]
+    for key, value in build_info.items():
+        entry = entries.add()
+        entry.CopyFrom(template)
+        entry.key.immediateValue.tensor.strings.values[0] = key
+        entry.value.immediateValue.tensor.strings.values[0] = value
+
+
+def _quiet(verbose: bool):
+    """coremltools' progress bars (hundreds of carriage-return updates) stay out of the stage lines unless
+    `verbose`."""
+    return contextlib.nullcontext() if verbose else contextlib.redirect_stderr(io.StringIO())
 
 
 def describe(model: ct.models.MLModel, spec: ComponentSpec, kind: str, version: str, licence: str | None,

@@ -14,6 +14,7 @@ PyTorch module before export, for two reasons:
 The VAE is left in float16: it is small, and its errors land directly in the image's pixels.
 """
 import dataclasses
+import gc
 
 import numpy as np
 import torch
@@ -24,6 +25,7 @@ WEIGHT_THRESHOLD = 2048  # smaller weights (biases, norms) stay float16, as core
 MAX_ITERATIONS = 1000
 DENSITY_BINS = 4096
 FLOAT16_CODES = 1 << 16
+GROUP_BYTES = 128 << 20  # float16 weights palettized per pass over the program
 
 
 def _distinct_float16(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -121,17 +123,39 @@ def _exact_lut(nbits: int):
     return lut_function
 
 
-def palettizing_pipeline(nbits: int):
-    """coremltools' default pass pipeline, then every convolution and linear weight (palettized in
-    PyTorch) stored as palette + indices. At the end of the pipeline, after constant folding and
-    fusions, each weight is one constant feeding its conv or linear; coremltools' own palettization
-    pipeline runs first, where many weights still pass through reshapes and casts."""
-    import coremltools as ct
+def palettize_program(program, nbits: int) -> None:
+    """Store every convolution and linear weight of a MIL program (palettized in PyTorch) as palette + indices,
+    after coremltools' default passes, where each weight is one constant feeding its conv or linear.
 
-    config = ct.optimize.coreml.OpPalettizerConfig(mode="custom", lut_function=_exact_lut(nbits),
-                                                    weight_threshold=WEIGHT_THRESHOLD)
-    pipeline = ct.PassPipeline.DEFAULT
-    pipeline.append_pass("compression::palettize_weights")
-    pipeline.set_options("compression::palettize_weights", {
-        "config": ct.optimize.coreml.OptimizationConfig(op_type_configs={"conv": config, "linear": config})})
-    return pipeline
+    coremltools' palettization pass holds every constant it will replace until it has replaced them all, so the
+    float16 weights would all stay beside their palettes (2.1 GiB more than the float16 conversion's peak for
+    SDXL's Unet). Run over groups of weights in turn, each group's float16 weights are freed before the next is
+    palettized."""
+    from coremltools.converters.mil.mil.passes.pass_pipeline import PassPipeline, PassPipelineManager
+    from coremltools.optimize.coreml import OpPalettizerConfig, OptimizationConfig
+
+    config = OpPalettizerConfig(mode="custom", lut_function=_exact_lut(nbits), weight_threshold=WEIGHT_THRESHOLD)
+    for group in _weight_groups(program):
+        pipeline = PassPipeline.EMPTY
+        pipeline.append_pass("compression::palettize_weights")
+        pipeline.set_options("compression::palettize_weights", {
+            "config": OptimizationConfig(op_name_configs=dict.fromkeys(group, config))})
+        PassPipelineManager.apply_pipeline(program, pipeline)
+        gc.collect()  # a replaced constant and its output refer to each other
+
+
+def _weight_groups(program) -> list[list[str]]:
+    """The names of the constants that are only convolutions' and linears' weights (the program's functions have no
+    nested blocks), in groups of about GROUP_BYTES."""
+    groups, size = [[]], 0
+    for function in program.functions.values():
+        for op in function.operations:
+            children = op.outputs[0].child_ops if op.op_type == "const" else ()
+            if children and all(child.op_type in ("conv", "linear") and child.inputs["weight"] is op.outputs[0]
+                                for child in children):
+                if size >= GROUP_BYTES:
+                    groups.append([])
+                    size = 0
+                groups[-1].append(op.name)
+                size += op.outputs[0].val.nbytes
+    return groups

@@ -26,7 +26,7 @@ from .conditioning import SizeConditioning, conditioning_for
 from .package import Package, find_package, load_package
 from .safety import SafetyChecker
 from .sampling import Pass, Sampler, Sampling
-from .schedulers import check_schedule, default_scheduler_name, scheduler_class
+from .schedulers import default_scheduler_name, scheduler_class
 from .tiling import VAE_FACTOR
 from .upscaling import Upscale
 
@@ -186,7 +186,6 @@ class Pipeline:
         GenerationError for anything the caller can fix."""
         scheduler = scheduler or default_scheduler_name(self.package.scheduler_config)
         check_options(scheduler, steps, strength, num_images, seed, width, height, upscale, refiner_start)
-        check_schedule(scheduler, self.package.scheduler_config)
         training_steps = self.package.scheduler_config.get("num_train_timesteps", 1000)
         for name, count in (("--steps", steps), ("--upscale-steps", upscale and upscale.steps)):
             if count and count > training_steps:

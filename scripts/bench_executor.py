@@ -43,7 +43,7 @@ def build_unet(small: bool, dtype: torch.dtype):
 def convert_unet(small: bool, attention_implementation: str, path: Path) -> None:
     """Convert the Unet to `path` with the project's converter (fp16 weights, as coreml-convert does)."""
     from coreml_sd.converter.ane import component_module
-    from coreml_sd.converter.convert import to_ml_program, trace
+    from coreml_sd.converter.convert import to_mil_program, to_ml_program, trace
     from coreml_sd.converter.families.contract import ModelDimensions
     from coreml_sd.converter.families.sd import SD
     from coreml_sd.converter.sources import ModelParts
@@ -55,9 +55,10 @@ def convert_unet(small: bool, attention_implementation: str, path: Path) -> None
     program = trace(module, spec)
     del module, unet
     gc.collect()
-    model = to_ml_program(program, spec)
+    mil_program = to_mil_program(program, spec)
     del program
     gc.collect()
+    model = to_ml_program(mil_program)
     model.save(str(path))
 
 

@@ -138,16 +138,22 @@ def load_text_encoder(class_name: str, folder: Path, dtype: torch.dtype) -> torc
     import transformers
 
     module = empty_module(getattr(transformers, class_name), transformers.CLIPTextConfig.from_pretrained(folder))
-    wrapped = hasattr(module, "text_model")  # transformers before 5.6 nests the model under `text_model`
     state = {}
     for path in weight_files(folder, TEXT_ENCODER_WEIGHTS_FILE):
-        for name, tensor in read_safetensors(path, dtype).items():
-            if not name.endswith("position_ids"):
-                state[name if wrapped else name.removeprefix("text_model.")] = tensor
+        state.update(read_safetensors(path, dtype))
+    return fill_text_encoder(module, state, "its config.json")
+
+
+def fill_text_encoder(module: torch.nn.Module, state: dict[str, torch.Tensor], config_name: str) -> torch.nn.Module:
+    """fill_module for a transformers CLIP text model built by empty_module, from weights named as files name them
+    (`text_model.` first, which transformers from 5.6 no longer nests under)."""
+    wrapped = hasattr(module, "text_model")
+    state = {name if wrapped else name.removeprefix("text_model."): tensor for name, tensor in state.items()
+             if not name.endswith("position_ids")}
     # A constant buffer that files need not hold (transformers makes it at construction).
     getattr(module, "text_model", module).embeddings.position_ids = torch.arange(
         module.config.max_position_embeddings)[None]
-    return fill_module(module, state, "its config.json")
+    return fill_module(module, state, config_name)
 
 
 def empty_module(loader, config: dict) -> torch.nn.Module:

@@ -16,7 +16,7 @@ from ..errors import ConversionError
 from . import ModelSource
 from .builtin import copy_clip_vocabulary_files
 from .checkpoint_configs import MODEL_TYPES, NOT_YET, ModelType
-from .folders import empty_module, fill_module, read_json, read_safetensors, safetensors_header, sha256
+from .folders import empty_module, fill_module, fill_text_encoder, read_json, read_safetensors, safetensors_header, sha256
 
 UNET_PREFIXES = ("model.diffusion_model.",)
 VAE_PREFIXES = ("first_stage_model.", "vae.")
@@ -113,19 +113,12 @@ class SingleFileReader:
             state = convert_ldm_clip_checkpoint(self.checkpoint.read((CLIP_PREFIX,), dtype))
         else:
             state = convert_open_clip_checkpoint(module, self.checkpoint.read((OPEN_CLIP_PREFIX,), dtype), OPEN_CLIP_PREFIX)
-        wrapped = hasattr(module, "text_model")  # transformers before 5.6 nests the model under `text_model`
-        state = {name if wrapped else name.removeprefix("text_model."): tensor for name, tensor in state.items()}
-        expected = set(module.state_dict())
-        # Not part of the module: position ids (a buffer), OpenCLIP's projection and the layers after the one
-        # SD conditions on (OpenCLIP has 24; SD 2.x reads the 23rd).
-        state = {name: tensor for name, tensor in state.items() if name in expected or not (
-            name.endswith("position_ids") or "text_projection" in name or (
-                (layer := TEXT_LAYER_KEY.match(name.removeprefix("text_model.")))
-                and int(layer.group(1)) >= text_config.num_hidden_layers))}
-        # A constant buffer that checkpoints need not hold (transformers makes it at construction).
-        embeddings = getattr(module, "text_model", module).embeddings
-        embeddings.position_ids = torch.arange(text_config.max_position_embeddings)[None]
-        module = fill_module(module, state, "the text encoder config")
+        # Not part of the module: OpenCLIP's projection and the layers after the one SD conditions on (OpenCLIP
+        # has 24; SD 2.x reads the 23rd).
+        state = {name: tensor for name, tensor in state.items() if not (
+            "text_projection" in name or ((layer := TEXT_LAYER_KEY.match(name.removeprefix("text_model.")))
+                                          and int(layer.group(1)) >= text_config.num_hidden_layers))}
+        module = fill_text_encoder(module, state, "the text encoder config")
         return module.to(dtype=dtype)
 
     def file_hashes(self, modules: set[str]) -> dict[str, str]:

@@ -10,7 +10,8 @@ from sklearn.cluster import KMeans
 
 from coreml_sd.converter.cli import main
 from coreml_sd.converter.conversion import ConversionOptions, component_settings
-from coreml_sd.converter.palettize import WEIGHT_THRESHOLD, palette, palettize_module
+from coreml_sd.converter import palettize
+from coreml_sd.converter.palettize import WEIGHT_THRESHOLD, palette, palettize_module, palettize_program
 from coreml_sd.converter.program_stats import load_program, program_stats
 from coreml_sd.runtime.executor import ReferenceModel, psnr
 
@@ -124,6 +125,34 @@ def test_palettized_weights_take_three_quarters_of_a_byte(palettized_unet, tiny_
     saved = weights_bytes(tiny_packages()) - weights_bytes(palettized_unet)
     # Each palettized parameter goes from 2 bytes to 6 bits (plus a 64-entry palette per weight).
     assert saved == pytest.approx(large * (2 - NBITS / 8), rel=0.02)
+
+
+def test_palettizing_group_by_group_stores_what_one_pass_stores(tiny_pipeline, monkeypatch):
+    """The weights are palettized a group at a time, so that memory is freed as it goes: the groups must not change
+    what is stored."""
+    from coreml_sd.converter.ane import component_module
+    from coreml_sd.converter.convert import to_mil_program, trace
+    from coreml_sd.converter.families.contract import ModelDimensions
+    from coreml_sd.converter.families.sd import SD
+    from coreml_sd.converter.sources import ModelParts
+
+    unet = copy.deepcopy(tiny_pipeline.unet).half()
+    palettize_module(unet, NBITS)
+    spec = SD.spec("Unet", ModelDimensions(32, 128, 128))
+    module = component_module(ModelParts(unet=unet), SD.component("Unet"), "split_einsum")
+
+    def stored(group_bytes: int) -> tuple[int, dict]:
+        monkeypatch.setattr(palettize, "GROUP_BYTES", group_bytes)
+        program = to_mil_program(trace(module, spec), spec)
+        groups = len(palettize._weight_groups(program))
+        palettize_program(program, NBITS)
+        return groups, {op.name: (op.lut.val.tobytes(), op.indices.val.tobytes(), tuple(op.shape.val))
+                        for op in program.functions["main"].operations if op.op_type == "constexpr_lut_to_dense"}
+
+    one_group, in_one_pass = stored(palettize.GROUP_BYTES)
+    many_groups, in_groups = stored(64 << 10)
+    assert one_group == 1 and many_groups > 5
+    assert in_groups == in_one_pass and len(in_one_pass) > 50
 
 
 def test_only_the_text_encoder_and_unet_depend_on_the_palette_size(tiny_pipeline):

@@ -49,7 +49,8 @@ def _with_scheduler(cls, reference: StableDiffusionPipeline, scheduler: str, con
 
 
 def diffusers_txt2img(
-    reference, config: dict, prompt: str, negative_prompt: str, scheduler: str, steps: int, seed: int
+    reference, config: dict, prompt: str, negative_prompt: str, scheduler: str, steps: int, seed: int,
+    guidance_scale: float = 7.5,
 ) -> np.ndarray:
     """diffusers' text-to-image started from the runtime's initial noise for `seed`."""
     latents = torch.from_numpy(draw_noise(np.random.RandomState(seed), latent_shape(reference)))
@@ -57,6 +58,7 @@ def diffusers_txt2img(
         prompt,
         negative_prompt=negative_prompt or None,
         num_inference_steps=steps,
+        guidance_scale=guidance_scale,
         latents=latents,
         generator=torch.Generator().manual_seed(seed),
         output_type="np",

@@ -16,6 +16,7 @@ from runtime_testing import diffusers_img2img, diffusers_txt2img, pixels
 
 SCHEDULER = "dpm++"
 STEPS = 8
+GUIDANCE = 5.0  # the model card's recommendation: at 7.5 the model mixes up more colours
 SEEDS = (0,)
 PROMPTS = (  # colour, background, position (None: not asked for)
     ("a red circle on the left, white background", "red", "white", "left"),
@@ -30,10 +31,7 @@ PROMPTS = (  # colour, background, position (None: not asked for)
     ("a yellow star on a white background", "yellow", "white", None),
 )
 CHECKS = ("colour ok", "background ok", "position ok")
-# The share of cases each check must pass. Colour stays under 90%: the autoencoder's encoder keeps green and blue
-# (and orange and yellow) close together, so the model draws green shapes blue (see the model card); 40% is well
-# above the 1 in 6 of a model that ignores the colour it is asked for.
-PASS_RATES = {"colour ok": 0.4, "background ok": 0.9, "position ok": 0.9}
+PASS_RATE = 0.9  # of the cases, each passing all three checks
 # Packages against the diffusers original, end to end: 50-58 dB measured (tiny's random weights give 57-59).
 PSNR_THRESHOLD_DB = 45.0
 
@@ -109,11 +107,9 @@ def table(title: str, rows: list[tuple[str, int, dict]]) -> str:
 
 
 def pass_rates(rows: list[tuple[str, int, dict]]) -> dict[str, float]:
-    return {check: float(np.mean([checks[check] for _, _, checks in rows])) for check in CHECKS}
-
-
-def meets_pass_rates(rows: list[tuple[str, int, dict]]) -> bool:
-    return all(rate >= PASS_RATES[check] for check, rate in pass_rates(rows).items())
+    """The share of cases that pass each check, and all three."""
+    rates = {check: float(np.mean([checks[check] for _, _, checks in rows])) for check in CHECKS}
+    return dict(rates, all=float(np.mean([all(checks[check] for check in CHECKS) for _, _, checks in rows])))
 
 
 @pytest.fixture(scope="session")
@@ -124,7 +120,8 @@ def demo_runtime(demo_package):
 @pytest.fixture(scope="session")
 def generated(demo_runtime):
     """Every prompt and seed through the converted packages: {(prompt, seed): image}."""
-    return {(prompt, seed): demo_runtime(prompt, steps=STEPS, scheduler=SCHEDULER, seed=seed, progress=False).images[0]
+    return {(prompt, seed): demo_runtime(prompt, steps=STEPS, scheduler=SCHEDULER, guidance_scale=GUIDANCE, seed=seed,
+                                         progress=False).images[0]
             for prompt, *_ in PROMPTS for seed in SEEDS}
 
 
@@ -137,14 +134,14 @@ def test_measures_read_drawn_pictures():
 
 
 def test_prompts_draw_what_they_say(generated, demo_pipeline, demo_runtime, capsys):
-    """Colour, background and position as prompted in at least PASS_RATES of the cases, for the packages and for
-    the diffusers original, and the two agree image for image."""
+    """Colour, background and position as prompted in at least PASS_RATE of the cases, for the packages and for the
+    diffusers original, and the two agree image for image."""
     config = demo_runtime.package.scheduler_config
     ours, reference, agreement = [], [], []
     for prompt, colour, background, position in PROMPTS:
         for seed in SEEDS:
             image = generated[prompt, seed]
-            expected = diffusers_txt2img(demo_pipeline, config, prompt, "", SCHEDULER, STEPS, seed)
+            expected = diffusers_txt2img(demo_pipeline, config, prompt, "", SCHEDULER, STEPS, seed, GUIDANCE)
             ours.append((prompt, seed, semantic_checks(image, colour, background, position)))
             reference.append((prompt, seed, semantic_checks((expected * 255).round().astype(np.uint8),
                                                             colour, background, position)))
@@ -153,7 +150,8 @@ def test_prompts_draw_what_they_say(generated, demo_pipeline, demo_runtime, caps
         print("\n" + table("demo packages through the reference executor", ours))
         print(table("demo diffusers pipeline", reference))
         print(f"PSNR packages vs diffusers: min {min(agreement):.1f} dB, mean {np.mean(agreement):.1f} dB")
-    assert meets_pass_rates(ours) and meets_pass_rates(reference), (pass_rates(ours), pass_rates(reference))
+    assert pass_rates(ours)["all"] >= PASS_RATE and pass_rates(reference)["all"] >= PASS_RATE, (
+        pass_rates(ours), pass_rates(reference))
     assert min(agreement) >= PSNR_THRESHOLD_DB
 
 
@@ -162,7 +160,8 @@ def test_different_prompts_differ_and_a_seed_repeats(generated, demo_runtime):
     differences = [np.abs(a - b).mean() for i, a in enumerate(images) for b in images[i + 1:]]
     assert min(differences) > 0.02  # a mean absolute difference of 5 levels in 255 at least
     prompt = PROMPTS[0][0]
-    again = demo_runtime(prompt, steps=STEPS, scheduler=SCHEDULER, seed=SEEDS[0], progress=False).images[0]
+    again = demo_runtime(prompt, steps=STEPS, scheduler=SCHEDULER, guidance_scale=GUIDANCE, seed=SEEDS[0],
+                         progress=False).images[0]
     assert np.array_equal(np.asarray(again), np.asarray(generated[prompt, SEEDS[0]]))
 
 
