@@ -85,3 +85,40 @@ def test_nearest_neighbour(tmp_path):
     np.testing.assert_array_equal(fractional, x[:, :, rows][:, :, :, columns])
     rows, columns = (np.arange(5) * 3 / 5).astype(int), (np.arange(2) * 4 / 2).astype(int)
     np.testing.assert_array_equal(resized, x[:, :, rows][:, :, :, columns])
+
+
+def affine_reference(x: np.ndarray, matrix: np.ndarray, height: int, width: int) -> np.ndarray:
+    """MIL's affine, written from its definition: output point (u, v), spread over [-1, 1] (-1 and 1 the centres
+    of the first and last pixels), reads x at (a0 u + a1 v + a2, b0 u + b1 v + b2), bilinearly; points outside the
+    image read zero."""
+    batch, channels, rows, columns = x.shape
+    output = np.zeros((batch, channels, height, width))
+
+    def pixel(b, row, column):
+        inside = 0 <= row < rows and 0 <= column < columns
+        return x[b, :, row, column].astype(np.float64) if inside else np.zeros(channels)
+
+    for b in range(batch):
+        a0, a1, a2, b0, b1, b2 = matrix[b % len(matrix)].astype(np.float64)
+        for i, v in enumerate(np.linspace(-1, 1, height)):
+            for j, u in enumerate(np.linspace(-1, 1, width)):
+                column = (a0 * u + a1 * v + a2 + 1) / 2 * (columns - 1)
+                row = (b0 * u + b1 * v + b2 + 1) / 2 * (rows - 1)
+                top, left = int(np.floor(row)), int(np.floor(column))
+                dy, dx = row - top, column - left
+                output[b, :, i, j] = ((1 - dy) * (1 - dx) * pixel(b, top, left) + (1 - dy) * dx * pixel(b, top, left + 1)
+                                      + dy * (1 - dx) * pixel(b, top + 1, left) + dy * dx * pixel(b, top + 1, left + 1))
+    return output
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_affine(tmp_path, shared):
+    x = random((2, 3, 4, 5))
+    # a rotation with scaling and a shift (some points fall outside the image), and a mirror image
+    matrix = np.array([[0.8, -0.5, 0.1, 0.4, 0.9, -0.2], [-1.0, 0.0, 0.0, 0.0, 1.0, 0.0]], dtype=np.float32)
+    matrix = matrix[:1] if shared else matrix
+    body = lambda x, transform_matrix: mb.affine(
+        x=x, transform_matrix=transform_matrix, output_height=6, output_width=3, sampling_mode="bilinear",
+        padding_mode="constant", padding_value=0.0, coordinates_mode="normalized_minus_one_to_one", align_corners=True)
+    (actual,) = run_mil(body, dict(x=x, transform_matrix=matrix), tmp_path)
+    np.testing.assert_allclose(actual, affine_reference(x, matrix, 6, 3), **TOLERANCE)

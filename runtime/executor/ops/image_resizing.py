@@ -201,3 +201,27 @@ def resample(
         x.float() - value, grid, mode=sampling_mode, padding_mode=torch_padding, align_corners=centres
     )
     return sampled + value
+
+
+@register("affine", since=target.iOS15, widen=True)
+def affine(
+    x: torch.Tensor,
+    transform_matrix: torch.Tensor,
+    output_height: int,
+    output_width: int,
+    sampling_mode: str,
+    padding_mode: str,
+    padding_value: torch.Tensor,
+    coordinates_mode: str,
+    align_corners: bool,
+) -> torch.Tensor:
+    """x [B, C, H, W] read at an [output_height, output_width] grid of points (x, y) spread over the coordinate
+    range, each moved to (a0 x + a1 y + a2, b0 x + b1 y + b2) by its batch's row [a0, a1, a2, b0, b1, b2] of
+    transform_matrix [B or 1, 6], then sampled as resample samples. MIL defines the op for
+    "normalized_minus_one_to_one" coordinates only, where affine_grid's points are those of the definition."""
+    if coordinates_mode != "normalized_minus_one_to_one":
+        raise ValueError(f"affine coordinates_mode {coordinates_mode!r} is not one MIL defines")
+    theta = transform_matrix.float().reshape(-1, 2, 3).expand(x.shape[0], 2, 3)
+    grid = torch.nn.functional.affine_grid(theta, [x.shape[0], x.shape[1], output_height, output_width],
+                                           align_corners=align_corners)
+    return resample(x, grid, sampling_mode, padding_mode, padding_value, coordinates_mode, align_corners)
