@@ -72,10 +72,19 @@ def to_ml_program(program: Program, quantize_nbits: int | None = None, verbose: 
             compute_precision=ct.precision.FLOAT32,  # leaves the precision to_mil_program chose as it is
             minimum_deployment_target=MINIMUM_DEPLOYMENT_TARGET,
             skip_model_load=True,
-            pass_pipeline=ct.PassPipeline.EMPTY,
+            pass_pipeline=backend_cleanup_pipeline(),
         )
     record_torch_source(model)
     return model
+
+
+def backend_cleanup_pipeline() -> ct.PassPipeline:
+    """The default passes that coremltools' ML Program backend runs again after its own (dead code and constant
+    elimination, cast optimization, name deduplication). The backend leaves out any default pass the main pipeline
+    leaves out, so an empty main pipeline would leave the backend's fusions uncleaned."""
+    default = set(ct.PassPipeline.DEFAULT.passes)
+    backend = ct.PassPipeline.get_pipeline("backend_mlprogram").passes
+    return ct.PassPipeline(pass_names=[name for name in dict.fromkeys(backend) if name in default])
 
 
 def record_torch_source(model: ct.models.MLModel) -> None:
