@@ -59,12 +59,17 @@ def tests_directory() -> Path:
     return Path(coremltools.__file__).parent / "converters" / "mil" / "mil" / "ops" / "tests"
 
 
-def executor_predict(mlmodel, inputs: dict, state=None) -> dict:
+class HarnessState:
+    """What `MLModel.make_state()` returns here: the executor's state, made at the first prediction
+    (each prediction loads the model afresh; the state outlives those loads)."""
+
+    model_state = None
+
+
+def executor_predict(mlmodel, inputs: dict, state: HarnessState | None = None) -> dict:
     """Save `mlmodel`, load it with the executor and predict, casting inputs as Core ML does."""
     from coreml_sd.runtime.executor import ReferenceModel, UnsupportedOperationError
 
-    if state is not None:
-        raise ExecutorRefusal("stateful models (iOS 18 states) are not supported")
     with tempfile.TemporaryDirectory() as directory:
         path = Path(directory) / "model.mlpackage"
         mlmodel.save(str(path))
@@ -81,7 +86,9 @@ def executor_predict(mlmodel, inputs: dict, state=None) -> dict:
             value = value.reshape(1)
         cast[name] = value.astype(model.input_description[name][1]) if name in model.input_description else value
     try:
-        return model.predict(cast)
+        if state is not None and state.model_state is None:
+            state.model_state = model.make_state()
+        return model.predict(cast, state.model_state if state is not None else None)
     except Exception as error:
         raise ExecutorFailure(f"predict: {type(error).__name__}: {error}") from error
 
@@ -141,6 +148,7 @@ class ExecutorPlugin:
         testing_utils.compare_backend = compare_backend
         op_testing_utils.compare_backend = compare_backend
         MLModel.predict = lambda model, data, state=None: executor_predict(model, data, state)
+        MLModel.make_state = lambda model: HarnessState()
 
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_makereport(self, item, call):
