@@ -100,7 +100,8 @@ def executor_predict(mlmodel, inputs: dict, state: HarnessState | None = None) -
             state.model_state = model.make_state()
         return model.predict(cast, state.model_state if state is not None else None)
     except Exception as error:
-        raise ExecutorFailure(f"predict: {type(error).__name__}: {error}") from error
+        # Worded as Core ML's failed prediction: tests that expect one (invalid indices) match its words.
+        raise ExecutorFailure(f"Unable to compute the prediction using ML Program (executor: {type(error).__name__}: {error})") from error
 
 
 def compare_backend(
@@ -126,7 +127,8 @@ def compare_backend(
         mismatched = ~np.isclose(actual, expected, atol=atol, rtol=rtol, equal_nan=False)
         if mismatched.sum() > allow_mismatch_ratio * max(expected.size, 1):
             error = np.max(np.abs(actual.astype(np.float64) - expected)) if actual.shape == expected.shape else float("nan")
-            message = f"output {name}: {mismatched.sum()} of {expected.size} differ (max |error| {error:.3g}; atol {atol}, rtol {rtol})"
+            # Worded as NumPy's assert_allclose on a Mac: tests that expect a mismatch match its words.
+            message = f"Not equal to tolerance rtol={rtol}, atol={atol}: output {name}: {mismatched.sum()} of {expected.size} differ (max |error| {error:.3g})"
             step = float(np.spacing(np.float16(np.max(np.abs(expected)))))
             if dtype == "fp32" and _holds_float16(mlmodel) and error <= step:
                 raise Float16DataMismatch(f"{message}; one float16 step is {step:.3g}")
