@@ -1,6 +1,7 @@
 """The op implementations, one module per MIL op family; importing this package fills the op table."""
 from . import (  # noqa: F401
     activation,
+    classify,
     constexpr,
     conv,
     elementwise,
