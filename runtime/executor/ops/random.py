@@ -42,12 +42,11 @@ def random_uniform(
 ) -> torch.Tensor:
     """Samples of the uniform distribution on [low, high) in a tensor of `shape` (low everywhere
     when high == low)."""
-    low, high = torch.as_tensor(low), torch.as_tensor(high)
+    low, high = torch.as_tensor(low).cpu(), torch.as_tensor(high).cpu()
     unit = torch.rand(_dims(shape), generator=_generator(seed))
     samples = (low.float() + (high.float() - low.float()) * unit).to(low.dtype)
     # Rounding to the output's dtype can reach `high`; the interval excludes it.
-    below_high = torch.nextafter(high.cpu(), low.cpu()).to(low.dtype)
-    return torch.minimum(samples, below_high).to(shape.device)
+    return torch.minimum(samples, torch.nextafter(high, low)).to(shape.device)
 
 
 @register("random_categorical")
