@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .registry import lookup
+from .registry import implementation_for
 from .steps import python_value
 
 
@@ -42,5 +42,5 @@ def detach_classifier(function) -> Classifier | None:
     outputs = [var for var in function.outputs if var not in op.outputs]
     function.set_outputs(outputs + ([source] if source not in outputs else []))
     function.remove_ops([op])
-    implementation = lookup("classify", op.opset_version)
+    implementation = implementation_for(op)
     return Classifier(label.name, probabilities.name, source.name, python_value(op.inputs["classes"].val), implementation.function)

@@ -9,6 +9,7 @@ from coremltools.converters.mil.frontend.milproto.load import load as load_mil_p
 from coremltools.proto import FeatureTypes_pb2
 
 from .classifier import detach_classifier
+from .ops.state import StateCell
 from .program import CompiledFunction
 
 TensorDescription = tuple[tuple[int, ...], np.dtype]
@@ -98,22 +99,42 @@ class ReferenceModel:
             [feature for feature in spec.description.output if feature.name not in classifier_outputs], self.path.name
         )
         self.input_shapes = {feature.name: _input_shapes(feature.type.multiArrayType) for feature in spec.description.input}
+        self.state_description = {
+            feature.name: _array_description(feature.type.stateType.arrayType) for feature in spec.description.state
+        }
         self._function = CompiledFunction(function, precision, self.device, source=self.path.name)
         missing = set(self.output_description) - {name for name, _ in self._function.output_slots}
         if missing:
             raise ValueError(f"{self.path.name}: outputs {sorted(missing)} of the description are not produced by its program")
 
-    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, object]:
+    def make_state(self) -> "ModelState":
+        """A new state for a stateful model (iOS 18 states), every tensor zero, for `predict` to read
+        and update; one per independent sequence of predictions, as Core ML's make_state()."""
+        return ModelState(
+            {
+                name: StateCell(torch.zeros(shape, dtype=_TORCH_DTYPES[dtype], device=self.device))
+                for name, (shape, dtype) in self.state_description.items()
+            }
+        )
+
+    def predict(self, inputs: dict[str, np.ndarray], state: "ModelState | None" = None) -> dict[str, object]:
         """Run the model on NumPy inputs named, shaped and typed as `input_description` says;
         returns the outputs as NumPy arrays in the dtypes `output_description` declares, and a
-        classifier's label (str or int) and {class: probability} dictionary."""
+        classifier's label (str or int) and {class: probability} dictionary. A stateful model
+        reads and updates `state` (from `make_state`)."""
         self._check_inputs(inputs)
+        if bool(self.state_description) != (state is not None):
+            raise ValueError(
+                f"{self.path.name} has states ({', '.join(self.state_description)}): pass state=model.make_state()"
+                if self.state_description
+                else f"{self.path.name} has no states; call predict without state"
+            )
         tensors = {
             name: torch.from_numpy(np.ascontiguousarray(inputs[name])).to(self.device, dtype)
             for name, (_, dtype) in self._function.input_slots.items()
         }
         with torch.inference_mode():
-            outputs = self._function(tensors)
+            outputs = self._function(tensors, state.cells if state is not None else None)
         results = {
             name: outputs[name].to(_TORCH_DTYPES[dtype]).cpu().numpy()
             for name, (_, dtype) in self.output_description.items()
@@ -140,6 +161,16 @@ class ReferenceModel:
                 )
 
 
+@dataclass(frozen=True)
+class ModelState:
+    """The states of one stateful model's predictions, by name."""
+
+    cells: dict[str, StateCell]
+
+    def read(self, name: str) -> np.ndarray:
+        return self.cells[name].value.cpu().numpy()
+
+
 def _format(description: TensorDescription) -> str:
     shape, dtype = description
     return f"{dtype}{list(shape)}"
@@ -162,7 +193,10 @@ def _describe(features, package: str) -> dict[str, TensorDescription]:
     for feature in features:
         if feature.type.WhichOneof("Type") != "multiArrayType":
             raise ValueError(f"{package}: feature {feature.name!r} is not a multi-array; only multi-arrays are supported")
-        array = feature.type.multiArrayType
-        dtype_name = FeatureTypes_pb2.ArrayFeatureType.ArrayDataType.Name(array.dataType)
-        described[feature.name] = (tuple(int(d) for d in array.shape), _ARRAY_DTYPES[dtype_name])
+        described[feature.name] = _array_description(feature.type.multiArrayType)
     return described
+
+
+def _array_description(array) -> TensorDescription:
+    dtype_name = FeatureTypes_pb2.ArrayFeatureType.ArrayDataType.Name(array.dataType)
+    return tuple(int(d) for d in array.shape), _ARRAY_DTYPES[dtype_name]

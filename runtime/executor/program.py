@@ -18,8 +18,9 @@ import torch
 from coremltools.converters.mil.mil import types
 
 from . import ops  # noqa: F401  (fills the op table)
+from .control_flow import BLOCK_STEPS, CompiledBlock
 from .fusion import BlockedAttention, attention_chain
-from .registry import OpImplementation, lookup
+from .registry import OpImplementation, implementation_for
 from .steps import Argument, OpStep, Output, Widened, python_value
 
 PRECISIONS = ("float16", "float32")
@@ -51,10 +52,22 @@ class UnsupportedOperationError(NotImplementedError):
     """A program uses a MIL op that the executor's op table lacks."""
 
 
+def _all_operations(block):
+    for op in block.operations:
+        yield op
+        for nested in op.blocks:
+            yield from _all_operations(nested)
+
+
 def check_supported(function, source: str) -> None:
-    """Raise UnsupportedOperationError naming every op type of `function` that has no implementation."""
+    """Raise UnsupportedOperationError naming every op type of `function` (its nested blocks
+    included) that has no implementation."""
     missing = sorted(
-        {op.op_type for op in function.operations if op.op_type != "const" and lookup(op.op_type, op.opset_version) is None}
+        {
+            op.op_type
+            for op in _all_operations(function)
+            if op.op_type != "const" and op.op_type not in BLOCK_STEPS and implementation_for(op) is None
+        }
     )
     if missing:
         raise UnsupportedOperationError(
@@ -74,7 +87,10 @@ class Numerics:
     precision: str
     device: torch.device
 
-    def dtype(self, var) -> torch.dtype:
+    def dtype(self, var) -> torch.dtype | None:
+        """None for lists and states, which are held as Python objects (see ops/lists.py, ops/state.py)."""
+        if types.is_list(var.sym_type) or types.is_state(var.sym_type):
+            return None
         name = _mil_dtype(var)
         if name == "fp16" and self.precision == "float32":
             return torch.float32
@@ -82,7 +98,7 @@ class Numerics:
             raise UnsupportedOperationError(f"values of MIL type {name} ({var.name}) are not supported")
         return _TORCH_DTYPES[name]
 
-    def compute_dtype(self, var, implementation: OpImplementation) -> torch.dtype:
+    def compute_dtype(self, var, implementation: OpImplementation) -> torch.dtype | None:
         """The dtype an op receives `var` in: float16 is widened for ops that accumulate in float32."""
         dtype = self.dtype(var)
         return torch.float32 if implementation.widen and dtype == torch.float16 else dtype
@@ -99,8 +115,13 @@ class CompiledFunction:
         self._constants: dict[str, object] = {}  # var name -> value as loaded (NumPy / str / scalar)
         self._tensors: dict[str, torch.Tensor] = {}
         self._slots: dict[str, int] = {}
-        self.input_slots = {name: (self._slot(var), self.numerics.dtype(var)) for name, var in function.inputs.items()}
-        self.steps = self._compile_ops(function)
+        self.input_slots = {
+            name: (self._slot(var), self.numerics.dtype(var))
+            for name, var in function.inputs.items()
+            if not types.is_state(var.sym_type)
+        }
+        self.state_slots = {name: self._slot(var) for name, var in function.inputs.items() if types.is_state(var.sym_type)}
+        self.steps = self._compile_operations(function.operations, function.outputs)
         self.output_slots = [(var.name, self._output_source(var)) for var in function.outputs]
         self._release_after_last_use()
         # The steps hold what they need; the load-time copies can go.
@@ -112,19 +133,22 @@ class CompiledFunction:
     def _slot(self, var) -> int:
         return self._slots.setdefault(var.name, len(self._slots))
 
-    def _compile_ops(self, function) -> list:
+    def _compile_operations(self, operations, outputs) -> list:
         chains = {}
-        for op in function.operations:
+        for op in operations:
             if op.op_type == "softmax":
-                chain = attention_chain(op, function.outputs)
+                chain = attention_chain(op, outputs)
                 if chain is not None:
                     chains.update({chain.scores.name: chain, op.name: chain, chain.output.name: chain})
         steps, pending = [], {}
-        for op in function.operations:
+        for op in operations:
             if op.op_type == "const":
                 self._constants[op.outputs[0].name] = op.outputs[0].val
                 continue
-            implementation = lookup(op.op_type, op.opset_version)
+            if op.op_type in BLOCK_STEPS:
+                steps.append(self._compile_block_op(op))
+                continue
+            implementation = implementation_for(op)
             if implementation.load_time:
                 self._evaluate_at_load(op, implementation)
             elif op.name in chains:
@@ -137,6 +161,18 @@ class CompiledFunction:
             else:
                 steps.append(self._compile_op(op, implementation))
         return steps
+
+    def _compile_block_op(self, op):
+        arguments = [self._tensor_argument(var) for var in (op.loop_vars if op.op_type == "while_loop" else [op.pred])]
+        blocks = [
+            CompiledBlock(
+                steps=self._compile_operations(block.operations, block.outputs),
+                inputs=[self._slot(var) for var in block.inputs],
+                outputs=[self._tensor_argument(var) for var in block.outputs],
+            )
+            for block in op.blocks
+        ]
+        return BLOCK_STEPS[op.op_type](op.op_type, op.name, arguments, blocks, [self._output(var) for var in op.outputs])
 
     def _evaluate_at_load(self, op, implementation: OpImplementation) -> None:
         arguments = {name: self._constants[var.name] for name, var in op.inputs.items()}
@@ -155,14 +191,17 @@ class CompiledFunction:
                 step.bound[name] = python_value(self._constants[value.name])
             else:
                 step.add_tensor(name, self._tensor_argument(value, implementation))
-        for var in op.outputs:
-            shape = tuple(var.shape) if all(isinstance(d, int) for d in var.shape) else None
-            step.outputs.append(Output(self._slot(var), self.numerics.dtype(var), shape))
+        step.outputs.extend(self._output(var) for var in op.outputs)
         return step
 
-    def _tensor_argument(self, var, implementation: OpImplementation) -> Argument:
+    def _output(self, var) -> Output:
+        dtype = self.numerics.dtype(var)
+        shape = tuple(var.shape) if dtype is not None and all(isinstance(d, int) for d in var.shape) else None
+        return Output(self._slot(var), dtype, shape)
+
+    def _tensor_argument(self, var, implementation: OpImplementation | None = None) -> Argument:
         """A constant tensor or a runtime value's slot, marked Widened where the op computes wider."""
-        widen = self.numerics.compute_dtype(var, implementation) != self.numerics.dtype(var)
+        widen = implementation is not None and self.numerics.compute_dtype(var, implementation) != self.numerics.dtype(var)
         if var.name in self._constants:
             constant = self._constant_tensor(var)
             return Widened(constant) if widen else constant
@@ -174,7 +213,8 @@ class CompiledFunction:
             value = np.asarray(self._constants[var.name])
             if value.dtype == np.uint16 or value.dtype == np.uint32:
                 value = value.astype(np.int64)
-            tensor = torch.from_numpy(np.ascontiguousarray(value))
+            # ascontiguousarray makes a 0-d array 1-d; a scalar constant keeps its shape ().
+            tensor = torch.from_numpy(np.ascontiguousarray(value).reshape(value.shape))
             self._tensors[var.name] = tensor.to(self.numerics.device, self.numerics.dtype(var))
         return self._tensors[var.name]
 
@@ -186,7 +226,7 @@ class CompiledFunction:
     def _release_after_last_use(self) -> None:
         """Give each step the slots it reads or writes for the last time (function outputs stay)."""
         keep = {slot for _, slot in self.output_slots if isinstance(slot, int)}
-        last_use = {slot: -1 for slot, _ in self.input_slots.values()}
+        last_use = {slot: -1 for slot in [slot for slot, _ in self.input_slots.values()] + list(self.state_slots.values())}
         for index, step in enumerate(self.steps):
             for slot in step.slots_used():
                 last_use[slot] = index
@@ -200,10 +240,13 @@ class CompiledFunction:
 
     # --- execution ---
 
-    def __call__(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def __call__(self, inputs: dict[str, torch.Tensor], states: dict | None = None) -> dict[str, torch.Tensor]:
+        """`states` maps each state input's name to its StateCell (ops/state.py), which the run updates."""
         env: list[torch.Tensor | None] = [None] * len(self._slots)
         for name, (slot, _) in self.input_slots.items():
             env[slot] = inputs[name]
+        for name, slot in self.state_slots.items():
+            env[slot] = states[name]
         for slot in self.unused_inputs:
             env[slot] = None
         for step in self.steps:

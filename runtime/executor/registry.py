@@ -58,3 +58,10 @@ def lookup(op_type: str, opset_version: int) -> OpImplementation | None:
     versions = OP_TABLE.get(op_type, {})
     usable = [v for v in versions if v <= opset_version]
     return versions[max(usable)] if usable else None
+
+
+def implementation_for(op) -> OpImplementation | None:
+    """The implementation for a program's op. Dialect ops (coreml_update_state) have no opset
+    history of their own; they are registered at the base opset."""
+    has_history = isinstance(type(op)._op_variants, dict)
+    return lookup(op.op_type, op.opset_version if has_history else BASE_OPSET)

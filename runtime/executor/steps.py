@@ -37,7 +37,7 @@ def read(argument: Argument, env: list) -> torch.Tensor:
 @dataclass(frozen=True)
 class Output:
     slot: int
-    dtype: torch.dtype
+    dtype: torch.dtype | None  # None for lists and states, which are not tensors
     shape: tuple[int, ...] | None  # None where the program leaves a dim symbolic
 
 
@@ -86,7 +86,7 @@ class OpStep:
                     f"executor bug: {self.op_type} {self.name!r} produced shape {tuple(result.shape)}, "
                     f"the program declares {output.shape}"
                 )
-            converted.append(result if result.dtype == output.dtype else result.to(output.dtype))
+            converted.append(result if output.dtype is None or result.dtype == output.dtype else result.to(output.dtype))
         return converted
 
     def __call__(self, env: list) -> None:

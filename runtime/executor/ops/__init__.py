@@ -7,6 +7,7 @@ from . import (  # noqa: F401
     elementwise,
     image_resizing,
     linear,
+    lists,
     normalization,
     pool,
     quantization,
@@ -14,6 +15,7 @@ from . import (  # noqa: F401
     recurrent,
     reduction,
     scatter_gather,
+    state,
     tensor_operation,
     tensor_transformation,
 )
