@@ -8,6 +8,7 @@ import torch
 from coremltools.converters.mil.frontend.milproto.load import load as load_mil_program
 from coremltools.proto import FeatureTypes_pb2
 
+from .classifier import detach_classifier
 from .ops.state import StateCell
 from .program import CompiledFunction
 
@@ -73,6 +74,10 @@ class ReferenceModel:
     `precision="float16"` reproduces Core ML's float16 numerics (see the package docstring);
     `precision="float32"` holds every value in float32, to tell rounding effects from conversion
     errors. `device` defaults to `default_device()`.
+
+    A classifier (converted with a `ClassifierConfig`) also predicts, as Core ML does, its class
+    label and a dictionary of class probabilities; `classifier` names them, `output_description`
+    describes the multi-array outputs alone.
     """
 
     def __init__(self, path: str | Path, precision: str = "float16", device: str | torch.device | None = None):
@@ -85,14 +90,18 @@ class ReferenceModel:
         spec = mlmodel.get_spec()
         if spec.WhichOneof("Type") != "mlProgram":
             raise ValueError(f"{self.path.name} is a {spec.WhichOneof('Type')} model; only ML Programs can be run")
+        program = load_mil_program(spec, spec.specificationVersion, mlmodel.weights_dir or "")
+        function = program.functions[program.default_function_name]
+        self.classifier = detach_classifier(function)
+        classifier_outputs = self.classifier.outputs if self.classifier else ()
         self.input_description = _describe(spec.description.input, self.path.name)
-        self.output_description = _describe(spec.description.output, self.path.name)
+        self.output_description = _describe(
+            [feature for feature in spec.description.output if feature.name not in classifier_outputs], self.path.name
+        )
         self.input_shapes = {feature.name: _input_shapes(feature.type.multiArrayType) for feature in spec.description.input}
         self.state_description = {
             feature.name: _array_description(feature.type.stateType.arrayType) for feature in spec.description.state
         }
-        program = load_mil_program(spec, spec.specificationVersion, mlmodel.weights_dir or "")
-        function = program.functions[program.default_function_name]
         self._function = CompiledFunction(function, precision, self.device, source=self.path.name)
         missing = set(self.output_description) - {name for name, _ in self._function.output_slots}
         if missing:
@@ -108,10 +117,11 @@ class ReferenceModel:
             }
         )
 
-    def predict(self, inputs: dict[str, np.ndarray], state: "ModelState | None" = None) -> dict[str, np.ndarray]:
+    def predict(self, inputs: dict[str, np.ndarray], state: "ModelState | None" = None) -> dict[str, object]:
         """Run the model on NumPy inputs named, shaped and typed as `input_description` says;
-        returns the outputs as NumPy arrays in the dtypes `output_description` declares. A stateful
-        model reads and updates `state` (from `make_state`)."""
+        returns the outputs as NumPy arrays in the dtypes `output_description` declares, and a
+        classifier's label (str or int) and {class: probability} dictionary. A stateful model
+        reads and updates `state` (from `make_state`)."""
         self._check_inputs(inputs)
         if bool(self.state_description) != (state is not None):
             raise ValueError(
@@ -125,10 +135,11 @@ class ReferenceModel:
         }
         with torch.inference_mode():
             outputs = self._function(tensors, state.cells if state is not None else None)
-        return {
+        results = {
             name: outputs[name].to(_TORCH_DTYPES[dtype]).cpu().numpy()
             for name, (_, dtype) in self.output_description.items()
         }
+        return results | (self.classifier(outputs) if self.classifier else {})
 
     def _check_inputs(self, inputs: dict[str, np.ndarray]) -> None:
         expected = ", ".join(f"{name} {_format(d)}" for name, d in self.input_description.items())

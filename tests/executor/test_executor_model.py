@@ -47,10 +47,13 @@ def test_bad_inputs_raise_one_clear_line(two_input_package, change, message):
 
 
 def test_unsupported_op_fails_at_load_naming_op_and_package(tmp_path):
-    x = random((2, 3))
-    body = lambda x: mb.add(x=x, y=mb.random_uniform(shape=np.array([2, 3], np.int32), low=0.0, high=1.0))
+    x = random((1, 2, 4, 4))
+    weight = np.arange(6, dtype=np.uint8).reshape(3, 2, 1, 1)
+    scale, offset = np.array([0.1], np.float32), np.array([-1.0], np.float32)
+    # conv_quantized belongs to the neural-network backend; coremltools still writes it into a program.
+    body = lambda x: mb.conv_quantized(x=x, weight=weight, quantization_type="linear", quant_scale=scale, quant_bias=offset)
     path = save_program(mil_program(body, dict(x=x)), tmp_path)
-    with pytest.raises(UnsupportedOperationError, match=rf"{path.name} uses MIL op random_uniform, which"):
+    with pytest.raises(UnsupportedOperationError, match=rf"{path.name} uses MIL op conv_quantized, which"):
         ReferenceModel(path)
 
 

@@ -1,6 +1,7 @@
 """The op implementations, one module per MIL op family; importing this package fills the op table."""
 from . import (  # noqa: F401
     activation,
+    classify,
     constexpr,
     conv,
     elementwise,
@@ -10,6 +11,7 @@ from . import (  # noqa: F401
     normalization,
     pool,
     quantization,
+    random,
     recurrent,
     reduction,
     scatter_gather,
