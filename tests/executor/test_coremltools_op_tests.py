@@ -10,11 +10,11 @@ SCRIPT = Path(__file__).parents[2] / "scripts" / "coremltools_op_tests.py"
 SLICE = [
     "--sample", "12",
     "iOS14/test_scatter_gather.py",
+    "iOS14/test_image_resizing.py::TestCropResize",
     "iOS15/test_image_resizing.py",
     "iOS16/test_tensor_transformation.py",
     "iOS17/test_quantization.py",
     "iOS17/test_image_resizing.py",
-    "-k", "not CropResize",  # crop_resize is not implemented yet (README)
 ]
 
 
