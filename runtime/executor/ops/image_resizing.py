@@ -155,7 +155,8 @@ def crop_resize(
     pad_value: torch.Tensor | float = 0.0,
 ) -> torch.Tensor:
     """roi [N, 1, 4, 1, 1] crops every box from every image: [N, B, C, target_height, target_width];
-    roi [N, 1, 5, 1, 1] starts each box with the index of its image: [N, 1, C, target_height, target_width].
+    roi [N, 1, 5, 1, 1] starts each box with the index of its image: [N, 1, C, target_height, target_width]
+    (coremltools declares [N, B, ...] for this layout too: the two agree when B is 1).
     iOS 15's op is this one with pad_value 0."""
     roi = roi.reshape(roi.shape[0], -1)
     settings = (target_height, target_width, normalized_coordinates, float(spatial_scale), box_coordinate_mode,
