@@ -10,13 +10,13 @@ SCRIPT = Path(__file__).parents[2] / "scripts" / "coremltools_op_tests.py"
 SLICE = [
     "--sample", "12",
     "iOS14/test_scatter_gather.py",
+    "iOS14/test_image_resizing.py::TestCropResize",
     "iOS15/test_image_resizing.py",
     "iOS16/test_tensor_transformation.py",
     "iOS17/test_quantization.py",
     "iOS17/test_image_resizing.py",
     "iOS14/test_control_flow.py",
     "iOS18/test_states.py",
-    "-k", "not CropResize",  # crop_resize is not implemented yet (README)
 ]
 
 

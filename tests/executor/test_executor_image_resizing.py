@@ -122,3 +122,70 @@ def test_affine(tmp_path, shared):
         padding_mode="constant", padding_value=0.0, coordinates_mode="normalized_minus_one_to_one", align_corners=True)
     (actual,) = run_mil(body, dict(x=x, transform_matrix=matrix), tmp_path)
     np.testing.assert_allclose(actual, affine_reference(x, matrix, 6, 3), **TOLERANCE)
+
+
+def crop_resize_reference(image: np.ndarray, corners, mode: str, height: int, width: int, pad: float) -> np.ndarray:
+    """One crop_resize box, written from the MIL definition: along each side the box [start, end] (pixel
+    positions) is a crop of end - start + 1 pixels, sampled at resize_bilinear's grid for `mode` (kept
+    inside the box); points outside the image read `pad`."""
+    h_start, w_start, h_end, w_end = corners
+
+    def side(start, end, size_out):
+        extent = end - start
+        return start + np.clip(grid(mode, extent + 1, size_out), min(0, extent), max(0, extent))
+
+    rows, columns = side(h_start, h_end, height), side(w_start, w_end, width)
+    crop = interpolate(image, rows, columns)
+    inside = ((rows >= 0) & (rows <= image.shape[-2] - 1))[:, None] & ((columns >= 0) & (columns <= image.shape[-1] - 1))
+    return np.where(inside, crop, pad)
+
+
+# (h_start, w_start, h_end, w_end) in pixels: inside, reaching past the bottom right, given end first, one pixel
+CORNERS = np.array([[0.5, 1.0, 3.2, 4.6], [2.0, 3.5, 5.5, 7.0], [3.0, 4.0, 1.0, 0.2], [2.0, 2.0, 2.0, 2.0]])
+
+
+@pytest.mark.parametrize("mode", ["STRICT_ALIGN_CORNERS", "ALIGN_CORNERS", "DEFAULT", "OFFSET_CORNERS", "UNALIGN_CORNERS"])
+def test_crop_resize_sampling_modes(tmp_path, mode):
+    """iOS 17's op: boxes [N, 4], box n cut from image box_indices[n]."""
+    x = random((2, 3, 5, 6))
+    box_indices = np.array([1, 0, 1, 0], dtype=np.int32)
+    body = lambda x: mb.crop_resize(x=x, boxes=CORNERS.astype(np.float32), box_indices=box_indices, target_height=3,
+                                    target_width=4, sampling_mode=mode, pad_value=-5.0)
+    (actual,) = run_mil(body, dict(x=x), tmp_path, target=ct.target.iOS17)
+    expected = [crop_resize_reference(x[image], box, mode, 3, 4, -5.0) for image, box in zip(box_indices, CORNERS)]
+    np.testing.assert_allclose(actual, np.stack(expected), **TOLERANCE)
+
+
+def test_crop_resize_every_box_from_every_image(tmp_path):
+    """iOS 15's op: a roi without image indices crops each box from each image; outside reads 0."""
+    x = random((2, 3, 5, 6))
+    roi = CORNERS.reshape(4, 1, 4, 1, 1).astype(np.float32)
+    body = lambda x: mb.crop_resize(x=x, roi=roi, target_height=2, target_width=3, sampling_mode="ALIGN_CORNERS")
+    (actual,) = run_mil(body, dict(x=x), tmp_path, target=ct.target.iOS15)
+    expected = [[crop_resize_reference(image, box, "ALIGN_CORNERS", 2, 3, 0.0) for image in x] for box in CORNERS]
+    np.testing.assert_allclose(actual, np.array(expected), **TOLERANCE)
+
+
+@pytest.mark.parametrize("box_mode", ["CORNERS_HEIGHT_FIRST", "CORNERS_WIDTH_FIRST", "CENTER_SIZE_HEIGHT_FIRST", "CENTER_SIZE_WIDTH_FIRST"])
+def test_crop_resize_box_modes(tmp_path, box_mode):
+    """iOS 16's op with image indices in the roi, normalized coordinates times spatial_scale. (coremltools
+    declares such a roi's output [N, B, C, H, W], the definition [N, 1, C, H, W]: one image agrees with both.)"""
+    x = random((1, 3, 5, 6))
+    scale = np.array([4.0, 5.0, 4.0, 5.0])  # (H - 1, W - 1): normalized coordinates are fractions of these
+    spatial_scale = 0.5
+    h_start, w_start, h_end, w_end = CORNERS.T
+    layout = {
+        "CORNERS_HEIGHT_FIRST": [h_start, w_start, h_end, w_end],
+        "CORNERS_WIDTH_FIRST": [w_start, h_start, w_end, h_end],
+        "CENTER_SIZE_HEIGHT_FIRST": [(h_start + h_end) / 2, (w_start + w_end) / 2, h_end - h_start, w_end - w_start],
+        "CENTER_SIZE_WIDTH_FIRST": [(w_start + w_end) / 2, (h_start + h_end) / 2, w_end - w_start, h_end - h_start],
+    }[box_mode]
+    order = [1, 0, 3, 2] if "WIDTH_FIRST" in box_mode else [0, 1, 2, 3]
+    boxes = np.stack(layout, axis=1) / scale[order] / spatial_scale
+    roi = np.concatenate([np.zeros((4, 1)), boxes], axis=1).reshape(4, 1, 5, 1, 1).astype(np.float32)
+    body = lambda x: mb.crop_resize(
+        x=x, roi=roi, target_height=4, target_width=2, normalized_coordinates=True, spatial_scale=spatial_scale,
+        box_coordinate_mode=box_mode, sampling_mode="ALIGN_CORNERS", pad_value=3.0)
+    (actual,) = run_mil(body, dict(x=x), tmp_path)
+    expected = [crop_resize_reference(x[0], box, "ALIGN_CORNERS", 4, 2, 3.0) for box in CORNERS]
+    np.testing.assert_allclose(actual, np.stack(expected)[:, None], **TOLERANCE)

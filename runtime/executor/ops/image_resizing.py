@@ -1,5 +1,5 @@
 """MIL resampling of the last two dims (coremltools `ops/defs/iOS15/image_resizing.py`, iOS 16's
-half_pixel_centers).
+half_pixel_centers and crop_resize pad_value, iOS 17's crop_resize boxes).
 
 Bilinear ops are written as one rule: each output position i along an axis samples the input at a
 real-valued grid point (clamped to [0, X_in - 1]), interpolating linearly between its two
@@ -87,7 +87,107 @@ def _sampling_grid(mode: str, size_in: int, size_out: int, device) -> torch.Tens
         return 0.5 * delta + _positions(size_out, device) * delta
     if mode == "UNALIGN_CORNERS":
         return _half_pixel_grid(size_in, size_out, device)
-    raise ValueError(f"resize_bilinear sampling_mode {mode!r} is not a MIL sampling mode")
+    raise ValueError(f"sampling_mode {mode!r} is not a MIL sampling mode")
+
+
+def _crop_grid(mode: str, start: float, end: float, size_out: int, device) -> torch.Tensor:
+    """The grid resize_bilinear would place on the pixels [start, end] of one box side (a crop of
+    end - start + 1 pixels; a box given end first samples it backwards), kept inside the box."""
+    extent = end - start
+    grid = _sampling_grid(mode, extent + 1, size_out, device)
+    return start + grid.clamp(min(0.0, extent), max(0.0, extent))
+
+
+def _box_corners(box: list[float], mode: str) -> tuple[float, float, float, float]:
+    """A box in `box_coordinate_mode` as (h_start, w_start, h_end, w_end)."""
+    if mode == "CORNERS_HEIGHT_FIRST":
+        return tuple(box)
+    if mode == "CORNERS_WIDTH_FIRST":
+        w_start, h_start, w_end, h_end = box
+        return h_start, w_start, h_end, w_end
+    if mode == "CENTER_SIZE_HEIGHT_FIRST":
+        h_center, w_center, height, width = box
+    elif mode == "CENTER_SIZE_WIDTH_FIRST":
+        w_center, h_center, width, height = box
+    else:
+        raise ValueError(f"crop_resize box_coordinate_mode {mode!r} is not a MIL box mode")
+    return h_center - height / 2, w_center - width / 2, h_center + height / 2, w_center + width / 2
+
+
+def _crop_and_resize(
+    x: torch.Tensor,
+    boxes: torch.Tensor,
+    box_images: list[int],
+    target_height: int,
+    target_width: int,
+    normalized_coordinates: bool,
+    spatial_scale: float,
+    box_coordinate_mode: str,
+    sampling_mode: str,
+    pad_value: float,
+) -> torch.Tensor:
+    """[N, C, target_height, target_width]: box n of `boxes` [N, 4] cut from image box_images[n] of
+    x [B, C, H, W] and resampled bilinearly at the grid `sampling_mode` places between its corners.
+    Coordinates are pixel positions (0 = centre of the first pixel), times spatial_scale, and with
+    normalized_coordinates fractions of (H - 1, W - 1). Grid points outside the image read pad_value."""
+    height, width = x.shape[-2:]
+    scale = torch.tensor([height - 1, width - 1] * 2) if normalized_coordinates else torch.ones(4)
+    crops = []
+    for box, image in zip((boxes.float().cpu() * spatial_scale).tolist(), box_images):
+        h_start, w_start, h_end, w_end = (torch.tensor(_box_corners(box, box_coordinate_mode)) * scale).tolist()
+        rows = _crop_grid(sampling_mode, h_start, h_end, target_height, x.device)
+        columns = _crop_grid(sampling_mode, w_start, w_end, target_width, x.device)
+        inside = ((rows >= 0) & (rows <= height - 1))[:, None] & ((columns >= 0) & (columns <= width - 1))[None, :]
+        crops.append(torch.where(inside, _bilinear(x[image], rows, columns), pad_value))
+    return torch.stack(crops)
+
+
+@register("crop_resize", since=target.iOS16, widen=True)
+def crop_resize(
+    x: torch.Tensor,
+    roi: torch.Tensor,
+    target_height: int = 1,
+    target_width: int = 1,
+    normalized_coordinates: bool = False,
+    spatial_scale: torch.Tensor | float = 1.0,
+    box_coordinate_mode: str = "CORNERS_HEIGHT_FIRST",
+    sampling_mode: str = "DEFAULT",
+    pad_value: torch.Tensor | float = 0.0,
+) -> torch.Tensor:
+    """roi [N, 1, 4, 1, 1] crops every box from every image: [N, B, C, target_height, target_width];
+    roi [N, 1, 5, 1, 1] starts each box with the index of its image: [N, 1, C, target_height, target_width]
+    (coremltools declares [N, B, ...] for this layout too: the two agree when B is 1).
+    iOS 15's op is this one with pad_value 0."""
+    roi = roi.reshape(roi.shape[0], -1)
+    settings = (target_height, target_width, normalized_coordinates, float(spatial_scale), box_coordinate_mode,
+                sampling_mode, float(pad_value))
+    if roi.shape[1] == 5:
+        images = roi[:, 0].round().long().tolist()
+        return _crop_and_resize(x, roi[:, 1:], images, *settings).unsqueeze(1)
+    every_image = [_crop_and_resize(x, roi, [image] * roi.shape[0], *settings) for image in range(x.shape[0])]
+    return torch.stack(every_image, dim=1)
+
+
+register("crop_resize", widen=True)(crop_resize)
+
+
+@register("crop_resize", since=target.iOS17, widen=True)
+def crop_resize_boxes(
+    x: torch.Tensor,
+    boxes: torch.Tensor,
+    box_indices: torch.Tensor | None = None,
+    target_height: int = 1,
+    target_width: int = 1,
+    normalized_coordinates: bool = False,
+    spatial_scale: torch.Tensor | float = 1.0,
+    box_coordinate_mode: str = "CORNERS_HEIGHT_FIRST",
+    sampling_mode: str = "DEFAULT",
+    pad_value: torch.Tensor | float = 0.0,
+) -> torch.Tensor:
+    """boxes [N, 4], box n cut from image box_indices[n] (default n): [N, C, target_height, target_width]."""
+    images = list(range(boxes.shape[0])) if box_indices is None else box_indices.long().tolist()
+    return _crop_and_resize(x, boxes, images, target_height, target_width, normalized_coordinates,
+                            float(spatial_scale), box_coordinate_mode, sampling_mode, float(pad_value))
 
 
 @register("resize_bilinear", widen=True)

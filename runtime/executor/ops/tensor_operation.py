@@ -1,5 +1,7 @@
-"""MIL ops that create or rearrange tensors by rule (coremltools `ops/defs/iOS15/tensor_operation.py`)."""
+"""MIL ops that create or rearrange tensors by rule (coremltools `ops/defs/iOS15/tensor_operation.py`,
+iOS 17's non_maximum_suppression)."""
 import torch
+from coremltools import target
 
 from ..registry import register
 
@@ -100,3 +102,80 @@ def argsort(x: torch.Tensor, axis: int = -1, ascending: bool = False) -> torch.T
 def non_zero(x: torch.Tensor) -> torch.Tensor:
     """[N, rank(x)]: the coordinates of the N non-zero elements, in row-major order."""
     return torch.nonzero(x)
+
+
+def _iou_matrix(boxes: torch.Tensor) -> torch.Tensor:
+    """[B, B] intersection over union of boxes [B, 4] given as (x centre, y centre, width, height)."""
+    centres, sizes = boxes[:, :2], boxes[:, 2:].abs()
+    low, high = centres - sizes / 2, centres + sizes / 2
+    overlap = (torch.minimum(high[:, None], high[None]) - torch.maximum(low[:, None], low[None])).clamp(min=0)
+    intersection = overlap.prod(dim=-1)
+    area = sizes.prod(dim=-1)
+    union = area[:, None] + area[None] - intersection
+    return torch.where(union > 0, intersection / union, torch.zeros_like(union))
+
+
+def _suppress(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, score_threshold: float,
+              max_boxes: int, per_class_suppression: bool) -> list[int]:
+    """The indices one batch element keeps, best first (see non_maximum_suppression)."""
+    best, classes = scores.max(dim=-1)
+    order = torch.argsort(best, descending=True, stable=True).tolist()
+    candidates = [i for i in order if best[i] >= score_threshold]
+    overlaps = (_iou_matrix(boxes) > iou_threshold).tolist()
+    classes = classes.tolist()
+    kept = []
+    for i in candidates:
+        if len(kept) == max_boxes:
+            break
+        if not any(overlaps[i][j] and (classes[i] == classes[j] or not per_class_suppression) for j in kept):
+            kept.append(i)
+    return kept or order[:1]
+
+
+@register("non_maximum_suppression", widen=True)
+def non_maximum_suppression(
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    iou_threshold: torch.Tensor | float,
+    score_threshold: torch.Tensor | float,
+    max_boxes: int,
+    per_class_suppression: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Greedy NMS over each batch element of boxes [n, B, 4] ((x centre, y centre, width, height))
+    and scores [n, B, K]. A box's score is its best class score, its class that class (the first
+    on ties). Boxes scoring below score_threshold are dropped; the rest are visited by descending
+    score, ties in box order, and a box is kept unless its IoU with a box already kept (of its
+    class, with per_class_suppression) exceeds iou_threshold, until max_boxes are kept. When no box
+    reaches score_threshold, the best-scoring box is kept anyway. Outputs, best first: the kept
+    boxes [n, max_boxes, 4] and their score rows [n, max_boxes, K] padded with zeros, their indices
+    [n, max_boxes] padded with -1, and how many were kept [n]."""
+    batch, _, classes = scores.shape
+    kept_boxes = boxes.new_zeros(batch, max_boxes, 4)
+    kept_scores = scores.new_zeros(batch, max_boxes, classes)
+    indices = torch.full((batch, max_boxes), -1, dtype=torch.int32, device=boxes.device)
+    counts = torch.zeros(batch, dtype=torch.int32, device=boxes.device)
+    for b in range(batch):
+        kept = _suppress(boxes[b].float(), scores[b].float(), float(iou_threshold), float(score_threshold),
+                         max_boxes, per_class_suppression)
+        kept_boxes[b, : len(kept)] = boxes[b, kept]
+        kept_scores[b, : len(kept)] = scores[b, kept]
+        indices[b, : len(kept)] = torch.tensor(kept, dtype=torch.int32)
+        counts[b] = len(kept)
+    return kept_boxes, kept_scores, indices, counts
+
+
+@register("non_maximum_suppression", since=target.iOS17, widen=True)
+def non_maximum_suppression_boxes_last(
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    iou_threshold: torch.Tensor | float,
+    max_boxes: int,
+    per_class_suppression: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """iOS 17's revision: boxes [n, 4, B] and scores [n, K, B] (boxes last), no score threshold;
+    outputs boxes [n, 4, max_boxes], scores [n, K, max_boxes] and indices [n, max_boxes], padded as
+    before, without the count."""
+    kept_boxes, kept_scores, indices, _ = non_maximum_suppression(
+        boxes.transpose(1, 2), scores.transpose(1, 2), iou_threshold, float("-inf"), max_boxes,
+        per_class_suppression)
+    return kept_boxes.transpose(1, 2), kept_scores.transpose(1, 2), indices
