@@ -15,10 +15,8 @@ from .palettize import palettize_program
 TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 NUMPY_DTYPES = {"float16": np.float16, "float32": np.float32}
 MINIMUM_DEPLOYMENT_TARGET = getattr(ct.target, f"iOS{PACKAGE_MINIMUM_OS.ios}")  # = macOS 13
-# export_module lowers to the ATen dialect
-TORCH_SOURCE = {"com.github.apple.coremltools.source": f"torch=={torch.__version__}",
-                "com.github.apple.coremltools.source_dialect": "TorchExport::ATEN"}
-TORCH_BUILD_INFO = {"coremltools-component-torch": torch.__version__, "coremltools-source-dialect": "TorchExport::ATEN"}
+# export_module lowers to the ATen dialect, which a one-step conversion records as the source's
+SOURCE_DIALECT = "TorchExport::ATEN"
 
 
 def example_inputs(spec: ComponentSpec) -> tuple[torch.Tensor, ...]:
@@ -81,7 +79,8 @@ def to_ml_program(program: Program, quantize_nbits: int | None = None, verbose: 
 def backend_cleanup_pipeline() -> ct.PassPipeline:
     """The default passes that coremltools' ML Program backend runs again after its own (dead code and constant
     elimination, cast optimization, name deduplication). The backend leaves out any default pass the main pipeline
-    leaves out, so an empty main pipeline would leave the backend's fusions uncleaned."""
+    leaves out, so with an empty main pipeline the backend would skip them, and without name deduplication a
+    program can hold two variables of one name."""
     default = set(ct.PassPipeline.DEFAULT.passes)
     backend = ct.PassPipeline.get_pipeline("backend_mlprogram").passes
     return ct.PassPipeline(pass_names=[name for name in dict.fromkeys(backend) if name in default])
@@ -90,12 +89,15 @@ def backend_cleanup_pipeline() -> ct.PassPipeline:
 def record_torch_source(model: ct.models.MLModel) -> None:
     """The source coremltools records, in the metadata and in the program's build info, when it converts the exported
     program in one step (converted from the MIL program, it records "milinternal")."""
-    model.user_defined_metadata.update(TORCH_SOURCE)
+    model.user_defined_metadata.update(
+        {"com.github.apple.coremltools.source": f"torch=={torch.__version__}",
+         "com.github.apple.coremltools.source_dialect": SOURCE_DIALECT}
+    )
     entries = model._spec.mlProgram.attributes["buildInfo"].immediateValue.dictionary.values
     build_info = {entry.key.immediateValue.tensor.strings.values[0]: entry.value.immediateValue.tensor.strings.values[0]
                   for entry in entries}
     build_info.pop("coremltools-component-milinternal", None)
-    build_info.update(TORCH_BUILD_INFO)
+    build_info.update({"coremltools-component-torch": torch.__version__, "coremltools-source-dialect": SOURCE_DIALECT})
     template = copy.deepcopy(entries[0])
     del entries[:]
     for key, value in build_info.items():
