@@ -51,6 +51,23 @@ def test_compute_precision_is_float16(tiny_packages):
     assert convs and all(op.outputs[0].dtype == ct.converters.mil.mil.types.fp16 for op in convs)
 
 
+@pytest.mark.parametrize("component", SD.components)
+def test_package_records_its_torch_source_as_a_one_step_conversion_does(tiny_packages, component):
+    """Converted in two steps (to MIL, then to an ML Program), a package still names torch and the ATen
+    dialect as its source, in the metadata and in the program's build info, not coremltools' "milinternal"."""
+    import torch
+
+    spec = ct.utils.load_spec(str(tiny_packages("split_einsum") / f"{component}.mlpackage"))
+    metadata = spec.description.metadata.userDefined
+    assert metadata["com.github.apple.coremltools.source"] == f"torch=={torch.__version__}"
+    assert metadata["com.github.apple.coremltools.source_dialect"] == "TorchExport::ATEN"
+    entries = spec.mlProgram.attributes["buildInfo"].immediateValue.dictionary.values
+    build_info = {e.key.immediateValue.tensor.strings.values[0]: e.value.immediateValue.tensor.strings.values[0] for e in entries}
+    assert build_info["coremltools-component-torch"] == torch.__version__
+    assert build_info["coremltools-source-dialect"] == "TorchExport::ATEN"
+    assert "coremltools-component-milinternal" not in build_info
+
+
 def test_manifest_describes_the_package(tiny_packages, tiny_pipeline):
     folder = tiny_packages("split_einsum")
     manifest = json.loads((folder / "manifest.json").read_text())
