@@ -15,14 +15,14 @@ by the outermost steps: a value read inside a loop body stays until the whole lo
 """
 from dataclasses import dataclass
 
-from .steps import Argument, Output, Widened, read
+from .steps import Argument, Output, read
 
 
 @dataclass
 class CompiledBlock:
     steps: list
     inputs: list[int]  # slots of the block's inputs (the values a loop carries)
-    outputs: list[Argument]
+    outputs: list[Argument]  # a slot, or a constant tensor
 
     def run(self, env: list) -> list:
         for step in self.steps:
@@ -30,9 +30,8 @@ class CompiledBlock:
         return [read(output, env) for output in self.outputs]
 
     def slots_used(self) -> list[int]:
-        sources = [o.source if isinstance(o, Widened) else o for o in self.outputs]
         nested = [slot for step in self.steps for slot in step.slots_used()]
-        return self.inputs + nested + [s for s in sources if isinstance(s, int)]
+        return self.inputs + nested + [output for output in self.outputs if isinstance(output, int)]
 
 
 class BlockStep:
