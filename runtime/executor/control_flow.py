@@ -48,7 +48,7 @@ class BlockStep:
 
     def __call__(self, env: list) -> None:
         for output, value in zip(self.outputs, self.evaluate(env)):
-            env[output.slot] = value if output.dtype is None or value.dtype == output.dtype else value.to(output.dtype)
+            env[output.slot] = output.cast(value)
         for slot in self.release:
             env[slot] = None
 

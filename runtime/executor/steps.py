@@ -40,6 +40,10 @@ class Output:
     dtype: torch.dtype | None  # None for lists and states, which are not tensors
     shape: tuple[int, ...] | None  # None where the program leaves a dim symbolic
 
+    def cast(self, value):
+        """`value` in the declared dtype (lists and states pass as they are)."""
+        return value if self.dtype is None or value.dtype == self.dtype else value.to(self.dtype)
+
 
 class OpStep:
     """One op: its function from the op table, called with bound values and values read from slots."""
@@ -86,7 +90,7 @@ class OpStep:
                     f"executor bug: {self.op_type} {self.name!r} produced shape {tuple(result.shape)}, "
                     f"the program declares {output.shape}"
                 )
-            converted.append(result if output.dtype is None or result.dtype == output.dtype else result.to(output.dtype))
+            converted.append(output.cast(result))
         return converted
 
     def __call__(self, env: list) -> None:
