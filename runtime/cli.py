@@ -16,7 +16,7 @@ from .commandline import CONTEXT_SETTINGS, run_command, shared_options
 from .errors import GenerationError
 from .package import PACKAGES_ENV
 from .pipeline import Pipeline, check_options, random_seed
-from .schedulers import SCHEDULERS
+from .schedulers import SCHEDULERS, check_steps
 from .upscaling import DEFAULT_STRENGTH, ModelUpscaler, Upscale
 
 DEFAULT_OUTPUT = Path("outputs")
@@ -93,9 +93,11 @@ def _console_logging():
 @click.option("--negative-prompt", default="", help="What the image should not show.")
 @click.option("--model", help=f"Package name under ./packages (or ${PACKAGES_ENV}) or a package folder; may be left "
               "out when there is only one package.")
-@click.option("--steps", type=int, default=50, show_default=True, help="Denoising steps.")
-@click.option("--guidance-scale", type=float, default=7.5, show_default=True, help="Classifier-free guidance.")
-@click.option("--scheduler", type=click.Choice(SCHEDULERS), help="Default: the package's own, else pndm.")
+@click.option("--steps", type=int, help="Denoising steps (default: the package's recommendation, else 50).")
+@click.option("--guidance-scale", type=float, help="Classifier-free guidance; at 1 or less none, and the Unet runs "
+              "once per step (default: the package's recommendation, else 7.5).")
+@click.option("--scheduler", type=click.Choice(SCHEDULERS), help="Default: the package's recommendation, else its "
+              "own, else pndm.")
 @click.option("--seed", type=int, help="Random seed (default: a random one, printed).")
 @click.option("--image", help="Start from this image (image-to-image).")
 @click.option("--strength", type=float, help="With --image: how much to change it, 0 to 1 (default: 0.8).")
@@ -147,7 +149,7 @@ def generate(**options) -> None:
     click.echo(f"wrote {', '.join(map(str, paths))} in {time.perf_counter() - start:.1f} s")
 
 
-def write_images(prompt: str, negative_prompt: str, model: str | None, steps: int, guidance_scale: float,
+def write_images(prompt: str, negative_prompt: str, model: str | None, steps: int | None, guidance_scale: float | None,
                  scheduler: str | None, seed: int | None, image: str | None, strength: float | None, num_images: int,
                  height: int | None, width: int | None, upscale: float | None, upscale_strength: float | None,
                  upscale_steps: int | None, upscaler: str | None, tile_overlap: int | None,
@@ -164,6 +166,8 @@ def write_images(prompt: str, negative_prompt: str, model: str | None, steps: in
                                   "and --upscale-strength says how much it changes; drop --strength, --width, --height")
         strength = 0.8 if strength is None else strength
         check_options(scheduler, steps, strength, num_images, seed, width, height, hires, refiner_start)
+        if scheduler is not None and steps is not None:
+            check_steps(scheduler, steps)
     except GenerationError as error:
         raise click.UsageError(str(error)) from None
     if upscaler is not None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from .backends import model_metadata
 from .errors import GenerationError
 from .integrity import check_files, inside
+from .recommended import Recommended
 from .safety import SD_FEATURE_EXTRACTOR, ClipPreprocessing
 from .watermark import STABLE_DIFFUSION_V1, Watermark
 
@@ -98,6 +99,7 @@ class Package:
     family: str = "sd"  # "sd", "sdxl" or "sdxl-refiner"
     force_zeros_for_empty_prompt: bool = False
     compute_units: dict[str, str] = field(default_factory=dict)  # per component, where the manifest says
+    recommended: Recommended = field(default_factory=Recommended)  # the sampling settings the converter recorded for the model
 
     @property
     def required_components(self) -> tuple[str, ...]:
@@ -331,7 +333,15 @@ def load_package(folder: Path, verify: bool = False) -> Package:
         force_zeros_for_empty_prompt=bool(manifest.get("force_zeros_for_empty_prompt", default_force_zeros)),
         compute_units={name: entry["compute_units"] for name, entry in manifest.get("components", {}).items()
                        if isinstance(entry, dict) and "compute_units" in entry},
+        recommended=_recommended(manifest, folder),
     )
+
+
+def _recommended(manifest: dict, folder: Path) -> Recommended:
+    try:
+        return Recommended.from_manifest(manifest.get("recommended", {}))
+    except GenerationError as error:
+        raise GenerationError(f"{folder / MANIFEST_FILE}: {error}; reconvert the package") from None
 
 
 def _feature_extractor(manifest: dict, folder: Path) -> dict:

@@ -21,12 +21,13 @@ from tqdm.auto import tqdm
 from . import images, tiling
 from . import watermark as watermarks
 from .backends import ManagedModel, Model, default_compute_unit, load_model, release, resolve_backend
-from .errors import GenerationError
 from .conditioning import SizeConditioning, conditioning_for
+from .errors import GenerationError
 from .package import Package, find_package, load_package
+from .recommended import choose, consistency_distilled, warn_unless_distilled
 from .safety import SafetyChecker
 from .sampling import Pass, Sampler, Sampling
-from .schedulers import default_scheduler_name, scheduler_class
+from .schedulers import check_steps, scheduler_class
 from .tiling import VAE_FACTOR
 from .upscaling import Upscale
 
@@ -48,7 +49,7 @@ def random_seed(num_images: int = 1) -> int:
 
 
 def check_options(
-    scheduler: str | None, steps: int, strength: float, num_images: int, seed: int | None,
+    scheduler: str | None, steps: int | None, strength: float, num_images: int, seed: int | None,
     width: int | None = None, height: int | None = None, upscale: Upscale | None = None, refiner_start: float = 0.8,
 ) -> None:
     """The checks that need no model, so that a command line fails before any model loads."""
@@ -62,7 +63,7 @@ def check_options(
                               f"not {refiner_start}")
     if scheduler is not None:
         scheduler_class(scheduler)
-    if steps < 1:
+    if steps is not None and steps < 1:
         raise GenerationError(f"--steps must be at least 1, not {steps}")
     if not 0 <= strength <= 1:
         raise GenerationError(f"--strength must be in [0, 1], not {strength}")
@@ -155,8 +156,8 @@ class Pipeline:
         prompt: str,
         *,
         negative_prompt: str = "",
-        steps: int = 50,
-        guidance_scale: float = 7.5,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
         scheduler: str | None = None,
         seed: int | None = None,
         image: str | Path | Image.Image | None = None,
@@ -175,7 +176,9 @@ class Pipeline:
         watermark: bool = True,
     ) -> GenerationResult:
         """`num_images` images from seeds seed, seed+1, ... (a random seed when None); with `image`, image-to-image
-        that keeps `1 - strength` of it. `scheduler` is a name from `schedulers.SCHEDULERS`. `height`/`width`
+        that keeps `1 - strength` of it. `scheduler` is a name from `schedulers.SCHEDULERS`; it, `steps` and
+        `guidance_scale` default to the package's recommendation (recommended.py), else its own scheduler, 50 and
+        7.5; at guidance 1 or below the Unet runs on the prompt alone, once per window and step. `height`/`width`
         (default: the package's) may be any multiples of 8 at least the package's; with `upscale`, each image is
         then enlarged and refined (with `image`, the image itself is). `overlap`: image pixels that neighbouring
         windows share (default: a quarter of the package's shorter side). SDXL packages take `size_conditioning`
@@ -184,8 +187,15 @@ class Pipeline:
         refiner ensemble. The package's safety checker, if it has one, blackens flagged images
         (`safety_checker=False` skips it); `watermark=False` leaves out the invisible watermark. Raises
         GenerationError for anything the caller can fix."""
-        scheduler = scheduler or default_scheduler_name(self.package.scheduler_config)
+        package = self.package
+        choice = choose(package.recommended, package.scheduler_config, scheduler, steps, guidance_scale)
+        scheduler, steps, guidance_scale = choice.scheduler, choice.steps, choice.guidance_scale
         check_options(scheduler, steps, strength, num_images, seed, width, height, upscale, refiner_start)
+        check_steps(scheduler, steps)
+        if choice.from_package:
+            logger.info(choice.describe())
+        warn_unless_distilled(scheduler, consistency_distilled(package.recommended, package.scheduler_config,
+                                                               self.sampler.guidance_embedding), package.name)
         training_steps = self.package.scheduler_config.get("num_train_timesteps", 1000)
         for name, count in (("--steps", steps), ("--upscale-steps", upscale and upscale.steps)):
             if count and count > training_steps:

@@ -4,6 +4,8 @@ its own size over latents of any size (tiling.py), and the random numbers it sta
 The random numbers are Apple's: NumPy's legacy `RandomState(seed).randn` draws the initial noise (and, for
 image-to-image, then the VAE sample), cast to float16, so a seed gives the image the Swift package gives.
 """
+import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -17,6 +19,9 @@ from .package import Package
 from .schedulers import build_scheduler, step_keywords
 from .tiling import VAE_FACTOR, Layout, TiledNoise
 from .upscaling import Upscaler
+
+logger = logging.getLogger("coreml_sd.runtime")
+GUIDANCE_EMBEDDING = "timestep_cond"  # an LCM Unet's input: the guidance scale's embedding (see Sampler)
 
 
 @dataclass(frozen=True)
@@ -79,18 +84,28 @@ def denoising_timesteps(scheduler, steps: int, strength: float) -> torch.Tensor:
 
 class Sampler:
     """A package's Unet and schedule: `denoise` runs a pass (text-to-image, image-to-image, or the first part of
-    the schedule for a refiner), `refine` the rest of a schedule from given latents."""
+    the schedule for a refiner), `refine` the rest of a schedule from given latents.
+
+    With guidance above 1 each step runs the Unet on (unconditional, conditional) pairs; at 1 or below, as
+    diffusers, on the conditional input alone: through `unguided_unet` where the package has one (a batch-1
+    function of a multifunction Unet), else through the Unet itself, which at batch 1 then runs once per step
+    and at batch 2 takes two windows per call. A Unet that takes LCM's guidance embedding (`timestep_cond`)
+    is never run with guidance: the scale goes into the embedding, as in diffusers' LCM pipeline.
+    """
 
     window_weights = staticmethod(tiling.feathered_weights)  # how the Unet windows' predictions are blended
 
-    def __init__(self, unet: Model, package: Package):
+    def __init__(self, unet: Model, package: Package, unguided_unet: Model | None = None):
         self.unet = unet
+        self.unguided_unet = unguided_unet or unet
         self.package = package
         self.dtypes = {name: dtype for name, (_, dtype) in unet.input_description.items()}
         sample_shape = unet.input_description["sample"][0]
         self.batch_size = sample_shape[0]
+        self.unguided_batch_size = self.unguided_unet.input_description["sample"][0][0]
         self.latent_channels = sample_shape[1]
         self.latent_window = tuple(sample_shape[2:])
+        self.guidance_embedding = GUIDANCE_EMBEDDING in unet.input_description
 
     def denoise(
         self, conditioning: dict[str, np.ndarray], stage: Pass, seed: int, init_latents: np.ndarray | None,
@@ -127,16 +142,31 @@ class Sampler:
         scheduler.set_timesteps(sampling.steps)
         return scheduler
 
+    def guided(self, guidance_scale: float) -> bool:
+        """Whether a step runs the unconditional input too (diffusers' do_classifier_free_guidance)."""
+        return guidance_scale > 1 and not self.guidance_embedding
+
     def _run(self, scheduler, timesteps: torch.Tensor, latents: torch.Tensor, conditioning: dict[str, np.ndarray],
              stage: Pass, seed: int, overlap: int, bar: Callable) -> torch.Tensor:
         """The scheduler's steps over `timesteps`, the Unet run in windows of its own size over the latents."""
         step_kwargs = {"eta": 0.0, "generator": torch.Generator().manual_seed(seed)}
         step_kwargs = {key: value for key, value in step_kwargs.items() if key in step_keywords(scheduler)}
-        guided_noise = partial(self._guided_noise, conditioning=conditioning,
-                               guidance_scale=stage.sampling.guidance_scale)
-        noise_prediction = TiledNoise(guided_noise, Layout(tuple(latents.shape[2:]), self.latent_window, overlap),
-                                      windows_per_call=max(1, self.batch_size // 2), weights=self.window_weights)
+        guidance_scale = stage.sampling.guidance_scale
+        layout = Layout(tuple(latents.shape[2:]), self.latent_window, overlap)
+        if self.guided(guidance_scale):
+            noise = partial(self._guided_noise, conditioning=conditioning, guidance_scale=guidance_scale)
+            windows_per_call = max(1, self.batch_size // 2)
+        else:
+            noise = partial(self._unguided_noise, conditioning=self._unguided_conditioning(conditioning, guidance_scale))
+            windows_per_call = self.unguided_batch_size
+        noise_prediction = TiledNoise(noise, layout, windows_per_call=windows_per_call, weights=self.window_weights)
         windows = len(noise_prediction.windows)
+        if not self.guided(guidance_scale) and windows % self.unguided_batch_size:
+            logger.warning("without guidance the Unet needs one input per window, but package %r's Unet takes %d at "
+                           "once: %d of %d per step are repeats, computed for nothing; convert with "
+                           "--unet-batch-size 1, or --unguided-function for a Unet that serves both",
+                           self.package.name, self.unguided_batch_size, -windows % self.unguided_batch_size,
+                           windows + -windows % self.unguided_batch_size)
         description = f"{stage.size[0]}x{stage.size[1]}, {windows} windows x {len(timesteps)} steps"
         with bar(total=windows * len(timesteps), unit="window", postfix=description) as progress:
             for t in timesteps:
@@ -150,20 +180,51 @@ class Sampler:
                       guidance_scale: float) -> np.ndarray:
         """Classifier-free guidance for N window-sized samples: their 2N (unconditional, conditional) Unet inputs
         packed into as few calls of the Unet's batch size as they fill (one sample per call at batch 2)."""
-        batch = self.batch_size
         pairs = len(samples)
-        padding = -2 * pairs % batch  # the last call's empty places repeat its last input
-
-        def batched(rows: np.ndarray) -> np.ndarray:
-            return np.concatenate([rows, rows[-1:].repeat(padding, axis=0)])
-
-        inputs = {"sample": batched(np.repeat(samples.astype(self.dtypes["sample"]), 2, axis=0)),
-                  **{name: batched(np.concatenate([value] * pairs)) for name, value in conditioning.items()}}
-        timestep = np.full((batch,), t, dtype=self.dtypes["timestep"])
-        noise = np.concatenate([
-            self.unet.predict({"timestep": timestep, **{name: value[i : i + batch] for name, value in inputs.items()}})[
-                "noise_pred"]
-            for i in range(0, len(inputs["sample"]), batch)
-        ])[: 2 * pairs]
+        rows = {"sample": np.repeat(samples.astype(self.dtypes["sample"]), 2, axis=0),
+                **{name: np.concatenate([value] * pairs) for name, value in conditioning.items()}}
+        noise = predict_in_batches(self.unet, rows, t)
         uncond, cond = noise[0::2], noise[1::2]
         return uncond + guidance_scale * (cond - uncond)
+
+    def _unguided_conditioning(self, conditioning: dict[str, np.ndarray], guidance_scale: float) -> dict:
+        """The conditional row of each input, and for an LCM Unet the embedding of the guidance scale."""
+        conditional = {name: value[1:2] for name, value in conditioning.items()}
+        if self.guidance_embedding:
+            width = self.unet.input_description[GUIDANCE_EMBEDDING][0][1]
+            embedding = guidance_scale_embedding(guidance_scale - 1, width)
+            conditional[GUIDANCE_EMBEDDING] = embedding.astype(self.dtypes[GUIDANCE_EMBEDDING])
+        return conditional
+
+    def _unguided_noise(self, samples: np.ndarray, t: float, conditioning: dict[str, np.ndarray]) -> np.ndarray:
+        """The conditional prediction for N window-sized samples, as few calls as they fill."""
+        rows = {"sample": samples.astype(self.dtypes["sample"]),
+                **{name: np.concatenate([value] * len(samples)) for name, value in conditioning.items()}}
+        return predict_in_batches(self.unguided_unet, rows, t)
+
+
+def predict_in_batches(unet: Model, rows: dict[str, np.ndarray], t: float) -> np.ndarray:
+    """The Unet's noise for N input rows at timestep `t`, in calls of its batch size; the last call's empty
+    places repeat its last row."""
+    batch = unet.input_description["sample"][0][0]
+    count = len(rows["sample"])
+    padding = -count % batch
+    padded = {name: np.concatenate([value, value[-1:].repeat(padding, axis=0)]) for name, value in rows.items()}
+    timestep = np.full((batch,), t, dtype=unet.input_description["timestep"][1])
+    return np.concatenate([
+        unet.predict({"timestep": timestep, **{name: value[i : i + batch] for name, value in padded.items()}})[
+            "noise_pred"]
+        for i in range(0, count + padding, batch)
+    ])[:count]
+
+
+def guidance_scale_embedding(w: float, width: int) -> np.ndarray:
+    """LCM's guidance embedding of `w` (the guidance scale minus 1), (1, width): sinusoids of 1000 w, sines then
+    cosines, as diffusers' get_guidance_scale_embedding (in float32)."""
+    half = width // 2
+    frequencies = torch.exp(torch.arange(half, dtype=torch.float32) * -(math.log(10000.0) / (half - 1)))
+    angles = torch.tensor([w * 1000.0], dtype=torch.float32)[:, None] * frequencies[None, :]
+    embedding = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    if width % 2:
+        embedding = torch.nn.functional.pad(embedding, (0, 1))
+    return embedding.numpy()

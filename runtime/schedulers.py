@@ -7,8 +7,10 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    LCMScheduler,
     LMSDiscreteScheduler,
     PNDMScheduler,
+    TCDScheduler,
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
@@ -41,8 +43,15 @@ SCHEDULERS = {
     "euler-a": EulerAncestralDiscreteScheduler,
     "dpm++": DPMSolverMultistepScheduler,
     "lms": GaussLMSDiscreteScheduler,
+    "lcm": LCMScheduler,
+    "tcd": TCDScheduler,
 }
 DEFAULT_SCHEDULER = "pndm"
+# PNDM's linear multistep warms up on the schedule's last two timesteps; at one step its only timestep is the
+# last, and the image stays noise.
+MIN_STEPS = {"pndm": 2}
+# Schedulers that sample only what a consistency-distilled model (an LCM checkpoint, LCM-LoRA, TCD-LoRA) predicts.
+CONSISTENCY_SCHEDULERS = ("lcm", "tcd")
 # diffusers' StableDiffusionPipeline corrects these settings of older SD v1 scheduler configs when it loads
 # them (DDIM's pixel-space clipping is wrong for latents; SD v1 counts timesteps from 1); so do we.
 SD_PIPELINE_CORRECTIONS = {"steps_offset": 1, "clip_sample": False}
@@ -87,6 +96,15 @@ def build_scheduler(name: str, config: dict, prediction_type: str) -> SchedulerM
         key: value for key, value in SD_PIPELINE_CORRECTIONS.items() if scheduler.config.get(key, value) != value
     }
     return cls.from_config(scheduler.config, **corrections) if corrections else scheduler
+
+
+def check_steps(name: str, steps: int) -> None:
+    """Raises GenerationError when scheduler `name` cannot sample in `steps` steps."""
+    needed = MIN_STEPS.get(name, 1)
+    if steps < needed:
+        able = ", ".join(other for other in SCHEDULERS if MIN_STEPS.get(other, 1) <= steps)
+        raise GenerationError(f"the {name} scheduler needs at least {needed} steps, not {steps}; raise --steps or "
+                              f"choose from {able}")
 
 
 def step_keywords(scheduler: SchedulerMixin) -> frozenset[str]:

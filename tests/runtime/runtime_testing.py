@@ -6,10 +6,12 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    LCMScheduler,
     LMSDiscreteScheduler,
     PNDMScheduler,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionPipeline,
+    TCDScheduler,
 )
 from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_img2img
 from PIL import Image
@@ -25,6 +27,8 @@ DIFFUSERS_SCHEDULERS = {
     "euler-a": EulerAncestralDiscreteScheduler,
     "dpm++": DPMSolverMultistepScheduler,
     "lms": LMSDiscreteScheduler,
+    "lcm": LCMScheduler,
+    "tcd": TCDScheduler,
 }
 
 
