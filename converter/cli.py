@@ -50,7 +50,9 @@ def list_models(ctx: click.Context, _, value: bool) -> None:
 @click.option("--config", "config_folder", type=click.Path(path_type=Path, file_okay=False),
               help="Single files: a diffusers folder whose configs to use instead of the shipped SD 1.x/2.x ones.")
 @click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]",
-              help="Merge a LoRA (kohya/LoCon or diffusers/PEFT) into the Unet and text encoder; repeatable.")
+              help="Merge a LoRA (kohya/LoCon or diffusers/PEFT) into the Unet and text encoder: a file, or a Hugging "
+              "Face id ORG/NAME[:FILE][:SCALE] (e.g. latent-consistency/lcm-lora-sdv1-5, downloaded once and "
+              "then read from the cache); repeatable.")
 @click.option("--embedding", "embeddings", multiple=True, metavar="PATH[:TOKEN]",
               help="Add a textual-inversion embedding (A1111, kohya, diffusers) as TOKEN (letters only; k vectors: "
               "TOKEN, TOKENb, ...); one id for every BPE tokenizer of the package, Swift's included; repeatable.")
@@ -62,8 +64,16 @@ def list_models(ctx: click.Context, _, value: bool) -> None:
               help="split_einsum suits the Neural Engine, original the GPU.")
 @click.option("--height", type=int, help="Image height in pixels, a multiple of 64 (default: the model's).")
 @click.option("--width", type=int, help="Image width in pixels, a multiple of 64 (default: the model's).")
-@click.option("--unet-batch-size", type=click.Choice([1, 2]), default=2, show_default=True,
-              help="2 runs classifier-free guidance in one Unet call; 1 in two.")
+@click.option("--unet-batch-size", type=click.Choice([1, 2]),
+              help="2 runs classifier-free guidance in one Unet call; 1 in two, and sampling without guidance in one "
+              "(default: 1 for models made to sample without guidance, such as sd-turbo; else 2).")
+@click.option("--unguided-function", is_flag=True,
+              help="Also store the Unet at batch 1, as function 'unguided' of the same package (weights stored once): "
+              "sampling without guidance runs it once per step, guided sampling and Apple's Swift package run the "
+              "batch-2 default function. Needs macOS 15 / iOS 18.")
+@click.option("--recommend", multiple=True, metavar="NAME=VALUE",
+              help="Record a sampling setting coreml-generate uses by default: scheduler=lcm, steps=4, "
+              "guidance-scale=1 (known few-step models and LoRAs record theirs); repeatable.")
 @click.option("--quantize-nbits", type=click.Choice(NBITS_CHOICES),
               help="Store the text encoders' and Unet's weights as 2^N-entry palettes (at 6 bits they take 6/16 "
               "of their float16 size; default: float16).")
@@ -99,7 +109,8 @@ def list_models(ctx: click.Context, _, value: bool) -> None:
 def convert(model: str | None, revision: str | None, model_type: str | None, prediction_type: str | None,
             config_folder: Path | None, loras: tuple[str, ...], embeddings: tuple[str, ...],
             output: Path | None, components: str | None,
-            attention_implementation: str, height: int | None, width: int | None, unet_batch_size: int,
+            attention_implementation: str, height: int | None, width: int | None, unet_batch_size: int | None,
+            unguided_function: bool, recommend: tuple[str, ...],
             quantize_nbits: int | None, safety_checker: str | None, vae: str | None, chunk_unet: bool,
             bundle_resources: bool, force: bool, no_validate: bool, validate_only: Path | None,
             catalogue: Path | None, ray_address: str | None, max_parallel: int | None, dry_run: bool,
@@ -130,6 +141,8 @@ def convert(model: str | None, revision: str | None, model_type: str | None, pre
         height=height,
         width=width,
         unet_batch_size=unet_batch_size,
+        recommend=recommend,
+        unguided_function=unguided_function,
         quantize_nbits=quantize_nbits,
         safety_checker=safety_checker,
         vae=vae,

@@ -21,6 +21,7 @@ from coreml_sd.runtime.memory import release_memory
 from .package import PackageFolder
 from .families import Component
 from .palettize import NBITS_CHOICES, QUANTIZED_KINDS
+from .recommended import recommendation
 from .sources import ModelSource, resolve
 
 RESOLUTION_STEP = 64
@@ -42,7 +43,9 @@ class ConversionOptions:
     attention_implementation: str = "split_einsum"
     height: int | None = None
     width: int | None = None
-    unet_batch_size: int = 2
+    unet_batch_size: int | None = None  # None: 1 for a model recommended without guidance (Turbo), else 2
+    recommend: tuple[str, ...] = ()  # NAME=VALUE: sampling settings to record, over the model's own
+    unguided_function: bool = False  # the Unet also as a batch-1 function `unguided` (see multifunction.py)
     quantize_nbits: int | None = None  # palettize the TextEncoder's and Unet's weights to this many bits
     safety_checker: str | None = None  # the SafetyChecker from this folder or id instead of the model's own
     vae: str | None = None  # another VAE (folder or Hugging Face id) in place of the model's own
@@ -102,8 +105,11 @@ def check_options(options: ConversionOptions) -> None:
         value = getattr(options, side)
         if value is not None and (value <= 0 or value % RESOLUTION_STEP):
             raise ConversionError(f"--{side} {value} is not a positive multiple of {RESOLUTION_STEP}")
-    if options.unet_batch_size not in (1, 2):
+    if options.unet_batch_size not in (None, 1, 2):
         raise ConversionError(f"--unet-batch-size must be 1 or 2 (got {options.unet_batch_size})")
+    if options.unguided_function and (options.unet_batch_size == 1 or options.chunk_unet):
+        raise ConversionError("--unguided-function adds a batch-1 function to a batch-2 Unet in one package: drop "
+                              f"{'--unet-batch-size 1' if options.unet_batch_size == 1 else '--chunk-unet'}")
     if options.quantize_nbits is not None and options.quantize_nbits not in NBITS_CHOICES:
         raise ConversionError(f"--quantize-nbits must be one of {', '.join(map(str, NBITS_CHOICES))} (got {options.quantize_nbits})")
 
@@ -130,12 +136,17 @@ def chosen_components(source: ModelSource, options: ConversionOptions) -> tuple[
     return options.components
 
 
-def model_dimensions(source: ModelSource, options: ConversionOptions) -> ModelDimensions:
+def model_dimensions(source: ModelSource, options: ConversionOptions, unguided: bool = False) -> ModelDimensions:
+    """The package's size and Unet batch: without `--unet-batch-size`, 1 for a model that samples `unguided`."""
     default = source.sample_size * 8
+    batch_size = options.unet_batch_size or (1 if unguided and not options.unguided_function else 2)
+    if options.unet_batch_size is None and batch_size == 1:
+        print(f"{'Unet':<11} batch 1: the model samples without guidance (--unet-batch-size 2 for guided sampling)",
+              file=sys.stderr)
     return ModelDimensions(
         height=options.height or default,
         width=options.width or default,
-        unet_batch_size=options.unet_batch_size,
+        unet_batch_size=batch_size,
         **source.conditioning,
     )
 
@@ -160,6 +171,8 @@ def component_settings(component: str, source: ModelSource, dims: ModelDimension
     kind = source.family.component(component).kind
     if kind == "unet":
         settings.update(attention_implementation=options.attention_implementation, unet_batch_size=dims.unet_batch_size)
+        if options.unguided_function:
+            settings.update(unguided_function=True)
         if options.chunk_unet:
             settings.update(chunks=CHUNK_COUNT)
     elif kind == "safety_checker":
@@ -197,7 +210,12 @@ def convert_model(options: ConversionOptions) -> ConversionReport:
     components = chosen_components(source, options)
     source.check_adapters(list(components))
     source.safety_checker = options.safety_checker
-    dims = model_dimensions(source, options)
+    recommended = recommendation(source.description.get("id") or source.description.get("model"),
+                                 source.scheduler_config, False,
+                                 [adapter.hub_id for adapter in source.adapters if getattr(adapter, "hub_id", None)],
+                                 options.recommend)
+    source.scheduler_config = recommended.applied_to(source.scheduler_config)
+    dims = model_dimensions(source, options, recommended.unguided)
     folder = PackageFolder(options.output or Path("packages") / source.name)
     report = ConversionReport(folder=folder.path)
     source.description["files"] = source.file_hashes(list(components))
@@ -213,6 +231,8 @@ def convert_model(options: ConversionOptions) -> ConversionReport:
         "pad_token": source.pad_token,
         "adapters": [entry for adapter in source.adapters for entry in adapter.describe()],
     }
+    if recommended.to_manifest():
+        header["recommended"] = recommended.to_manifest()
     if source.force_zeros_for_empty_prompt is not None:
         header["force_zeros_for_empty_prompt"] = source.force_zeros_for_empty_prompt
     with folder.lock():
@@ -304,6 +324,17 @@ def convert_component(folder: PackageFolder, source: ModelSource, component: str
             model.save(str(staged))
             del model
             release_memory()
+        unguided = options.unguided_function and kind == "unet"
+        if unguided:
+            with stage(report, component, "batch 1"):
+                from .multifunction import add_unguided_function, converted_model, unguided_spec
+
+                batch_1 = converted_model(source, component, unguided_spec(source, component, dims), precision, nbits,
+                                          options.attention_implementation, options.verbose)
+                add_unguided_function(staged, batch_1, lambda combined: describe_package(combined, spec), staging,
+                                      options.verbose)
+                del batch_1
+                release_memory()
         validation = None
         if options.validate:
             with stage(report, component, "validate"):
@@ -319,6 +350,10 @@ def convert_component(folder: PackageFolder, source: ModelSource, component: str
                     f"{component}: PSNR {validation['psnr_db']:.1f} dB against {original} is below "
                     f"{PSNR_THRESHOLD_DB:.0f} dB, so it was not installed (--no-validate installs it anyway)")
         entry = dict(spec.to_json(), settings=settings, validation=validation)
+        if unguided:
+            from .multifunction import manifest_entry, unguided_spec
+
+            entry.update(manifest_entry(unguided_spec(source, component, dims)))
         if feature_extractor is not None:
             entry["feature_extractor"] = feature_extractor  # the runtime prepares the checker's input with it
         if precision == "float32":

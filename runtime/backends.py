@@ -174,13 +174,17 @@ def _described_schema(schema: list[dict]) -> TensorDescription:
             for entry in schema}
 
 
-def describe_model(path: Path) -> tuple[TensorDescription, TensorDescription]:
-    """A model file's inputs and outputs, read without loading its weights."""
+def describe_model(path: Path, function_name: str | None = None) -> tuple[TensorDescription, TensorDescription]:
+    """A model file's inputs and outputs (those of function `function_name` of a multifunction model), read
+    without loading its weights."""
     if path.suffix == ".mlmodelc":
         metadata = _compiled_metadata(path)
+        functions = {entry.get("name"): entry for entry in metadata.get("functions", []) if isinstance(entry, dict)}
+        metadata = functions.get(function_name, metadata)
         return _described_schema(metadata["inputSchema"]), _described_schema(metadata.get("outputSchema", []))
-    spec = _spec(path)
-    return _described_features(spec.description.input), _described_features(spec.description.output)
+    description = _spec(path).description
+    description = next((f for f in description.functions if f.name == function_name), description)
+    return _described_features(description.input), _described_features(description.output)
 
 
 def model_metadata(path: Path) -> dict[str, str]:
@@ -201,18 +205,21 @@ def chained_description(first: tuple[TensorDescription, TensorDescription],
 
 class CoreMLModel:
     """A model file on the chosen compute units through Core ML: a `.mlmodelc` as it is, a `.mlpackage` through
-    the compiled-model cache. Inputs are cast to the dtypes the model declares before they go to Core ML."""
+    the compiled-model cache. Inputs are cast to the dtypes the model declares before they go to Core ML. Of a
+    multifunction model, `function_name` chooses the function (default: the model's default function)."""
 
     def __init__(self, path: Path, compute_unit: str, functions: CoreMLFunctions | None = None,
-                 cache: CompiledModelCache | None = None):
+                 cache: CompiledModelCache | None = None, function_name: str | None = None):
         functions = functions or core_ml()
-        self.input_description, self.output_description = describe_model(path)
+        self.input_description, self.output_description = describe_model(path, function_name)
         if path.suffix == ".mlmodelc":
             self.compiled_path = path
         else:
             self.compiled_path = (cache or CompiledModelCache(cache_root(), functions)).compiled(path)
         self.compute_unit = compute_unit
-        self._model = functions.compiled_model(str(self.compiled_path), compute_units=functions.compute_unit(compute_unit))
+        chosen = {"function_name": function_name} if function_name else {}
+        self._model = functions.compiled_model(str(self.compiled_path), compute_units=functions.compute_unit(compute_unit),
+                                               **chosen)
 
     def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         cast = {name: np.ascontiguousarray(inputs[name], dtype=dtype) for name, (_, dtype) in self.input_description.items()}
@@ -238,8 +245,8 @@ class ManagedModel:
     """A component that is loaded when first run and unloaded by `release()` (until run again), as the Swift
     package's ManagedMLModel: its description comes from the model files, without loading them."""
 
-    def __init__(self, files: tuple[Path, ...], load: Callable[[], Model]):
-        descriptions = [describe_model(path) for path in files]
+    def __init__(self, files: tuple[Path, ...], load: Callable[[], Model], function_name: str | None = None):
+        descriptions = [describe_model(path, function_name) for path in files]
         self.input_description, self.output_description = (
             descriptions[0] if len(descriptions) == 1 else chained_description(*descriptions))
         self._load = load
@@ -266,7 +273,7 @@ def release(model: Model) -> None:
         model.release()
 
 
-def _load_file(path: Path, backend: str, compute_unit: str) -> Model:
+def _load_file(path: Path, backend: str, compute_unit: str, function_name: str | None = None) -> Model:
     if backend == "reference" and path.suffix == ".mlmodelc":
         raise GenerationError(
             f"{path.name} is compiled (.mlmodelc), which only Core ML on macOS runs, not the reference executor; "
@@ -274,10 +281,10 @@ def _load_file(path: Path, backend: str, compute_unit: str) -> Model:
         )
     try:
         if backend == "coreml":
-            return CoreMLModel(path, compute_unit)
+            return CoreMLModel(path, compute_unit, function_name=function_name)
         from .executor import ReferenceModel
 
-        return ReferenceModel(path)
+        return ReferenceModel(path, function_name=function_name)
     except GenerationError:
         raise
     except Exception as exc:  # loaders of foreign files fail in many ways; all mean the same to the user
@@ -285,10 +292,10 @@ def _load_file(path: Path, backend: str, compute_unit: str) -> Model:
         raise GenerationError(f"cannot load {path} ({reason}); reconvert the package with coreml-convert") from None
 
 
-def load_model(files: tuple[Path, ...], backend: str, compute_unit: str) -> Model:
+def load_model(files: tuple[Path, ...], backend: str, compute_unit: str, function_name: str | None = None) -> Model:
     """Load one component from its model file or its two chunks; `backend` is "coreml" or "reference" (see
-    `resolve_backend`)."""
+    `resolve_backend`); `function_name` chooses a function of multifunction model files (default: their own)."""
     if compute_unit not in COMPUTE_UNITS:
         raise GenerationError(f"unknown compute unit {compute_unit!r}; choose from {', '.join(COMPUTE_UNITS)}")
-    models = [_load_file(path, backend, compute_unit) for path in files]
+    models = [_load_file(path, backend, compute_unit, function_name) for path in files]
     return models[0] if len(models) == 1 else ChunkedModel(*models)

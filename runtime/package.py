@@ -100,6 +100,9 @@ class Package:
     force_zeros_for_empty_prompt: bool = False
     compute_units: dict[str, str] = field(default_factory=dict)  # per component, where the manifest says
     recommended: Recommended = field(default_factory=Recommended)  # the sampling settings the converter recorded for the model
+    # The Unet's batch-1 function for sampling without guidance, in a multifunction Unet (its default function
+    # `main` takes batch 2, as Apple's Swift package loads it)
+    unguided_function: str | None = None
 
     @property
     def required_components(self) -> tuple[str, ...]:
@@ -334,6 +337,7 @@ def load_package(folder: Path, verify: bool = False) -> Package:
         compute_units={name: entry["compute_units"] for name, entry in manifest.get("components", {}).items()
                        if isinstance(entry, dict) and "compute_units" in entry},
         recommended=_recommended(manifest, folder),
+        unguided_function=manifest.get("components", {}).get(unet, {}).get("unguided_function"),
     )
 
 

@@ -34,6 +34,7 @@ from .upscaling import Upscale
 logger = logging.getLogger("coreml_sd.runtime")
 OUTPUT_TYPES = ("pil", "latent")
 MAX_SEED = 2**32 - 1  # RandomState's seed range
+UNGUIDED_UNET = "unguided Unet"  # the stage name of the Unet's batch-1 function, where the package has one
 
 
 @dataclass
@@ -86,11 +87,23 @@ def compute_unit_of(package: Package, name: str, requested: str | None) -> str:
 
 
 def load_component(package: Package, name: str, backend: str, compute_unit: str | None,
-                   reduce_memory: bool = False) -> Model:
-    """A component, loaded now or, with `reduce_memory`, when it first runs (and unloaded after its stage)."""
+                   reduce_memory: bool = False, function_name: str | None = None) -> Model:
+    """A component (of a multifunction model, function `function_name`), loaded now or, with `reduce_memory`,
+    when it first runs (and unloaded after its stage)."""
     files = package.component(name)
-    load = partial(load_model, files, backend, compute_unit_of(package, name, compute_unit))
-    return ManagedModel(files, load) if reduce_memory else load()
+    load = partial(load_model, files, backend, compute_unit_of(package, name, compute_unit), function_name)
+    return ManagedModel(files, load, function_name) if reduce_memory else load()
+
+
+def unguided_unet(package: Package, backend: str, compute_unit: str | None) -> Model | None:
+    """The Unet's batch-1 function for sampling without guidance, where the package has one; loaded when first
+    run, so that guided sampling never loads it."""
+    if package.unguided_function is None:
+        return None
+    files = package.component(package.unet_name)
+    load = partial(load_model, files, backend, compute_unit_of(package, package.unet_name, compute_unit),
+                   package.unguided_function)
+    return ManagedModel(files, load, package.unguided_function)
 
 
 class Pipeline:
@@ -114,7 +127,8 @@ class Pipeline:
         self.compute_unit = compute_unit  # as asked; None: each component's own (see compute_unit_of)
         self.reduce_memory = reduce_memory
         self.conditioning = conditioning_for(package, models)
-        self.sampler = Sampler(models[package.unet_name], package)
+        self.unguided_unet = unguided_unet(package, backend, compute_unit)
+        self.sampler = Sampler(models[package.unet_name], package, self.unguided_unet)
         self.unet_batch_size = self.sampler.batch_size
         self.latent_window = self.sampler.latent_window
         self.height, self.width = (side * VAE_FACTOR for side in self.latent_window)
@@ -148,8 +162,9 @@ class Pipeline:
         finally:
             if self.reduce_memory:
                 for name in names:
-                    if name in self.models:
-                        release(self.models[name])
+                    model = self.unguided_unet if name == UNGUIDED_UNET else self.models.get(name)
+                    if model is not None:
+                        release(model)
 
     def __call__(
         self,
@@ -239,7 +254,7 @@ class Pipeline:
                 if number > 0:  # a hires pass: the previous pass's image, enlarged
                     init_latents = self._encode(picture, stage, overlap)
                 end = refiner_start if refiner is not None else None
-                with self._stage(self.package.unet_name):
+                with self._stage(self.package.unet_name, UNGUIDED_UNET):
                     latents = self.sampler.denoise(conditioning, stage, image_seed, init_latents, overlap, bar, end)
                 if refiner is not None:
                     with refiner._stage(refiner.package.unet_name):

@@ -44,11 +44,18 @@ class Lora(Adapter):
     scale: float
     layers: dict[str, dict[str, LoraLayer]] = field(default_factory=dict, repr=False)  # module -> layer path -> pair
     digest: str = ""
+    hub_id: str | None = None  # ORG/NAME[:FILE] for a LoRA downloaded by id
 
     @classmethod
     def from_argument(cls, argument: str) -> "Lora":
-        path, scale = split_argument(argument, "--lora", "LoRA")
-        lora = cls(path=path, scale=parse_scale(scale, argument))
+        from .hub import hub_lora, is_hub_argument
+
+        hub_id = None
+        if is_hub_argument(argument):
+            path, scale, hub_id = hub_lora(argument)
+        else:
+            path, scale = split_argument(argument, "--lora", "LoRA")
+        lora = cls(path=path, scale=parse_scale(scale, argument), hub_id=hub_id)
         lora.layers = read_lora(path)
         lora.digest = sha256(path)
         return lora
@@ -59,8 +66,10 @@ class Lora(Adapter):
         return [{"lora": self.path.name, "sha256": self.digest, "scale": self.scale}]
 
     def describe(self) -> list[dict]:
-        return [{"lora": self.path.name, "path": str(self.path.resolve()), "sha256": self.digest, "scale": self.scale,
-                 "modules": sorted(self.layers)}]
+        # a hub file's resolved path is its cache blob, which has no suffix to tell its format by
+        path = self.path if self.hub_id else self.path.resolve()
+        return [{"lora": self.path.name, "path": str(path), "sha256": self.digest, "scale": self.scale,
+                 "modules": sorted(self.layers), **({"id": self.hub_id} if self.hub_id else {})}]
 
     def check(self, module_name: str, layout: torch.nn.Module) -> None:
         for layer_path, layer in self.layers.get(module_name, {}).items():

@@ -23,6 +23,8 @@ ALIASES = {
     "sd-2-1": "stabilityai/stable-diffusion-2-1",  # 768-v: v-prediction, 768x768
     "sdxl-base": "stabilityai/stable-diffusion-xl-base-1.0",
     "sdxl-refiner": "stabilityai/stable-diffusion-xl-refiner-1.0",
+    "sd-turbo": "stabilityai/sd-turbo",  # 1-4 steps without guidance: converts at Unet batch 1
+    "sdxl-turbo": "stabilityai/sdxl-turbo",
 }
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 

@@ -78,9 +78,13 @@ class ReferenceModel:
     A classifier (converted with a `ClassifierConfig`) also predicts, as Core ML does, its class
     label and a dictionary of class probabilities; `classifier` names them, `output_description`
     describes the multi-array outputs alone.
+
+    A multifunction package (coremltools' `save_multifunction`) runs the function `function_name`
+    names, by default its default function, as Core ML's `function_name` argument chooses.
     """
 
-    def __init__(self, path: str | Path, precision: str = "float16", device: str | torch.device | None = None):
+    def __init__(self, path: str | Path, precision: str = "float16", device: str | torch.device | None = None,
+                 function_name: str | None = None):
         self.path = Path(path)
         if not (self.path / "Manifest.json").is_file():
             raise FileNotFoundError(f"{self.path} is not an .mlpackage (no Manifest.json in it)")
@@ -91,16 +95,21 @@ class ReferenceModel:
         if spec.WhichOneof("Type") != "mlProgram":
             raise ValueError(f"{self.path.name} is a {spec.WhichOneof('Type')} model; only ML Programs can be run")
         program = load_mil_program(spec, spec.specificationVersion, mlmodel.weights_dir or "")
-        function = program.functions[program.default_function_name]
+        self.function_name = function_name or program.default_function_name
+        if self.function_name not in program.functions:
+            raise ValueError(f"{self.path.name} has no function {self.function_name!r}; it has "
+                             f"{', '.join(sorted(program.functions))}")
+        function = program.functions[self.function_name]
+        description = _function_description(spec.description, self.function_name)
         self.classifier = detach_classifier(function)
         classifier_outputs = self.classifier.outputs if self.classifier else ()
-        self.input_description = _describe(spec.description.input, self.path.name)
+        self.input_description = _describe(description.input, self.path.name)
         self.output_description = _describe(
-            [feature for feature in spec.description.output if feature.name not in classifier_outputs], self.path.name
+            [feature for feature in description.output if feature.name not in classifier_outputs], self.path.name
         )
-        self.input_shapes = {feature.name: _input_shapes(feature.type.multiArrayType) for feature in spec.description.input}
+        self.input_shapes = {feature.name: _input_shapes(feature.type.multiArrayType) for feature in description.input}
         self.state_description = {
-            feature.name: _array_description(feature.type.stateType.arrayType) for feature in spec.description.state
+            feature.name: _array_description(feature.type.stateType.arrayType) for feature in description.state
         }
         self._function = CompiledFunction(function, precision, self.device, source=self.path.name)
         missing = set(self.output_description) - {name for name, _ in self._function.output_slots}
@@ -169,6 +178,15 @@ class ModelState:
 
     def read(self, name: str) -> np.ndarray:
         return self.cells[name].value.cpu().numpy()
+
+
+def _function_description(description, function_name: str):
+    """The features of one function: a multifunction model describes each in `functions`, a single-function
+    model its one function in the description itself."""
+    for function in description.functions:
+        if function.name == function_name:
+            return function
+    return description
 
 
 def _format(description: TensorDescription) -> str:
