@@ -71,6 +71,9 @@ def list_models(ctx: click.Context, _, value: bool) -> None:
               help="Also store the Unet at batch 1, as function 'unguided' of the same package (weights stored once): "
               "sampling without guidance runs it once per step, guided sampling and Apple's Swift package run the "
               "batch-2 default function. Needs macOS 15 / iOS 18.")
+@click.option("--guidance-embedding", is_flag=True,
+              help="LCM checkpoints whose Unet embeds the guidance scale (time_cond_proj_dim): convert it with the "
+              "extra input timestep_cond, which coreml-generate feeds and Apple's Swift package does not.")
 @click.option("--recommend", multiple=True, metavar="NAME=VALUE",
               help="Record a sampling setting coreml-generate uses by default: scheduler=lcm, steps=4, "
               "guidance-scale=1 (known few-step models and LoRAs record theirs); repeatable.")
@@ -110,7 +113,7 @@ def convert(model: str | None, revision: str | None, model_type: str | None, pre
             config_folder: Path | None, loras: tuple[str, ...], embeddings: tuple[str, ...],
             output: Path | None, components: str | None,
             attention_implementation: str, height: int | None, width: int | None, unet_batch_size: int | None,
-            unguided_function: bool, recommend: tuple[str, ...],
+            unguided_function: bool, guidance_embedding: bool, recommend: tuple[str, ...],
             quantize_nbits: int | None, safety_checker: str | None, vae: str | None, chunk_unet: bool,
             bundle_resources: bool, force: bool, no_validate: bool, validate_only: Path | None,
             catalogue: Path | None, ray_address: str | None, max_parallel: int | None, dry_run: bool,
@@ -143,6 +146,7 @@ def convert(model: str | None, revision: str | None, model_type: str | None, pre
         unet_batch_size=unet_batch_size,
         recommend=recommend,
         unguided_function=unguided_function,
+        guidance_embedding=guidance_embedding,
         quantize_nbits=quantize_nbits,
         safety_checker=safety_checker,
         vae=vae,

@@ -46,6 +46,7 @@ class ConversionOptions:
     unet_batch_size: int | None = None  # None: 1 for a model recommended without guidance (Turbo), else 2
     recommend: tuple[str, ...] = ()  # NAME=VALUE: sampling settings to record, over the model's own
     unguided_function: bool = False  # the Unet also as a batch-1 function `unguided` (see multifunction.py)
+    guidance_embedding: bool = False  # an LCM Unet's guidance embedding as the input `timestep_cond`
     quantize_nbits: int | None = None  # palettize the TextEncoder's and Unet's weights to this many bits
     safety_checker: str | None = None  # the SafetyChecker from this folder or id instead of the model's own
     vae: str | None = None  # another VAE (folder or Hugging Face id) in place of the model's own
@@ -112,6 +113,18 @@ def check_options(options: ConversionOptions) -> None:
                               f"{'--unet-batch-size 1' if options.unet_batch_size == 1 else '--chunk-unet'}")
     if options.quantize_nbits is not None and options.quantize_nbits not in NBITS_CHOICES:
         raise ConversionError(f"--quantize-nbits must be one of {', '.join(map(str, NBITS_CHOICES))} (got {options.quantize_nbits})")
+
+
+def check_guidance_embedding(source: ModelSource, asked: bool) -> None:
+    """An LCM Unet's guidance embedding becomes an input only when asked: Apple's Swift package does not feed it."""
+    has_one = bool(source.conditioning.get("guidance_embedding_width"))
+    if has_one and not asked:
+        raise ConversionError(f"{source.name}'s Unet takes LCM's guidance embedding (time_cond_proj_dim): pass "
+                              "--guidance-embedding to convert it as the input timestep_cond (coreml-generate feeds "
+                              "it; Apple's Swift package does not)")
+    if asked and not has_one:
+        raise ConversionError(f"--guidance-embedding: {source.name}'s Unet takes no guidance embedding (it has no "
+                              "time_cond_proj_dim); drop the option")
 
 
 def chosen_components(source: ModelSource, options: ConversionOptions) -> tuple[str, ...]:
@@ -210,12 +223,14 @@ def convert_model(options: ConversionOptions) -> ConversionReport:
     components = chosen_components(source, options)
     source.check_adapters(list(components))
     source.safety_checker = options.safety_checker
+    check_guidance_embedding(source, options.guidance_embedding)
     recommended = recommendation(source.description.get("id") or source.description.get("model"),
-                                 source.scheduler_config, False,
+                                 source.scheduler_config, options.guidance_embedding,
                                  [adapter.hub_id for adapter in source.adapters if getattr(adapter, "hub_id", None)],
                                  options.recommend)
     source.scheduler_config = recommended.applied_to(source.scheduler_config)
-    dims = model_dimensions(source, options, recommended.unguided)
+    # an LCM Unet with its guidance embedding never runs classifier-free guidance
+    dims = model_dimensions(source, options, recommended.unguided or options.guidance_embedding)
     folder = PackageFolder(options.output or Path("packages") / source.name)
     report = ConversionReport(folder=folder.path)
     source.description["files"] = source.file_hashes(list(components))

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from coreml_sd.runtime.memory import release_memory
 
 from .families import Component
@@ -76,7 +75,8 @@ def reference_outputs(parts: ModelParts, component: Component, spec: ComponentSp
     elif component.kind == "unet":
         context = x["encoder_hidden_states"][:, :, 0, :].transpose(1, 2)
         added = {"time_ids": x["time_ids"], "text_embeds": x["text_embeds"]} if "time_ids" in x else None
-        values = (module(x["sample"], x["timestep"], context, added_cond_kwargs=added).sample,)
+        values = (module(x["sample"], x["timestep"], context, timestep_cond=x.get("timestep_cond"),
+                         added_cond_kwargs=added).sample,)
     elif component.kind == "vae_decoder":
         values = (module.decode(x["z"]).sample,)
     else:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .attention import AttentionImplementation
-from .layers import GroupNorm, TOKENS_LAST
+from .layers import TOKENS_LAST, GroupNorm
 from .resnet import ResnetBlock, downsamplers, upsamplers
 from .transformer import SpatialTransformer
 
@@ -89,7 +89,8 @@ class UpBlock(nn.Module):
 
 
 class Unet(nn.Module):
-    """(sample, timestep, encoder_hidden_states (B, D, 1, 77)) → (noise_pred,)."""
+    """(sample, timestep, encoder_hidden_states (B, D, 1, 77), SDXL's time_ids and text_embeds, LCM's
+    timestep_cond) → (noise_pred,)."""
 
     def __init__(self, unet: nn.Module, implementation: AttentionImplementation):
         super().__init__()
@@ -98,9 +99,9 @@ class Unet(nn.Module):
             name for name in ("class_embedding", "add_embedding", "encoder_hid_proj", "time_embed_act")
             if getattr(unet, name, None) is not None and not (name == "add_embedding" and text_time)
         ] + (["center_input_sample"] if unet.config.center_input_sample else [])
-        if extras or getattr(unet.time_embedding, "cond_proj", None) is not None or unet.conv_norm_out is None:
+        if extras or unet.conv_norm_out is None:
             raise ValueError(
-                f"this UNet ({', '.join(extras) or 'timestep condition or no output norm'}) is not supported "
+                f"this UNet ({', '.join(extras) or 'no output norm'}) is not supported "
                 "for conversion; SD v1/v2- and SDXL-style UNets are"
             )
         self.layout = implementation.layout
@@ -108,6 +109,9 @@ class Unet(nn.Module):
         self.time_embedding = unet.time_embedding
         self.add_time_proj = unet.add_time_proj if text_time else None
         self.add_embedding = unet.add_embedding if text_time else None
+        # The inputs after the text conditioning, in the contract's order (see unet_spec).
+        self.conditions = (("time_ids", "text_embeds") if text_time else ()) + (
+            ("timestep_cond",) if getattr(unet.time_embedding, "cond_proj", None) is not None else ())
         self.conv_in = unet.conv_in
         self.down_blocks = nn.ModuleList(DownBlock(block, implementation) for block in unet.down_blocks)
         self.mid_block = MidBlock(unet.mid_block, implementation)
@@ -118,15 +122,17 @@ class Unet(nn.Module):
         self.conv_out = unet.conv_out
 
     def forward(
-        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-        time_ids: torch.Tensor | None = None, text_embeds: torch.Tensor | None = None,
+        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor, *conditions: torch.Tensor
     ) -> tuple[torch.Tensor]:
         dtype = self.conv_in.weight.dtype
         sample = sample.to(dtype)
         context = encoder_hidden_states.to(dtype)
         if self.layout is TOKENS_LAST:
             context = context[:, :, 0, :].transpose(1, 2)
-        temb = self.time_embedding(self.time_proj(timestep).to(dtype))
+        named = dict(zip(self.conditions, conditions))
+        time_ids, text_embeds, timestep_cond = (named.get(name) for name in ("time_ids", "text_embeds", "timestep_cond"))
+        temb = self.time_embedding(self.time_proj(timestep).to(dtype),
+                                   None if timestep_cond is None else timestep_cond.to(dtype))
         if self.add_embedding is not None:
             # Each size number gets its own sinusoidal embedding, as the timestep does (in float32: see
             # convert.computes_in_float16); they follow the pooled text embedding.

@@ -86,6 +86,8 @@ class Family:
             pooled = next(widths[name][1] for name, component in encoders.items() if component.projected)
             time_ids = (unet_config["projection_class_embeddings_input_dim"] - pooled) // unet_config["addition_time_embed_dim"]
             fields.update(pooled_width=pooled, time_ids_length=time_ids, text_encoders=widths)
+        if unet_config.get("time_cond_proj_dim"):
+            fields["guidance_embedding_width"] = int(unet_config["time_cond_proj_dim"])
         return fields
 
     def modules(self, components) -> set[str]:

@@ -45,6 +45,7 @@ TENSOR_MEANINGS = {
     "encoder_hidden_states": ("text embeddings, negative prompt first", "(B,D,1,77)"),
     "time_ids": ("size conditioning: original size, crop, target size (refiner: aesthetic score)", "(B,N)"),
     "text_embeds": ("pooled text embedding of TextEncoder2", "(B,P)"),
+    "timestep_cond": ("LCM guidance embedding: sinusoids of 1000 (guidance scale - 1)", "(B,G)"),
     "noise_pred": ("predicted noise (or v)", "(B,4,h,w)"),
     "z": ("latents divided by the latent scale factor", "(1,4,h,w)"),
     "image": ("decoded image in [-1, 1]", "(1,3,H,W)"),
@@ -118,6 +119,7 @@ class ModelDimensions:
     pooled_width: int = 0
     time_ids_length: int = 0
     text_encoders: dict[str, tuple[int, int]] = field(default_factory=dict)
+    guidance_embedding_width: int = 0  # an LCM Unet's `timestep_cond` width (its time_cond_proj_dim)
 
     @property
     def latent_size(self) -> tuple[int, int]:
@@ -130,7 +132,7 @@ class ModelDimensions:
     def as_dict(self) -> dict:
         """The manifest's fields for these dimensions (those an SD model does not use are left out)."""
         fields = asdict(self)
-        for name in ("pooled_width", "time_ids_length", "text_encoders"):
+        for name in ("pooled_width", "time_ids_length", "text_encoders", "guidance_embedding_width"):
             if not fields[name]:
                 del fields[name]
         if "text_encoders" in fields:
@@ -147,6 +149,7 @@ class ModelDimensions:
             pooled_width=manifest.get("pooled_width", 0),
             time_ids_length=manifest.get("time_ids_length", 0),
             text_encoders={name: tuple(widths) for name, widths in manifest.get("text_encoders", {}).items()},
+            guidance_embedding_width=manifest.get("guidance_embedding_width", 0),
         )
 
 
@@ -165,13 +168,16 @@ def text_encoder_spec(name: str, hidden_output: str, dims: ModelDimensions) -> C
 
 def unet_spec(name: str, dims: ModelDimensions) -> ComponentSpec:
     """The latents, timestep and text conditioning in the Swift package's (B, D, 1, 77) layout, and for
-    SDXL-style Unets `time_ids` (B, n) and the pooled `text_embeds` (B, P) after them."""
+    SDXL-style Unets `time_ids` (B, n) and the pooled `text_embeds` (B, P) after them; an LCM Unet converted
+    with its guidance embedding takes `timestep_cond` (B, G) last (Apple's Swift package does not feed it)."""
     h, w = dims.latent_size
     b = dims.unet_batch_size
     added = ()
     if dims.time_ids_length:
         added = (TensorSpec("time_ids", (b, dims.time_ids_length), "float16"),
                  TensorSpec("text_embeds", (b, dims.pooled_width), "float16"))
+    if dims.guidance_embedding_width:
+        added += (TensorSpec("timestep_cond", (b, dims.guidance_embedding_width), "float16"),)
     return ComponentSpec(
         name,
         inputs=(

@@ -12,9 +12,15 @@ import torch
 from coreml_sd.converter.conversion import ConversionOptions, convert_model
 from coreml_sd.converter.errors import ConversionError
 from coreml_sd.converter.recommended import from_arguments
+from coreml_sd.converter.tiny import UNET_CONFIG
 from coreml_sd.runtime import Pipeline
 from coreml_sd.runtime.executor import ReferenceModel, psnr
-from diffusers import EulerAncestralDiscreteScheduler, LCMScheduler
+from diffusers import (
+    EulerAncestralDiscreteScheduler,
+    LatentConsistencyModelPipeline,
+    LCMScheduler,
+    UNet2DConditionModel,
+)
 from safetensors.torch import save_file
 
 PSNR_THRESHOLD_DB = 55.0  # float16 packages against float32 diffusers
@@ -166,3 +172,34 @@ def test_a_lora_id_missing_from_an_offline_cache_is_one_line(tmp_path, hub_cache
         convert_model(ConversionOptions(model="tiny", output=tmp_path / "out",
                                         loras=("latent-consistency/lcm-lora-sdxl",)))
     assert not (tmp_path / "out").exists()
+
+
+def test_an_lcm_unet_with_a_guidance_embedding_samples_as_diffusers_lcm_pipeline(tmp_path, tiny_pipeline, hub_cache):
+    """An LCM checkpoint (LCMScheduler, time_cond_proj_dim): converted only when asked, at batch 1, with
+    `timestep_cond`; guidance 8 goes into the embedding, as diffusers' LatentConsistencyModelPipeline."""
+    from coreml_sd.runtime.sampling import draw_noise
+    from runtime_testing import latent_shape, pixels
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        unet = UNet2DConditionModel(**UNET_CONFIG, time_cond_proj_dim=16).eval()
+    lcm = LatentConsistencyModelPipeline(
+        vae=tiny_pipeline.vae, text_encoder=tiny_pipeline.text_encoder, tokenizer=tiny_pipeline.tokenizer, unet=unet,
+        scheduler=LCMScheduler.from_config(tiny_pipeline.scheduler.config), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    lcm.set_progress_bar_config(disable=True)
+    lcm.save_pretrained(tmp_path / "lcm")
+    with pytest.raises(ConversionError, match="takes LCM's guidance embedding .*: pass --guidance-embedding"):
+        convert_model(ConversionOptions(model=str(tmp_path / "lcm"), output=tmp_path / "refused"))
+    output = tmp_path / "package"
+    convert_model(ConversionOptions(model=str(tmp_path / "lcm"), output=output, guidance_embedding=True,
+                                    components=("TextEncoder", "Unet", "VAEDecoder")))
+    manifest = json.loads((output / "manifest.json").read_text())
+    assert manifest["recommended"] == {"scheduler": "lcm", "steps": 4, "guidance_scale": 8.5}
+    assert manifest["components"]["Unet"]["inputs"]["timestep_cond"]["shape"] == [1, 16]
+
+    ours = Pipeline.from_package(output, backend="reference")(PROMPT, guidance_scale=8.0, seed=2, progress=False)
+    latents = torch.from_numpy(draw_noise(np.random.RandomState(2), latent_shape(lcm)))
+    expected = lcm(PROMPT, num_inference_steps=4, guidance_scale=8.0, latents=latents,
+                   generator=torch.Generator().manual_seed(2), output_type="np").images[0]
+    assert psnr(expected, pixels(ours.images[0])) >= PSNR_THRESHOLD_DB

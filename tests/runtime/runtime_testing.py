@@ -71,7 +71,7 @@ def diffusers_txt2img(
 
 def diffusers_img2img(
     reference, config: dict, prompt: str, negative_prompt: str, scheduler: str, steps: int, seed: int, image: Image.Image,
-    strength: float, monkeypatch,
+    strength: float, monkeypatch, guidance_scale: float = 7.5,
 ) -> np.ndarray:
     """diffusers' image-to-image fed the runtime's noise for `seed`: first the noise it adds at the start
     step (diffusers draws it with `randn_tensor`, replaced here), then the VAE posterior's sample."""
@@ -89,6 +89,7 @@ def diffusers_img2img(
         image=init_latents,  # four channels: taken as latents, not encoded again
         strength=strength,
         num_inference_steps=steps,
+        guidance_scale=guidance_scale,
         generator=torch.Generator().manual_seed(seed),
         output_type="np",
     ).images[0]

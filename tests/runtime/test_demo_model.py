@@ -170,10 +170,16 @@ def test_img2img_turns_a_red_circle_blue(demo_runtime, demo_pipeline, monkeypatc
     start = draw(red_circle, 64)
     assert semantic_checks(start, "red", "white", "centre")["colour ok"]
     prompt, strength, seed = "a blue circle in the centre, white background", 0.7, 3
-    ours = demo_runtime(prompt, steps=2 * STEPS, scheduler=SCHEDULER, seed=seed, image=Image.fromarray(start),
-                        strength=strength, progress=False).images[0]
+    ours = demo_runtime(prompt, steps=2 * STEPS, scheduler=SCHEDULER, guidance_scale=GUIDANCE, seed=seed,
+                        image=Image.fromarray(start), strength=strength, progress=False).images[0]
     checks = semantic_checks(ours, "blue", "white", "centre")
     assert checks["colour ok"] and checks["background ok"] and checks["position ok"], checks
     expected = diffusers_img2img(demo_pipeline, demo_runtime.package.scheduler_config, prompt, "", SCHEDULER,
-                                 2 * STEPS, seed, Image.fromarray(start), strength, monkeypatch)
+                                 2 * STEPS, seed, Image.fromarray(start), strength, monkeypatch, GUIDANCE)
     assert psnr(expected, pixels(ours)) >= PSNR_THRESHOLD_DB
+
+
+def test_the_package_records_the_model_cards_settings(demo_runtime):
+    from coreml_sd.runtime.recommended import Recommended
+
+    assert demo_runtime.package.recommended == Recommended("dpm++", 20, GUIDANCE)
