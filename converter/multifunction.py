@@ -15,6 +15,7 @@ from pathlib import Path
 
 import coremltools as ct
 import torch
+
 from coreml_sd.runtime.memory import release_memory
 
 from .families.contract import ComponentSpec, MinimumOS, ModelDimensions

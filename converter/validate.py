@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from coreml_sd.runtime.memory import release_memory
 
 from .families import Component

@@ -5,8 +5,13 @@
    Measured as the difference between a long and a short run divided by the extra steps, so that the
    tokenizer, the decoder's output conversion and other per-image costs cancel out. Target: <= 2 ms.
 2. Wall time of a full generation with the converted `tiny` package (load, and generate) when one exists.
+3. With --few-step FOLDER: seconds and Unet calls per image for SD v1.5's full-size architecture (random
+   weights, converted into FOLDER once, its Unet with the batch-1 function for sampling without guidance)
+   through the reference executor: 25-step DPM++ with guidance (batch 2), 4-step LCM at guidance 1 and
+   1-step Euler Ancestral at guidance 0 (batch 1). Targets: LCM >= 10x faster per image than guided, Turbo
+   >= 40x.
 
-    python scripts/bench_runtime.py [--package packages/tiny] [--repeats 5]
+    python scripts/bench_runtime.py [--package packages/tiny] [--repeats 5] [--few-step /tmp/sd15-random]
 """
 import argparse
 import json
@@ -98,11 +103,92 @@ def tiny_generation(package: Path, steps: int, repeats: int) -> dict:
             "generate_s": round(generate_s, 3), "ms_per_step": round(1000 * generate_s / steps, 2)}
 
 
+# SD v1.5's architecture (diffusers' configs of stable-diffusion-v1-5), built with random weights.
+SD15_UNET = {"sample_size": 64, "cross_attention_dim": 768, "attention_head_dim": 8}  # otherwise diffusers' defaults
+SD15_TEXT_ENCODER = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                     "num_attention_heads": 12, "hidden_act": "quick_gelu", "projection_dim": 768}
+SD15_VAE = {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "latent_channels": 4,
+            "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4,
+            "sample_size": 512}
+FEW_STEP_RUNS = {  # name: (scheduler, steps, guidance scale)
+    "guided_dpm++_25": ("dpm++", 25, 7.5),
+    "lcm_4_unguided": ("lcm", 4, 1.0),
+    "turbo_1_unguided": ("euler-a", 1, 0.0),
+}
+FEW_STEP_TARGETS = {"lcm_4_unguided": 10.0, "turbo_1_unguided": 40.0}  # times faster per image than guided
+
+
+def sd15_package(folder: Path, size: int) -> Path:
+    """SD v1.5's architecture with random weights, converted once into `folder` (TextEncoder, Unet with the
+    unguided function, VAEDecoder) at `size` x `size` pixels."""
+    if (folder / "manifest.json").is_file():
+        return folder
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from coreml_sd.converter.conversion import ConversionOptions, convert_model
+    from coreml_sd.converter.tiny import assemble_pipeline
+
+    torch.manual_seed(0)
+    pipeline = assemble_pipeline(UNet2DConditionModel(**SD15_UNET), AutoencoderKL(**SD15_VAE),
+                                 CLIPTextModel(CLIPTextConfig(**SD15_TEXT_ENCODER)))
+    pipeline.save_pretrained(folder / "source")
+    convert_model(ConversionOptions(model=str(folder / "source"), output=folder, validate=False, height=size,
+                                    width=size, unguided_function=True,
+                                    components=("TextEncoder", "Unet", "VAEDecoder")))
+    return folder
+
+
+class CountedModel:
+    def __init__(self, model):
+        self.model, self.input_description, self.calls = model, model.input_description, 0
+
+    def predict(self, inputs):
+        self.calls += 1
+        return self.model.predict(inputs)
+
+
+def few_step(folder: Path, size: int) -> dict:
+    """Seconds and Unet calls per image (one image each, after a warm-up image) for each run of FEW_STEP_RUNS."""
+    pipe = Pipeline.from_package(sd15_package(folder, size), backend="reference")
+    unets = {"main": CountedModel(pipe.sampler.unet), "unguided": CountedModel(pipe.sampler.unguided_unet)}
+    pipe.sampler.unet, pipe.sampler.unguided_unet = unets["main"], unets["unguided"]
+    runs = {}
+    for name, (scheduler, steps, guidance) in FEW_STEP_RUNS.items():
+        def generate(seed: int):
+            return pipe("a photo of an astronaut riding a horse", scheduler=scheduler, steps=steps,
+                        guidance_scale=guidance, seed=seed, progress=False, safety_checker=False, watermark=False)
+
+        generate(0)  # loads the function it needs
+        for unet in unets.values():
+            unet.calls = 0
+        start = time.perf_counter()
+        generate(1)
+        runs[name] = {"scheduler": scheduler, "steps": steps, "guidance_scale": guidance,
+                      "seconds_per_image": round(time.perf_counter() - start, 2),
+                      "unet_calls_per_image": {key: unet.calls for key, unet in unets.items() if unet.calls},
+                      "unet_batch": 2 if unets["main"].calls else 1}
+    guided = runs["guided_dpm++_25"]["seconds_per_image"]
+    for name, target in FEW_STEP_TARGETS.items():
+        runs[name]["times_faster_than_guided"] = round(guided / runs[name]["seconds_per_image"], 1)
+        runs[name]["target_times_faster"] = target
+    import torch
+
+    from coreml_sd.runtime.executor.model import default_device
+
+    return {"architecture": "SD v1.5 (random weights)", "size": [size, size], "backend": "reference executor",
+            "device": str(default_device()), "torch_threads": torch.get_num_threads(), "runs": runs}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--package", default="packages/tiny", help="converted tiny package (skipped when absent)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20, help="steps of the full tiny generation")
+    parser.add_argument("--few-step", type=Path, metavar="FOLDER",
+                        help="also time few-step sampling on SD v1.5's full-size architecture, converted into FOLDER")
+    parser.add_argument("--few-step-size", type=int, default=512, help="its image size in pixels")
     args = parser.parse_args()
 
     pipe = sd_sized_pipeline()
@@ -119,6 +205,8 @@ def main() -> None:
     report["tiny_generation"] = (
         tiny_generation(package, args.steps, args.repeats) if package.is_dir() else f"skipped: no package at {package}"
     )
+    if args.few_step:
+        report["few_step"] = few_step(args.few_step, args.few_step_size)
     print(json.dumps(report, indent=2))
 
 

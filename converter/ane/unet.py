@@ -121,16 +121,16 @@ class Unet(nn.Module):
         self.conv_act = unet.conv_act
         self.conv_out = unet.conv_out
 
-    def forward(
-        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor, *conditions: torch.Tensor
-    ) -> tuple[torch.Tensor]:
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                *conditions: torch.Tensor) -> tuple[torch.Tensor]:
         dtype = self.conv_in.weight.dtype
         sample = sample.to(dtype)
         context = encoder_hidden_states.to(dtype)
         if self.layout is TOKENS_LAST:
             context = context[:, :, 0, :].transpose(1, 2)
         named = dict(zip(self.conditions, conditions))
-        time_ids, text_embeds, timestep_cond = (named.get(name) for name in ("time_ids", "text_embeds", "timestep_cond"))
+        time_ids, text_embeds, timestep_cond = (named.get(name) for name in
+                                                ("time_ids", "text_embeds", "timestep_cond"))
         temb = self.time_embedding(self.time_proj(timestep).to(dtype),
                                    None if timestep_cond is None else timestep_cond.to(dtype))
         if self.add_embedding is not None:

@@ -1,6 +1,7 @@
 """Few-step models converted and run through the reference executor, against diffusers: an LCM-LoRA by hub id
-(from a Hugging Face cache filled here, offline) with the LCM scheduler, and the sd-turbo alias on a tiny model
-carrying a Turbo scheduler config, each sampling with what its package records."""
+(from a Hugging Face cache filled here, offline) in a Unet with a batch-1 function for sampling without
+guidance, the sd-turbo alias on a tiny model carrying a Turbo scheduler config, and an LCM Unet with a guidance
+embedding, each sampling with what its package records."""
 import copy
 import json
 import shutil
@@ -9,12 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from coreml_sd.converter.conversion import ConversionOptions, convert_model
-from coreml_sd.converter.errors import ConversionError
-from coreml_sd.converter.recommended import from_arguments
-from coreml_sd.converter.tiny import UNET_CONFIG
-from coreml_sd.runtime import Pipeline
-from coreml_sd.runtime.executor import ReferenceModel, psnr
 from diffusers import (
     EulerAncestralDiscreteScheduler,
     LatentConsistencyModelPipeline,
@@ -22,6 +17,13 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from safetensors.torch import save_file
+
+from coreml_sd.converter.conversion import ConversionOptions, convert_model
+from coreml_sd.converter.errors import ConversionError
+from coreml_sd.converter.recommended import from_arguments
+from coreml_sd.converter.tiny import UNET_CONFIG
+from coreml_sd.runtime import Pipeline
+from coreml_sd.runtime.executor import ReferenceModel, psnr
 
 PSNR_THRESHOLD_DB = 55.0  # float16 packages against float32 diffusers
 PROMPT = "a photo of an astronaut riding a horse"
@@ -131,6 +133,24 @@ def test_lcm_lora_samples_unguided_through_the_batch_1_function_as_diffusers(lcm
     # LCM-LoRA's guidance 1-2 is classifier-free guidance, at batch 2
     guided = runtime(PROMPT, guidance_scale=1.5, seed=4, progress=False).images[0]
     assert psnr(lcm_reference(reference, 4, 1.5), pixels(guided)) >= PSNR_THRESHOLD_DB
+
+
+def test_the_core_ml_backend_loads_the_unguided_function_by_name(lcm_package, monkeypatch, tmp_path):
+    """Through the Core ML adapter (coremltools' CompiledMLModel stood in for by the executor), as the executor."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "runtime"))
+    from coreml_standin import Compiler, core_ml_standin
+
+    from coreml_sd.runtime import backends
+
+    monkeypatch.setattr(backends, "core_ml_functions", core_ml_standin(Compiler()))
+    monkeypatch.setenv(backends.CACHE_ENV, str(tmp_path / "cache"))
+    package, _ = lcm_package
+    settings = {"seed": 4, "steps": 2, "progress": False}
+    image = Pipeline.from_package(package, backend="reference")(PROMPT, **settings).images[0]
+    core_ml = Pipeline.from_package(package, backend="coreml")
+    assert np.array_equal(np.asarray(core_ml(PROMPT, **settings).images[0]), np.asarray(image))
+    assert core_ml.unguided_unet._model._model.function_name == "unguided"
+    assert core_ml.unguided_unet.input_description["sample"][0][0] == 1
 
 
 def test_sd_turbo_alias_converts_at_batch_1_and_samples_one_step_without_guidance(tmp_path, tiny_pipeline,

@@ -3,7 +3,8 @@ executor, so that the Core ML adapter (runtime/backends.py) runs line for line w
 
 The stand-in keeps the contract the adapter relies on:
 * `CompiledMLModel(path, compute_units=ComputeUnit.ALL, function_name=None, optimization_hints=None)` loads a
-  compiled model folder; `compute_units` must be a `coremltools.ComputeUnit`.
+  compiled model folder (of a multifunction model, the function `function_name` names); `compute_units` must be
+  a `coremltools.ComputeUnit`.
 * `predict(dict) -> dict`: input names must be the model's (coremltools raises KeyError otherwise); coremltools
   widens float16 arrays to float32 before Core ML sees them; Core ML takes multi-arrays of float32, float64 and
   int32 and converts each to the type the input declares; the outputs are the declared ones, by name.
@@ -31,8 +32,8 @@ class CompiledMLModel:
     def __init__(self, path: str, compute_units=ct.ComputeUnit.ALL, function_name=None, optimization_hints=None):
         if not isinstance(compute_units, ct.ComputeUnit):
             raise TypeError(f"compute_units must be a coremltools.ComputeUnit, not {compute_units!r}")
-        self.path, self.compute_units = Path(path), compute_units
-        self._model = ReferenceModel(self.path / SOURCE)
+        self.path, self.compute_units, self.function_name = Path(path), compute_units, function_name
+        self._model = ReferenceModel(self.path / SOURCE, function_name=function_name)
 
     def predict(self, data: dict) -> dict:
         declared = self._model.input_description
