@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from coreml_sd.converter.tiny import SCHEDULER_CONFIG, clip_vocabulary_files
+from coreml_sd.converter.models.tiny import SCHEDULER_CONFIG, clip_vocabulary_files
 from coreml_sd.runtime.package import Package
 from coreml_sd.runtime.pipeline import Pipeline
 from coreml_sd.runtime.schedulers import SCHEDULERS
@@ -128,7 +128,7 @@ def sd15_package(folder: Path, size: int) -> Path:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from coreml_sd.converter.conversion import ConversionOptions, convert_model
-    from coreml_sd.converter.tiny import assemble_pipeline
+    from coreml_sd.converter.models.tiny import assemble_pipeline
 
     torch.manual_seed(0)
     pipeline = assemble_pipeline(UNet2DConditionModel(**SD15_UNET), AutoencoderKL(**SD15_VAE),

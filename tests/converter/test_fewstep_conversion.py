@@ -20,8 +20,8 @@ from safetensors.torch import save_file
 
 from coreml_sd.converter.conversion import ConversionOptions, convert_model
 from coreml_sd.converter.errors import ConversionError
-from coreml_sd.converter.recommended import from_arguments
-from coreml_sd.converter.tiny import UNET_CONFIG
+from coreml_sd.converter.sources.recommended import from_arguments
+from coreml_sd.converter.models.tiny import UNET_CONFIG
 from coreml_sd.runtime import Pipeline
 from coreml_sd.runtime.executor import ReferenceModel, psnr
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, fields, replace
 
 from coreml_sd.runtime.schedulers import SCHEDULERS
 
-from .errors import ConversionError
+from ..errors import ConversionError
 
 TRAILING = {"timestep_spacing": "trailing"}
 

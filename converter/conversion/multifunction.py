@@ -16,10 +16,10 @@ from pathlib import Path
 import coremltools as ct
 import torch
 
+from coreml_sd.runtime.contract import ComponentSpec, MinimumOS, ModelDimensions
 from coreml_sd.runtime.memory import release_memory
 
-from .families.contract import ComponentSpec, MinimumOS, ModelDimensions
-from .sources import ModelSource
+from ..sources import ModelSource
 
 UNGUIDED_FUNCTION = "unguided"
 MULTIFUNCTION_MINIMUM_OS = MinimumOS(macos="15", ios="18")
@@ -32,9 +32,9 @@ def unguided_spec(source: ModelSource, component: str, dims: ModelDimensions) ->
 def converted_model(source: ModelSource, component: str, spec: ComponentSpec, precision: str, nbits: int | None,
                     attention_implementation: str, verbose: bool) -> ct.models.MLModel:
     """The component converted for `spec`, each step as the main conversion takes it."""
-    from .ane import component_module
+    from ..ane import component_module
+    from ..compression.palettize import palettize_parts
     from .convert import to_mil_program, to_ml_program, trace
-    from .palettize import palettize_parts
 
     parts = source.load(component, torch.float32 if precision == "float32" else torch.float16)
     if nbits:
