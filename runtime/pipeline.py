@@ -215,7 +215,7 @@ class Pipeline:
         scheduler, steps, guidance_scale = choice.scheduler, choice.steps, choice.guidance_scale
         self._check_call(scheduler, steps, strength, num_images, seed, width, height, upscale, refiner_start,
                          output_type)
-        check_steps(scheduler, steps)
+        check_steps(scheduler, steps, package.scheduler_config)
         if choice.from_package:
             logger.info(choice.describe())
         warn_unless_distilled(scheduler, consistency_distilled(package.recommended, package.scheduler_config,

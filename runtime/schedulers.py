@@ -52,6 +52,7 @@ DEFAULT_SCHEDULER = "pndm"
 MIN_STEPS = {"pndm": 2}
 # Schedulers that sample only what a consistency-distilled model (an LCM checkpoint, LCM-LoRA, TCD-LoRA) predicts.
 CONSISTENCY_SCHEDULERS = ("lcm", "tcd")
+ORIGINAL_INFERENCE_STEPS = 50  # diffusers' LCM and TCD default: the distillation's schedule
 # diffusers' StableDiffusionPipeline corrects these settings of older SD v1 scheduler configs when it loads
 # them (DDIM's pixel-space clipping is wrong for latents; SD v1 counts timesteps from 1); so do we.
 SD_PIPELINE_CORRECTIONS = {"steps_offset": 1, "clip_sample": False}
@@ -98,13 +99,19 @@ def build_scheduler(name: str, config: dict, prediction_type: str) -> SchedulerM
     return cls.from_config(scheduler.config, **corrections) if corrections else scheduler
 
 
-def check_steps(name: str, steps: int) -> None:
-    """Raises GenerationError when scheduler `name` cannot sample in `steps` steps."""
+def check_steps(name: str, steps: int, config: dict | None = None) -> None:
+    """Raises GenerationError when scheduler `name` cannot sample in `steps` steps (on the schedule `config`
+    describes: LCM and TCD pick their steps from the `original_inference_steps` they were distilled on)."""
     needed = MIN_STEPS.get(name, 1)
     if steps < needed:
         able = ", ".join(other for other in SCHEDULERS if MIN_STEPS.get(other, 1) <= steps)
         raise GenerationError(f"the {name} scheduler needs at least {needed} steps, not {steps}; raise --steps or "
                               f"choose from {able}")
+    if name in CONSISTENCY_SCHEDULERS:
+        most = (config or {}).get("original_inference_steps") or ORIGINAL_INFERENCE_STEPS
+        if steps > most:
+            raise GenerationError(f"the {name} scheduler samples at most {most} steps (the schedule the model was "
+                                  f"distilled on), not {steps}; lower --steps (LCM models need 2-8)")
 
 
 def step_keywords(scheduler: SchedulerMixin) -> frozenset[str]:

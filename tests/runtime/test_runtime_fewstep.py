@@ -119,6 +119,12 @@ def test_one_step_pndm_is_refused_in_one_line(package, contract_models):
         pipeline(package, contract_models, 1)(PROMPT, steps=1, scheduler="pndm", progress=False)
 
 
+def test_more_lcm_steps_than_its_distillation_schedule_are_refused_in_one_line(package, contract_models):
+    with pytest.raises(GenerationError, match=r"^the lcm scheduler samples at most 50 steps \(the schedule the model "
+                                              r"was distilled on\), not 60; lower --steps \(LCM models need 2-8\)$"):
+        pipeline(package, contract_models, 1)(PROMPT, steps=60, scheduler="lcm", progress=False)
+
+
 @pytest.mark.parametrize(("w", "width"), [(7.0, 256), (0.0, 32), (1.5, 33)])
 def test_guidance_embedding_matches_diffusers(w, width):
     from diffusers import LatentConsistencyModelPipeline
