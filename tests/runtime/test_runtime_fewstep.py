@@ -142,3 +142,13 @@ def test_turbo_schedule_starts_at_the_last_training_timestep(package):
     reference = EulerAncestralDiscreteScheduler.from_config(turbo_config(package))
     reference.set_timesteps(1)
     assert ours.timesteps.tolist() == reference.timesteps.tolist() == [999.0]
+
+
+def test_the_command_refuses_one_step_pndm_in_one_line_before_loading_a_model(tmp_path, capsys):
+    from coreml_sd.runtime.cli import main
+
+    code = main(["a cat", "--model", str(tmp_path / "absent"), "--scheduler", "pndm", "--steps", "1"])
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "Error: the pndm scheduler needs at least 2 steps, not 1; raise --steps or choose from ddim, euler, euler-a, "
+        "dpm++, lms, lcm, tcd (see coreml-generate --help)"]
