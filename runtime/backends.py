@@ -175,15 +175,16 @@ def _described_schema(schema: list[dict]) -> TensorDescription:
 
 
 def describe_model(path: Path, function_name: str | None = None) -> tuple[TensorDescription, TensorDescription]:
-    """A model file's inputs and outputs (those of function `function_name` of a multifunction model), read
-    without loading its weights."""
+    """A model file's inputs and outputs (of a multifunction model, those of function `function_name`, by default
+    its default function's), read without loading its weights."""
     if path.suffix == ".mlmodelc":
         metadata = _compiled_metadata(path)
         functions = {entry.get("name"): entry for entry in metadata.get("functions", []) if isinstance(entry, dict)}
         metadata = functions.get(function_name, metadata)
         return _described_schema(metadata["inputSchema"]), _described_schema(metadata.get("outputSchema", []))
     description = _spec(path).description
-    description = next((f for f in description.functions if f.name == function_name), description)
+    name = function_name or description.defaultFunctionName  # a multifunction model describes each function
+    description = next((f for f in description.functions if f.name == name), description)
     return _described_features(description.input), _described_features(description.output)
 
 
