@@ -122,8 +122,8 @@ def test_generation_through_the_core_ml_backend(tiny_package, tiny_runtime, comp
 def test_the_command_says_when_it_compiles(tiny_package, core_ml, tmp_path, capsys):
     from coreml_sd.runtime.cli import main
 
-    argv = [PROMPT, "--model", str(tiny_package), "--backend", "coreml", "--steps", "1", "--no-safety-checker",
-            "--seed", "1", "-o", str(tmp_path / "out.png")]
+    argv = [PROMPT, "--model", str(tiny_package), "--backend", "coreml", "--steps", "1", "--scheduler", "ddim",
+            "--no-safety-checker", "--seed", "1", "-o", str(tmp_path / "out.png")]
     assert main(argv) == 0
     notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: ")]
     assert [line.split()[2] for line in notes] == ["TextEncoder.mlpackage", "Unet.mlpackage", "VAEDecoder.mlpackage"]
