@@ -25,7 +25,7 @@ from .errors import GenerationError
 from .conditioning import SizeConditioning, conditioning_for
 from .package import Package, find_package, load_package
 from .safety import SafetyChecker
-from .sampling import Pass, Sampler, Sampling
+from .sampling import Pass, Sampler, Sampling, StepHook
 from .schedulers import default_scheduler_name, scheduler_class
 from .tiling import VAE_FACTOR
 from .upscaling import Upscale
@@ -173,6 +173,7 @@ class Pipeline:
         progress: bool = True,
         safety_checker: bool = True,
         watermark: bool = True,
+        on_step: StepHook | None = None,
     ) -> GenerationResult:
         """`num_images` images from seeds seed, seed+1, ... (a random seed when None); with `image`, image-to-image
         that keeps `1 - strength` of it. `scheduler` is a name from `schedulers.SCHEDULERS`. `height`/`width`
@@ -182,8 +183,8 @@ class Pipeline:
         (original size, crop, target size; default: the image's size and (0, 0)); with an SDXL `refiner` pipeline,
         this one runs the first `refiner_start` of the schedule and the refiner the rest, as diffusers' base +
         refiner ensemble. The package's safety checker, if it has one, blackens flagged images
-        (`safety_checker=False` skips it); `watermark=False` leaves out the invisible watermark. Raises
-        GenerationError for anything the caller can fix."""
+        (`safety_checker=False` skips it); `watermark=False` leaves out the invisible watermark. `on_step` is called
+        after every denoising step (see sampling.StepHook). Raises GenerationError for anything the caller can fix."""
         scheduler = scheduler or default_scheduler_name(self.package.scheduler_config)
         check_options(scheduler, steps, strength, num_images, seed, width, height, upscale, refiner_start)
         training_steps = self.package.scheduler_config.get("num_train_timesteps", 1000)
@@ -230,11 +231,12 @@ class Pipeline:
                     init_latents = self._encode(picture, stage, overlap)
                 end = refiner_start if refiner is not None else None
                 with self._stage(self.package.unet_name):
-                    latents = self.sampler.denoise(conditioning, stage, image_seed, init_latents, overlap, bar, end)
+                    latents = self.sampler.denoise(conditioning, stage, image_seed, init_latents, overlap, bar, end,
+                                                   on_step)
                 if refiner is not None:
                     with refiner._stage(refiner.package.unet_name):
                         latents = refiner.sampler.refine(latents, refiner_conditioning, stage, image_seed,
-                                                         refiner_start, overlap, bar)
+                                                         refiner_start, overlap, bar, on_step)
                 if output_type == "pil" or number < len(passes) - 1:
                     with decoder._stage("VAEDecoder"):
                         picture = decoder._decode(latents, overlap)
