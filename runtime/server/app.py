@@ -51,17 +51,6 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
     return JSONResponse(error_body(status, message, kind), status_code=status, headers=headers)
 
 
-def parse_credentials(api_auth: str) -> dict[str, str]:
-    """A1111's --api-auth: `USER:PASS`, several separated by commas."""
-    credentials = {}
-    for pair in api_auth.split(","):
-        user, colon, password = pair.strip().partition(":")
-        if not user or not colon or not password:
-            raise ValueError(f"--api-auth takes USER:PASS (several separated by commas), not {pair.strip()!r}")
-        credentials[user] = password
-    return credentials
-
-
 class Guard:
     """Before any route runs: HTTP basic auth (with --api-auth) and the body size cap; after: any exception a
     route let through becomes a one-line 500, so the log never shows a request's traceback."""

@@ -3,9 +3,11 @@
 Everything that can be wrong with the command line (a host open to the network without --api-auth, a port in use,
 a missing package, the serve extra not installed) is one line before anything listens.
 """
+import contextlib
 import ipaddress
 import logging
 import socket
+from collections.abc import Iterator
 
 import click
 
@@ -16,6 +18,7 @@ from ..package import find_package, list_packages, packages_root
 
 DEFAULT_PORT = 7860  # A1111's, so that clients find the server where they look by default
 DEFAULT_QUEUE_SIZE = 16
+SHUTDOWN_GRACE_S = 3
 logger = logging.getLogger("coreml_sd.server")
 
 
@@ -41,16 +44,38 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return listener
 
 
-def server_logging() -> None:
-    """The server's lines (a model loaded, images made, a failure) with the time; coremltools' import-time notices
-    (no Core ML framework off macOS) are not a server operator's concern."""
+@contextlib.contextmanager
+def server_logging() -> Iterator[None]:
+    """The server's lines (a model loaded, images made, a failure) with the time, while it runs; coremltools'
+    import-time notices (no Core ML framework off macOS) are not a server operator's concern."""
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
-    for name in ("coreml_sd.server", "coreml_sd.runtime"):
-        logging.getLogger(name).addHandler(handler)
-        logging.getLogger(name).propagate = False
+    loggers = [logging.getLogger(name) for name in ("coreml_sd.server", "coreml_sd.runtime")]
+    coremltools = logging.getLogger("coremltools")
+    saved = [(each, each.level, each.propagate) for each in (*loggers, coremltools)]
+    for each in loggers:
+        each.addHandler(handler)
+        each.propagate = False
     logger.setLevel(logging.INFO)
-    logging.getLogger("coremltools").setLevel(logging.ERROR)
+    coremltools.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for each, level, propagate in saved:
+            each.removeHandler(handler)
+            each.setLevel(level)
+            each.propagate = propagate
+
+
+def parse_credentials(api_auth: str) -> dict[str, str]:
+    """A1111's --api-auth: `USER:PASS`, several separated by commas."""
+    credentials = {}
+    for pair in api_auth.split(","):
+        user, colon, password = pair.strip().partition(":")
+        if not user or not colon or not password:
+            raise click.UsageError(f"--api-auth takes USER:PASS (several separated by commas), not {pair.strip()!r}")
+        credentials[user] = password
+    return credentials
 
 
 @click.command("serve", context_settings=CONTEXT_SETTINGS)
@@ -76,17 +101,21 @@ def serve(model: str | None, host: str, port: int, api_auth: str | None, queue_s
     if not is_loopback(host) and api_auth is None:
         raise click.UsageError(f"--host {host} lets other machines generate here; add --api-auth USER:PASS, or "
                                "leave --host out to serve this machine only")
+    credentials = parse_credentials(api_auth) if api_auth is not None else None
+    with server_logging():
+        run_server(model, host, port, credentials, queue_size, {"backend": backend, "compute_unit": compute_unit})
+
+
+def run_server(model: str | None, host: str, port: int, credentials: dict[str, str] | None, queue_size: int,
+               loading: dict[str, str | None]) -> None:
+    """Load the model, listen, and serve until Ctrl-C; `loading`: Pipeline.from_package's keywords."""
     try:
         import uvicorn
 
-        from .app import create_app, parse_credentials
+        from .app import create_app
     except ImportError as error:
         raise UserError(f"coreml-sd serve needs FastAPI and uvicorn ({error.name} is missing); install them with "
                         "pip install 'coreml-sd[serve]'") from None
-    try:
-        credentials = parse_credentials(api_auth) if api_auth is not None else None
-    except ValueError as error:
-        raise click.UsageError(str(error)) from None
     from ..pipeline import Pipeline
     from .packages import Catalogue
     from .queue import Worker
@@ -96,19 +125,19 @@ def serve(model: str | None, host: str, port: int, api_auth: str | None, queue_s
     name = folder.name
     pinned = {} if folder.parent.resolve() == root.resolve() and name in list_packages(root) else {name: folder}
     listener = listening_socket(host, port)
-    server_logging()
     click.echo(f"loading {name} ...", err=True)
-    loading = {"backend": backend, "compute_unit": compute_unit}
     catalogue = Catalogue(root, pinned)
     worker = Worker(catalogue, Pipeline.from_package(folder, **loading), name, loading, queue_size)
     app = create_app(worker, catalogue, credentials)
     bound_host, bound_port = listener.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     click.echo(f"serving http://{shown}:{bound_port} (A1111's API under /sdapi/v1, the page at /, the API's "
-               "reference at /docs); Ctrl-C stops", err=False)
+               "reference at /docs); Ctrl-C stops")
     worker.start()
     try:
-        server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="off"))
+        # Ctrl-C does not wait for the requests in the queue: after a moment they are cancelled, then the worker
+        server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="off",
+                                               timeout_graceful_shutdown=SHUTDOWN_GRACE_S))
         server.run(sockets=[listener])
     finally:
         worker.stop()
