@@ -3,7 +3,7 @@ import torch
 from safetensors.torch import save_file
 
 from coreml_sd.converter.conversion import ConversionOptions, convert_model
-from coreml_sd.converter.tiny import TEXT_WIDTH
+from coreml_sd.converter.models.tiny import TEXT_WIDTH
 from coreml_sd.runtime.server.packages import Catalogue
 
 RANK = 2
