@@ -1,5 +1,8 @@
 """Images in and out of requests: base64 decoding behind Pillow's guards, and the progress preview.
 
+The preview maps each latent pixel to a colour linearly, so no decoder runs during sampling: at first with SD v1's
+published fit, then with a fit to the model's own last finished image (its latents against its pixels).
+
 An input image is refused before its pixels are decoded when its header declares more pixels than any image
 the server makes could use (a small PNG can declare gigapixels: a decompression bomb).
 """
@@ -16,10 +19,10 @@ from .errors import invalid
 from .translation import MAX_SIDE
 
 MAX_INPUT_PIXELS = 2 * MAX_SIDE * MAX_SIDE  # room for a 2048x2048 image in any aspect
-# Keturn's linear fit of SD v1's VAE: latent channels -> approximate RGB in [-1, 1], no decoder needed; SDXL's
-# latents differ a little, and a preview only has to show where the picture is going.
-LATENT_RGB = np.array([[0.298, 0.207, 0.208], [0.187, 0.286, 0.173], [-0.158, 0.189, 0.264],
-                       [-0.184, -0.271, -0.473]], dtype=np.float32)
+# Keturn's linear fit of SD v1's VAE: latent channels (and an offset) -> approximate RGB in [-1, 1].
+SD_LATENT_RGB = np.array([[0.298, 0.207, 0.208], [0.187, 0.286, 0.173], [-0.158, 0.189, 0.264],
+                          [-0.184, -0.271, -0.473], [0.0, 0.0, 0.0]], dtype=np.float32)
+VAE_FACTOR = 8  # image pixels per latent pixel, each way
 
 
 def decode_base64(data: str, what: str) -> bytes:
@@ -66,13 +69,26 @@ def to_base64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def preview_png(latents: torch.Tensor) -> bytes | None:
-    """The latents as a small picture, one pixel per latent pixel, through LATENT_RGB (None for latents of another
-    channel count)."""
+def latent_rgb_fit(latents: torch.Tensor, image: Image.Image) -> np.ndarray | None:
+    """The least-squares linear map (with offset) from each latent pixel to the mean colour of its block of the
+    decoded image, in [-1, 1]; None when the image is not the latents' size (or too small to fit)."""
     values = latents[0].float().numpy()
-    if values.shape[0] != len(LATENT_RGB):
+    channels, height, width = values.shape
+    if image.size != (width * VAE_FACTOR, height * VAE_FACTOR) or height * width <= channels + 1:
         return None
-    rgb = np.einsum("chw,cr->hwr", values, LATENT_RGB)
+    pixels = np.asarray(image.convert("RGB"), np.float32) / 127.5 - 1
+    blocks = pixels.reshape(height, VAE_FACTOR, width, VAE_FACTOR, 3).mean(axis=(1, 3)).reshape(-1, 3)
+    features = np.concatenate([values.reshape(channels, -1).T, np.ones((height * width, 1), np.float32)], axis=1)
+    return np.linalg.lstsq(features, blocks, rcond=None)[0].astype(np.float32)
+
+
+def preview_png(latents: torch.Tensor, latent_rgb: np.ndarray = SD_LATENT_RGB) -> bytes | None:
+    """The latents as a small picture, one pixel per latent pixel, through `latent_rgb` (None for latents of
+    another channel count)."""
+    values = latents[0].float().numpy()
+    if values.shape[0] + 1 != len(latent_rgb):
+        return None
+    rgb = np.einsum("chw,cr->hwr", values, latent_rgb[:-1]) + latent_rgb[-1]
     pixels = (np.clip(rgb / 2 + 0.5, 0, 1) * 255).round().astype(np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")

@@ -15,12 +15,13 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..errors import GenerationError
 from ..images import png_bytes
-from ..pipeline import Pipeline
-from .codec import preview_png, to_base64
+from ..pipeline import GenerationResult, Pipeline
+from .codec import SD_LATENT_RGB, latent_rgb_fit, preview_png, to_base64
 from .errors import ApiError, invalid
 from .packages import Catalogue
 from .translation import Generation
@@ -61,12 +62,14 @@ class Progress:
         self.started, self.timestamp = 0.0, "0"
         self.interrupted = self.skipped = False
         self.latents: torch.Tensor | None = None
+        self.latent_rgb = SD_LATENT_RGB  # the preview's colours for the model running
         self.preview_key: tuple | None = None
         self.preview: str | None = None
 
-    def begin(self, name: str, count: int) -> None:
+    def begin(self, name: str, count: int, latent_rgb: np.ndarray = SD_LATENT_RGB) -> None:
         with self.lock:
             self.job, self.job_count, self.job_no, self.step, self.steps = name, count, 0, 0, 0
+            self.latent_rgb = latent_rgb
             self.started, self.timestamp = time.time(), time.strftime("%Y%m%d%H%M%S")
             self.interrupted = self.skipped = False
             self.latents = None
@@ -88,15 +91,15 @@ class Progress:
             elapsed = time.time() - self.started
             eta = elapsed / fraction - elapsed if fraction > 0 else 0.0
             key = (self.timestamp, self.job_no, self.step)
-            latents = self.latents
+            latents, latent_rgb = self.latents, self.latent_rgb
             textinfo = f"image {self.job_no + 1}/{self.job_count}, step {self.step}/{self.steps}"
-        image = self._preview(key, latents) if want_preview and latents is not None else None
+        image = self._preview(key, latents, latent_rgb) if want_preview and latents is not None else None
         return {"progress": min(fraction, 1.0), "eta_relative": eta, "state": state, "current_image": image,
                 "textinfo": textinfo}
 
-    def _preview(self, key: tuple, latents: torch.Tensor) -> str | None:
+    def _preview(self, key: tuple, latents: torch.Tensor, latent_rgb: np.ndarray) -> str | None:
         if key != self.preview_key:  # several pollers of one step share the picture
-            png = preview_png(latents)
+            png = preview_png(latents, latent_rgb)
             self.preview_key, self.preview = key, None if png is None else to_base64(png)
         return self.preview
 
@@ -111,6 +114,7 @@ class Worker:
         self.queue_size = queue_size
         self.checkpoint = model  # A1111's sd_model_checkpoint option: the model requests get by default
         self.loaded: dict[str, Pipeline] = {model: pipeline}  # the base model, and the refiner if one is asked for
+        self.latent_rgb: dict[str, np.ndarray] = {}  # per model, the preview's colours fitted to its last image
         self.progress = Progress()
         self.waiting: deque[Job] = deque()
         self.condition = threading.Condition()
@@ -214,7 +218,8 @@ class Worker:
         pipe = self._pipeline(model, keep=generation.refiner)
         refiner = self._pipeline(generation.refiner, keep=model) if generation.refiner else None
         progress = self.progress
-        progress.begin("txt2img" if generation.image is None else "img2img", generation.num_images)
+        progress.begin("txt2img" if generation.image is None else "img2img", generation.num_images,
+                       self.latent_rgb.get(model, SD_LATENT_RGB))
         started = time.perf_counter()
         outcome = Outcome([], [], [], model, (0, 0))
         for index in range(generation.num_images):
@@ -224,6 +229,7 @@ class Worker:
                 progress.job_no, progress.step, progress.steps, progress.skipped = index, 0, 0, False
             result = pipe(generation.prompt, **generation.pipeline_keywords(index), refiner=refiner,
                           on_step=self._step_hook(job))
+            self._fit_preview(model, result)
             outcome.images.append(to_base64(png_bytes(result.images[0], result.parameters[0])))
             outcome.seeds.append(result.seeds[0])
             outcome.infotexts.append(result.parameters[0])
@@ -231,6 +237,18 @@ class Worker:
         logger.info("%d image(s) of %s in %.1f s%s", len(outcome.images), model, time.perf_counter() - started,
                     " (interrupted)" if progress.interrupted else "")
         return outcome
+
+    def _fit_preview(self, model: str, result: GenerationResult) -> None:
+        """The preview's colours for `model` from the image just made and its last latents (not from an image the
+        safety checker blackened)."""
+        latents = self.progress.latents
+        if latents is None or (result.nsfw_content_detected or [False])[0]:
+            return
+        fitted = latent_rgb_fit(latents, result.images[0])
+        if fitted is not None:
+            self.latent_rgb[model] = fitted
+            with self.progress.lock:
+                self.progress.latent_rgb = fitted
 
     def _step_hook(self, job: Job) -> Callable[[int, int, torch.Tensor], bool]:
         progress = self.progress
