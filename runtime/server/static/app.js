@@ -62,6 +62,7 @@ async function poll() {
           $("current-image").src = `data:image/png;base64,${state.current_image}`;
           $("current-image").hidden = false;
           $("current-image").classList.add("preview");
+          $("current-caption").textContent = `preview at step ${state.state.sampling_step}`;
         }
       } else if (busy && state.state.queued > 0) {
         showProgress(0, `waiting behind ${state.state.queued} request(s)`);
