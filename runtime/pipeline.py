@@ -35,7 +35,7 @@ from .package import Package, find_package, load_package
 from .recommended import choose, consistency_distilled, warn_unless_distilled
 from .refiner import refinement_for
 from .safety import SafetyChecker
-from .sampling import Pass, Sampler, Sampling
+from .sampling import Pass, Sampler, Sampling, StepHook
 from .schedulers import check_steps, scheduler_class
 from .upscaling import Upscale
 
@@ -197,6 +197,7 @@ class Pipeline:
         progress: bool = True,
         safety_checker: bool = True,
         watermark: bool = True,
+        on_step: StepHook | None = None,
     ) -> GenerationResult:
         """`num_images` images from seeds seed, seed+1, ... (a random seed when None); with `image`, image-to-image
         that keeps `1 - strength` of it. `scheduler` is a name from `schedulers.SCHEDULERS`; it, `steps` and
@@ -208,8 +209,8 @@ class Pipeline:
         (original size, crop, target size; default: the image's size and (0, 0)); with an SDXL `refiner` pipeline,
         this one runs the first `refiner_start` of the schedule and the refiner the rest, as diffusers' base +
         refiner ensemble. The package's safety checker, if it has one, blackens flagged images
-        (`safety_checker=False` skips it); `watermark=False` leaves out the invisible watermark. Raises
-        GenerationError for anything the caller can fix."""
+        (`safety_checker=False` skips it); `watermark=False` leaves out the invisible watermark. `on_step` is called
+        after every denoising step (see sampling.StepHook). Raises GenerationError for anything the caller can fix."""
         package = self.package
         choice = choose(package.recommended, package.scheduler_config, scheduler, steps, guidance_scale)
         scheduler, steps, guidance_scale = choice.scheduler, choice.steps, choice.guidance_scale
@@ -251,8 +252,8 @@ class Pipeline:
                     init_latents = self._encode(picture, stage, overlap)
                 with self.stage(self.package.unet_name, UNGUIDED_UNET):
                     latents = self.sampler.denoise(conditioning, stage, image_seed, init_latents, overlap, bar,
-                                                   refinement.base_end)
-                latents = refinement(latents, stage, image_seed, overlap, bar)
+                                                   refinement.base_end, on_step)
+                latents = refinement(latents, stage, image_seed, overlap, bar, on_step)
                 if output_type == "pil" or number < len(passes) - 1:
                     with decoder.stage(VAE_DECODER):
                         picture = decoder.decode(latents, overlap)
