@@ -55,6 +55,9 @@ def list_models(ctx: click.Context, _, value: bool) -> None:
 @click.option("--quantize-nbits", type=click.Choice(NBITS_CHOICES),
               help="Store the text encoders' and Unet's weights as 2^N-entry palettes (at 6 bits they take 6/16 "
               "of their float16 size; default: float16).")
+@click.option("--quantize-recipe", metavar="FILE.json[:NAME]",
+              help="Palettize each Unet layer at the bits an Apple mixed-bit recipe gives it (the JSON that "
+              "ml-stable-diffusion's mixed_bit_compression_pre_analysis writes; NAME picks one of its recipes).")
 @click.option("--safety-checker", metavar="PATH_OR_ID",
               help="With SafetyChecker in --components: convert this folder's or Hugging Face id's safety checker "
               "(e.g. CompVis/stable-diffusion-safety-checker) instead of the model's own, for models that carry none.")
@@ -88,7 +91,7 @@ def convert(model: str | None, revision: str | None, model_type: str | None, pre
             config_folder: Path | None, loras: tuple[str, ...], embeddings: tuple[str, ...],
             output: Path | None, components: str | None,
             attention_implementation: str, height: int | None, width: int | None, unet_batch_size: int,
-            quantize_nbits: int | None, safety_checker: str | None, vae: str | None, chunk_unet: bool,
+            quantize_nbits: int | None, quantize_recipe: str | None, safety_checker: str | None, vae: str | None, chunk_unet: bool,
             bundle_resources: bool, force: bool, no_validate: bool, validate_only: Path | None,
             catalogue: Path | None, ray_address: str | None, max_parallel: int | None, dry_run: bool,
             verbose: bool) -> int:
@@ -121,6 +124,7 @@ def convert(model: str | None, revision: str | None, model_type: str | None, pre
         width=width,
         unet_batch_size=unet_batch_size,
         quantize_nbits=quantize_nbits,
+        quantize_recipe=quantize_recipe,
         safety_checker=safety_checker,
         vae=vae,
         chunk_unet=chunk_unet,
@@ -159,8 +163,10 @@ def validate_folder(folder: Path) -> int:
     for component, result in results.items():
         passed = result["psnr_db"] >= PSNR_THRESHOLD_DB
         failed += not passed
-        quantized = (f"  {result['quantize_nbits']}-bit palettes: {result['unquantized_psnr_db']:.1f} dB against the "
-                     "unquantized original") if "quantize_nbits" in result else ""
+        palettes = (f"{result['quantize_nbits']}-bit palettes" if "quantize_nbits" in result
+                    else f"recipe {result.get('quantize_recipe')}")
+        quantized = (f"  {palettes}: {result['unquantized_psnr_db']:.1f} dB against the unquantized original"
+                     if "unquantized_psnr_db" in result else "")
         click.echo(f"{component:<12} {result['psnr_db']:>10.1f} {result['max_abs_error']:>14.3g}  "
                    f"{'ok' if passed else 'FAILED'}{quantized}")
     return 1 if failed else 0

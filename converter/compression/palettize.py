@@ -97,14 +97,17 @@ def palettize_module(module: torch.nn.Module, nbits: int) -> int:
     the weight's own dtype); the number of parameters palettized."""
     if nbits not in NBITS_CHOICES:
         raise ValueError(f"nbits must be one of {', '.join(map(str, NBITS_CHOICES))}, not {nbits}")
-    palettized = 0
-    for layer in filter(palettizable, module.modules()):
-        weight = layer.weight
-        centroids, indices = palette(weight.detach().cpu().numpy(), nbits)
-        snapped = torch.from_numpy(centroids[indices]).reshape(weight.shape)
-        weight.copy_(snapped.to(weight.dtype))
-        palettized += weight.numel()
-    return palettized
+    return sum(palettize_layer(layer, nbits) for layer in filter(palettizable, module.modules()))
+
+
+@torch.no_grad()
+def palettize_layer(layer: torch.nn.Module, nbits: int) -> int:
+    """Replace, in place, `layer`'s weight by its palette values (in the weight's own dtype); its size."""
+    weight = layer.weight
+    centroids, indices = palette(weight.detach().cpu().numpy(), nbits)
+    snapped = torch.from_numpy(centroids[indices]).reshape(weight.shape)
+    weight.copy_(snapped.to(weight.dtype))
+    return weight.numel()
 
 
 def palettize_parts(parts, nbits: int) -> int:
@@ -128,20 +131,37 @@ def _exact_lut(nbits: int):
     return lut_function
 
 
-def palettize_program(program, nbits: int) -> None:
+def _fitting_nbits(weight: np.ndarray) -> int | None:
+    """The smallest palette that holds `weight`'s distinct float16 values exactly, or None when none does (a weight
+    left in float16)."""
+    distinct = np.count_nonzero(np.bincount(np.ascontiguousarray(weight, dtype=np.float16).reshape(-1).view(np.uint16),
+                                            minlength=FLOAT16_CODES))
+    return next((nbits for nbits in NBITS_CHOICES if distinct <= 1 << nbits), None)
+
+
+def _fitting_sizes(program, names: set[str]) -> dict[str, int | None]:
+    return {op.name: _fitting_nbits(op.outputs[0].val) for function in program.functions.values()
+            for op in function.operations if op.name in names}
+
+
+def palettize_program(program, nbits: int | None) -> None:
     """Store every convolution and linear weight of a MIL program (palettized in PyTorch) as palette + indices,
-    after coremltools' default passes, where each weight is one constant feeding its conv or linear.
+    after coremltools' default passes, where each weight is one constant feeding its conv or linear. With `nbits`,
+    every such weight must fit 2^nbits entries; without (layers palettized at their own sizes, by a recipe), each
+    weight gets the smallest palette that holds its distinct values, and a weight of more than 256 stays float16.
 
     coremltools' palettization pass holds every constant it will replace until it has replaced them all, so the
     float16 weights would all stay beside their palettes (2.1 GiB more than the float16 conversion's peak for
     SDXL's Unet). Run over groups of weights in turn, each group's float16 weights are freed before the next is
     palettized."""
-    config = OpPalettizerConfig(mode="custom", lut_function=_exact_lut(nbits), weight_threshold=WEIGHT_THRESHOLD)
+    configs = {size: OpPalettizerConfig(mode="custom", lut_function=_exact_lut(size), weight_threshold=WEIGHT_THRESHOLD)
+               for size in NBITS_CHOICES}
     for group in _weight_groups(program):
+        sizes = dict.fromkeys(group, nbits) if nbits else _fitting_sizes(program, set(group))
         pipeline = PassPipeline.EMPTY
         pipeline.append_pass("compression::palettize_weights")
-        pipeline.set_options("compression::palettize_weights", {
-            "config": OptimizationConfig(op_name_configs=dict.fromkeys(group, config))})
+        pipeline.set_options("compression::palettize_weights", {"config": OptimizationConfig(
+            op_name_configs={name: configs[size] for name, size in sizes.items() if size is not None})})
         PassPipelineManager.apply_pipeline(program, pipeline)
         gc.collect()  # a replaced constant and its output refer to each other
 

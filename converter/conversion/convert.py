@@ -61,12 +61,14 @@ def to_mil_program(program: torch.export.ExportedProgram, spec: ComponentSpec, p
         )
 
 
-def to_ml_program(program: Program, quantize_nbits: int | None = None, verbose: bool = False) -> ct.models.MLModel:
+def to_ml_program(program: Program, quantize_nbits: int | None = None, verbose: bool = False,
+                  palettized_layers: bool = False) -> ct.models.MLModel:
     """The ML Program of `to_mil_program`'s result; with `quantize_nbits`, weights palettized by `palettize_module`
-    are stored as palette + indices. Its metadata names the PyTorch program it was converted from, as a one-step
+    are stored as palette + indices; with `palettized_layers` (a recipe's, each at its own size), each weight whose
+    distinct values fit a palette is. Its metadata names the PyTorch program it was converted from, as a one-step
     conversion records it."""
     with _quiet(verbose):
-        if quantize_nbits:
+        if quantize_nbits or palettized_layers:
             palettize_program(program, quantize_nbits)
         model = ct.convert(
             program,

@@ -8,6 +8,7 @@ from coreml_sd.runtime.contract import VAE_FACTOR, ModelDimensions
 
 from ..ane import ATTENTION_IMPLEMENTATIONS
 from ..compression import NBITS_CHOICES
+from ..compression.recipe import Recipe, read_recipe
 from ..errors import ConversionError
 from ..sources import ModelSource
 
@@ -21,6 +22,7 @@ class ComponentOptions:
     attention_implementation: str = "split_einsum"
     quantize_nbits: int | None = None  # palettize the TextEncoder's and Unet's weights to this many bits
     chunk_unet: bool = False  # the Unet as two packages, UnetChunk1 and UnetChunk2 (see chunks.py)
+    quantize_recipe: Recipe | None = None  # palettize the Unet's layers each at its own bits
     vae_swapped: bool = False  # --vae: a VAE made for float16 in place of the model's own
     validate: bool = True
     validation_seed: int = 0
@@ -43,6 +45,7 @@ class ConversionOptions:
     width: int | None = None
     unet_batch_size: int = 2
     quantize_nbits: int | None = None  # palettize the TextEncoder's and Unet's weights to this many bits
+    quantize_recipe: str | None = None  # FILE.json[:NAME]: an Apple mixed-bit recipe for the Unet's layers
     safety_checker: str | None = None  # the SafetyChecker from this folder or id instead of the model's own
     vae: str | None = None  # another VAE (folder or Hugging Face id) in place of the model's own
     force: bool = False
@@ -53,8 +56,9 @@ class ConversionOptions:
     verbose: bool = False  # show coremltools' own progress bars
 
     def component_options(self) -> ComponentOptions:
-        return ComponentOptions(self.attention_implementation, self.quantize_nbits, self.chunk_unet, bool(self.vae),
-                                self.validate, self.validation_seed, self.verbose)
+        recipe = read_recipe(self.quantize_recipe) if self.quantize_recipe else None
+        return ComponentOptions(self.attention_implementation, self.quantize_nbits, self.chunk_unet, recipe,
+                                bool(self.vae), self.validate, self.validation_seed, self.verbose)
 
 
 def check_options(options: ConversionOptions) -> None:
@@ -71,6 +75,11 @@ def check_options(options: ConversionOptions) -> None:
         raise ConversionError(f"--unet-batch-size must be 1 or 2 (got {options.unet_batch_size})")
     if options.quantize_nbits is not None and options.quantize_nbits not in NBITS_CHOICES:
         raise ConversionError(f"--quantize-nbits must be one of {', '.join(map(str, NBITS_CHOICES))} (got {options.quantize_nbits})")
+    if options.quantize_recipe:
+        if options.quantize_nbits is not None:
+            raise ConversionError("--quantize-recipe gives each layer its bits, --quantize-nbits all of them the same: "
+                                  "pass one of the two")
+        read_recipe(options.quantize_recipe)
 
 
 def chosen_components(source: ModelSource, requested: tuple[str, ...] | None) -> tuple[str, ...]:

@@ -40,6 +40,8 @@ def component_settings(component: str, source: ModelSource, dims: ModelDimension
         settings.update(attention_implementation=options.attention_implementation)
     if quantize_nbits(source.family.component(component), options.quantize_nbits):
         settings.update(quantize_nbits=options.quantize_nbits)
+    if options.quantize_recipe and kind == "unet":
+        settings.update(quantize_recipe=options.quantize_recipe.settings())
     precision = compute_precision(source, component, options.vae_swapped)
     if precision != "float16":
         settings.update(compute_precision=precision)
