@@ -58,6 +58,15 @@ def list_models(ctx: click.Context, _, value: bool) -> None:
 @click.option("--quantize-recipe", metavar="FILE.json[:NAME]",
               help="Palettize each Unet layer at the bits an Apple mixed-bit recipe gives it (the JSON that "
               "ml-stable-diffusion's mixed_bit_compression_pre_analysis writes; NAME picks one of its recipes).")
+@click.option("--quantize-granularity", metavar="per-tensor|per-grouped-channel[:GROUP]",
+              help="With --quantize-nbits: one palette per weight (default), or one per GROUP output channels "
+              "(default 16; iOS 18 / macOS 15).")
+@click.option("--quantize-linear", metavar="int8|int4[:BLOCK]",
+              help="Store the text encoders' and Unet's weights as 8- or 4-bit integers with a scale per output "
+              "channel, or per BLOCK input channels (int4 and blocks: iOS 18 / macOS 15).")
+@click.option("--min-target", metavar="iOS16|iOS17|iOS18",
+              help="The packages' minimum deployment target (or macOS13..macOS15; default: iOS16, raised to what the "
+              "compression needs).")
 @click.option("--safety-checker", metavar="PATH_OR_ID",
               help="With SafetyChecker in --components: convert this folder's or Hugging Face id's safety checker "
               "(e.g. CompVis/stable-diffusion-safety-checker) instead of the model's own, for models that carry none.")
@@ -91,7 +100,9 @@ def convert(model: str | None, revision: str | None, model_type: str | None, pre
             config_folder: Path | None, loras: tuple[str, ...], embeddings: tuple[str, ...],
             output: Path | None, components: str | None,
             attention_implementation: str, height: int | None, width: int | None, unet_batch_size: int,
-            quantize_nbits: int | None, quantize_recipe: str | None, safety_checker: str | None, vae: str | None, chunk_unet: bool,
+            quantize_nbits: int | None, quantize_recipe: str | None, quantize_granularity: str | None,
+            quantize_linear: str | None, min_target: str | None, safety_checker: str | None, vae: str | None,
+            chunk_unet: bool,
             bundle_resources: bool, force: bool, no_validate: bool, validate_only: Path | None,
             catalogue: Path | None, ray_address: str | None, max_parallel: int | None, dry_run: bool,
             verbose: bool) -> int:
@@ -125,6 +136,9 @@ def convert(model: str | None, revision: str | None, model_type: str | None, pre
         unet_batch_size=unet_batch_size,
         quantize_nbits=quantize_nbits,
         quantize_recipe=quantize_recipe,
+        quantize_granularity=quantize_granularity,
+        quantize_linear=quantize_linear,
+        min_target=min_target,
         safety_checker=safety_checker,
         vae=vae,
         chunk_unet=chunk_unet,
@@ -164,6 +178,7 @@ def validate_folder(folder: Path) -> int:
         passed = result["psnr_db"] >= PSNR_THRESHOLD_DB
         failed += not passed
         palettes = (f"{result['quantize_nbits']}-bit palettes" if "quantize_nbits" in result
+                    else f"{result['quantize_linear']['dtype']} weights" if "quantize_linear" in result
                     else f"recipe {result.get('quantize_recipe')}")
         quantized = (f"  {palettes}: {result['unquantized_psnr_db']:.1f} dB against the unquantized original"
                      if "unquantized_psnr_db" in result else "")

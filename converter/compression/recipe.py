@@ -64,10 +64,9 @@ def read_recipe(argument: str) -> Recipe:
         raise RecipeError(f"{file} is not JSON ({error}): pass a recipe JSON written by Apple's mixed-bit "
                           "pre-analysis") from None
     recipes = document.get("recipes") if isinstance(document, dict) else None
-    if not isinstance(recipes, dict) or not recipes or not all(
-            isinstance(recipe, dict) and all(isinstance(module, str) for module in recipe) for recipe in recipes.values()):
-        raise RecipeError(f"{file} is not in Apple's recipe format: expected {{\"recipes\": {{NAME: {{MODULE: BITS, ...}}, "
-                          "...}}}}, as Apple's mixed-bit pre-analysis writes it")
+    if not isinstance(recipes, dict) or not recipes or not all(isinstance(recipe, dict) for recipe in recipes.values()):
+        raise RecipeError(f"{file} is not in Apple's recipe format: expected " + '{"recipes": {NAME: {MODULE: BITS, '
+                          '...}, ...}, ...}, as Apple\'s mixed-bit pre-analysis writes it')
     if name is None:
         if len(recipes) > 1:
             raise RecipeError(f"{file} holds {len(recipes)} recipes: choose one with --quantize-recipe {file}:NAME, "
