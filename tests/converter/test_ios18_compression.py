@@ -39,9 +39,9 @@ def symmetric(bits: int, block: int | None):
         result = np.empty_like(values)
         for channel in range(out):
             for index in range(blocks):
-                part = values[channel, index * inputs // blocks:(index + 1) * inputs // blocks]
-                scale = np.abs(part).max() / limit
-                result[channel, index * inputs // blocks:(index + 1) * inputs // blocks] = np.round(part / scale) * scale
+                span = slice(index * inputs // blocks, (index + 1) * inputs // blocks)
+                scale = np.abs(values[channel, span]).max() / limit
+                result[channel, span] = np.round(values[channel, span] / scale) * scale
         return result
 
     return quantize

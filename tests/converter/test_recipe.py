@@ -134,7 +134,8 @@ def test_package_is_as_large_as_the_recipe_predicts(recipe_unet, recipe_file, ti
     assert weights_bytes(recipe_unet) < 0.45 * weights_bytes(tiny_packages())  # measured: 0.42
 
 
-def test_recipe_unet_computes_what_the_original_with_the_same_palettes_computes(recipe_unet, recipe_file, tiny_pipeline):
+def test_recipe_unet_computes_what_the_original_with_the_same_palettes_computes(recipe_unet, recipe_file,
+                                                                               tiny_pipeline):
     recipe = json.loads(recipe_file.read_text())["recipes"][ALL_LAYERS]
     rng = np.random.RandomState(1)
     inputs = {"sample": rng.randn(2, 4, 16, 16).astype(np.float16),
