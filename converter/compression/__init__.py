@@ -1,5 +1,5 @@
-"""Smaller weights: palettes (palettize.py), mixed-bit recipes (recipe.py), linear int8/int4 (linear.py). What the
-command line offers is here, without the libraries."""
+"""Smaller weights: palettes (palettize.py), mixed-bit recipes (recipe.py, made by analysis.py), linear int8/int4
+(linear.py). What the command line offers is here, without the libraries."""
 from dataclasses import dataclass
 
 QUANTIZED_KINDS = ("text_encoder", "unet")  # the text encoders' and Unet's weights; the VAE's stay float16
