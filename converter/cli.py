@@ -68,6 +68,18 @@ def list_models(ctx: click.Context, _, value: bool) -> None:
 @click.option("--quantize-nbits", type=click.Choice(NBITS_CHOICES),
               help="Store the text encoders' and Unet's weights as 2^N-entry palettes (at 6 bits they take 6/16 "
               "of their float16 size; default: float16).")
+@click.option("--quantize-recipe", metavar="FILE.json[:NAME]",
+              help="Palettize each Unet layer at the bits an Apple mixed-bit recipe gives it (the JSON that "
+              "ml-stable-diffusion's mixed_bit_compression_pre_analysis writes; NAME picks one of its recipes).")
+@click.option("--quantize-granularity", metavar="per-tensor|per-grouped-channel[:GROUP]",
+              help="With --quantize-nbits: one palette per weight (default), or one per GROUP output channels "
+              "(default 16; iOS 18 / macOS 15).")
+@click.option("--quantize-linear", metavar="int8|int4[:BLOCK]",
+              help="Store the text encoders' and Unet's weights as 8- or 4-bit integers with a scale per output "
+              "channel, or per BLOCK input channels (int4 and blocks: iOS 18 / macOS 15).")
+@click.option("--min-target", metavar="iOS16|iOS17|iOS18",
+              help="The packages' minimum deployment target (or macOS13..macOS15; default: iOS16, raised to what the "
+              "compression needs).")
 @click.option("--safety-checker", metavar="PATH_OR_ID",
               help="With SafetyChecker in --components: convert this folder's or Hugging Face id's safety checker "
               "(e.g. CompVis/stable-diffusion-safety-checker) instead of the model's own, for models that carry none.")
@@ -102,7 +114,9 @@ def convert(model: str | None, revision: str | None, model_type: str | None, pre
             output: Path | None, components: str | None,
             attention_implementation: str, height: int | None, width: int | None, unet_batch_size: int | None,
             unguided_function: bool, guidance_embedding: bool, recommend: tuple[str, ...],
-            quantize_nbits: int | None, safety_checker: str | None, vae: str | None, chunk_unet: bool,
+            quantize_nbits: int | None, quantize_recipe: str | None, quantize_granularity: str | None,
+            quantize_linear: str | None, min_target: str | None, safety_checker: str | None, vae: str | None,
+            chunk_unet: bool,
             bundle_resources: bool, force: bool, no_validate: bool, validate_only: Path | None,
             catalogue: Path | None, ray_address: str | None, max_parallel: int | None, dry_run: bool,
             verbose: bool) -> int:
@@ -138,6 +152,10 @@ def convert(model: str | None, revision: str | None, model_type: str | None, pre
         unguided_function=unguided_function,
         guidance_embedding=guidance_embedding,
         quantize_nbits=quantize_nbits,
+        quantize_recipe=quantize_recipe,
+        quantize_granularity=quantize_granularity,
+        quantize_linear=quantize_linear,
+        min_target=min_target,
         safety_checker=safety_checker,
         vae=vae,
         chunk_unet=chunk_unet,
@@ -176,8 +194,11 @@ def validate_folder(folder: Path) -> int:
     for component, result in results.items():
         passed = result["psnr_db"] >= PSNR_THRESHOLD_DB
         failed += not passed
-        quantized = (f"  {result['quantize_nbits']}-bit palettes: {result['unquantized_psnr_db']:.1f} dB against the "
-                     "unquantized original") if "quantize_nbits" in result else ""
+        palettes = (f"{result['quantize_nbits']}-bit palettes" if "quantize_nbits" in result
+                    else f"{result['quantize_linear']['dtype']} weights" if "quantize_linear" in result
+                    else f"recipe {result.get('quantize_recipe')}")
+        quantized = (f"  {palettes}: {result['unquantized_psnr_db']:.1f} dB against the unquantized original"
+                     if "unquantized_psnr_db" in result else "")
         click.echo(f"{component:<12} {result['psnr_db']:>10.1f} {result['max_abs_error']:>14.3g}  "
                    f"{'ok' if passed else 'FAILED'}{quantized}")
     return 1 if failed else 0

@@ -92,25 +92,38 @@ def palettizable(module: torch.nn.Module) -> bool:
 
 
 @torch.no_grad()
-def palettize_module(module: torch.nn.Module, nbits: int) -> int:
+def palettize_module(module: torch.nn.Module, nbits: int, group: int | None = None) -> int:
     """Replace, in place, every large Linear and Conv2d weight of `module` by its palette values (in
-    the weight's own dtype); the number of parameters palettized."""
+    the weight's own dtype), a palette per `group` output channels with `group`; the number of parameters
+    palettized."""
     if nbits not in NBITS_CHOICES:
         raise ValueError(f"nbits must be one of {', '.join(map(str, NBITS_CHOICES))}, not {nbits}")
-    palettized = 0
-    for layer in filter(palettizable, module.modules()):
-        weight = layer.weight
-        centroids, indices = palette(weight.detach().cpu().numpy(), nbits)
-        snapped = torch.from_numpy(centroids[indices]).reshape(weight.shape)
-        weight.copy_(snapped.to(weight.dtype))
-        palettized += weight.numel()
-    return palettized
+    return sum(palettize_layer(layer, nbits, group) for layer in filter(palettizable, module.modules()))
 
 
-def palettize_parts(parts, nbits: int) -> int:
+def grouped(shape: tuple[int, ...], group: int | None) -> bool:
+    """Whether a weight of `shape` gets a palette per `group` output channels (else one palette)."""
+    return bool(group) and shape[0] % group == 0
+
+
+@torch.no_grad()
+def palettize_layer(layer: torch.nn.Module, nbits: int, group: int | None = None) -> int:
+    """Replace, in place, `layer`'s weight by its palette values (in the weight's own dtype); its size."""
+    weight = layer.weight
+    values = weight.detach().cpu().numpy()
+    chunks = np.split(values, values.shape[0] // group) if grouped(values.shape, group) else [values]
+    snapped = []
+    for chunk in chunks:
+        centroids, indices = palette(chunk, nbits)
+        snapped.append(centroids[indices].reshape(chunk.shape))
+    weight.copy_(torch.from_numpy(np.concatenate(snapped)).to(weight.dtype))
+    return weight.numel()
+
+
+def palettize_parts(parts, nbits: int, group: int | None = None) -> int:
     """palettize_module on each module a component was loaded with (a `sources.ModelParts`)."""
     modules = [getattr(parts, field.name) for field in dataclasses.fields(parts)]
-    return sum(palettize_module(module, nbits) for module in modules if module is not None)
+    return sum(palettize_module(module, nbits, group) for module in modules if module is not None)
 
 
 def _exact_lut(nbits: int):
@@ -128,20 +141,43 @@ def _exact_lut(nbits: int):
     return lut_function
 
 
-def palettize_program(program, nbits: int) -> None:
+def _fitting_nbits(weight: np.ndarray) -> int | None:
+    """The smallest palette that holds `weight`'s distinct float16 values exactly, or None when none does (a weight
+    left in float16)."""
+    distinct = np.count_nonzero(np.bincount(np.ascontiguousarray(weight, dtype=np.float16).reshape(-1).view(np.uint16),
+                                            minlength=FLOAT16_CODES))
+    return next((nbits for nbits in NBITS_CHOICES if distinct <= 1 << nbits), None)
+
+
+def _weights(program, names: set[str]) -> dict[str, np.ndarray]:
+    return {op.name: op.outputs[0].val for function in program.functions.values()
+            for op in function.operations if op.name in names}
+
+
+def palettize_program(program, nbits: int | None, group: int | None = None) -> None:
     """Store every convolution and linear weight of a MIL program (palettized in PyTorch) as palette + indices,
-    after coremltools' default passes, where each weight is one constant feeding its conv or linear.
+    after coremltools' default passes, where each weight is one constant feeding its conv or linear. With `nbits`,
+    every such weight must fit 2^nbits entries (per `group` output channels with `group`, which needs an iOS 18
+    program); without (layers palettized at their own sizes, by a recipe), each weight gets the smallest palette that
+    holds its distinct values, and a weight of more than 256 stays float16.
 
     coremltools' palettization pass holds every constant it will replace until it has replaced them all, so the
     float16 weights would all stay beside their palettes (2.1 GiB more than the float16 conversion's peak for
     SDXL's Unet). Run over groups of weights in turn, each group's float16 weights are freed before the next is
     palettized."""
-    config = OpPalettizerConfig(mode="custom", lut_function=_exact_lut(nbits), weight_threshold=WEIGHT_THRESHOLD)
-    for group in _weight_groups(program):
+    for names in _weight_groups(program):
+        configs = {}
+        for name, weight in _weights(program, set(names)).items():
+            size = nbits or _fitting_nbits(weight)
+            if size is not None:
+                configs[name] = OpPalettizerConfig(
+                    mode="custom", lut_function=_exact_lut(size), weight_threshold=WEIGHT_THRESHOLD,
+                    **({"granularity": "per_grouped_channel", "group_size": group, "channel_axis": 0}
+                       if grouped(weight.shape, group) else {}))
+            del weight
         pipeline = PassPipeline.EMPTY
         pipeline.append_pass("compression::palettize_weights")
-        pipeline.set_options("compression::palettize_weights", {
-            "config": OptimizationConfig(op_name_configs=dict.fromkeys(group, config))})
+        pipeline.set_options("compression::palettize_weights", {"config": OptimizationConfig(op_name_configs=configs)})
         PassPipelineManager.apply_pipeline(program, pipeline)
         gc.collect()  # a replaced constant and its output refer to each other
 

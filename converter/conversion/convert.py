@@ -13,12 +13,14 @@ from coreml_sd.runtime.contract import (
 )
 from coremltools.converters.mil.mil import Program
 
+from ..compression import LinearQuantization
+from ..compression.linear import quantize_program
 from ..compression.palettize import palettize_program
 from .export import export_module
 
 TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 NUMPY_DTYPES = {"float16": np.float16, "float32": np.float32}
-MINIMUM_DEPLOYMENT_TARGET = getattr(ct.target, f"iOS{PACKAGE_MINIMUM_OS.ios}")  # = macOS 13
+MINIMUM_IOS = int(PACKAGE_MINIMUM_OS.ios)  # = macOS 13
 # export_module lowers to the ATen dialect, which a one-step conversion records as the source's
 SOURCE_DIALECT = "TorchExport::ATEN"
 
@@ -41,11 +43,12 @@ def computes_in_float16(op) -> bool:
 
 
 def to_mil_program(program: torch.export.ExportedProgram, spec: ComponentSpec, precision: str = "float16",
-                   verbose: bool = False) -> Program:
+                   verbose: bool = False, target: int = MINIMUM_IOS) -> Program:
     """coremltools' frontend and default passes: float16 compute (or float32, for a program traced with float32
     weights), the contract's input and output names and dtypes. The MIL program's constants share the traced
     program's weights: drop the traced program before `to_ml_program`, so that palettizing frees each float16
-    weight as it stores its palette (otherwise the traced program keeps all of them beside the palettes)."""
+    weight as it stores its palette (otherwise the traced program keeps all of them beside the palettes). `target`:
+    the minimum deployment target's iOS version (grouped palettes and int4 weights need 18)."""
     if precision == "float32":
         compute_precision = ct.precision.FLOAT32
     else:
@@ -57,22 +60,28 @@ def to_mil_program(program: torch.export.ExportedProgram, spec: ComponentSpec, p
             outputs=[ct.TensorType(name=t.name, dtype=NUMPY_DTYPES[t.dtype]) for t in spec.outputs],
             convert_to="milinternal",
             compute_precision=compute_precision,
-            minimum_deployment_target=MINIMUM_DEPLOYMENT_TARGET,
+            minimum_deployment_target=getattr(ct.target, f"iOS{target}"),
         )
 
 
-def to_ml_program(program: Program, quantize_nbits: int | None = None, verbose: bool = False) -> ct.models.MLModel:
+def to_ml_program(program: Program, quantize_nbits: int | None = None, verbose: bool = False,
+                  palettized_layers: bool = False, group: int | None = None,
+                  linear: LinearQuantization | None = None, target: int = MINIMUM_IOS) -> ct.models.MLModel:
     """The ML Program of `to_mil_program`'s result; with `quantize_nbits`, weights palettized by `palettize_module`
-    are stored as palette + indices. Its metadata names the PyTorch program it was converted from, as a one-step
-    conversion records it."""
+    are stored as palette + indices; with `palettized_layers` (a recipe's, each at its own size), each weight whose
+    distinct values fit a palette is (a palette per `group` output channels with `group`); with `linear`, weights
+    quantized by `linear.quantize_module` are stored as integers and scales. Its metadata names the PyTorch program
+    it was converted from, as a one-step conversion records it."""
     with _quiet(verbose):
-        if quantize_nbits:
-            palettize_program(program, quantize_nbits)
+        if quantize_nbits or palettized_layers:
+            palettize_program(program, quantize_nbits, group)
+        elif linear:
+            quantize_program(program, linear)
         model = ct.convert(
             program,
             convert_to="mlprogram",
             compute_precision=ct.precision.FLOAT32,  # leaves the precision to_mil_program chose as it is
-            minimum_deployment_target=MINIMUM_DEPLOYMENT_TARGET,
+            minimum_deployment_target=getattr(ct.target, f"iOS{target}"),
             skip_model_load=True,
             pass_pipeline=backend_cleanup_pipeline(),
         )

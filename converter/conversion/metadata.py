@@ -6,6 +6,7 @@ from pathlib import Path
 from huggingface_hub import hf_hub_download
 
 from .. import __version__
+from ..compression.recipe import Recipe
 from ..sources import ModelSource
 
 MODEL_CARD = "README.md"
@@ -58,11 +59,13 @@ def _hub_card(described: dict) -> Path | None:
         return None
 
 
-def user_metadata(source: ModelSource, attention_implementation: str, nbits: int | None) -> dict[str, str]:
+def user_metadata(source: ModelSource, attention_implementation: str, nbits: int | None,
+                  recipe: Recipe | None = None) -> dict[str, str]:
     """The `coreml_sd.*` entries: what the package was made from and how."""
     return {
         "coreml_sd.source": str(source.description.get("id") or source.description.get("path") or source.name),
         "coreml_sd.attention_implementation": attention_implementation,
         "coreml_sd.converter_version": __version__,
         **({"coreml_sd.quantize_nbits": str(nbits)} if nbits else {}),
+        **({"coreml_sd.quantize_recipe": f"{recipe.name} (sha256 {recipe.file_sha256})"} if recipe else {}),
     }

@@ -7,7 +7,18 @@ from pathlib import Path
 from coreml_sd.runtime.contract import VAE_FACTOR, ModelDimensions
 
 from ..ane import ATTENTION_IMPLEMENTATIONS
-from ..compression import NBITS_CHOICES
+from ..compression import (
+    BASE_TARGET,
+    GROUPED_TARGET,
+    NBITS_CHOICES,
+    CompressionArgumentError,
+    LinearQuantization,
+    parse_granularity,
+    parse_linear,
+    parse_target,
+    target_name,
+)
+from ..compression.recipe import Recipe, read_recipe
 from ..errors import ConversionError
 from ..sources import ModelSource
 
@@ -21,6 +32,10 @@ class ComponentOptions:
     attention_implementation: str = "split_einsum"
     quantize_nbits: int | None = None  # palettize the TextEncoder's and Unet's weights to this many bits
     chunk_unet: bool = False  # the Unet as two packages, UnetChunk1 and UnetChunk2 (see chunks.py)
+    quantize_recipe: Recipe | None = None  # palettize the Unet's layers each at its own bits
+    quantize_group: int | None = None  # with quantize_nbits: a palette per this many output channels
+    quantize_linear: LinearQuantization | None = None  # int8/int4 weights instead of palettes
+    min_target: int = BASE_TARGET  # the packages' minimum deployment target asked for (iOS major version)
     vae_swapped: bool = False  # --vae: a VAE made for float16 in place of the model's own
     validate: bool = True
     validation_seed: int = 0
@@ -47,6 +62,10 @@ class ConversionOptions:
     unguided_function: bool = False  # the Unet also as a batch-1 function `unguided` (see multifunction.py)
     guidance_embedding: bool = False  # an LCM Unet's guidance embedding as the input `timestep_cond`
     quantize_nbits: int | None = None  # palettize the TextEncoder's and Unet's weights to this many bits
+    quantize_recipe: str | None = None  # FILE.json[:NAME]: an Apple mixed-bit recipe for the Unet's layers
+    quantize_granularity: str | None = None  # per-tensor | per-grouped-channel[:GROUP], with quantize_nbits
+    quantize_linear: str | None = None  # int8|int4[:BLOCK]: linear quantization instead of palettes
+    min_target: str | None = None  # iOS16..iOS18 / macOS13..macOS15 (default: the lowest the compression allows)
     safety_checker: str | None = None  # the SafetyChecker from this folder or id instead of the model's own
     vae: str | None = None  # another VAE (folder or Hugging Face id) in place of the model's own
     force: bool = False
@@ -57,8 +76,38 @@ class ConversionOptions:
     verbose: bool = False  # show coremltools' own progress bars
 
     def component_options(self) -> ComponentOptions:
-        return ComponentOptions(self.attention_implementation, self.quantize_nbits, self.chunk_unet, bool(self.vae),
-                                self.validate, self.validation_seed, self.verbose, self.unguided_function)
+        recipe = read_recipe(self.quantize_recipe) if self.quantize_recipe else None
+        group, linear, target = compression_modes(self)
+        return ComponentOptions(
+            attention_implementation=self.attention_implementation, quantize_nbits=self.quantize_nbits,
+            chunk_unet=self.chunk_unet, quantize_recipe=recipe, quantize_group=group, quantize_linear=linear,
+            min_target=target, vae_swapped=bool(self.vae), validate=self.validate,
+            validation_seed=self.validation_seed, verbose=self.verbose, unguided_function=self.unguided_function)
+
+
+def compression_modes(options: ConversionOptions) -> tuple[int | None, LinearQuantization | None, int]:
+    """The palettes' group, the linear quantization and the minimum deployment target the options ask for, which
+    must be at least what the compression needs (the compressed components' packages are raised to that anyway)."""
+    try:
+        group = parse_granularity(options.quantize_granularity) if options.quantize_granularity else None
+        linear = parse_linear(options.quantize_linear) if options.quantize_linear else None
+        asked = parse_target(options.min_target) if options.min_target else None
+    except CompressionArgumentError as error:
+        raise ConversionError(str(error)) from None
+    if group and options.quantize_nbits is None:
+        raise ConversionError("--quantize-granularity sets how --quantize-nbits palettes are shared: pass "
+                              "--quantize-nbits too")
+    if linear and (options.quantize_nbits is not None or options.quantize_recipe):
+        raise ConversionError("--quantize-linear stores integers and scales, --quantize-nbits and --quantize-recipe "
+                              "palettes: pass one of them")
+    needs = [(GROUPED_TARGET, f"--quantize-granularity {options.quantize_granularity}")] if group else []
+    if linear and linear.minimum_target() > BASE_TARGET:
+        needs.append((linear.minimum_target(), f"--quantize-linear {options.quantize_linear}"))
+    required, reason = max(needs, default=(BASE_TARGET, ""))
+    if asked is not None and asked < required:
+        raise ConversionError(f"--min-target {options.min_target} is lower than {reason} needs "
+                              f"({target_name(required)}): raise --min-target to iOS{required} or leave it out")
+    return group, linear, asked or BASE_TARGET
 
 
 def check_options(options: ConversionOptions) -> None:
@@ -78,6 +127,12 @@ def check_options(options: ConversionOptions) -> None:
                               f"{'--unet-batch-size 1' if options.unet_batch_size == 1 else '--chunk-unet'}")
     if options.quantize_nbits is not None and options.quantize_nbits not in NBITS_CHOICES:
         raise ConversionError(f"--quantize-nbits must be one of {', '.join(map(str, NBITS_CHOICES))} (got {options.quantize_nbits})")
+    if options.quantize_recipe:
+        if options.quantize_nbits is not None:
+            raise ConversionError("--quantize-recipe gives each layer its bits, --quantize-nbits all of them the same: "
+                                  "pass one of the two")
+        read_recipe(options.quantize_recipe)
+    compression_modes(options)
 
 
 def chosen_components(source: ModelSource, requested: tuple[str, ...] | None) -> tuple[str, ...]:

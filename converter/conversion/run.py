@@ -24,7 +24,10 @@ from ..adapters.lora import Lora
 from ..ane import component_module
 from ..bundle import write_bundle
 from ..chunks import install_chunks
+from ..compression import recipe as recipes
+from ..compression.linear import quantize_parts
 from ..compression.palettize import palettize_parts
+from ..compression import QUANTIZED_KINDS
 from ..errors import ConversionError
 from ..families import Component
 from ..sources import ModelSource, resolve
@@ -45,6 +48,7 @@ from .settings import (
     FLOAT32_COMPUTE_UNITS,
     component_settings,
     compute_precision,
+    deployment_target,
     installed_names,
     quantize_nbits,
 )
@@ -97,6 +101,8 @@ def convert_model(options: ConversionOptions) -> ConversionReport:
     source.adapters = load_adapters(options.loras, options.embeddings)
     components = chosen_components(source, options.components)
     source.check_adapters(list(components))
+    component_options = options.component_options()
+    check_recipe(source, components, component_options.quantize_recipe)
     source.safety_checker = options.safety_checker
     check_guidance_embedding(source, options.guidance_embedding)
     recommended = recommendation(source.description.get("id") or source.description.get("model"),
@@ -108,7 +114,6 @@ def convert_model(options: ConversionOptions) -> ConversionReport:
     # embedding never runs classifier-free guidance
     unguided = (recommended.unguided and not options.unguided_function) or options.guidance_embedding
     dims = model_dimensions(source, options.height, options.width, options.unet_batch_size, unguided)
-    component_options = options.component_options()
     folder = PackageFolder(options.output or Path("packages") / source.name)
     report = ConversionReport(folder=folder.path)
     source.description["files"] = source.file_hashes(list(components))
@@ -150,6 +155,14 @@ def convert_model(options: ConversionOptions) -> ConversionReport:
     return report
 
 
+def check_recipe(source: ModelSource, components: tuple[str, ...], recipe: recipes.Recipe | None) -> None:
+    """Refuse, before anything converts, a recipe naming layers the model's Unet lacks."""
+    for component in components:
+        kind = source.family.component(component)
+        if recipe and kind.kind == "unet":
+            recipes.recipe_layers(source.reader.empty(kind.module), recipe)
+
+
 def load_adapters(loras: tuple[str, ...], embeddings: tuple[str, ...]) -> list:
     """LoRAs and embeddings from their command-line arguments, read (and checked) before anything converts."""
     adapters = [Lora.from_argument(argument) for argument in loras]
@@ -170,6 +183,11 @@ def convert_component(folder: PackageFolder, source: ModelSource, component: str
                       options: ComponentOptions, settings: dict, report: ConversionReport) -> None:
     spec = source.family.spec(component, dims)
     nbits = quantize_nbits(source.family.component(component), options.quantize_nbits)
+    kind = source.family.component(component)
+    recipe = options.quantize_recipe if kind.kind == "unet" else None
+    linear = options.quantize_linear if kind.kind in QUANTIZED_KINDS else None
+    group = options.quantize_group if nbits else None
+    target = deployment_target(kind, options)
     precision = compute_precision(source, component, options.vae_swapped)
     staging = folder.staging_folder()
     try:
@@ -177,10 +195,17 @@ def convert_component(folder: PackageFolder, source: ModelSource, component: str
             # A float32 program keeps float32 weights: its constants are what it computes with.
             parts = source.load(component, torch.float32 if precision == "float32" else torch.float16)
         feature_extractor = parts.feature_extractor
-        palettized = None
+        palettized, recipe_entry = None, None
         if nbits:
             with stage(report, component, "palettize"):
-                palettized = palettize_parts(parts, nbits)
+                palettized = palettize_parts(parts, nbits, group)
+        elif linear:
+            with stage(report, component, "quantize"):
+                palettized = quantize_parts(parts, linear)
+        elif recipe:
+            with stage(report, component, "palettize"):
+                recipe_entry = recipes.describe(getattr(parts, source.family.component(component).module), recipe)
+                palettized = recipes.apply_recipe(getattr(parts, source.family.component(component).module), recipe)
         with stage(report, component, "rewrite"):
             module = component_module(parts, source.family.component(component), options.attention_implementation)
         with stage(report, component, "trace"):
@@ -188,18 +213,18 @@ def convert_component(folder: PackageFolder, source: ModelSource, component: str
             del module, parts
             release_memory()
         with stage(report, component, "convert"):
-            mil_program = to_mil_program(program, spec, precision, options.verbose)
+            mil_program = to_mil_program(program, spec, precision, options.verbose, target)
             del program
             release_memory()
-            model = to_ml_program(mil_program, nbits, options.verbose)
+            model = to_ml_program(mil_program, nbits, options.verbose, palettized_layers=recipe is not None,
+                                  group=group, linear=linear, target=target)
             del mil_program
             release_memory()
-        kind = source.family.component(component).kind
         version, licence = model_version(source), model_licence(source)
-        metadata = user_metadata(source, options.attention_implementation, nbits)
+        metadata = user_metadata(source, options.attention_implementation, nbits, recipe)
 
         def describe_package(model, package_spec: ComponentSpec) -> None:
-            describe(model, package_spec, kind, version, licence, metadata)
+            describe(model, package_spec, kind.kind, version, licence, metadata)
 
         with stage(report, component, "save"):
             describe_package(model, spec)
@@ -221,12 +246,13 @@ def convert_component(folder: PackageFolder, source: ModelSource, component: str
             with stage(report, component, "validate"):
                 validation = validate(staged, source.family.component(component), spec,
                                       lambda: source.load(component, torch.float32),
-                                      options.validation_seed, source.latent_scaling_factor, nbits)
+                                      options.validation_seed, source.latent_scaling_factor, nbits, recipe,
+                                      group, linear)
             print_validation(component, validation)
             if validation["non_finite_outputs"]:
                 raise ConversionError(overflow_message(component, source.family.component(component), precision))
             if not validation["psnr_db"] >= PSNR_THRESHOLD_DB:
-                original = "the diffusers original" + (" with the same palettes" if nbits else "")
+                original = "the diffusers original" + (" with the same compression" if nbits or recipe or linear else "")
                 raise ConversionError(
                     f"{component}: PSNR {validation['psnr_db']:.1f} dB against {original} is below "
                     f"{PSNR_THRESHOLD_DB:.0f} dB, so it was not installed (--no-validate installs it anyway)")
@@ -238,7 +264,9 @@ def convert_component(folder: PackageFolder, source: ModelSource, component: str
         if precision == "float32":
             entry.update(compute_precision=precision, compute_units=FLOAT32_COMPUTE_UNITS)
         if palettized is not None:
-            entry["palettized_parameters"] = palettized
+            entry["quantized_parameters" if linear else "palettized_parameters"] = palettized
+        if recipe_entry is not None:
+            entry["quantize_recipe"] = recipe_entry
         if component in installed_names(source, component, options.chunk_unet):
             folder.install(staged, component, entry)
             replaced = chunk_names(component)
@@ -266,8 +294,12 @@ def print_validation(component: str, validation: dict) -> None:
     original = "the diffusers original in float32"
     if "quantize_nbits" in validation:
         original += f" with the same {validation['quantize_nbits']}-bit palettes"
+    elif "quantize_recipe" in validation:
+        original += f" with the same palettes (recipe {validation['quantize_recipe']})"
+    elif "quantize_linear" in validation:
+        original += f" with the same {validation['quantize_linear']['dtype']} weights"
     print(f"{component:<11} PSNR {validation['psnr_db']:.1f} dB, max abs error {validation['max_abs_error']:.3g} "
           f"against {original}", file=sys.stderr)
-    if "quantize_nbits" in validation:
+    if "unquantized_psnr_db" in validation:
         print(f"{component:<11} PSNR {validation['unquantized_psnr_db']:.1f} dB against the unquantized original "
-              "(what palettization costs)", file=sys.stderr)
+              "(what compression costs)", file=sys.stderr)

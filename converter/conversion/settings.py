@@ -3,7 +3,7 @@ precision, its palettes, and the packages it is installed as."""
 from coreml_sd.runtime.contract import ModelDimensions, chunk_names
 
 from .. import __version__
-from ..compression import QUANTIZED_KINDS
+from ..compression import BASE_TARGET, GROUPED_TARGET, QUANTIZED_KINDS
 from ..families import Component
 from ..sources import ModelSource
 from .options import ComponentOptions
@@ -42,6 +42,15 @@ def component_settings(component: str, source: ModelSource, dims: ModelDimension
         settings.update(attention_implementation=options.attention_implementation)
     if quantize_nbits(source.family.component(component), options.quantize_nbits):
         settings.update(quantize_nbits=options.quantize_nbits)
+    if options.quantize_recipe and kind == "unet":
+        settings.update(quantize_recipe=options.quantize_recipe.settings())
+    if options.quantize_group and settings.get("quantize_nbits"):
+        settings.update(quantize_group=options.quantize_group)
+    if options.quantize_linear and kind in QUANTIZED_KINDS:
+        settings.update(quantize_linear=options.quantize_linear.settings())
+    target = deployment_target(source.family.component(component), options)
+    if target > BASE_TARGET:
+        settings.update(minimum_deployment_target=f"iOS{target}")
     precision = compute_precision(source, component, options.vae_swapped)
     if precision != "float16":
         settings.update(compute_precision=precision)
@@ -61,3 +70,15 @@ def installed_names(source: ModelSource, component: str, chunk_unet: bool) -> tu
 def quantize_nbits(component: Component, nbits: int | None) -> int | None:
     """The palette size a component's weights get: the VAE's stay float16."""
     return nbits if component.kind in QUANTIZED_KINDS else None
+
+
+def deployment_target(component: Component, options: ComponentOptions) -> int:
+    """The iOS version a component's package needs: the one asked for, or what its compression needs if more
+    (grouped palettes, int4 and scales per block are iOS 18 / macOS 15 ops)."""
+    target = options.min_target
+    if component.kind in QUANTIZED_KINDS:
+        if options.quantize_group and options.quantize_nbits:
+            target = max(target, GROUPED_TARGET)
+        if options.quantize_linear:
+            target = max(target, options.quantize_linear.minimum_target())
+    return target

@@ -14,7 +14,10 @@ from coreml_sd.runtime.memory import release_memory
 from diffusers.pipelines.stable_diffusion.safety_checker import cosine_distance
 
 from ..chunks import chunked_reference_model
+from ..compression import LinearQuantization
+from ..compression.linear import quantize_parts
 from ..compression.palettize import palettize_parts
+from ..compression.recipe import Recipe, apply_recipe
 from ..families import Component
 from ..sources import ModelParts
 
@@ -97,22 +100,30 @@ def safety_concept_scores(checker: torch.nn.Module, clip_input: torch.Tensor, ad
 
 
 def validate(package: Path | tuple[Path, ...], component: Component, spec: ComponentSpec, load_reference, seed: int,
-             latent_scaling_factor: float, quantize_nbits: int | None = None) -> dict:
+             latent_scaling_factor: float, quantize_nbits: int | None = None, recipe: Recipe | None = None,
+             group: int | None = None, linear: LinearQuantization | None = None) -> dict:
     """PSNR (worst output) and max abs error of the package against the original; `load_reference()`
     returns the float32 ModelParts and is called only when needed, so nothing else is held then.
 
     A palettized package is compared with the original carrying the same palettes (its float32
     weights palettized as the converter palettized the float16 ones), which isolates the conversion;
-    its PSNR against the unquantized original is reported as `unquantized_psnr_db`. A chunked model (a tuple
+    its PSNR against the unquantized original is reported as `unquantized_psnr_db`. So is a Unet palettized with a
+    `recipe` (its layers each at their own bits), or with palettes per `group` output channels, or `linear`
+    integers. A chunked model (a tuple
     of packages) runs chunk after chunk, as the Swift package runs it."""
 
     inputs = validation_inputs(spec, seed, latent_scaling_factor)
     parts = load_reference()
     expected = reference_outputs(parts, component, spec, inputs)
     unquantized = None
-    if quantize_nbits:
+    if quantize_nbits or recipe or linear:
         unquantized = expected
-        palettize_parts(parts, quantize_nbits)
+        if quantize_nbits:
+            palettize_parts(parts, quantize_nbits, group)
+        elif linear:
+            quantize_parts(parts, linear)
+        else:
+            apply_recipe(getattr(parts, component.module), recipe)
         expected = reference_outputs(parts, component, spec, inputs)
     del parts
     release_memory()
@@ -128,7 +139,13 @@ def validate(package: Path | tuple[Path, ...], component: Component, spec: Compo
         "seed": seed,
     }
     if unquantized is not None:
-        result.update(quantize_nbits=quantize_nbits, unquantized_psnr_db=worst_psnr(unquantized, actual))
+        if quantize_nbits:
+            result.update(quantize_nbits=quantize_nbits, **({"quantize_group": group} if group else {}))
+        elif linear:
+            result.update(quantize_linear=linear.settings())
+        else:
+            result.update(quantize_recipe=recipe.name)
+        result.update(unquantized_psnr_db=worst_psnr(unquantized, actual))
     return result
 
 

@@ -5,6 +5,8 @@ import torch
 from coreml_sd.runtime.contract import ModelDimensions
 from coreml_sd.runtime.integrity import check_files
 
+from ..compression import LinearQuantization, parse_linear
+from ..compression.recipe import Recipe
 from ..errors import ConversionError
 from ..sources import ModelSource, resolve
 from .package import PackageFolder
@@ -64,8 +66,23 @@ def validate_package(path: Path, seed: int = 0) -> dict[str, dict]:
                                               source.family.component(component),
                                               source.family.spec(component, dims),
                                               lambda c=component: source.load(c, torch.float32), seed,
-                                              source.latent_scaling_factor, settings.get("quantize_nbits"))
+                                              source.latent_scaling_factor, settings.get("quantize_nbits"),
+                                              recorded_recipe(manifest["components"][names[0]]),
+                                              settings.get("quantize_group"), recorded_linear(settings))
             for name in names:
                 manifest["components"][name]["validation"] = results[component]
             folder.write_manifest()
     return results
+
+
+def recorded_recipe(entry: dict) -> Recipe | None:
+    """The mixed-bit recipe a component was converted with, as its manifest entry records it."""
+    recorded = entry.get("quantize_recipe")
+    return Recipe(recorded["name"], recorded["bits"], recorded["file_sha256"]) if recorded else None
+
+
+def recorded_linear(settings: dict) -> LinearQuantization | None:
+    recorded = settings.get("quantize_linear")
+    if not recorded:
+        return None
+    return parse_linear(recorded["dtype"] + (f":{recorded['block']}" if "block" in recorded else ""))
