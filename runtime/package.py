@@ -98,6 +98,8 @@ class Package:
     family: str = "sd"  # "sd", "sdxl" or "sdxl-refiner"
     force_zeros_for_empty_prompt: bool = False
     compute_units: dict[str, str] = field(default_factory=dict)  # per component, where the manifest says
+    # textual-inversion embeddings: TOKEN -> its tokens, one per vector (TOKEN, TOKENb, ...)
+    embeddings: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def required_components(self) -> tuple[str, ...]:
@@ -331,7 +333,14 @@ def load_package(folder: Path, verify: bool = False) -> Package:
         force_zeros_for_empty_prompt=bool(manifest.get("force_zeros_for_empty_prompt", default_force_zeros)),
         compute_units={name: entry["compute_units"] for name, entry in manifest.get("components", {}).items()
                        if isinstance(entry, dict) and "compute_units" in entry},
+        embeddings=_embeddings(manifest),
     )
+
+
+def _embeddings(manifest: dict) -> dict[str, list[str]]:
+    """The embeddings the converter recorded among the manifest's adapters, by their first token."""
+    return {entry["tokens"][0]: list(entry["tokens"]) for entry in manifest.get("adapters", [])
+            if isinstance(entry, dict) and "embedding" in entry and entry.get("tokens")}
 
 
 def _feature_extractor(manifest: dict, folder: Path) -> dict:
