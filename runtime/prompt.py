@@ -35,9 +35,10 @@ class PromptEncoder:
                                   f"{vocab_file.parent} ({reason}): the package is damaged; convert again or copy it "
                                   "again") from None
         self.text_encoder = text_encoder
-        # An embedding's first token id -> its other tokens' ids (a k-vector embedding is k tokens).
+        # TOKEN -> its tokens, and its first token id -> the other tokens' ids (a k-vector embedding is k tokens)
+        self.embeddings = {first: tokens for first, tokens in (embeddings or {}).items() if len(tokens) > 1}
         self.expansions = {self._token_id(first): [self._token_id(token) for token in rest]
-                           for first, (_, *rest) in (embeddings or {}).items() if rest}
+                           for first, (_, *rest) in self.embeddings.items()}
         self.comma_id = self._token_id(",")
 
     def _token_id(self, word: str) -> int:

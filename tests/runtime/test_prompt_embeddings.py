@@ -1,13 +1,18 @@
 """A textual-inversion embedding typed once stands for all its vectors, as in the web UI and in diffusers'
 `load_textual_inversion`: end to end against diffusers with the same embedding."""
 import copy
+import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from diffusers import PNDMScheduler
 
+from coreml_sd.converter.bundle import write_bundle
+from coreml_sd.converter.families import family_by_name
 from coreml_sd.runtime import Pipeline
+from coreml_sd.runtime.conditioning import SizeConditioning
 from coreml_sd.runtime.executor import psnr
 from coreml_sd.runtime.sampling import draw_noise
 from prompt_testing import with_tiny_unet_and_vae
@@ -74,3 +79,25 @@ def test_embedding_typed_once_matches_diffusers_load_textual_inversion(embedding
 
 def test_manifest_expansions_reach_the_encoder(embedding_runtime):
     assert embedding_runtime.package.embeddings == {TOKEN: [TOKEN, TOKEN + "b", TOKEN + "c"]}
+
+
+def test_bundle_lists_the_expansions_for_swift_apps(embedding_runtime, tmp_path, capsys):
+    folder = shutil.copytree(embedding_runtime.package.path, tmp_path / "package")
+    resources = write_bundle(folder, family_by_name("sd"))
+    expansions = json.loads((resources / "embeddings.json").read_text())
+    assert expansions == {TOKEN: f"{TOKEN} {TOKEN}b {TOKEN}c"}
+    # the text an app writes out tokenizes to the ids the runtime gives the name typed once
+    encoder = embedding_runtime.conditioning.encoders[0]
+    typed_once = encoder.chunk_ids(encoder.chunks(f"a photo of {TOKEN}")[0])
+    written_out = encoder.token_ids(f"a photo of {expansions[TOKEN]}")
+    np.testing.assert_array_equal(typed_once, written_out)
+
+
+def test_compel_mode_writes_the_name_typed_once_out(embedding_runtime):
+    def conditioning(prompt: str) -> np.ndarray:
+        return embedding_runtime._conditioning(prompt, "", SizeConditioning(), (128, 128),
+                                               "compel")["encoder_hidden_states"]
+
+    written_out = conditioning(f"a photo of ({TOKEN} {TOKEN}b {TOKEN}c)++")
+    np.testing.assert_array_equal(conditioning(f"a photo of {TOKEN}++"), written_out)
+    assert not np.array_equal(conditioning(f"a photo of {TOKEN} {TOKEN}b {TOKEN}c++"), written_out)
