@@ -45,6 +45,7 @@ setup(
         # scikit-learn: the reference k-means for palettes; ray: the catalogue's tests
         "test": ["pytest", "hypothesis", "scikit-learn", "ray>=2.40", "tomli; python_version < '3.11'"],
         "upscalers": ["spandrel"],  # --upscaler: ESRGAN-family .pth models
+        "compel": ["compel"],  # --prompt-syntax compel
         # coreml-convert --catalogue: conversions as Ray tasks; the catalogue file is TOML
         "cluster": ["ray>=2.40", "tomli; python_version < '3.11'"],
     },

@@ -9,7 +9,7 @@ import logging
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -26,12 +26,14 @@ from .conditioning import SizeConditioning, conditioning_for
 from .package import Package, find_package, load_package
 from .safety import SafetyChecker
 from .sampling import Pass, Sampler, Sampling
-from .schedulers import default_scheduler_name, scheduler_class
+from .sampler_names import sampler_fields
+from .schedulers import default_scheduler_name, schedule_options, scheduler_class
 from .tiling import VAE_FACTOR
 from .upscaling import Upscale
 
 logger = logging.getLogger("coreml_sd.runtime")
 OUTPUT_TYPES = ("pil", "latent")
+PROMPT_SYNTAXES = ("a1111", "compel")
 MAX_SEED = 2**32 - 1  # RandomState's seed range
 
 
@@ -113,6 +115,7 @@ class Pipeline:
         self.compute_unit = compute_unit  # as asked; None: each component's own (see compute_unit_of)
         self.reduce_memory = reduce_memory
         self.conditioning = conditioning_for(package, models)
+        self._compel = None  # built when a prompt in compel's syntax first comes
         self.sampler = Sampler(models[package.unet_name], package)
         self.unet_batch_size = self.sampler.batch_size
         self.latent_window = self.sampler.latent_window
@@ -158,6 +161,9 @@ class Pipeline:
         steps: int = 50,
         guidance_scale: float = 7.5,
         scheduler: str | None = None,
+        timestep_spacing: str | None = None,
+        karras: bool = False,
+        prompt_syntax: str = "a1111",
         seed: int | None = None,
         image: str | Path | Image.Image | None = None,
         strength: float = 0.8,
@@ -175,7 +181,8 @@ class Pipeline:
         watermark: bool = True,
     ) -> GenerationResult:
         """`num_images` images from seeds seed, seed+1, ... (a random seed when None); with `image`, image-to-image
-        that keeps `1 - strength` of it. `scheduler` is a name from `schedulers.SCHEDULERS`. `height`/`width`
+        that keeps `1 - strength` of it. `scheduler` is one of `schedulers.scheduler_names()` (ours or the web
+        UI's), `timestep_spacing` and `karras` change its schedule where it has those settings. `height`/`width`
         (default: the package's) may be any multiples of 8 at least the package's; with `upscale`, each image is
         then enlarged and refined (with `image`, the image itself is). `overlap`: image pixels that neighbouring
         windows share (default: a quarter of the package's shorter side). SDXL packages take `size_conditioning`
@@ -186,6 +193,9 @@ class Pipeline:
         GenerationError for anything the caller can fix."""
         scheduler = scheduler or default_scheduler_name(self.package.scheduler_config)
         check_options(scheduler, steps, strength, num_images, seed, width, height, upscale, refiner_start)
+        schedule_options(scheduler, timestep_spacing, karras)
+        if prompt_syntax not in PROMPT_SYNTAXES:
+            raise GenerationError(f"prompt_syntax must be one of {', '.join(PROMPT_SYNTAXES)}, not {prompt_syntax!r}")
         training_steps = self.package.scheduler_config.get("num_train_timesteps", 1000)
         for name, count in (("--steps", steps), ("--upscale-steps", upscale and upscale.steps)):
             if count and count > training_steps:
@@ -197,18 +207,20 @@ class Pipeline:
             self._check_refiner(refiner, upscale)
         overlap = self._overlap(overlap)
         start = None if image is None else images.open_image(image)
-        passes = self._passes(Sampling(scheduler, steps, guidance_scale, strength), (width, height), start, upscale)
+        sampling = Sampling(scheduler, steps, guidance_scale, strength, timestep_spacing, karras)
+        passes = self._passes(sampling, (width, height), start, upscale)
         if seed is None:
             seed = random_seed(num_images)
 
         first_size = passes[0].size[1], passes[0].size[0]
         with self._stage("TextEncoder", "TextEncoder2"):
-            conditioning = self._conditioning(prompt, negative_prompt, size_conditioning, first_size)
+            conditioning = self._conditioning(prompt, negative_prompt, size_conditioning, first_size, prompt_syntax)
         refiner_conditioning = None
         refiner_settings = {}
         if refiner is not None:
             with refiner._stage("TextEncoder", "TextEncoder2"):
-                refiner_conditioning = refiner._conditioning(prompt, negative_prompt, size_conditioning, first_size)
+                refiner_conditioning = refiner._conditioning(prompt, negative_prompt, size_conditioning, first_size,
+                                                             prompt_syntax)
             refiner_settings = {"Refiner": refiner.package.name, "Refiner start": refiner_start}
         start_latents = None if start is None else self._encode(start, passes[0], overlap)
         # The safeguards, in the order Stable Diffusion's scripts apply them: safety check, then watermark.
@@ -247,14 +259,21 @@ class Pipeline:
             result.images.append(picture if output_type == "pil" else latents)
             result.seeds.append(image_seed)
             settings = {**self._settings(passes, image_seed, overlap, start is not None, upscale), **refiner_settings,
+                        **({"Prompt syntax": prompt_syntax} if prompt_syntax != "a1111" else {}),
                         **safeguard_settings}
             result.parameters.append(parameters_text(prompt, negative_prompt, settings))
         return result
 
     def _conditioning(self, prompt: str, negative_prompt: str, size: SizeConditioning,
-                      image_size: tuple[int, int]) -> dict[str, np.ndarray]:
+                      image_size: tuple[int, int], prompt_syntax: str = "a1111") -> dict[str, np.ndarray]:
         """The Unet's conditioning inputs for the guidance batch, in the Unet's dtypes."""
-        inputs = self.conditioning(prompt, negative_prompt, size, image_size)
+        conditioning = self.conditioning
+        if prompt_syntax == "compel":
+            from .compel_prompts import CompelConditioning
+
+            self._compel = self._compel or CompelConditioning(self.conditioning)
+            conditioning = self._compel
+        inputs = conditioning(prompt, negative_prompt, size, image_size)
         return {name: value.astype(self.sampler.dtypes[name]) for name, value in inputs.items()}
 
     def _safety_checker(self) -> SafetyChecker | None:
@@ -295,7 +314,7 @@ class Pipeline:
         size = self._checked_size((size[0] or self.width, size[1] or self.height), "the size")
         if upscale is None:
             return [Pass(size, sampling)]
-        detail = Sampling(sampling.scheduler, upscale.steps or sampling.steps, sampling.guidance_scale, upscale.strength)
+        detail = replace(sampling, steps=upscale.steps or sampling.steps, strength=upscale.strength)
         if start is None:
             return [Pass(size, sampling), Pass(upscale.size(size), detail, upscale.upscaler)]
         return [Pass(self._checked_size(upscale.size(start.size), "the upscaled image"), detail, upscale.upscaler)]
@@ -305,8 +324,10 @@ class Pipeline:
     ) -> dict[str, object]:
         """What the PNG records, in the names other SD tools write."""
         first, last = passes[0].sampling, passes[-1]
-        settings = {"Steps": first.steps, "Sampler": first.scheduler, "CFG scale": first.guidance_scale, "Seed": seed,
-                    "Size": "{}x{}".format(*last.size), "Model": self.package.name}
+        settings = {"Steps": first.steps, **sampler_fields(first.scheduler, first.karras),
+                    **({"Timestep spacing": first.timestep_spacing} if first.timestep_spacing else {}),
+                    "CFG scale": first.guidance_scale, "Seed": seed, "Size": "{}x{}".format(*last.size),
+                    "Model": self.package.name}
         if from_image or upscale is not None:
             settings["Denoising strength"] = last.sampling.strength
         if upscale is not None:

@@ -27,6 +27,8 @@ class Sampling:
     steps: int
     guidance_scale: float
     strength: float
+    timestep_spacing: str | None = None  # None: the scheduler configuration's
+    karras: bool = False
 
 
 @dataclass(frozen=True)
@@ -123,7 +125,8 @@ class Sampler:
                          bar)
 
     def scheduler(self, sampling: Sampling):
-        scheduler = build_scheduler(sampling.scheduler, self.package.scheduler_config, self.package.prediction_type)
+        scheduler = build_scheduler(sampling.scheduler, self.package.scheduler_config, self.package.prediction_type,
+                                    sampling.timestep_spacing, sampling.karras)
         scheduler.set_timesteps(sampling.steps)
         return scheduler
 

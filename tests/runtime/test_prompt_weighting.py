@@ -18,7 +18,7 @@ from coreml_sd.runtime.sampling import draw_noise
 from prompt_testing import with_tiny_unet_and_vae
 from runtime_testing import PSNR_THRESHOLD_DB, latent_shape, pixels
 
-EMBEDDING_PSNR_DB = 60.0  # the tiny text encoders' float16 hidden states measure 71-75 dB against float32
+EMBEDDING_PSNR_DB = 60.0  # measured: SD 71.5-72.9 dB; SDXL hidden 65.9-71.0 dB, pooled 63.2-67.9 dB
 
 WEIGHTED = "a (red:1.3) cat, [blurry] ((sky))"
 # The same prompt as the web UI's parser splits it (test_prompt_syntax.py checks the parser against its examples).
