@@ -11,9 +11,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import contract
 from .backends import Model
+from .contract import TEXT_ENCODER, TEXT_ENCODER_2, TEXT_LENGTH
 from .package import Package
-from .prompt import END_OF_TEXT, TEXT_LENGTH, PromptEncoder
+from .prompt import END_OF_TEXT, PromptEncoder
 from .prompt_chunks import Chunk
 
 # diffusers' defaults for SDXL's micro-conditioning that has no image size in it.
@@ -109,10 +111,9 @@ def conditioning_for(package: Package, models: dict[str, Model]):
 
     unet_inputs = models[package.unet_name].input_description
     max_chunks = max(1, unet_inputs["encoder_hidden_states"][0][-1] // TEXT_LENGTH)
-    if package.family == "sd":
-        return TextConditioning(encoder("TextEncoder", package.pad_token), max_chunks)  # SD 2.x pads with "!"
+    if package.family == contract.SD.name:
+        return TextConditioning(encoder(TEXT_ENCODER, package.pad_token), max_chunks)  # SD 2.x pads with "!"
     # SDXL's second tokenizer pads with "!"; the refiner has only that encoder.
-    encoders = [encoder(name, "!" if name == "TextEncoder2" else END_OF_TEXT)
-                for name in ("TextEncoder", "TextEncoder2") if name in package.required_components]
+    encoders = [encoder(name, "!" if name == TEXT_ENCODER_2 else END_OF_TEXT) for name in package.contract.text_encoders]
     time_ids_length = unet_inputs["time_ids"][0][1]
     return XLConditioning(encoders, time_ids_length, package.force_zeros_for_empty_prompt, max_chunks)

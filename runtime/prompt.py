@@ -11,11 +11,11 @@ import numpy as np
 from transformers import CLIPTokenizer
 
 from .backends import Model
+from .contract import TEXT_LENGTH
 from .errors import GenerationError
 from .prompt_chunks import CHUNK_LENGTH, COMMA_BACKTRACK, Chunk, prompt_chunks
 from .prompt_syntax import parse_prompt
 
-TEXT_LENGTH = 77
 END_OF_TEXT = "<|endoftext|>"
 logger = logging.getLogger("coreml_sd.runtime")
 

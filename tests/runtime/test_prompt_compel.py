@@ -28,7 +28,7 @@ def unet_rows(inputs: dict) -> torch.Tensor:
 def test_sd_compel_matches_compel_on_diffusers(tiny_runtime, tiny_pipeline, prompt, negative):
     reference = compel.Compel(tokenizer=tiny_pipeline.tokenizer, text_encoder=tiny_pipeline.text_encoder,
                               downweight_mode=compel.DownweightMode.REMOVE)
-    ours = unet_rows(tiny_runtime._conditioning(prompt, negative, SizeConditioning(), (128, 128), "compel"))
+    ours = unet_rows(tiny_runtime.condition(prompt, negative, SizeConditioning(), (128, 128), "compel"))
     with torch.no_grad():
         for row, text in enumerate((negative, prompt)):
             assert psnr(reference(text).numpy()[0], ours[row]) >= EMBEDDING_PSNR_DB
@@ -47,7 +47,7 @@ def test_sdxl_compel_matches_compel_on_diffusers_with_pooled(xl_base, tiny_xl_pi
         requires_pooled=[False, True], downweight_mode=compel.DownweightMode.REMOVE,
     )
     prompt, negative = PROMPTS[0]
-    inputs = xl_base._conditioning(prompt, negative, SizeConditioning(), (128, 128), "compel")
+    inputs = xl_base.condition(prompt, negative, SizeConditioning(), (128, 128), "compel")
     with torch.no_grad():
         for row, text in enumerate((negative, prompt)):
             hidden, pooled = reference(text)

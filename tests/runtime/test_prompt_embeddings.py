@@ -95,7 +95,7 @@ def test_bundle_lists_the_expansions_for_swift_apps(embedding_runtime, tmp_path,
 
 def test_compel_mode_writes_the_name_typed_once_out(embedding_runtime):
     def conditioning(prompt: str) -> np.ndarray:
-        return embedding_runtime._conditioning(prompt, "", SizeConditioning(), (128, 128),
+        return embedding_runtime.condition(prompt, "", SizeConditioning(), (128, 128),
                                                "compel")["encoder_hidden_states"]
 
     written_out = conditioning(f"a photo of ({TOKEN} {TOKEN}b {TOKEN}c)++")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from diffusers import PNDMScheduler, StableDiffusionPipeline
 
-from coreml_sd.converter.tiny import build_tiny_pipeline
+from coreml_sd.converter.models.tiny import build_tiny_pipeline
 from coreml_sd.runtime import Pipeline
 from coreml_sd.runtime.conditioning import SizeConditioning
 from coreml_sd.runtime.executor import psnr

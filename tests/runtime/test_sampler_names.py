@@ -20,7 +20,7 @@ from diffusers import (
 )
 from PIL import Image, PngImagePlugin
 
-from coreml_sd.converter.tiny import SCHEDULER_CONFIG
+from coreml_sd.converter.models.tiny import SCHEDULER_CONFIG
 from coreml_sd.runtime.cli import main
 from coreml_sd.runtime.errors import GenerationError
 from coreml_sd.runtime.executor import psnr
