@@ -12,7 +12,7 @@ from diffusers import PNDMScheduler, StableDiffusionPipeline
 
 from coreml_sd.converter.models.tiny import build_tiny_pipeline
 from coreml_sd.runtime import Pipeline
-from coreml_sd.runtime.conditioning import SizeConditioning
+from coreml_sd.runtime.conditioning import SizeConditioning, TextConditioning
 from coreml_sd.runtime.executor import psnr
 from coreml_sd.runtime.sampling import draw_noise
 from prompt_testing import with_tiny_unet_and_vae
@@ -107,3 +107,25 @@ def test_sdxl_weights_both_encoders_and_keeps_the_pooled_output(xl_base, tiny_xl
         second, pooled = a1111_embeddings(reference.text_encoder_2, reference.tokenizer_2, pieces, layer=-2)
         assert psnr(torch.cat([first, second], dim=-1).numpy()[0], hidden[row]) >= EMBEDDING_PSNR_DB
         assert psnr(pooled.numpy(), inputs["text_embeds"][row : row + 1]) >= EMBEDDING_PSNR_DB
+
+
+@torch.no_grad()
+def test_long_prompts_encode_in_chunks_padded_to_the_same_count(tiny_runtime, tiny_pipeline, caplog):
+    """Two 77-token chunks, as a Unet taking 154 tokens would get them: the prompt's 100 tokens as 75 + 25, each
+    chunk with its start and end token; the short negative prompt padded with the empty prompt's chunk."""
+    conditioning = TextConditioning(tiny_runtime.conditioning.encoders[0], max_chunks=2)
+    inputs = conditioning("a " * 100, "blurry", SizeConditioning(), (128, 128))
+    ours = inputs["encoder_hidden_states"][:, :, 0, :].transpose(0, 2, 1)
+    assert ours.shape == (2, 154, 32)
+    encoder, tokenizer = tiny_pipeline.text_encoder, tiny_pipeline.tokenizer
+
+    def chunk(text: str) -> np.ndarray:
+        ids = tokenizer(text, padding="max_length", max_length=77, return_tensors="pt").input_ids
+        return encoder(ids).last_hidden_state.numpy()[0]
+
+    positive = np.concatenate([chunk("a " * 75), chunk("a " * 25)])
+    negative = np.concatenate([chunk("blurry"), chunk("")])
+    assert psnr(negative, ours[0]) >= EMBEDDING_PSNR_DB and psnr(positive, ours[1]) >= EMBEDDING_PSNR_DB
+    with caplog.at_level("WARNING", logger="coreml_sd.runtime"):
+        conditioning("a " * 160, "", SizeConditioning(), (128, 128))
+    assert "the prompt is 162 tokens long but CLIP reads 154; the last 10 tokens were dropped" in caplog.text

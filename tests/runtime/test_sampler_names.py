@@ -109,7 +109,8 @@ A1111_PARAMETERS = (
     "masterpiece, (red hair:1.3), [blurry]\nwide shot\n"
     "Negative prompt: lowres, bad anatomy\nworst quality\n"
     'Steps: 3, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 6.5, Seed: 1234, Size: 128x128, '
-    'Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Lora hashes: "detail: 3e5a, style: 9f1c", Version: v1.9.4'
+    'Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Clip skip: 2, Lora hashes: "detail: 3e5a, style: 9f1c", '
+    'Version: v1.9.4'
 )
 
 
@@ -132,7 +133,9 @@ def test_from_png_reproduces_an_a1111_pictures_settings(tiny_package, tmp_path, 
     source, output = tmp_path / "a1111.png", tmp_path / "again.png"
     write_png(source, A1111_PARAMETERS)
     code = main(["--from-png", str(source), "--model", str(tiny_package), "--backend", "reference", "-o", str(output)])
-    assert code == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert f"warning: {source}: Clip skip 2 is not supported yet; the last layer is used" in err.splitlines()
     written = parse_infotext(Image.open(output).info["parameters"])
     assert (written.prompt, written.negative_prompt) == (parse_infotext(A1111_PARAMETERS).prompt,
                                                         parse_infotext(A1111_PARAMETERS).negative_prompt)
