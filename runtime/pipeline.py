@@ -34,8 +34,8 @@ from .errors import GenerationError
 from .package import Package, find_package, load_package
 from .refiner import refinement_for
 from .safety import SafetyChecker
-from .sampling import Pass, Sampler, Sampling
 from .sampler_names import sampler_fields
+from .sampling import Pass, Sampler, Sampling, StepHook
 from .schedulers import default_scheduler_name, schedule_options, scheduler_class
 from .upscaling import Upscale
 
@@ -187,6 +187,7 @@ class Pipeline:
         progress: bool = True,
         safety_checker: bool = True,
         watermark: bool = True,
+        on_step: StepHook | None = None,
     ) -> GenerationResult:
         """`num_images` images from seeds seed, seed+1, ... (a random seed when None); with `image`, image-to-image
         that keeps `1 - strength` of it. `scheduler` is one of `schedulers.scheduler_names()` (ours or the web
@@ -197,8 +198,8 @@ class Pipeline:
         (original size, crop, target size; default: the image's size and (0, 0)); with an SDXL `refiner` pipeline,
         this one runs the first `refiner_start` of the schedule and the refiner the rest, as diffusers' base +
         refiner ensemble. The package's safety checker, if it has one, blackens flagged images
-        (`safety_checker=False` skips it); `watermark=False` leaves out the invisible watermark. Raises
-        GenerationError for anything the caller can fix."""
+        (`safety_checker=False` skips it); `watermark=False` leaves out the invisible watermark. `on_step` is called
+        after every denoising step (see sampling.StepHook). Raises GenerationError for anything the caller can fix."""
         scheduler = scheduler or default_scheduler_name(self.package.scheduler_config)
         self._check_call(scheduler, steps, strength, num_images, seed, width, height, upscale, refiner_start,
                          output_type)
@@ -237,8 +238,8 @@ class Pipeline:
                     init_latents = self._encode(picture, stage, overlap)
                 with self.stage(self.package.unet_name):
                     latents = self.sampler.denoise(conditioning, stage, image_seed, init_latents, overlap, bar,
-                                                   refinement.base_end)
-                latents = refinement(latents, stage, image_seed, overlap, bar)
+                                                   refinement.base_end, on_step)
+                latents = refinement(latents, stage, image_seed, overlap, bar, on_step)
                 if output_type == "pil" or number < len(passes) - 1:
                     with decoder.stage(VAE_DECODER):
                         picture = decoder.decode(latents, overlap)

@@ -19,6 +19,10 @@ from .schedulers import build_scheduler, step_keywords
 from .tiling import Layout, TiledNoise
 from .upscaling import Upscaler
 
+# Called after each denoising step with (steps done, steps in the pass, the latents); returning True ends the pass
+# there, its latents decoded as they are (a server's interrupt and skip); raising aborts the generation.
+StepHook = Callable[[int, int, torch.Tensor], bool]
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -97,7 +101,7 @@ class Sampler:
 
     def denoise(
         self, conditioning: dict[str, np.ndarray], stage: Pass, seed: int, init_latents: np.ndarray | None,
-        overlap: int, bar: Callable, end: float | None = None,
+        overlap: int, bar: Callable, end: float | None = None, on_step: StepHook | None = None,
     ) -> torch.Tensor:
         """The latents after the pass's schedule (or, with `end`, its first `end` fraction: diffusers'
         denoising_end)."""
@@ -116,14 +120,14 @@ class Sampler:
                 latents = scheduler.add_noise(latents, noise, timesteps[:1])
         if end is not None:
             timesteps = timesteps[timesteps >= timestep_cutoff(scheduler, end)]
-        return self._run(scheduler, timesteps, latents, conditioning, stage, seed, overlap, bar)
+        return self._run(scheduler, timesteps, latents, conditioning, stage, seed, overlap, bar, on_step)
 
     def refine(self, latents: torch.Tensor, conditioning: dict[str, np.ndarray], stage: Pass, seed: int,
-                start: float, overlap: int, bar: Callable) -> torch.Tensor:
+                start: float, overlap: int, bar: Callable, on_step: StepHook | None = None) -> torch.Tensor:
         """The base's latents through the schedule after `start` of it (diffusers' denoising_start), no noise added."""
         scheduler = self.scheduler(stage.sampling)
         return self._run(scheduler, refiner_timesteps(scheduler, start), latents, conditioning, stage, seed, overlap,
-                         bar)
+                         bar, on_step)
 
     def scheduler(self, sampling: Sampling):
         scheduler = build_scheduler(sampling.scheduler, self.package.scheduler_config, self.package.prediction_type,
@@ -132,7 +136,7 @@ class Sampler:
         return scheduler
 
     def _run(self, scheduler, timesteps: torch.Tensor, latents: torch.Tensor, conditioning: dict[str, np.ndarray],
-             stage: Pass, seed: int, overlap: int, bar: Callable) -> torch.Tensor:
+             stage: Pass, seed: int, overlap: int, bar: Callable, on_step: StepHook | None = None) -> torch.Tensor:
         """The scheduler's steps over `timesteps`, the Unet run in windows of its own size over the latents."""
         step_kwargs = {"eta": 0.0, "generator": torch.Generator().manual_seed(seed)}
         step_kwargs = {key: value for key, value in step_kwargs.items() if key in step_keywords(scheduler)}
@@ -143,11 +147,13 @@ class Sampler:
         windows = len(noise_prediction.windows)
         description = f"{stage.size[0]}x{stage.size[1]}, {windows} windows x {len(timesteps)} steps"
         with bar(total=windows * len(timesteps), unit="window", postfix=description) as progress:
-            for t in timesteps:
+            for done, t in enumerate(timesteps, start=1):
                 model_input = scheduler.scale_model_input(latents, t).numpy()
                 noise_pred = noise_prediction(model_input, float(t))
                 latents = scheduler.step(torch.from_numpy(noise_pred), t, latents, **step_kwargs).prev_sample
                 progress.update(windows)
+                if on_step is not None and on_step(done, len(timesteps), latents):
+                    break
         return latents
 
     def _guided_noise(self, samples: np.ndarray, t: float, conditioning: dict[str, np.ndarray],
