@@ -48,6 +48,7 @@ setup(
                  # the server's tests: a real A1111 client, and a browser driven over the system's Chromium
                  "fastapi>=0.110", "uvicorn>=0.29", "httpx", "webuiapi", "playwright"],
         "upscalers": ["spandrel"],  # --upscaler: ESRGAN-family .pth models
+        "compel": ["compel"],  # --prompt-syntax compel
         # coreml-convert --catalogue: conversions as Ray tasks; the catalogue file is TOML
         "cluster": ["ray>=2.40", "tomli; python_version < '3.11'"],
         "serve": ["fastapi>=0.110", "uvicorn>=0.29"],  # coreml-sd serve: AUTOMATIC1111's web API

@@ -65,6 +65,16 @@ def missing_models(family: Family, components: dict) -> list[str]:
     return [name for name in family.default_components if name not in installed]
 
 
+EMBEDDINGS_FILE = "embeddings.json"
+
+
+def embedding_expansions(manifest: dict) -> dict[str, str]:
+    """TOKEN -> "TOKEN TOKENb ...": the text a prompt's TOKEN typed once stands for, for each embedding of more
+    than one vector (an app replaces the word before tokenizing, as coreml-generate does)."""
+    return {entry["tokens"][0]: " ".join(entry["tokens"]) for entry in manifest.get("adapters", [])
+            if "embedding" in entry and len(entry.get("tokens", [])) > 1}
+
+
 def write_bundle(folder: Path, family: Family, compile_with=None) -> Path:
     """Write `folder/Resources/` from the package folder `folder` (replacing an earlier one whole); `compile_with`
     is the compiler (`compile_model` on a Mac, by default)."""
@@ -93,6 +103,9 @@ def write_bundle(folder: Path, family: Family, compile_with=None) -> Path:
             print(f"{name:<11} {RESOURCES}/{model.name}", file=sys.stderr, flush=True)
         for name in TOKENIZER_FILES:
             shutil.copy2(folder / name, staging / name)
+        expansions = embedding_expansions(manifest)
+        if expansions:
+            (staging / EMBEDDINGS_FILE).write_text(json.dumps(expansions, indent=2) + "\n")
         (staging / MANIFEST_FILE).write_text(json.dumps(bundled, indent=2) + "\n")
         _replace(staging, folder / RESOURCES)
     finally:

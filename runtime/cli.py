@@ -15,8 +15,10 @@ from .conditioning import SizeConditioning
 from .commandline import CONTEXT_SETTINGS, run_command, shared_options
 from .errors import GenerationError
 from .package import PACKAGES_ENV
-from .pipeline import Pipeline, check_options, random_seed
-from .schedulers import SCHEDULERS, check_steps
+from .infotext import generation_options, read_png_parameters
+from .pipeline import PROMPT_SYNTAXES, Pipeline, check_options, random_seed
+from .sampler_names import A1111_SAMPLERS
+from .schedulers import SCHEDULERS, TIMESTEP_SPACINGS, check_steps, schedule_options
 from .upscaling import DEFAULT_STRENGTH, ModelUpscaler, Upscale
 
 DEFAULT_OUTPUT = Path("outputs")
@@ -88,16 +90,38 @@ def _console_logging():
         coremltools.setLevel(coremltools_level)
 
 
+def _list_schedulers(ctx: click.Context, _parameter: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    click.echo(f"ours: {', '.join(SCHEDULERS)}")
+    click.echo("AUTOMATIC1111's (as diffusers maps them):")
+    for name, named in A1111_SAMPLERS.items():
+        options = ", ".join(f"{key}={value!r}" for key, value in named.options.items())
+        click.echo(f"  {name:<20} {named.scheduler.__name__}{f'({options})' if options else ''}")
+    ctx.exit()
+
+
 @click.command("coreml-generate", context_settings=CONTEXT_SETTINGS)
-@click.argument("prompt")
+@click.argument("prompt", required=False)
 @click.option("--negative-prompt", default="", help="What the image should not show.")
+@click.option("--prompt-syntax", type=click.Choice(PROMPT_SYNTAXES), default="a1111", show_default=True,
+              help="How prompts are weighted: AUTOMATIC1111's (word:1.3), [word], BREAK; or compel's word++, (word)1.3, "
+              "blend and and (needs pip install 'coreml-sd[compel]').")
+@click.option("--from-png", metavar="FILE", help="Reuse a picture's parameters (prompt, negative prompt, steps, sampler, "
+              "CFG scale, seed, size) as coreml-generate or AUTOMATIC1111's web UI wrote them; options given "
+              "override them.")
 @click.option("--model", help=f"Package name under ./packages (or ${PACKAGES_ENV}) or a package folder; may be left "
               "out when there is only one package.")
 @click.option("--steps", type=int, help="Denoising steps (default: the package's recommendation, else 50).")
 @click.option("--guidance-scale", type=float, help="Classifier-free guidance; at 1 or less none, and the Unet runs "
               "once per step (default: the package's recommendation, else 7.5).")
-@click.option("--scheduler", type=click.Choice(SCHEDULERS), help="Default: the package's recommendation, else its "
-              "own, else pndm.")
+@click.option("--scheduler", metavar="NAME", help="Ours or AUTOMATIC1111's sampler name, e.g. 'DPM++ 2M Karras' "
+              "(see --list-schedulers). Default: the package's recommendation, else its own, else pndm.")
+@click.option("--list-schedulers", is_flag=True, expose_value=False, is_eager=True, callback=_list_schedulers,
+              help="List the scheduler names and exit.")
+@click.option("--karras", is_flag=True, help="Karras sigmas, for the schedulers that take them.")
+@click.option("--timestep-spacing", type=click.Choice(TIMESTEP_SPACINGS),
+              help="How the steps are spread over the training timesteps (default: the package's scheduler config).")
 @click.option("--seed", type=int, help="Random seed (default: a random one, printed).")
 @click.option("--image", help="Start from this image (image-to-image).")
 @click.option("--strength", type=float, help="With --image: how much to change it, 0 to 1 (default: 0.8).")
@@ -141,16 +165,33 @@ def _console_logging():
               help="Write Stable Diffusion's invisible watermark (see coreml-sd watermark) "
               "[default: on; off is stated in the PNG].")
 @shared_options
-def generate(**options) -> None:
+def generate(from_png: str | None, **options) -> None:
     """Make images from a converted package and write them as PNGs with their settings."""
     start = time.perf_counter()
     with _console_logging():
+        if from_png is not None:
+            options = with_png_parameters(from_png, options)
+        if options["prompt"] is None:
+            raise click.UsageError("give a PROMPT, or --from-png FILE to reuse a picture's")
         paths = write_images(**options)
     click.echo(f"wrote {', '.join(map(str, paths))} in {time.perf_counter() - start:.1f} s")
 
 
+def with_png_parameters(path: str, options: dict) -> dict:
+    """`options` with the settings the picture at `path` carries in place of those not given on the command line."""
+    ctx = click.get_current_context()
+    settings = generation_options(read_png_parameters(path), path)
+    clip_skip = settings.pop("clip_skip", 1)
+    if clip_skip != 1:
+        logging.getLogger("coreml_sd.runtime").warning("%s: Clip skip %d is not supported yet; the last layer is used",
+                                                       path, clip_skip)
+    given = {name for name in options if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE}
+    return options | {name: value for name, value in settings.items() if name not in given}
+
+
 def write_images(prompt: str, negative_prompt: str, model: str | None, steps: int | None, guidance_scale: float | None,
-                 scheduler: str | None, seed: int | None, image: str | None, strength: float | None, num_images: int,
+                 scheduler: str | None, karras: bool, timestep_spacing: str | None, prompt_syntax: str,
+                 seed: int | None, image: str | None, strength: float | None, num_images: int,
                  height: int | None, width: int | None, upscale: float | None, upscale_strength: float | None,
                  upscale_steps: int | None, upscaler: str | None, tile_overlap: int | None,
                  original_size: tuple[int, int] | None, crop: tuple[int, int], target_size: tuple[int, int] | None,
@@ -166,8 +207,10 @@ def write_images(prompt: str, negative_prompt: str, model: str | None, steps: in
                                   "and --upscale-strength says how much it changes; drop --strength, --width, --height")
         strength = 0.8 if strength is None else strength
         check_options(scheduler, steps, strength, num_images, seed, width, height, hires, refiner_start)
-        if scheduler is not None and steps is not None:
-            check_steps(scheduler, steps)
+        if scheduler is not None:
+            schedule_options(scheduler, timestep_spacing, karras)
+            if steps is not None:
+                check_steps(scheduler, steps)
     except GenerationError as error:
         raise click.UsageError(str(error)) from None
     if upscaler is not None:
@@ -188,6 +231,9 @@ def write_images(prompt: str, negative_prompt: str, model: str | None, steps: in
         steps=steps,
         guidance_scale=guidance_scale,
         scheduler=scheduler,
+        karras=karras,
+        timestep_spacing=timestep_spacing,
+        prompt_syntax=prompt_syntax,
         seed=seed,
         image=start_image,
         strength=strength,

@@ -66,7 +66,8 @@ class Package:
     # The Unet's batch-1 function for sampling without guidance, in a multifunction Unet (its default function
     # `main` takes batch 2, as Apple's Swift package loads it)
     unguided_function: str | None = None
-
+    # textual-inversion embeddings: TOKEN -> its tokens, one per vector (TOKEN, TOKENb, ...)
+    embeddings: dict[str, list[str]] = field(default_factory=dict)
     pad_token: str = SD_V1_PAD_TOKEN  # what fills the 77 tokens after the end of the prompt
 
     @property
@@ -306,6 +307,7 @@ def load_package(folder: Path, verify: bool = False) -> Package:
                        if isinstance(entry, dict) and "compute_units" in entry},
         recommended=_recommended(manifest, folder),
         unguided_function=manifest.get("components", {}).get(defaults.unet, {}).get("unguided_function"),
+        embeddings=_embeddings(manifest),
     )
 
 
@@ -314,6 +316,12 @@ def _recommended(manifest: dict, folder: Path) -> Recommended:
         return Recommended.from_manifest(manifest.get("recommended", {}))
     except GenerationError as error:
         raise GenerationError(f"{folder / MANIFEST_FILE}: {error}; reconvert the package") from None
+
+
+def _embeddings(manifest: dict) -> dict[str, list[str]]:
+    """The embeddings the converter recorded among the manifest's adapters, by their first token."""
+    return {entry["tokens"][0]: list(entry["tokens"]) for entry in manifest.get("adapters", [])
+            if isinstance(entry, dict) and "embedding" in entry and entry.get("tokens")}
 
 
 def _feature_extractor(manifest: dict, folder: Path) -> dict:

@@ -9,7 +9,7 @@ import logging
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -35,12 +35,14 @@ from .package import Package, find_package, load_package
 from .recommended import choose, consistency_distilled, warn_unless_distilled
 from .refiner import refinement_for
 from .safety import SafetyChecker
+from .sampler_names import sampler_fields
 from .sampling import Pass, Sampler, Sampling, StepHook
-from .schedulers import check_steps, scheduler_class
+from .schedulers import check_steps, schedule_options, scheduler_class
 from .upscaling import Upscale
 
 logger = logging.getLogger("coreml_sd.runtime")
 OUTPUT_TYPES = ("pil", "latent")
+PROMPT_SYNTAXES = ("a1111", "compel")
 MAX_SEED = 2**32 - 1  # RandomState's seed range
 UNGUIDED_UNET = "unguided Unet"  # the stage name of the Unet's batch-1 function, where the package has one
 
@@ -136,6 +138,7 @@ class Pipeline:
         self.reduce_memory = reduce_memory
         self.conditioning = conditioning_for(package, models)
         self.unguided_unet = unguided_unet(package, backend, compute_unit)
+        self._compel = None  # built when a prompt in compel's syntax first comes
         self.sampler = Sampler(models[package.unet_name], package, self.unguided_unet)
         self.unet_batch_size = self.sampler.batch_size
         self.latent_window = self.sampler.latent_window
@@ -182,6 +185,9 @@ class Pipeline:
         steps: int | None = None,
         guidance_scale: float | None = None,
         scheduler: str | None = None,
+        timestep_spacing: str | None = None,
+        karras: bool = False,
+        prompt_syntax: str = "a1111",
         seed: int | None = None,
         image: str | Path | Image.Image | None = None,
         strength: float = 0.8,
@@ -200,9 +206,10 @@ class Pipeline:
         on_step: StepHook | None = None,
     ) -> GenerationResult:
         """`num_images` images from seeds seed, seed+1, ... (a random seed when None); with `image`, image-to-image
-        that keeps `1 - strength` of it. `scheduler` is a name from `schedulers.SCHEDULERS`; it, `steps` and
-        `guidance_scale` default to the package's recommendation (recommended.py), else its own scheduler, 50 and
-        7.5; at guidance 1 or below the Unet runs on the prompt alone, once per window and step. `height`/`width`
+        that keeps `1 - strength` of it. `scheduler` is one of `schedulers.scheduler_names()` (ours or the web
+        UI's); it, `steps` and `guidance_scale` default to the package's recommendation (recommended.py), else its
+        own scheduler, 50 and 7.5; at guidance 1 or below the Unet runs on the prompt alone, once per window and
+        step. `timestep_spacing` and `karras` change the schedule where the scheduler has those settings. `height`/`width`
         (default: the package's) may be any multiples of 8 at least the package's; with `upscale`, each image is
         then enlarged and refined (with `image`, the image itself is). `overlap`: image pixels that neighbouring
         windows share (default: a quarter of the package's shorter side). SDXL packages take `size_conditioning`
@@ -216,7 +223,10 @@ class Pipeline:
         scheduler, steps, guidance_scale = choice.scheduler, choice.steps, choice.guidance_scale
         self._check_call(scheduler, steps, strength, num_images, seed, width, height, upscale, refiner_start,
                          output_type)
+        schedule_options(scheduler, timestep_spacing, karras)
         check_steps(scheduler, steps, package.scheduler_config)
+        if prompt_syntax not in PROMPT_SYNTAXES:
+            raise GenerationError(f"prompt_syntax must be one of {', '.join(PROMPT_SYNTAXES)}, not {prompt_syntax!r}")
         if choice.from_package:
             logger.info(choice.describe())
         warn_unless_distilled(scheduler, consistency_distilled(package.recommended, package.scheduler_config,
@@ -224,14 +234,15 @@ class Pipeline:
         refinement = refinement_for(self, refiner, refiner_start, upscale)
         overlap = self._overlap(overlap)
         start = None if image is None else images.open_image(image)
-        passes = self._passes(Sampling(scheduler, steps, guidance_scale, strength), (width, height), start, upscale)
+        sampling = Sampling(scheduler, steps, guidance_scale, strength, timestep_spacing, karras)
+        passes = self._passes(sampling, (width, height), start, upscale)
         if seed is None:
             seed = random_seed(num_images)
 
         first_size = passes[0].size[1], passes[0].size[0]
         with self.stage(*self.package.contract.text_encoders):
-            conditioning = self.condition(prompt, negative_prompt, size_conditioning, first_size)
-        refinement.condition(prompt, negative_prompt, size_conditioning, first_size)
+            conditioning = self.condition(prompt, negative_prompt, size_conditioning, first_size, prompt_syntax)
+        refinement.condition(prompt, negative_prompt, size_conditioning, first_size, prompt_syntax)
         start_latents = None if start is None else self._encode(start, passes[0], overlap)
         # The safeguards, in the order Stable Diffusion's scripts apply them: safety check, then watermark.
         checker = self._safety_checker() if safety_checker and output_type == "pil" else None
@@ -266,7 +277,8 @@ class Pipeline:
             result.images.append(picture if output_type == "pil" else latents)
             result.seeds.append(image_seed)
             settings = {**self._settings(passes, image_seed, overlap, start is not None, upscale),
-                        **refinement.settings, **safeguard_settings}
+                        **refinement.settings, **({"Prompt syntax": prompt_syntax} if prompt_syntax != "a1111" else {}),
+                        **safeguard_settings}
             result.parameters.append(parameters_text(prompt, negative_prompt, settings))
         return result
 
@@ -283,9 +295,15 @@ class Pipeline:
             raise GenerationError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, not {output_type!r}")
 
     def condition(self, prompt: str, negative_prompt: str, size: SizeConditioning,
-                      image_size: tuple[int, int]) -> dict[str, np.ndarray]:
+                  image_size: tuple[int, int], prompt_syntax: str = "a1111") -> dict[str, np.ndarray]:
         """The Unet's conditioning inputs for the guidance batch, in the Unet's dtypes."""
-        inputs = self.conditioning(prompt, negative_prompt, size, image_size)
+        conditioning = self.conditioning
+        if prompt_syntax == "compel":
+            from .compel_prompts import CompelConditioning
+
+            self._compel = self._compel or CompelConditioning(self.conditioning)
+            conditioning = self._compel
+        inputs = conditioning(prompt, negative_prompt, size, image_size)
         return {name: value.astype(self.sampler.dtypes[name]) for name, value in inputs.items()}
 
     def _safety_checker(self) -> SafetyChecker | None:
@@ -326,7 +344,7 @@ class Pipeline:
         size = self._checked_size((size[0] or self.width, size[1] or self.height), "the size")
         if upscale is None:
             return [Pass(size, sampling)]
-        detail = Sampling(sampling.scheduler, upscale.steps or sampling.steps, sampling.guidance_scale, upscale.strength)
+        detail = replace(sampling, steps=upscale.steps or sampling.steps, strength=upscale.strength)
         if start is None:
             return [Pass(size, sampling), Pass(upscale.size(size), detail, upscale.upscaler)]
         return [Pass(self._checked_size(upscale.size(start.size), "the upscaled image"), detail, upscale.upscaler)]
@@ -336,8 +354,10 @@ class Pipeline:
     ) -> dict[str, object]:
         """What the PNG records, in the names other SD tools write."""
         first, last = passes[0].sampling, passes[-1]
-        settings = {"Steps": first.steps, "Sampler": first.scheduler, "CFG scale": first.guidance_scale, "Seed": seed,
-                    "Size": "{}x{}".format(*last.size), "Model": self.package.name}
+        settings = {"Steps": first.steps, **sampler_fields(first.scheduler, first.karras),
+                    **({"Timestep spacing": first.timestep_spacing} if first.timestep_spacing else {}),
+                    "CFG scale": first.guidance_scale, "Seed": seed, "Size": "{}x{}".format(*last.size),
+                    "Model": self.package.name}
         if from_image or upscale is not None:
             settings["Denoising strength"] = last.sampling.strength
         if upscale is not None:

@@ -27,7 +27,8 @@ class NoRefiner:
         self.decoder = base
         self.settings: dict[str, object] = {}
 
-    def condition(self, prompt: str, negative_prompt: str, size: SizeConditioning, image_size: tuple[int, int]) -> None:
+    def condition(self, prompt: str, negative_prompt: str, size: SizeConditioning, image_size: tuple[int, int],
+                  prompt_syntax: str = "a1111") -> None:
         pass
 
     def __call__(self, latents: torch.Tensor, stage: Pass, seed: int, overlap: int, bar: Callable,
@@ -56,10 +57,11 @@ class Refiner:
         self.settings = {"Refiner": refiner.package.name, "Refiner start": start}
         self.conditioning: dict[str, np.ndarray] = {}
 
-    def condition(self, prompt: str, negative_prompt: str, size: SizeConditioning, image_size: tuple[int, int]) -> None:
+    def condition(self, prompt: str, negative_prompt: str, size: SizeConditioning, image_size: tuple[int, int],
+                  prompt_syntax: str = "a1111") -> None:
         """The refiner's own conditioning: its text encoder and its aesthetic-score time ids."""
         with self.refiner.stage(*self.refiner.package.contract.text_encoders):
-            self.conditioning = self.refiner.condition(prompt, negative_prompt, size, image_size)
+            self.conditioning = self.refiner.condition(prompt, negative_prompt, size, image_size, prompt_syntax)
 
     def __call__(self, latents: torch.Tensor, stage: Pass, seed: int, overlap: int, bar: Callable,
                  on_step: StepHook | None = None) -> torch.Tensor:

@@ -36,6 +36,8 @@ class Sampling:
     steps: int
     guidance_scale: float
     strength: float
+    timestep_spacing: str | None = None  # None: the scheduler configuration's
+    karras: bool = False
 
 
 @dataclass(frozen=True)
@@ -142,7 +144,8 @@ class Sampler:
                          bar, on_step)
 
     def scheduler(self, sampling: Sampling):
-        scheduler = build_scheduler(sampling.scheduler, self.package.scheduler_config, self.package.prediction_type)
+        scheduler = build_scheduler(sampling.scheduler, self.package.scheduler_config, self.package.prediction_type,
+                                    sampling.timestep_spacing, sampling.karras)
         scheduler.set_timesteps(sampling.steps)
         return scheduler
 

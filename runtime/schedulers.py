@@ -15,6 +15,7 @@ from diffusers import (
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from .errors import GenerationError
+from .sampler_names import A1111_SAMPLERS, KARRAS, a1111_name
 
 
 class GaussLMSDiscreteScheduler(LMSDiscreteScheduler):
@@ -64,10 +65,27 @@ def default_scheduler_name(config: dict) -> str:
     return by_class.get(config.get("_class_name"), DEFAULT_SCHEDULER)
 
 
+def scheduler_names() -> list[str]:
+    """Every name a scheduler is chosen by: ours, then the web UI's."""
+    return [*SCHEDULERS, *A1111_SAMPLERS]
+
+
+def named_scheduler(name: str) -> tuple[type[SchedulerMixin], dict]:
+    """The class and the options a scheduler name stands for (our names take the package's settings as they are)."""
+    if name in SCHEDULERS:
+        return SCHEDULERS[name], {}
+    a1111 = a1111_name(name)
+    if a1111 is None:
+        raise GenerationError(f"unknown scheduler {name!r}; choose from {', '.join(scheduler_names())} "
+                              "(coreml-generate --list-schedulers)")
+    named = A1111_SAMPLERS[a1111]
+    # the same algorithm as diffusers' LMS, with exact quadrature
+    scheduler = GaussLMSDiscreteScheduler if named.scheduler is LMSDiscreteScheduler else named.scheduler
+    return scheduler, dict(named.options)
+
+
 def scheduler_class(name: str) -> type[SchedulerMixin]:
-    if name not in SCHEDULERS:
-        raise GenerationError(f"unknown scheduler {name!r}; choose from {', '.join(SCHEDULERS)}")
-    return SCHEDULERS[name]
+    return named_scheduler(name)[0]
 
 
 # Settings of a schedule that only some of diffusers' schedulers implement: the others would quietly sample a
@@ -89,10 +107,36 @@ def check_schedule(name: str, config: dict) -> None:
                                   f"from {', '.join(able)}")
 
 
-def build_scheduler(name: str, config: dict, prediction_type: str) -> SchedulerMixin:
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+
+
+def schedule_options(name: str, timestep_spacing: str | None = None, karras: bool = False) -> dict:
+    """The options a scheduler is built with: its name's, then the timestep spacing and Karras sigmas asked for;
+    raises GenerationError where the scheduler has no such setting."""
+    cls, options = named_scheduler(name)
+    if karras:
+        if not _implements(cls, "use_karras_sigmas"):
+            able = [other for other in scheduler_names()
+                    if _implements(scheduler_class(other), "use_karras_sigmas") and not other.endswith(" Karras")]
+            raise GenerationError(f"the {name} scheduler has no Karras sigmas; drop --karras or choose from "
+                                  f"{', '.join(able)}")
+        options |= KARRAS
+    if timestep_spacing is not None:
+        if timestep_spacing not in TIMESTEP_SPACINGS:
+            raise GenerationError(f"--timestep-spacing must be one of {', '.join(TIMESTEP_SPACINGS)}, not "
+                                  f"{timestep_spacing!r}")
+        if not _implements(cls, "timestep_spacing"):
+            raise GenerationError(f"the {name} scheduler spaces its timesteps its own way; drop --timestep-spacing")
+        options["timestep_spacing"] = timestep_spacing
+    return options
+
+
+def build_scheduler(name: str, config: dict, prediction_type: str, timestep_spacing: str | None = None,
+                    karras: bool = False) -> SchedulerMixin:
     check_schedule(name, config)
     cls = scheduler_class(name)
-    scheduler = cls.from_config(config, prediction_type=prediction_type)
+    options = schedule_options(name, timestep_spacing, karras)
+    scheduler = cls.from_config(config, prediction_type=prediction_type, **options)
     corrections = {
         key: value for key, value in SD_PIPELINE_CORRECTIONS.items() if scheduler.config.get(key, value) != value
     }

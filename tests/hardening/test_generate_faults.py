@@ -20,7 +20,7 @@ def test_empty_prompt_is_an_unconditional_image(tiny_package, tmp_path, capsys):
     code, out, err = generate(capsys, "", "--model", str(tiny_package), "-o", str(tmp_path / "empty.png"),
                               "--no-watermark", *FAST)
     assert code == 0 and err == ""
-    assert Image.open(tmp_path / "empty.png").info["parameters"].startswith("\nSteps: 1, Sampler: ddim")
+    assert Image.open(tmp_path / "empty.png").info["parameters"].startswith("\nSteps: 1, Sampler: DDIM")
 
 
 def test_zero_byte_image(tiny_package, tmp_path, capsys):

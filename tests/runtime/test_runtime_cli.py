@@ -34,7 +34,7 @@ def test_writes_the_image_with_its_settings(tiny_package, tiny_runtime, tmp_path
     written = Image.open(output)
     assert written.info["parameters"] == (
         f"{PROMPT}\nNegative prompt: blurry\n"
-        f"Steps: 1, Sampler: ddim, CFG scale: 6.0, Seed: 3, Size: 128x128, Model: {tiny_package.name}"
+        f"Steps: 1, Sampler: DDIM, CFG scale: 6.0, Seed: 3, Size: 128x128, Model: {tiny_package.name}"
     )
     expected = tiny_runtime(
         PROMPT, negative_prompt="blurry", steps=1, scheduler="ddim", guidance_scale=6, seed=3, progress=False
@@ -129,7 +129,7 @@ BAD_INPUTS = {  # argv after the prompt ({pkg}: the tiny package, {tmp}: bad_pla
     "corrupt manifest": (["--model", "{tmp}/corrupt"], "unreadable"),
     "folder without models": (["--model", "{tmp}/empty"], "is not a package"),
     "unknown package": (["--model", "sd-v9"], "no package named 'sd-v9'"),
-    "unknown scheduler": (["--model", "{pkg}", "--scheduler", "heun"], "'heun' is not one of 'pndm'"),
+    "unknown scheduler": (["--model", "{pkg}", "--scheduler", "DPM fast"], "unknown scheduler 'DPM fast'; choose from"),
     "strength above 1": (["--model", "{pkg}", "--image", "{tmp}/start.png", "--strength", "1.5"], "[0, 1]"),
     "strength below 0": (["--model", "{pkg}", "--image", "{tmp}/start.png", "--strength", "-0.1"], "[0, 1]"),
     "strength without image": (["--model", "{pkg}", "--strength", "0.5"], "add --image"),

@@ -73,7 +73,7 @@ def test_num_images_are_consecutive_seeds(pipe):
 def test_parameters_text(pipe):
     result = pipe("a cat", negative_prompt="dogs", steps=2, guidance_scale=5.0, scheduler="ddim", seed=4, progress=False)
     assert result.parameters[0] == (
-        "a cat\nNegative prompt: dogs\nSteps: 2, Sampler: ddim, CFG scale: 5.0, Seed: 4, Size: 128x128, Model: tiny"
+        "a cat\nNegative prompt: dogs\nSteps: 2, Sampler: DDIM, CFG scale: 5.0, Seed: 4, Size: 128x128, Model: tiny"
     )
 
 

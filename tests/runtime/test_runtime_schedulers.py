@@ -55,8 +55,8 @@ def test_default_is_the_package_scheduler_when_known():
 
 
 def test_unknown_scheduler_names_the_choices():
-    with pytest.raises(GenerationError, match="unknown scheduler 'heun'; choose from pndm, ddim, euler"):
-        build_scheduler("heun", CONFIG, "epsilon")
+    with pytest.raises(GenerationError, match="unknown scheduler 'dpm-fast'; choose from pndm, ddim, euler"):
+        build_scheduler("dpm-fast", CONFIG, "epsilon")
 
 
 def test_old_sd_configs_are_corrected_as_diffusers_pipeline_does(tiny_pipeline):

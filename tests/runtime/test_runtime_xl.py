@@ -53,7 +53,7 @@ def test_txt2img_matches_diffusers(base, tiny_xl_pipeline, scheduler, negative_p
 
 
 def test_scheduler_defaults_to_the_models_euler(base):
-    assert base(PROMPT, steps=1, seed=1, progress=False).parameters[0].count("Sampler: euler,") == 1
+    assert base(PROMPT, steps=1, seed=1, progress=False).parameters[0].count("Sampler: Euler,") == 1
 
 
 def test_size_conditioning_changes_the_image(base):

@@ -42,7 +42,7 @@ def test_txt2img_equals_coreml_generate(api, generate_cli):
         assert png(result, index) == files[seed]  # the same pixels and the same parameters text, byte for byte
         assert np.array_equal(pixels(result.images[index]), pixels(Image.open(io.BytesIO(files[seed]))))
         assert result.images[index].info["parameters"] == result.info["infotexts"][index]
-    assert result.info["infotexts"][0] == f"{PROMPT}\nNegative prompt: fog\nSteps: 3, Sampler: ddim, CFG scale: 6.0, " \
+    assert result.info["infotexts"][0] == f"{PROMPT}\nNegative prompt: fog\nSteps: 3, Sampler: DDIM, CFG scale: 6.0, " \
                                           "Seed: 7, Size: 128x128, Model: tiny"
     assert result.info["sampler_name"] == "DDIM" and result.info["sd_model_name"] == "tiny"
     assert result.parameters["prompt"] == PROMPT and result.parameters["n_iter"] == 2
@@ -185,7 +185,7 @@ def test_png_info_reads_the_settings_back(api):
     parameters = answer.json["parameters"]
     assert parameters["Prompt"] == "a castle, at night" and parameters["Negative prompt"] == "blurry"
     assert (parameters["Steps"], parameters["Sampler"], parameters["CFG scale"], parameters["Seed"]) == \
-           ("2", "euler-a", "4.5", "12")
+           ("2", "Euler a", "4.5", "12")
     assert (parameters["Size-1"], parameters["Size-2"], parameters["Model"]) == ("128", "128", "tiny")
     # what png-info reads back makes the same image again, A1111's "send to txt2img"
     again = api.txt2img(prompt=parameters["Prompt"], negative_prompt=parameters["Negative prompt"],
