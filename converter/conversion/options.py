@@ -125,6 +125,13 @@ def check_options(options: ConversionOptions) -> None:
     if options.unguided_function and (options.unet_batch_size == 1 or options.chunk_unet):
         raise ConversionError("--unguided-function adds a batch-1 function to a batch-2 Unet in one package: drop "
                               f"{'--unet-batch-size 1' if options.unet_batch_size == 1 else '--chunk-unet'}")
+    per_layer = [flag for flag, given in (("--quantize-recipe", options.quantize_recipe),
+                                          ("--quantize-granularity", options.quantize_granularity),
+                                          ("--quantize-linear", options.quantize_linear)) if given]
+    if options.unguided_function and per_layer:
+        # the batch-1 function is converted with uniform palettes only: its weights would not be the main function's
+        raise ConversionError(f"--unguided-function cannot be combined with {per_layer[0]} yet: convert at "
+                              "--unet-batch-size 1 for unguided sampling, or drop the function")
     if options.quantize_nbits is not None and options.quantize_nbits not in NBITS_CHOICES:
         raise ConversionError(f"--quantize-nbits must be one of {', '.join(map(str, NBITS_CHOICES))} (got {options.quantize_nbits})")
     if options.quantize_recipe:

@@ -232,7 +232,7 @@ def convert_component(folder: PackageFolder, source: ModelSource, component: str
             model.save(str(staged))
             del model
             release_memory()
-        unguided = options.unguided_function and kind == "unet"
+        unguided = options.unguided_function and kind.kind == "unet"
         if unguided:
             with stage(report, component, "batch 1"):
                 batch_1 = converted_model(source, component, unguided_spec(source, component, dims), precision, nbits,
