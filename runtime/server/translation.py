@@ -1,8 +1,9 @@
 """A1111's requests to the runtime's pipeline calls, and the runtime's results back to A1111's answers.
 
-A1111 names samplers as k-diffusion does ("Euler a", "DPM++ 2M"); the runtime's schedulers are diffusers' under
-short names (schedulers.py). The PNG parameters are the runtime's own text, so an image from the server equals
-the one `coreml-generate` writes; png-info reads that text back into A1111's fields.
+Samplers go by A1111's names ("Euler a", "DPM++ 2M Karras"), which the runtime takes as they are
+(sampler_names.py), or by the runtime's short names. The PNG parameters are the runtime's own text (in A1111's
+format, infotext.py), so an image from the server equals the one `coreml-generate` writes; png-info reads that text
+back into A1111's fields.
 """
 import json
 import re
@@ -12,21 +13,16 @@ from typing import Any
 
 from PIL import Image
 
+from .. import sampler_names
+from ..infotext import parse_infotext
 from ..pipeline import MAX_SEED, random_seed
+from ..schedulers import SCHEDULERS
 from ..upscaling import MAX_FACTOR, MIN_FACTOR, Upscale
 from .errors import invalid
 from .schemas import GenerationRequest, Img2ImgRequest, Txt2ImgRequest
 
-# A1111's sampler name -> (the runtime's scheduler, the other names clients use for it). PLMS is diffusers' PNDM
-# without its Runge-Kutta warm-up steps, as SD's packages configure it.
-SAMPLERS = {
-    "Euler a": ("euler-a", ["k_euler_a", "k_euler_ancestral"]),
-    "Euler": ("euler", ["k_euler"]),
-    "LMS": ("lms", ["k_lms"]),
-    "DPM++ 2M": ("dpm++", ["k_dpmpp_2m"]),
-    "DDIM": ("ddim", []),
-    "PLMS": ("pndm", []),
-}
+# Our short names by the A1111 sampler they are, as clients may send either.
+SHORT_NAMES = {a1111: short for short, a1111 in sampler_names.SHORT_NAMES.items()}
 # A1111's noise schedules beside the sampler: only the package's own (A1111's "automatic") exists here.
 SCHEDULES = {"automatic": "Automatic"}
 MAX_SIDE = 2048  # pixels per side of any image made, upscaled ones included
@@ -35,18 +31,10 @@ MAX_STEPS = 1000  # SD's training timesteps; the pipeline checks the package's o
 HIRES_UPSCALERS = ("", "none", "lanczos")  # what `hr_upscaler` may name: the runtime enlarges with Lanczos
 
 
-def sampler_lookup() -> dict[str, str]:
-    """Every accepted name, lower-cased -> the runtime's scheduler."""
-    names = {}
-    for name, (scheduler, aliases) in SAMPLERS.items():
-        for alias in (name, scheduler, *aliases):
-            names[alias.lower()] = scheduler
-    return names
-
-
 def sampler_items() -> list[dict[str, Any]]:
-    return [{"name": name, "aliases": [scheduler, *aliases], "options": {}}
-            for name, (scheduler, aliases) in SAMPLERS.items()]
+    return [{"name": name, "aliases": [name.lower().replace(" ", "_"), *([SHORT_NAMES[name]] if name in SHORT_NAMES
+                                                                        else [])], "options": {}}
+            for name in sampler_names.A1111_SAMPLERS]
 
 
 def scheduler_items() -> list[dict[str, Any]]:
@@ -100,9 +88,10 @@ def _side(value: int | None, name: str) -> int | None:
 
 def _sampler(request: GenerationRequest) -> str:
     name = request.sampler_name or request.sampler_index or "Euler"
-    scheduler = sampler_lookup().get(name.lower())
+    scheduler = name if name in SCHEDULERS else sampler_names.a1111_name(name)
     if scheduler is None:
-        raise invalid(f"sampler {name!r} is not available; choose one of {', '.join(SAMPLERS)} (GET /sdapi/v1/samplers)")
+        raise invalid(f"sampler {name!r} is not available; choose one of {', '.join(sampler_names.A1111_SAMPLERS)} "
+                      "(GET /sdapi/v1/samplers)")
     schedule = (request.scheduler or "automatic").lower()
     if schedule not in SCHEDULES:
         raise invalid(f"scheduler {request.scheduler!r} is not available; Core ML packages keep their own noise "
@@ -238,32 +227,17 @@ def info_json(generation: Generation, seeds: list[int], infotexts: list[str], mo
 
 
 def sampler_title(scheduler: str) -> str:
-    return next((name for name, (ours, _) in SAMPLERS.items() if ours == scheduler), scheduler)
-
-
-# A settings line: `Key: value, Key: "quoted, value", ...` (keys may hold spaces, dashes and slashes).
-SETTING = re.compile(r'\s*([\w][\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+    return sampler_names.sampler_fields(scheduler)["Sampler"]
 
 
 def parse_parameters(text: str) -> dict[str, Any]:
-    """A PNG's parameters text as A1111's png-info parses it: Prompt, Negative prompt, then each setting as a
-    string (Size also as Size-1 and Size-2)."""
-    lines = text.strip().split("\n")
-    settings_line = lines[-1] if len(lines) > 1 and SETTING.match(lines[-1]) else ""
-    if settings_line:
-        lines = lines[:-1]
-    prompt, negative, in_negative = [], [], False
-    for line in lines:
-        if line.startswith("Negative prompt:"):
-            in_negative, line = True, line[len("Negative prompt:"):].strip()
-        (negative if in_negative else prompt).append(line)
-    result: dict[str, Any] = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
-    for key, value in SETTING.findall(settings_line):
-        value = value.strip()
-        if value.startswith('"') and value.endswith('"'):
-            value = json.loads(value)
-        result[key.strip()] = value
+    """A PNG's parameters text as A1111's png-info gives it: Prompt, Negative prompt, then each setting as a string
+    (Size also as Size-1 and Size-2)."""
+    infotext = parse_infotext(text)
+    result: dict[str, Any] = {"Prompt": infotext.prompt, "Negative prompt": infotext.negative_prompt}
+    for key, value in infotext.settings.items():
+        result[key] = value
         size = re.fullmatch(r"(\d+)x(\d+)", value)
-        if key.strip().endswith("Size") and size:
-            result[f"{key.strip()}-1"], result[f"{key.strip()}-2"] = size.groups()
+        if key.endswith("Size") and size:
+            result[f"{key}-1"], result[f"{key}-2"] = size.groups()
     return result
