@@ -54,6 +54,9 @@ def list_models(ctx: click.Context, _, value: bool) -> None:
 @click.option("--embedding", "embeddings", multiple=True, metavar="PATH[:TOKEN]",
               help="Add a textual-inversion embedding (A1111, kohya, diffusers) as TOKEN (letters only; k vectors: "
               "TOKEN, TOKENb, ...); one id for every BPE tokenizer of the package, Swift's included; repeatable.")
+@click.option("--controlnet", "controlnets", multiple=True, metavar="ID_OR_PATH",
+              help="Also convert this ControlNet (diffusers ControlNetModel: Hugging Face id or folder) into "
+              "controlnet/<Name>.mlpackage, and the ControlledUnet that takes its residuals; repeatable.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Package folder (default: packages/<model name>).")
 @click.option("--components", help="Comma-separated (default: the model family's; " + "; ".join(
     f"{f.description}: {','.join(f.default_components)} of {','.join(f.components)}" for f in FAMILIES) + ").")
@@ -98,7 +101,7 @@ def list_models(ctx: click.Context, _, value: bool) -> None:
 @shared_options
 def convert(model: str | None, revision: str | None, model_type: str | None, prediction_type: str | None,
             config_folder: Path | None, loras: tuple[str, ...], embeddings: tuple[str, ...],
-            output: Path | None, components: str | None,
+            controlnets: tuple[str, ...], output: Path | None, components: str | None,
             attention_implementation: str, height: int | None, width: int | None, unet_batch_size: int,
             quantize_nbits: int | None, safety_checker: str | None, vae: str | None, chunk_unet: bool,
             bundle_resources: bool, force: bool, no_validate: bool, validate_only: Path | None,
@@ -125,6 +128,7 @@ def convert(model: str | None, revision: str | None, model_type: str | None, pre
         config=config_folder,
         loras=loras,
         embeddings=embeddings,
+        controlnets=controlnets,
         components=None if components is None else tuple(c.strip() for c in components.split(",") if c.strip()),
         attention_implementation=attention_implementation,
         height=height,

@@ -26,6 +26,7 @@ from .sources import ModelSource, resolve
 RESOLUTION_STEP = 64
 # Where a float32-compute component runs well: the Neural Engine computes in float16 only.
 FLOAT32_COMPUTE_UNITS = "CPU_AND_GPU"
+UNET_KINDS = ("unet", "controlled_unet")  # what --unet-batch-size and --chunk-unet apply to
 
 
 @dataclass
@@ -37,6 +38,7 @@ class ConversionOptions:
     prediction_type: str | None = None  # single files: epsilon or v_prediction (default: the checkpoint's hints)
     config: Path | None = None  # single files: a diffusers folder whose configs to use instead of the shipped ones
     loras: tuple[str, ...] = ()  # PATH[:SCALE], merged into the Unet and text encoder
+    controlnets: tuple[str, ...] = ()  # folders or Hugging Face ids: controlnet/<Name> packages and a ControlledUnet
     embeddings: tuple[str, ...] = ()  # PATH[:TOKEN], textual-inversion embeddings
     components: tuple[str, ...] | None = None  # None: the model family's default components
     attention_implementation: str = "split_einsum"
@@ -158,7 +160,7 @@ def component_settings(component: str, source: ModelSource, dims: ModelDimension
         "width": dims.width,
     }
     kind = source.family.component(component).kind
-    if kind == "unet":
+    if kind in UNET_KINDS:
         settings.update(attention_implementation=options.attention_implementation, unet_batch_size=dims.unet_batch_size)
         if options.chunk_unet:
             settings.update(chunks=CHUNK_COUNT)
@@ -178,7 +180,7 @@ def component_settings(component: str, source: ModelSource, dims: ModelDimension
 
 def installed_names(source: ModelSource, component: str, options: ConversionOptions) -> tuple[str, ...]:
     """The packages a component is installed as: itself, or a Unet's chunks."""
-    if options.chunk_unet and source.family.component(component).kind == "unet":
+    if options.chunk_unet and source.family.component(component).kind in UNET_KINDS:
         return chunk_names(component)
     return (component,)
 
@@ -194,10 +196,17 @@ def convert_model(options: ConversionOptions) -> ConversionReport:
     if options.vae:
         source.use_vae(options.vae)
     source.adapters = load_adapters(options.loras, options.embeddings)
+    dims = model_dimensions(source, options)
+    controlnet_sources = []
+    if options.controlnets:
+        from .controlnets import CONTROLLED_UNET, prepare
+
+        controlnet_sources, dims = prepare(options.controlnets, source, dims)
     components = chosen_components(source, options)
+    if options.controlnets and CONTROLLED_UNET not in components:
+        components = (*components, CONTROLLED_UNET)
     source.check_adapters(list(components))
     source.safety_checker = options.safety_checker
-    dims = model_dimensions(source, options)
     folder = PackageFolder(options.output or Path("packages") / source.name)
     report = ConversionReport(folder=folder.path)
     source.description["files"] = source.file_hashes(list(components))
@@ -215,18 +224,20 @@ def convert_model(options: ConversionOptions) -> ConversionReport:
     }
     if source.force_zeros_for_empty_prompt is not None:
         header["force_zeros_for_empty_prompt"] = source.force_zeros_for_empty_prompt
+    work = [(source, component) for component in components]
+    work += [(controlnet, controlnet.family.default_components[0]) for controlnet in controlnet_sources]
     with folder.lock():
         try:
             folder.prepare(header, force=options.force)
             install_tokenizer_files(folder, source)
-            for component in components:
-                settings = component_settings(component, source, dims, options)
-                names = installed_names(source, component, options)
+            for component_source, component in work:
+                settings = component_settings(component, component_source, dims, options)
+                names = installed_names(component_source, component, options)
                 if all(folder.is_current(name, settings) for name in names) and not options.force:
                     print(f"{component:<11} up to date (pass --force to convert again)", file=sys.stderr)
                     report.skipped.append(component)
                     continue
-                convert_component(folder, source, component, dims, options, settings, report)
+                convert_component(folder, component_source, component, dims, options, settings, report)
                 report.converted.append(component)
             folder.write_manifest()
         except BaseException:
@@ -301,6 +312,7 @@ def convert_component(folder: PackageFolder, source: ModelSource, component: str
         with stage(report, component, "save"):
             describe_package(model, spec)
             staged = staging / spec.file_name
+            staged.parent.mkdir(parents=True, exist_ok=True)  # controlnet/<Name>.mlpackage
             model.save(str(staged))
             del model
             release_memory()

@@ -19,7 +19,8 @@ import gc
 import numpy as np
 import torch
 
-QUANTIZED_KINDS = ("text_encoder", "unet")  # the text encoders' and Unet's weights; the VAE's stay float16
+# the text encoders', Unets' and ControlNets' weights; the VAE's stay float16
+QUANTIZED_KINDS = ("text_encoder", "unet", "controlled_unet", "controlnet")
 NBITS_CHOICES = (1, 2, 4, 6, 8)  # what constexpr_lut_to_dense supports on macOS 13 / iOS 16
 WEIGHT_THRESHOLD = 2048  # smaller weights (biases, norms) stay float16, as coremltools' default
 MAX_ITERATIONS = 1000

@@ -12,7 +12,7 @@ import torch
 from coreml_sd.runtime.memory import release_memory
 
 from .families import Component
-from .families.contract import ComponentSpec
+from .families.contract import RESIDUAL_PREFIX, ComponentSpec
 from .palettize import palettize_parts
 from .sources import ModelParts
 
@@ -39,7 +39,7 @@ def validation_inputs(spec: ComponentSpec, seed: int, latent_scaling_factor: flo
             value = rng.uniform(-1, 1, size=tensor.shape)
         elif tensor.name == "time_ids":
             value = random_time_ids(rng, tensor.shape)
-        elif tensor.name == "images":
+        elif tensor.name in ("images", "controlnet_cond"):
             value = rng.uniform(0, 1, size=tensor.shape)
         elif tensor.name == "adjustment":
             value = np.zeros(tensor.shape)
@@ -73,10 +73,18 @@ def reference_outputs(parts: ModelParts, component: Component, spec: ComponentSp
         hidden = output.last_hidden_state if component.hidden_layer == -1 else output.hidden_states[component.hidden_layer]
         pooled = output.text_embeds if component.projected else output.pooler_output
         values = (hidden, pooled)
-    elif component.kind == "unet":
+    elif component.kind in ("unet", "controlled_unet", "controlnet"):
         context = x["encoder_hidden_states"][:, :, 0, :].transpose(1, 2)
         added = {"time_ids": x["time_ids"], "text_embeds": x["text_embeds"]} if "time_ids" in x else None
-        values = (module(x["sample"], x["timestep"], context, added_cond_kwargs=added).sample,)
+        if component.kind == "controlnet":
+            down, mid = module(x["sample"], x["timestep"], context, x["controlnet_cond"], added_cond_kwargs=added,
+                               return_dict=False)
+            values = (*down, mid)
+        else:
+            residuals = [x[t.name] for t in spec.inputs if t.name.startswith(RESIDUAL_PREFIX)]
+            controlled = {"down_block_additional_residuals": tuple(residuals[:-1]),
+                          "mid_block_additional_residual": residuals[-1]} if residuals else {}
+            values = (module(x["sample"], x["timestep"], context, added_cond_kwargs=added, **controlled).sample,)
     elif component.kind == "vae_decoder":
         values = (module.decode(x["z"]).sample,)
     else:

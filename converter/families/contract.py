@@ -56,7 +56,12 @@ TENSOR_MEANINGS = {
     "filtered_images": ("the images, zeros where flagged", "(1,H,W,3)"),
     "has_nsfw_concepts": ("1 if the image is flagged", "(1,1,1,1)"),
     "concept_scores": ("score per concept, > 0 flags", "(1,17)"),
+    "controlnet_cond": ("control image (edges, pose, depth...) in [0, 1], RGB", "(B,3,H,W)"),
 }
+# A ControlNet's outputs and a ControlledUnet's extra inputs, in the Unet's skip-connection order (conv_in, each
+# down block's resnets and downsampler), the mid block's last: Apple's names.
+RESIDUAL_PREFIX = "additional_residual_"
+RESIDUAL_MEANING = "ControlNet residual added to a Unet skip connection (the last: to the mid block), summed"
 # What each kind of component is, for its package's short description.
 COMPONENT_SUMMARIES = {
     "text_encoder": "CLIP text encoder: prompt tokens to text embeddings",
@@ -64,6 +69,8 @@ COMPONENT_SUMMARIES = {
     "vae_decoder": "VAE decoder: latents to an image",
     "vae_encoder": "VAE encoder: an image to latents (image-to-image)",
     "safety_checker": "Safety checker: flags and blanks NSFW images",
+    "controlnet": "ControlNet: residuals for the ControlledUnet from a control image",
+    "controlled_unet": "Unet with ControlNet residual inputs: predicts the noise in latents",
 }
 
 
@@ -80,6 +87,8 @@ class TensorSpec:
     def description(self) -> str:
         """What Xcode shows beside the name: meaning, layout, dtype; an intermediate value between the chunks
         of a split model, which has no meaning of its own, is described by its concrete shape."""
+        if self.name.startswith(RESIDUAL_PREFIX):
+            return f"{RESIDUAL_MEANING}, ({','.join(map(str, self.shape))}) {self.dtype}"
         meaning, layout = TENSOR_MEANINGS.get(self.name, (CHUNK_INTERMEDIATE, "(" + ",".join(map(str, self.shape)) + ")"))
         return f"{meaning}, {layout} {self.dtype}"
 
@@ -118,6 +127,9 @@ class ModelDimensions:
     pooled_width: int = 0
     time_ids_length: int = 0
     text_encoders: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # The Unet's skip connections as (channels, downsampling factor), the mid block last: the residuals a
+    # ControlNet makes and a ControlledUnet takes (empty: the package has no ControlNet).
+    residuals: tuple[tuple[int, int], ...] = ()
 
     @property
     def latent_size(self) -> tuple[int, int]:
@@ -130,11 +142,13 @@ class ModelDimensions:
     def as_dict(self) -> dict:
         """The manifest's fields for these dimensions (those an SD model does not use are left out)."""
         fields = asdict(self)
-        for name in ("pooled_width", "time_ids_length", "text_encoders"):
+        for name in ("pooled_width", "time_ids_length", "text_encoders", "residuals"):
             if not fields[name]:
                 del fields[name]
         if "text_encoders" in fields:
             fields["text_encoders"] = {name: list(widths) for name, widths in fields["text_encoders"].items()}
+        if "residuals" in fields:
+            fields["residuals"] = [list(residual) for residual in fields["residuals"]]
         return fields
 
     @classmethod
@@ -147,6 +161,7 @@ class ModelDimensions:
             pooled_width=manifest.get("pooled_width", 0),
             time_ids_length=manifest.get("time_ids_length", 0),
             text_encoders={name: tuple(widths) for name, widths in manifest.get("text_encoders", {}).items()},
+            residuals=tuple(tuple(residual) for residual in manifest.get("residuals", ())),
         )
 
 
@@ -182,6 +197,43 @@ def unet_spec(name: str, dims: ModelDimensions) -> ComponentSpec:
         ),
         outputs=(TensorSpec("noise_pred", (b, LATENT_CHANNELS, h, w), "float32"),),
     )
+
+
+def residual_layout(unet_config: dict) -> tuple[tuple[int, int], ...]:
+    """`ModelDimensions.residuals` of a Unet (or ControlNet) configuration: conv_in's output, each down block's
+    resnets and downsampler, the mid block."""
+    channels = unet_config["block_out_channels"]
+    layers = unet_config["layers_per_block"]
+    layers = [layers] * len(channels) if isinstance(layers, int) else list(layers)
+    residuals = [(channels[0], 1)]
+    for index, (width, count) in enumerate(zip(channels, layers)):
+        residuals += [(width, 2**index)] * count
+        if index < len(channels) - 1:
+            residuals.append((width, 2 ** (index + 1)))
+    return (*residuals, (channels[-1], 2 ** (len(channels) - 1)))
+
+
+def residual_specs(dims: ModelDimensions) -> tuple[TensorSpec, ...]:
+    """The residuals at the Unet's batch and latent size, float32 as a ControlNet outputs them."""
+    h, w = dims.latent_size
+    return tuple(TensorSpec(f"{RESIDUAL_PREFIX}{index}", (dims.unet_batch_size, channels, -(-h // factor),
+                                                           -(-w // factor)), "float32")
+                 for index, (channels, factor) in enumerate(dims.residuals))
+
+
+def controlnet_spec(name: str, dims: ModelDimensions) -> ComponentSpec:
+    """Apple's ControlNet contract: the Unet's inputs and the control image at the image size, in [0, 1]; the
+    residuals out (an SDXL ControlNet also takes the Unet's `time_ids` and `text_embeds`)."""
+    unet = unet_spec(name, dims)
+    image = TensorSpec("controlnet_cond", (dims.unet_batch_size, 3, dims.height, dims.width), "float16")
+    return ComponentSpec(name, inputs=(*unet.inputs, image), outputs=residual_specs(dims))
+
+
+def controlled_unet_spec(name: str, dims: ModelDimensions) -> ComponentSpec:
+    """The Unet's contract with the residuals as further float16 inputs, as Apple's ControlledUnet takes them."""
+    unet = unet_spec(name, dims)
+    residuals = tuple(TensorSpec(t.name, t.shape, "float16") for t in residual_specs(dims))
+    return ComponentSpec(name, inputs=(*unet.inputs, *residuals), outputs=unet.outputs)
 
 
 def vae_decoder_spec(name: str, dims: ModelDimensions) -> ComponentSpec:
