@@ -11,8 +11,9 @@ import click
 
 from . import images
 from .backends import BACKENDS, COMPUTE_UNITS
-from .conditioning import SizeConditioning
 from .commandline import CONTEXT_SETTINGS, run_command, shared_options
+from .conditioning import SizeConditioning
+from .control import check_control, control_requests, parse_preprocess
 from .errors import GenerationError
 from .package import PACKAGES_ENV
 from .pipeline import Pipeline, check_options, random_seed
@@ -123,6 +124,18 @@ def _console_logging():
               help="SDXL: an SDXL refiner package (name or folder) that denoises the end of the schedule.")
 @click.option("--refiner-start", type=float, default=0.8, show_default=True,
               help="With --refiner: the fraction of the schedule the base runs before handing over.")
+@click.option("--controlnet", "controlnets", multiple=True, metavar="NAME[:SCALE]",
+              help="Steer the image with the package's ControlNet NAME (controlnet/NAME.mlpackage) at SCALE (default 1) "
+              "on the matching --control-image; repeatable, paired in order.")
+@click.option("--control-image", "control_images", multiple=True, metavar="FILE",
+              help="The control image (edge, pose or depth map) of the ControlNet given at the same place.")
+@click.option("--control-preprocess", metavar="canny[:LOW:HIGH]",
+              help="Turn each control image (an ordinary picture) into its Canny edge map first (default thresholds "
+              "100:200).")
+@click.option("--control-start", type=float, default=0.0, show_default=True,
+              help="The fraction of the schedule after which the ControlNets start to act.")
+@click.option("--control-end", type=float, default=1.0, show_default=True,
+              help="The fraction of the schedule after which they stop.")
 @click.option("-o", "--output", help=f"A .png file or a folder (default: {DEFAULT_OUTPUT}/, named after prompt and seed).")
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
               help="auto: Core ML on macOS, else the reference executor.")
@@ -152,7 +165,9 @@ def write_images(prompt: str, negative_prompt: str, model: str | None, steps: in
                  height: int | None, width: int | None, upscale: float | None, upscale_strength: float | None,
                  upscale_steps: int | None, upscaler: str | None, tile_overlap: int | None,
                  original_size: tuple[int, int] | None, crop: tuple[int, int], target_size: tuple[int, int] | None,
-                 refiner: str | None, refiner_start: float, output: str | None, backend: str,
+                 refiner: str | None, refiner_start: float, controlnets: tuple[str, ...],
+                 control_images: tuple[str, ...], control_preprocess: str | None, control_start: float,
+                 control_end: float, output: str | None, backend: str,
                  compute_unit: str | None, verify: bool, reduce_memory: bool, safety_checker: bool,
                  watermark: bool) -> list[Path]:
     try:  # the option checks that need no model are usage errors
@@ -164,11 +179,18 @@ def write_images(prompt: str, negative_prompt: str, model: str | None, steps: in
                                   "and --upscale-strength says how much it changes; drop --strength, --width, --height")
         strength = 0.8 if strength is None else strength
         check_options(scheduler, steps, strength, num_images, seed, width, height, hires, refiner_start)
+        if controlnets or control_images:
+            check_control(control_start, control_end)
+            parse_preprocess(control_preprocess)
+            if len(controlnets) != len(control_images):
+                raise GenerationError(f"{len(controlnets)} --controlnet but {len(control_images)} --control-image: "
+                                      "pass one control image per ControlNet, in the same order")
     except GenerationError as error:
         raise click.UsageError(str(error)) from None
     if upscaler is not None:
         hires = Upscale(hires.factor, hires.strength, hires.steps, ModelUpscaler(upscaler))
     start_image = images.open_image(image) if image is not None else None
+    controls = control_requests(controlnets, control_images, control_preprocess, images.open_image)
     if seed is None:
         seed = random_seed(num_images)
         click.echo(f"seed {seed} (random; pass --seed {seed} to make the same image again)")
@@ -197,6 +219,9 @@ def write_images(prompt: str, negative_prompt: str, model: str | None, steps: in
         size_conditioning=SizeConditioning(original_size, crop, target_size),
         refiner=refiner_pipe,
         refiner_start=refiner_start,
+        controls=controls,
+        control_start=control_start,
+        control_end=control_end,
     )
     for index, flagged in enumerate(result.nsfw_content_detected or []):
         if flagged:

@@ -23,7 +23,8 @@ PACKAGES_ENV = "COREML_SD_PACKAGES"
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT_VERSION = 1
 MODEL_SUFFIXES = (".mlpackage", ".mlmodelc")
-KNOWN_COMPONENTS = ("TextEncoder", "TextEncoder2", "Unet", "UnetRefiner", "VAEDecoder", "VAEEncoder", "SafetyChecker")
+KNOWN_COMPONENTS = ("TextEncoder", "TextEncoder2", "Unet", "UnetRefiner", "VAEDecoder", "VAEEncoder", "SafetyChecker",
+                    "ControlledUnet")
 # What generating needs, per family: its text encoders, its Unet, the decoder.
 REQUIRED_COMPONENTS = {
     "sd": ("TextEncoder", "Unet", "VAEDecoder"),
@@ -32,7 +33,9 @@ REQUIRED_COMPONENTS = {
 }
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
 # A Unet split in two for iPhones: the chunks' file names (Apple's), run one after the other.
-CHUNKS = {"Unet": ("UnetChunk1", "UnetChunk2"), "UnetRefiner": ("UnetRefinerChunk1", "UnetRefinerChunk2")}
+CHUNKS = {"Unet": ("UnetChunk1", "UnetChunk2"), "UnetRefiner": ("UnetRefinerChunk1", "UnetRefinerChunk2"),
+          "ControlledUnet": ("ControlledUnetChunk1", "ControlledUnetChunk2")}
+CONTROLNET_FOLDER = "controlnet"  # ControlNets: controlnet/<Name>.mlpackage (.mlmodelc in Swift bundles)
 # Apple's Python converter (torch2coreml) names its outputs Stable_Diffusion_version_<model id>_<name>.mlpackage.
 APPLE_CONVERTER_PREFIX = "Stable_Diffusion_version_"
 APPLE_CONVERTER_NAMES = {
@@ -108,7 +111,18 @@ class Package:
         return "UnetRefiner" if self.family == "sdxl-refiner" else "Unet"
     pad_token: str = SD_V1_PAD_TOKEN  # what fills the 77 tokens after the end of the prompt
 
+    @property
+    def controlnets(self) -> tuple[str, ...]:
+        """The names of the package's ControlNets (`controlnet/<Name>` components)."""
+        return tuple(name.removeprefix(CONTROLNET_FOLDER + "/") for name in self.components
+                     if name.startswith(CONTROLNET_FOLDER + "/"))
+
     def component(self, name: str) -> tuple[Path, ...]:
+        if name.startswith(CONTROLNET_FOLDER + "/") and name not in self.components:
+            controlnet = name.removeprefix(CONTROLNET_FOLDER + "/")
+            held = f"it holds {', '.join(self.controlnets)}" if self.controlnets else "it holds none"
+            raise GenerationError(f"package {self.name!r} has no ControlNet {controlnet!r} ({held}); convert it with "
+                                  "coreml-convert --controlnet ID_OR_PATH")
         if name not in self.components:
             raise GenerationError(
                 f"package {self.name!r} has no {name}; convert it too "
@@ -246,6 +260,9 @@ def _component_files(folder: Path) -> dict[str, tuple[Path, ...]]:
         raise GenerationError(f"{folder} holds the models of several conversions ({', '.join(sorted(model_ids))}); "
                               "move each model's files into a folder of its own")
     components = {name: (files[name],) for name in KNOWN_COMPONENTS if name in files}
+    if (folder / CONTROLNET_FOLDER).is_dir():
+        for file in _model_files(folder / CONTROLNET_FOLDER):
+            components.setdefault(f"{CONTROLNET_FOLDER}/{file.stem}", (file,))
     for name, (first, second) in CHUNKS.items():
         if first in files and second in files:
             components[name] = (files[first], files[second])

@@ -21,8 +21,9 @@ from tqdm.auto import tqdm
 from . import images, tiling
 from . import watermark as watermarks
 from .backends import ManagedModel, Model, default_compute_unit, load_model, release, resolve_backend
-from .errors import GenerationError
 from .conditioning import SizeConditioning, conditioning_for
+from .control import CONTROLNET_PREFIX, Control, ControlRequest, check_control, control_image_input
+from .errors import GenerationError
 from .package import Package, find_package, load_package
 from .safety import SafetyChecker
 from .sampling import Pass, Sampler, Sampling
@@ -76,6 +77,13 @@ def check_options(
 def parameters_text(prompt: str, negative_prompt: str, settings: dict[str, object]) -> str:
     lines = [prompt] + ([f"Negative prompt: {negative_prompt}"] if negative_prompt else [])
     return "\n".join(lines + [", ".join(f"{key}: {value}" for key, value in settings.items())])
+
+
+def control_settings(controls: list[ControlRequest], start: float, end: float) -> dict[str, str]:
+    """What the PNG records of each ControlNet, in the way A1111's ControlNet extension lists its units."""
+    return {f"ControlNet {index}": f'"Model: {request.name}, Weight: {request.scale:g}, Guidance Start: {start:g}, '
+                                   f'Guidance End: {end:g}, Image SHA-256: {request.image_sha256}"'
+            for index, request in enumerate(controls)}
 
 
 def compute_unit_of(package: Package, name: str, requested: str | None) -> str:
@@ -170,6 +178,9 @@ class Pipeline:
         size_conditioning: SizeConditioning = SizeConditioning(),
         refiner: "Pipeline | None" = None,
         refiner_start: float = 0.8,
+        controls: list[ControlRequest] = (),
+        control_start: float = 0.0,
+        control_end: float = 1.0,
         progress: bool = True,
         safety_checker: bool = True,
         watermark: bool = True,
@@ -181,7 +192,8 @@ class Pipeline:
         windows share (default: a quarter of the package's shorter side). SDXL packages take `size_conditioning`
         (original size, crop, target size; default: the image's size and (0, 0)); with an SDXL `refiner` pipeline,
         this one runs the first `refiner_start` of the schedule and the refiner the rest, as diffusers' base +
-        refiner ensemble. The package's safety checker, if it has one, blackens flagged images
+        refiner ensemble. `controls` steer the Unet with the package's ControlNets, each on its control image, over
+        [`control_start`, `control_end`) of the schedule. The package's safety checker, if it has one, blackens flagged images
         (`safety_checker=False` skips it); `watermark=False` leaves out the invisible watermark. Raises
         GenerationError for anything the caller can fix."""
         scheduler = scheduler or default_scheduler_name(self.package.scheduler_config)
@@ -198,6 +210,9 @@ class Pipeline:
         overlap = self._overlap(overlap)
         start = None if image is None else images.open_image(image)
         passes = self._passes(Sampling(scheduler, steps, guidance_scale, strength), (width, height), start, upscale)
+        control = self._control(controls, control_start, control_end, passes) if controls else None
+        sampler = self._controlled_sampler() if control is not None else self.sampler
+        denoisers = (sampler.name, *(CONTROLNET_PREFIX + request.name for request in controls))
         if seed is None:
             seed = random_seed(num_images)
 
@@ -229,8 +244,8 @@ class Pipeline:
                 if number > 0:  # a hires pass: the previous pass's image, enlarged
                     init_latents = self._encode(picture, stage, overlap)
                 end = refiner_start if refiner is not None else None
-                with self._stage(self.package.unet_name):
-                    latents = self.sampler.denoise(conditioning, stage, image_seed, init_latents, overlap, bar, end)
+                with self._stage(*denoisers):
+                    latents = sampler.denoise(conditioning, stage, image_seed, init_latents, overlap, bar, end, control)
                 if refiner is not None:
                     with refiner._stage(refiner.package.unet_name):
                         latents = refiner.sampler.refine(latents, refiner_conditioning, stage, image_seed,
@@ -247,7 +262,7 @@ class Pipeline:
             result.images.append(picture if output_type == "pil" else latents)
             result.seeds.append(image_seed)
             settings = {**self._settings(passes, image_seed, overlap, start is not None, upscale), **refiner_settings,
-                        **safeguard_settings}
+                        **control_settings(controls, control_start, control_end), **safeguard_settings}
             result.parameters.append(parameters_text(prompt, negative_prompt, settings))
         return result
 
@@ -256,6 +271,24 @@ class Pipeline:
         """The Unet's conditioning inputs for the guidance batch, in the Unet's dtypes."""
         inputs = self.conditioning(prompt, negative_prompt, size, image_size)
         return {name: value.astype(self.sampler.dtypes[name]) for name, value in inputs.items()}
+
+    def _controlled_sampler(self) -> Sampler:
+        """The sampler over the package's ControlledUnet, which takes the ControlNets' residuals."""
+        if "ControlledUnet" not in self.package.components:
+            raise GenerationError(f"package {self.package.name!r} has no ControlledUnet, so it cannot run ControlNets; "
+                                  "convert the model with coreml-convert --controlnet ID_OR_PATH")
+        return Sampler(self._model("ControlledUnet"), self.package, "ControlledUnet")
+
+    def _control(self, controls: list[ControlRequest], start: float, end: float, passes: list[Pass]) -> Control:
+        """The control stage: each named ControlNet with its scale and its control image at the generation size."""
+        check_control(start, end)
+        if any(stage.size != (self.width, self.height) for stage in passes):
+            raise GenerationError("ControlNets run at the package's own size only for now: leave out --width, "
+                                  f"--height and --upscale ({self.width}x{self.height}), or convert at the size you want")
+        models = [self._model(CONTROLNET_PREFIX + request.name) for request in controls]
+        batch = self.unet_batch_size
+        return Control(models, [request.scale for request in controls],
+                       [control_image_input(request.image, passes[0].size, batch) for request in controls], start, end)
 
     def _safety_checker(self) -> SafetyChecker | None:
         if "SafetyChecker" not in self.package.components:

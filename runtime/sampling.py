@@ -13,6 +13,7 @@ import torch
 
 from . import tiling
 from .backends import Model
+from .control import RESIDUAL_PREFIX, Control
 from .package import Package
 from .schedulers import build_scheduler, step_keywords
 from .tiling import VAE_FACTOR, Layout, TiledNoise
@@ -83,21 +84,25 @@ class Sampler:
 
     window_weights = staticmethod(tiling.feathered_weights)  # how the Unet windows' predictions are blended
 
-    def __init__(self, unet: Model, package: Package):
+    def __init__(self, unet: Model, package: Package, name: str | None = None):
         self.unet = unet
         self.package = package
+        self.name = name or package.unet_name  # the Unet component it runs
         self.dtypes = {name: dtype for name, (_, dtype) in unet.input_description.items()}
         sample_shape = unet.input_description["sample"][0]
         self.batch_size = sample_shape[0]
         self.latent_channels = sample_shape[1]
         self.latent_window = tuple(sample_shape[2:])
+        # A ControlledUnet's residual inputs, which the control stage fills
+        self.residual_inputs = {name: description for name, description in unet.input_description.items()
+                                if name.startswith(RESIDUAL_PREFIX)}
 
     def denoise(
         self, conditioning: dict[str, np.ndarray], stage: Pass, seed: int, init_latents: np.ndarray | None,
-        overlap: int, bar: Callable, end: float | None = None,
+        overlap: int, bar: Callable, end: float | None = None, control: Control | None = None,
     ) -> torch.Tensor:
         """The latents after the pass's schedule (or, with `end`, its first `end` fraction: diffusers'
-        denoising_end)."""
+        denoising_end); with `control`, steered by its ControlNets (the Sampler's Unet is then a ControlledUnet)."""
         sampling = stage.sampling
         scheduler = self.scheduler(sampling)
         rng = np.random.RandomState(seed)
@@ -113,7 +118,7 @@ class Sampler:
                 latents = scheduler.add_noise(latents, noise, timesteps[:1])
         if end is not None:
             timesteps = timesteps[timesteps >= timestep_cutoff(scheduler, end)]
-        return self._run(scheduler, timesteps, latents, conditioning, stage, seed, overlap, bar)
+        return self._run(scheduler, timesteps, latents, conditioning, stage, seed, overlap, bar, control)
 
     def refine(self, latents: torch.Tensor, conditioning: dict[str, np.ndarray], stage: Pass, seed: int,
                 start: float, overlap: int, bar: Callable) -> torch.Tensor:
@@ -128,18 +133,20 @@ class Sampler:
         return scheduler
 
     def _run(self, scheduler, timesteps: torch.Tensor, latents: torch.Tensor, conditioning: dict[str, np.ndarray],
-             stage: Pass, seed: int, overlap: int, bar: Callable) -> torch.Tensor:
+             stage: Pass, seed: int, overlap: int, bar: Callable, control: Control | None = None) -> torch.Tensor:
         """The scheduler's steps over `timesteps`, the Unet run in windows of its own size over the latents."""
         step_kwargs = {"eta": 0.0, "generator": torch.Generator().manual_seed(seed)}
         step_kwargs = {key: value for key, value in step_kwargs.items() if key in step_keywords(scheduler)}
-        guided_noise = partial(self._guided_noise, conditioning=conditioning,
-                               guidance_scale=stage.sampling.guidance_scale)
-        noise_prediction = TiledNoise(guided_noise, Layout(tuple(latents.shape[2:]), self.latent_window, overlap),
-                                      windows_per_call=max(1, self.batch_size // 2), weights=self.window_weights)
-        windows = len(noise_prediction.windows)
+        layout = Layout(tuple(latents.shape[2:]), self.latent_window, overlap)
+        windows = len(layout.windows)
         description = f"{stage.size[0]}x{stage.size[1]}, {windows} windows x {len(timesteps)} steps"
         with bar(total=windows * len(timesteps), unit="window", postfix=description) as progress:
-            for t in timesteps:
+            for step, t in enumerate(timesteps):
+                guided_noise = partial(self._guided_noise, conditioning=conditioning,
+                                       guidance_scale=stage.sampling.guidance_scale, control=control,
+                                       control_scales=control and control.scales_at(step, len(timesteps)))
+                noise_prediction = TiledNoise(guided_noise, layout, windows_per_call=max(1, self.batch_size // 2),
+                                              weights=self.window_weights)
                 model_input = scheduler.scale_model_input(latents, t).numpy()
                 noise_pred = noise_prediction(model_input, float(t))
                 latents = scheduler.step(torch.from_numpy(noise_pred), t, latents, **step_kwargs).prev_sample
@@ -147,7 +154,8 @@ class Sampler:
         return latents
 
     def _guided_noise(self, samples: np.ndarray, t: float, conditioning: dict[str, np.ndarray],
-                      guidance_scale: float) -> np.ndarray:
+                      guidance_scale: float, control: Control | None = None,
+                      control_scales: list[float] | None = None) -> np.ndarray:
         """Classifier-free guidance for N window-sized samples: their 2N (unconditional, conditional) Unet inputs
         packed into as few calls of the Unet's batch size as they fill (one sample per call at batch 2)."""
         batch = self.batch_size
@@ -160,9 +168,14 @@ class Sampler:
         inputs = {"sample": batched(np.repeat(samples.astype(self.dtypes["sample"]), 2, axis=0)),
                   **{name: batched(np.concatenate([value] * pairs)) for name, value in conditioning.items()}}
         timestep = np.full((batch,), t, dtype=self.dtypes["timestep"])
+
+        def predict(rows: dict[str, np.ndarray]) -> np.ndarray:
+            if control is not None:
+                rows.update(control.residuals(rows, control_scales, self.residual_inputs))
+            return self.unet.predict(rows)["noise_pred"]
+
         noise = np.concatenate([
-            self.unet.predict({"timestep": timestep, **{name: value[i : i + batch] for name, value in inputs.items()}})[
-                "noise_pred"]
+            predict({"timestep": timestep, **{name: value[i : i + batch] for name, value in inputs.items()}})
             for i in range(0, len(inputs["sample"]), batch)
         ])[: 2 * pairs]
         uncond, cond = noise[0::2], noise[1::2]

@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from coreml_sd.converter.cli import main
 from coreml_sd.converter.controlnets import controlnet_name
 from coreml_sd.converter.families.contract import (
