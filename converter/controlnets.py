@@ -13,11 +13,16 @@ import torch
 
 from .errors import ConversionError
 from .families import Component, Family
-from .families.contract import ModelDimensions, controlled_unet_spec, controlnet_spec, residual_layout
+from coreml_sd.runtime.contract import (
+    CONTROLLED_UNET,
+    CONTROLNET_PREFIX,
+    ModelDimensions,
+    controlled_unet_spec,
+    controlnet_spec,
+    residual_layout,
+)
 from .sources import ModelSource
 
-CONTROLLED_UNET = "ControlledUnet"
-CONTROLNET_FOLDER = "controlnet"  # inside the package folder (and Resources/), as the Swift package looks for them
 CONTROLNET_HUB_PATTERNS = ["config.json", "diffusion_pytorch_model.safetensors", "README.md"]
 # What must agree between a ControlNet's config and the Unet's for its residuals to fit the Unet's skips.
 MATCHING_SETTINGS = ("cross_attention_dim", "block_out_channels", "layers_per_block", "down_block_types",
@@ -34,7 +39,7 @@ def controlnet_name(argument: str) -> str:
 
 def component_name(name: str) -> str:
     """A ControlNet's component name (and package path without suffix) in a package folder."""
-    return f"{CONTROLNET_FOLDER}/{name}"
+    return CONTROLNET_PREFIX + name
 
 
 @dataclass
@@ -120,15 +125,15 @@ def with_controlled_unet(family: Family) -> Family:
 
 
 def controlnet_source(argument: str, base: ModelSource, unet_config: dict) -> ModelSource:
-    """A ControlNet as a model source of its own, whose one component is `controlnet/<Name>`."""
+    """A ControlNet as a model source of its own, whose one component (the first of its family's) is
+    `controlnet/<Name>`."""
     folder, description = controlnet_folder(argument)
     reader = ControlNetReader(folder)
     config = dict(reader.empty("controlnet").config)
     check_fits(argument, config, unet_config, base)
     name = controlnet_name(argument)
     component = Component("controlnet", "controlnet", controlnet_spec)
-    family = replace(base.family, components={component_name(name): component},
-                     default_components=(component_name(name),))
+    family = replace(base.family, components={component_name(name): component})
     description = {**description, "controlnet": argument, "base_family": base.family.name,
                    "files": reader.file_hashes({"controlnet"})}
     return replace(base, name=name, description=description, family=family, reader=reader, adapters=[],

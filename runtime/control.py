@@ -15,10 +15,9 @@ import numpy as np
 from PIL import Image
 
 from .backends import Model
+from .contract import RESIDUAL_PREFIX
 from .errors import GenerationError
 
-CONTROLNET_PREFIX = "controlnet/"  # a ControlNet's component name in a package: controlnet/<Name>
-RESIDUAL_PREFIX = "additional_residual_"
 CANNY_DEFAULT_THRESHOLDS = (100, 200)  # OpenCV's hysteresis thresholds, as diffusers' ControlNet examples use
 
 

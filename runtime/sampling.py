@@ -13,10 +13,12 @@ import torch
 
 from . import tiling
 from .backends import Model
-from .control import RESIDUAL_PREFIX, Control
+from .contract import VAE_FACTOR
+from .contract import RESIDUAL_PREFIX
+from .control import Control
 from .package import Package
 from .schedulers import build_scheduler, step_keywords
-from .tiling import VAE_FACTOR, Layout, TiledNoise
+from .tiling import Layout, TiledNoise
 from .upscaling import Upscaler
 
 

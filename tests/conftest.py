@@ -9,7 +9,7 @@ import pytest
 
 from coreml_sd.converter.families.sd import SD
 from coreml_sd.converter.conversion import ConversionOptions, convert_model
-from coreml_sd.converter.tiny import build_tiny_pipeline
+from coreml_sd.converter.models.tiny import build_tiny_pipeline
 
 
 @pytest.fixture(scope="session")
@@ -46,7 +46,7 @@ def tiny_palettized_unet(tmp_path_factory):
 @pytest.fixture(scope="session")
 def demo_pipeline():
     """The diffusers original of the `demo` packages (float32, the shipped weights)."""
-    from coreml_sd.converter.demo import build_demo_pipeline
+    from coreml_sd.converter.models.demo import build_demo_pipeline
 
     return build_demo_pipeline()
 
@@ -63,7 +63,7 @@ def demo_package(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_xl_pipeline():
     """The diffusers original of the `tiny-xl` packages (float32, the same weights)."""
-    from coreml_sd.converter.tiny_xl import build_tiny_xl_pipeline
+    from coreml_sd.converter.models.tiny_xl import build_tiny_xl_pipeline
 
     return build_tiny_xl_pipeline()
 
@@ -71,7 +71,7 @@ def tiny_xl_pipeline():
 @pytest.fixture(scope="session")
 def tiny_xl_refiner_pipeline():
     """The diffusers original of the `tiny-xl-refiner` packages."""
-    from coreml_sd.converter.tiny_xl import build_tiny_xl_refiner_pipeline
+    from coreml_sd.converter.models.tiny_xl import build_tiny_xl_refiner_pipeline
 
     return build_tiny_xl_refiner_pipeline()
 
@@ -99,7 +99,7 @@ def tiny_xl_packages(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_controlnets(tiny_pipeline, tmp_path_factory):
     """Two tiny ControlNets for the tiny Unet, saved as diffusers folders: {folder: the float32 original}."""
-    from coreml_sd.converter.tiny_controlnet import save_tiny_controlnet
+    from coreml_sd.converter.models.tiny_controlnet import save_tiny_controlnet
 
     root = tmp_path_factory.mktemp("controlnets")
     return {root / name: save_tiny_controlnet(tiny_pipeline.unet, seed, root / name)

@@ -9,13 +9,13 @@ import pytest
 import torch
 from coreml_sd.converter.cli import main
 from coreml_sd.converter.controlnets import controlnet_name
-from coreml_sd.converter.families.contract import (
+from coreml_sd.runtime.contract import (
     ModelDimensions,
     controlled_unet_spec,
     controlnet_spec,
     residual_layout,
 )
-from coreml_sd.converter.tiny import TEXT_WIDTH
+from coreml_sd.converter.models.tiny import TEXT_WIDTH
 from coreml_sd.runtime.executor import ReferenceModel, psnr
 
 COMPONENT_FLOOR_DB = 60.0  # the suite's floor for components; measured 66-69 dB per output on the tiny models
@@ -109,7 +109,7 @@ def test_names_follow_apples_bundler(argument, name):
 
 
 def test_controlnet_of_another_family_is_refused(tmp_path, tiny_xl_pipeline, capsys):
-    from coreml_sd.converter.tiny_controlnet import save_tiny_controlnet
+    from coreml_sd.converter.models.tiny_controlnet import save_tiny_controlnet
 
     save_tiny_controlnet(tiny_xl_pipeline.unet, 1, tmp_path / "xl-net")
     output = tmp_path / "out"

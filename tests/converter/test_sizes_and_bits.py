@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from coreml_sd.converter.conversion import ConversionOptions, convert_model
-from coreml_sd.converter.validate import PSNR_THRESHOLD_DB
+from coreml_sd.converter.conversion.validate import PSNR_THRESHOLD_DB
 from coreml_sd.runtime import Pipeline
 
 CASES = [(1, 128, 128), (2, 128, 128), (4, 192, 128), (8, 128, 128)]  # bits, height, width

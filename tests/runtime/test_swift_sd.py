@@ -12,11 +12,11 @@ import pytest
 from diffusers import DPMSolverMultistepScheduler
 
 from coreml_sd.converter.sources.checkpoint_configs import DDIM_V_PREDICTION, PNDM_EPSILON
-from coreml_sd.converter.swift_example import (LINSPACE_MISMATCH_COUNT, LINSPACE_MISMATCHES, MIN_STEPS, SD_EXAMPLE,
+from coreml_sd.converter.docgen.swift_example import (LINSPACE_MISMATCH_COUNT, LINSPACE_MISMATCHES, MIN_STEPS, SD_EXAMPLE,
                                                first_input_differences, pndm_final_coefficients)
 from coreml_sd.runtime import Pipeline
 from coreml_sd.runtime.conditioning import channels_first
-from coreml_sd.runtime.package import FAMILY_DEFAULTS
+from coreml_sd.runtime import contract
 from coreml_sd.runtime.prompt import END_OF_TEXT, PromptEncoder
 from coreml_sd.runtime.sampling import Sampling, draw_noise
 from coreml_sd.runtime.schedulers import build_scheduler
@@ -51,7 +51,7 @@ def test_linspace_timesteps_are_swifts_for_odd_step_counts(sd):
     assert SD_EXAMPLE.steps % 2 == 1 and SD_EXAMPLE.steps >= MIN_STEPS == LOWER_ORDER_BELOW
 
 
-@pytest.mark.parametrize("config", [FAMILY_DEFAULTS["sd"][0], PNDM_EPSILON, DDIM_V_PREDICTION],
+@pytest.mark.parametrize("config", [contract.SD.scheduler_config, PNDM_EPSILON, DDIM_V_PREDICTION],
                          ids=["sd-defaults", "sd1-and-sd2-base", "sd2-v"])
 def test_sd_scheduler_configurations_leave_dpm_solver_at_linspace(config):
     """SD 1.x's and SD 2.x's scheduler configurations (the runtime's default for bundles without a manifest, and the

@@ -9,7 +9,7 @@ StableDiffusionXL+Resources.swift (the second tokenizer pads with "!") and Stabl
 import numpy as np
 import pytest
 
-from coreml_sd.converter.swift_example import MIN_STEPS, XL_EXAMPLE, first_input_differences, leading_mismatches
+from coreml_sd.converter.docgen.swift_example import MIN_STEPS, XL_EXAMPLE, first_input_differences, leading_mismatches
 from coreml_sd.runtime import Pipeline
 from coreml_sd.runtime.conditioning import channels_first
 from coreml_sd.runtime.prompt import END_OF_TEXT, PromptEncoder
