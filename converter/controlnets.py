@@ -10,9 +10,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-
-from .errors import ConversionError
-from .families import Component, Family
 from coreml_sd.runtime.contract import (
     CONTROLLED_UNET,
     CONTROLNET_PREFIX,
@@ -21,6 +18,9 @@ from coreml_sd.runtime.contract import (
     controlnet_spec,
     residual_layout,
 )
+
+from .errors import ConversionError
+from .families import Component, Family
 from .sources import ModelSource
 
 CONTROLNET_HUB_PATTERNS = ["config.json", "diffusion_pytorch_model.safetensors", "README.md"]

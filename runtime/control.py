@@ -15,7 +15,6 @@ import numpy as np
 from PIL import Image
 
 from .backends import Model
-from .contract import RESIDUAL_PREFIX
 from .errors import GenerationError
 
 CANNY_DEFAULT_THRESHOLDS = (100, 200)  # OpenCV's hysteresis thresholds, as diffusers' ControlNet examples use
@@ -93,14 +92,6 @@ def control_image_input(image: Image.Image, size: tuple[int, int], batch: int) -
         image = image.resize(size, Image.Resampling.LANCZOS)
     pixels = (np.asarray(image, dtype=np.float32) / 255).transpose(2, 0, 1)[None]
     return np.repeat(pixels, batch, axis=0)
-
-
-def inpaint_control_image(image: Image.Image, mask: Image.Image) -> np.ndarray:
-    """Apple's control image for an inpainting ControlNet: (1, 3, H, W) RGB in [0, 1], -1 where the pixel is to be
-    redrawn (the Swift package sets every pixel whose alpha is 0 to -1; here the mask's white is that alpha)."""
-    pixels = (np.asarray(image.convert("RGB"), dtype=np.float32) / 255).transpose(2, 0, 1)[None]
-    redraw = np.asarray(mask.convert("L")) >= 128
-    return np.where(redraw[None, None], np.float32(-1), pixels)
 
 
 @dataclass

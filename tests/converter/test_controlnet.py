@@ -9,13 +9,13 @@ import pytest
 import torch
 from coreml_sd.converter.cli import main
 from coreml_sd.converter.controlnets import controlnet_name
+from coreml_sd.converter.models.tiny import TEXT_WIDTH
 from coreml_sd.runtime.contract import (
     ModelDimensions,
     controlled_unet_spec,
     controlnet_spec,
     residual_layout,
 )
-from coreml_sd.converter.models.tiny import TEXT_WIDTH
 from coreml_sd.runtime.executor import ReferenceModel, psnr
 
 COMPONENT_FLOOR_DB = 60.0  # the suite's floor for components; measured 66-69 dB per output on the tiny models
