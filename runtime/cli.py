@@ -15,6 +15,7 @@ from .commandline import CONTEXT_SETTINGS, run_command, shared_options
 from .conditioning import SizeConditioning
 from .control import check_control, control_requests, parse_preprocess
 from .errors import GenerationError
+from .inpainting import DEFAULT_MASK_BLUR, open_mask
 from .package import PACKAGES_ENV
 from .pipeline import Pipeline, check_options, random_seed
 from .schedulers import SCHEDULERS
@@ -99,7 +100,12 @@ def _console_logging():
 @click.option("--scheduler", type=click.Choice(SCHEDULERS), help="Default: the package's own, else pndm.")
 @click.option("--seed", type=int, help="Random seed (default: a random one, printed).")
 @click.option("--image", help="Start from this image (image-to-image).")
-@click.option("--strength", type=float, help="With --image: how much to change it, 0 to 1 (default: 0.8).")
+@click.option("--strength", type=float, help="With --image: how much to change it, 0 to 1 (default: 0.8; 1.0 when "
+              "inpainting).")
+@click.option("--mask", help="With --image: inpaint, redrawing only where this mask (of the image's size) is white; "
+              "without --mask, an image's transparent pixels are redrawn.")
+@click.option("--mask-blur", type=int, default=DEFAULT_MASK_BLUR, show_default=True, metavar="PIXELS",
+              help="Feather the mask's edge by this Gaussian radius before compositing the result over the image.")
 @click.option("--num-images", type=int, default=1, show_default=True, help="Images from consecutive seeds.")
 @click.option("--height", type=int, help="In pixels, a multiple of 8, at least the package's (default: the package's); "
               "larger sizes are denoised in overlapping windows of the package's size.")
@@ -161,7 +167,8 @@ def generate(**options) -> None:
 
 
 def write_images(prompt: str, negative_prompt: str, model: str | None, steps: int, guidance_scale: float,
-                 scheduler: str | None, seed: int | None, image: str | None, strength: float | None, num_images: int,
+                 scheduler: str | None, seed: int | None, image: str | None, strength: float | None,
+                 mask: str | None, mask_blur: int, num_images: int,
                  height: int | None, width: int | None, upscale: float | None, upscale_strength: float | None,
                  upscale_steps: int | None, upscaler: str | None, tile_overlap: int | None,
                  original_size: tuple[int, int] | None, crop: tuple[int, int], target_size: tuple[int, int] | None,
@@ -177,8 +184,12 @@ def write_images(prompt: str, negative_prompt: str, model: str | None, steps: in
         if image is not None and hires is not None and (strength is not None or width or height):
             raise GenerationError("--image with --upscale refines the enlarged image: its size follows the image, "
                                   "and --upscale-strength says how much it changes; drop --strength, --width, --height")
-        strength = 0.8 if strength is None else strength
-        check_options(scheduler, steps, strength, num_images, seed, width, height, hires, refiner_start)
+        if mask is not None and image is None:
+            raise GenerationError("--mask needs the image it masks: add --image PATH")
+        if mask_blur < 0:
+            raise GenerationError(f"--mask-blur must be at least 0 pixels, not {mask_blur}")
+        check_options(scheduler, steps, 1.0 if strength is None else strength, num_images, seed, width, height, hires,
+                      refiner_start)
         if controlnets or control_images:
             check_control(control_start, control_end)
             parse_preprocess(control_preprocess)
@@ -190,6 +201,9 @@ def write_images(prompt: str, negative_prompt: str, model: str | None, steps: in
     if upscaler is not None:
         hires = Upscale(hires.factor, hires.strength, hires.steps, ModelUpscaler(upscaler))
     start_image = images.open_image(image) if image is not None else None
+    inpainting = open_mask(mask, image, mask_blur) if image is not None else None
+    if strength is None:
+        strength = 1.0 if inpainting is not None else 0.8
     controls = control_requests(controlnets, control_images, control_preprocess, images.open_image)
     if seed is None:
         seed = random_seed(num_images)
@@ -222,6 +236,7 @@ def write_images(prompt: str, negative_prompt: str, model: str | None, steps: in
         controls=controls,
         control_start=control_start,
         control_end=control_end,
+        inpainting=inpainting,
     )
     for index, flagged in enumerate(result.nsfw_content_detected or []):
         if flagged:

@@ -32,6 +32,7 @@ from .conditioning import SizeConditioning, conditioning_for
 from .contract import CONTROLLED_UNET, CONTROLNET_PREFIX, SAFETY_CHECKER, VAE_DECODER, VAE_ENCODER, VAE_FACTOR
 from .control import Control, ControlRequest, check_control, control_image_input
 from .errors import GenerationError
+from .inpainting import Inpainting
 from .package import Package, find_package, load_package
 from .refiner import refinement_for
 from .safety import SafetyChecker
@@ -189,6 +190,7 @@ class Pipeline:
         controls: list[ControlRequest] = (),
         control_start: float = 0.0,
         control_end: float = 1.0,
+        inpainting: Inpainting | None = None,
         progress: bool = True,
         safety_checker: bool = True,
         watermark: bool = True,
@@ -201,7 +203,8 @@ class Pipeline:
         (original size, crop, target size; default: the image's size and (0, 0)); with an SDXL `refiner` pipeline,
         this one runs the first `refiner_start` of the schedule and the refiner the rest, as diffusers' base +
         refiner ensemble. `controls` steer the Unet with the package's ControlNets, each on its control image, over
-        [`control_start`, `control_end`) of the schedule. The package's safety checker, if it has one, blackens flagged images
+        [`control_start`, `control_end`) of the schedule. With `image` and `inpainting` (`inpainting.open_mask`), only
+        the mask's white part is redrawn and the result composited over the image. The package's safety checker, if it has one, blackens flagged images
         (`safety_checker=False` skips it); `watermark=False` leaves out the invisible watermark. Raises
         GenerationError for anything the caller can fix."""
         scheduler = scheduler or default_scheduler_name(self.package.scheduler_config)
@@ -211,6 +214,10 @@ class Pipeline:
         overlap = self._overlap(overlap)
         start = None if image is None else images.open_image(image)
         passes = self._passes(Sampling(scheduler, steps, guidance_scale, strength), (width, height), start, upscale)
+        if inpainting is not None:
+            inpainting = self._check_inpainting(inpainting, start, passes, refiner, upscale)
+            if inpainting.empty:
+                return GenerationResult([start] * num_images, [seed or 0] * num_images, [""] * num_images)
         control = self._control(controls, control_start, control_end, passes) if controls else None
         sampler = self._controlled_sampler() if control is not None else self.sampler
         denoisers = (sampler.name, *(CONTROLNET_PREFIX + request.name for request in controls))
@@ -241,7 +248,8 @@ class Pipeline:
                     init_latents = self._encode(picture, stage, overlap)
                 with self.stage(*denoisers):
                     latents = sampler.denoise(conditioning, stage, image_seed, init_latents, overlap, bar,
-                                              refinement.base_end, control)
+                                              refinement.base_end, control,
+                                              inpainting and inpainting.latent_mask())
                 latents = refinement(latents, stage, image_seed, overlap, bar)
                 if output_type == "pil" or number < len(passes) - 1:
                     with decoder.stage(VAE_DECODER):
@@ -252,10 +260,13 @@ class Pipeline:
                 result.nsfw_content_detected.append(flagged)
             if watermark:
                 picture = watermarks.apply(picture, self.package.watermark)
+            if inpainting is not None and output_type == "pil":  # after the watermark: the kept pixels stay exact
+                picture = inpainting.composite(picture, start)
             result.images.append(picture if output_type == "pil" else latents)
             result.seeds.append(image_seed)
             settings = {**self._settings(passes, image_seed, overlap, start is not None, upscale),
                         **refinement.settings, **control_settings(controls, control_start, control_end),
+                        **({"Mask blur": inpainting.blur} if inpainting is not None else {}),
                         **safeguard_settings}
             result.parameters.append(parameters_text(prompt, negative_prompt, settings))
         return result
@@ -277,6 +288,16 @@ class Pipeline:
         """The Unet's conditioning inputs for the guidance batch, in the Unet's dtypes."""
         inputs = self.conditioning(prompt, negative_prompt, size, image_size)
         return {name: value.astype(self.sampler.dtypes[name]) for name, value in inputs.items()}
+
+    def _check_inpainting(self, inpainting: Inpainting, start: Image.Image | None, passes: list[Pass],
+                          refiner: "Pipeline | None", upscale: Upscale | None) -> Inpainting:
+        """The mask at the generation's size, once inpainting is known to apply."""
+        if start is None:
+            raise GenerationError("a mask needs the image it masks: add --image PATH")
+        if refiner is not None or upscale is not None:
+            raise GenerationError("inpainting cannot be combined with --refiner or --upscale yet; inpaint first, then "
+                                  "refine or upscale the result")
+        return inpainting.at(passes[0].size)
 
     def _controlled_sampler(self) -> Sampler:
         """The sampler over the package's ControlledUnet, which takes the ControlNets' residuals."""

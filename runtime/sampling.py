@@ -13,9 +13,9 @@ import torch
 
 from . import tiling
 from .backends import Model
-from .contract import VAE_FACTOR
-from .contract import RESIDUAL_PREFIX
+from .contract import RESIDUAL_PREFIX, VAE_FACTOR
 from .control import Control
+from .inpainting import LatentBlend
 from .package import Package
 from .schedulers import build_scheduler, step_keywords
 from .tiling import Layout, TiledNoise
@@ -102,9 +102,12 @@ class Sampler:
     def denoise(
         self, conditioning: dict[str, np.ndarray], stage: Pass, seed: int, init_latents: np.ndarray | None,
         overlap: int, bar: Callable, end: float | None = None, control: Control | None = None,
+        inpaint_mask: np.ndarray | None = None,
     ) -> torch.Tensor:
         """The latents after the pass's schedule (or, with `end`, its first `end` fraction: diffusers'
-        denoising_end); with `control`, steered by its ControlNets (the Sampler's Unet is then a ControlledUnet)."""
+        denoising_end); with `control`, steered by its ControlNets (the Sampler's Unet is then a ControlledUnet);
+        with `inpaint_mask` (1 = redraw, at the latents' size), the rest kept as `init_latents` has it, and at
+        strength 1 started from pure noise, as diffusers' inpainting."""
         sampling = stage.sampling
         scheduler = self.scheduler(sampling)
         rng = np.random.RandomState(seed)
@@ -115,12 +118,15 @@ class Sampler:
             latents = noise * scheduler.init_noise_sigma
         else:
             timesteps = denoising_timesteps(scheduler, sampling.steps, sampling.strength)
-            latents = torch.from_numpy(sample_encoder_latents(init_latents, rng, self.package.scaling_factor))
-            if len(timesteps):
+            clean = latents = torch.from_numpy(sample_encoder_latents(init_latents, rng, self.package.scaling_factor))
+            if inpaint_mask is not None and sampling.strength >= 1:
+                latents = noise * scheduler.init_noise_sigma
+            elif len(timesteps):
                 latents = scheduler.add_noise(latents, noise, timesteps[:1])
         if end is not None:
             timesteps = timesteps[timesteps >= timestep_cutoff(scheduler, end)]
-        return self._run(scheduler, timesteps, latents, conditioning, stage, seed, overlap, bar, control)
+        blend = None if inpaint_mask is None else LatentBlend(inpaint_mask, clean, noise, scheduler, timesteps)
+        return self._run(scheduler, timesteps, latents, conditioning, stage, seed, overlap, bar, control, blend)
 
     def refine(self, latents: torch.Tensor, conditioning: dict[str, np.ndarray], stage: Pass, seed: int,
                 start: float, overlap: int, bar: Callable) -> torch.Tensor:
@@ -135,8 +141,10 @@ class Sampler:
         return scheduler
 
     def _run(self, scheduler, timesteps: torch.Tensor, latents: torch.Tensor, conditioning: dict[str, np.ndarray],
-             stage: Pass, seed: int, overlap: int, bar: Callable, control: Control | None = None) -> torch.Tensor:
-        """The scheduler's steps over `timesteps`, the Unet run in windows of its own size over the latents."""
+             stage: Pass, seed: int, overlap: int, bar: Callable, control: Control | None = None,
+             blend: LatentBlend | None = None) -> torch.Tensor:
+        """The scheduler's steps over `timesteps`, the Unet run in windows of its own size over the latents (and
+        the kept latents blended back after each step, for inpainting)."""
         step_kwargs = {"eta": 0.0, "generator": torch.Generator().manual_seed(seed)}
         step_kwargs = {key: value for key, value in step_kwargs.items() if key in step_keywords(scheduler)}
         layout = Layout(tuple(latents.shape[2:]), self.latent_window, overlap)
@@ -152,6 +160,8 @@ class Sampler:
                 model_input = scheduler.scale_model_input(latents, t).numpy()
                 noise_pred = noise_prediction(model_input, float(t))
                 latents = scheduler.step(torch.from_numpy(noise_pred), t, latents, **step_kwargs).prev_sample
+                if blend is not None:
+                    latents = blend(latents, step)
                 progress.update(windows)
         return latents
 
