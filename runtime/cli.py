@@ -15,7 +15,7 @@ from .commandline import CONTEXT_SETTINGS, run_command, shared_options
 from .conditioning import SizeConditioning
 from .control import check_control, control_requests, parse_preprocess
 from .errors import GenerationError
-from .inpainting import DEFAULT_MASK_BLUR, open_mask
+from .inpainting import DEFAULT_MASK_BLUR, open_mask, open_with_alpha
 from .package import PACKAGES_ENV
 from .pipeline import Pipeline, check_options, random_seed
 from .schedulers import SCHEDULERS
@@ -204,7 +204,8 @@ def write_images(prompt: str, negative_prompt: str, model: str | None, steps: in
     inpainting = open_mask(mask, image, mask_blur) if image is not None else None
     if strength is None:
         strength = 1.0 if inpainting is not None else 0.8
-    controls = control_requests(controlnets, control_images, control_preprocess, images.open_image)
+    controls = control_requests(controlnets, control_images, control_preprocess,
+                                lambda file: open_with_alpha(file, "--control-image"))
     if seed is None:
         seed = random_seed(num_images)
         click.echo(f"seed {seed} (random; pass --seed {seed} to make the same image again)")

@@ -77,7 +77,7 @@ def control_requests(controlnets: tuple[str, ...], images: tuple[str, ...], prep
     for argument, file in zip(controlnets, images):
         name, scale = parse_controlnet(argument)
         digest = hashlib.sha256(Path(file).read_bytes()).hexdigest() if Path(file).is_file() else ""
-        image = open_image(file)
+        image = open_image(file)  # with its transparency, which marks the pixels an inpainting ControlNet redraws
         if thresholds is not None:
             image = canny_edges(image, thresholds)
         requests.append(ControlRequest(name, scale, image, digest))
@@ -85,13 +85,17 @@ def control_requests(controlnets: tuple[str, ...], images: tuple[str, ...], prep
 
 
 def control_image_input(image: Image.Image, size: tuple[int, int], batch: int) -> np.ndarray:
-    """(batch, 3, H, W) RGB in [0, 1] at `size` (width, height): resized with Lanczos as diffusers' control image
-    processor resizes it."""
-    image = image.convert("RGB")
+    """(batch, 3, H, W) RGB in [0, 1] at `size` (width, height), resized with Lanczos as diffusers' control image
+    processor resizes it; every fully transparent pixel is -1 in all three channels, as Apple's Swift package
+    converts control images (its rule for inpainting ControlNets: the pixels to redraw are transparent)."""
+    image = image.convert("RGBA") if "A" in image.getbands() else image.convert("RGB")
     if image.size != size:
         image = image.resize(size, Image.Resampling.LANCZOS)
-    pixels = (np.asarray(image, dtype=np.float32) / 255).transpose(2, 0, 1)[None]
-    return np.repeat(pixels, batch, axis=0)
+    pixels = np.asarray(image, dtype=np.float32) / 255
+    rgb = pixels[..., :3]
+    if pixels.shape[-1] == 4:
+        rgb = np.where(pixels[..., 3:] == 0, np.float32(-1), rgb)
+    return np.repeat(rgb.transpose(2, 0, 1)[None], batch, axis=0)
 
 
 @dataclass

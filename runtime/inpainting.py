@@ -58,13 +58,13 @@ def open_mask(mask: str | Path | Image.Image | None, image: str | Path | Image.I
     without a mask and without transparency. An all-black mask warns: there is nothing to redraw."""
     if blur < 0:
         raise GenerationError(f"--mask-blur must be at least 0 pixels, not {blur}")
-    picture = _open(image, "--image")
+    picture = open_with_alpha(image, "--image")
     if mask is None:
         if "A" not in picture.getbands() or picture.getchannel("A").getextrema()[0] == OPAQUE:
             return None
         redraw = Image.eval(picture.getchannel("A"), lambda alpha: OPAQUE - alpha)
     else:
-        redraw = _open(mask, "--mask").convert("L")
+        redraw = open_with_alpha(mask, "--mask").convert("L")
         if redraw.size != picture.size:
             raise GenerationError(f"the mask is {redraw.size[0]}x{redraw.size[1]} but the image "
                                   f"{picture.size[0]}x{picture.size[1]}: pass a mask of the image's size")
@@ -74,7 +74,8 @@ def open_mask(mask: str | Path | Image.Image | None, image: str | Path | Image.I
     return inpainting
 
 
-def _open(source: str | Path | Image.Image, option: str) -> Image.Image:
+def open_with_alpha(source: str | Path | Image.Image, option: str) -> Image.Image:
+    """An image as its file holds it, transparency included (`option` names it in the message if unreadable)."""
     if isinstance(source, Image.Image):
         return source
     try:

@@ -9,7 +9,7 @@ import torch
 from coreml_sd.converter.controlnets import controlnet_name
 from coreml_sd.runtime import Pipeline
 from coreml_sd.runtime.cli import main
-from coreml_sd.runtime.control import ControlRequest, canny_edges
+from coreml_sd.runtime.control import ControlRequest, canny_edges, control_image_input
 from coreml_sd.runtime.executor import psnr
 from coreml_sd.runtime.sampling import draw_noise
 from diffusers import StableDiffusionControlNetPipeline
@@ -125,3 +125,15 @@ def test_bad_control_input_is_one_line(tiny_controlnet_package, tmp_path, capsys
     error = [line for line in capsys.readouterr().err.strip().splitlines() if line]
     assert code != 0 and len(error) == 1 and message in error[0], error
     assert not list(output.glob("*.png")) if output.exists() else True
+
+
+def test_transparent_control_pixels_follow_apples_rule():
+    """Apple's planarRGBShapedArray: RGB / 255, and -1 in every channel where alpha is 0 (how the Swift package
+    feeds an inpainting ControlNet the pixels to redraw)."""
+    rng = np.random.default_rng(6)
+    rgba = rng.integers(0, 256, (64, 64, 4), dtype=np.uint8)
+    rgba[..., 3] = np.where(rng.random((64, 64)) < 0.3, 0, rng.integers(1, 256, (64, 64)))
+    ours = control_image_input(Image.fromarray(rgba, "RGBA"), (64, 64), batch=2)
+    planar = rgba[..., :3].astype(np.float32).transpose(2, 0, 1) / 255
+    expected = np.where(rgba[..., 3][None] == 0, -1.0, planar)
+    assert ours.shape == (2, 3, 64, 64) and (ours == expected[None]).all() and (ours == -1).any()

@@ -4,14 +4,13 @@ the input image exactly, and the one-line refusals."""
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionInpaintPipeline
-from PIL import Image, ImageDraw
-
 from coreml_sd.runtime import Pipeline
 from coreml_sd.runtime.cli import main
 from coreml_sd.runtime.executor import psnr
 from coreml_sd.runtime.inpainting import Inpainting, open_mask
 from coreml_sd.runtime.sampling import draw_noise, sample_encoder_latents
+from diffusers import StableDiffusionInpaintPipeline
+from PIL import Image, ImageDraw
 from runtime_testing import DIFFUSERS_SCHEDULERS, PSNR_THRESHOLD_DB, latent_shape, pixels
 
 PROMPT = "a blue circle"
