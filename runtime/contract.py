@@ -172,6 +172,8 @@ class ModelDimensions:
     # The Unet's skip connections as (channels, downsampling factor), the mid block last: the residuals a
     # ControlNet makes and a ControlledUnet takes (empty: the package has no ControlNet).
     residuals: tuple[tuple[int, int], ...] = ()
+    # An inpainting Unet's input channels: the latents, the mask and the masked image's latents (4 + 1 + 4).
+    unet_in_channels: int = LATENT_CHANNELS
 
     @property
     def latent_size(self) -> tuple[int, int]:
@@ -187,6 +189,8 @@ class ModelDimensions:
         for name in ("pooled_width", "time_ids_length", "text_encoders", "residuals"):
             if not fields[name]:
                 del fields[name]
+        if fields["unet_in_channels"] == LATENT_CHANNELS:
+            del fields["unet_in_channels"]
         if "text_encoders" in fields:
             fields["text_encoders"] = {name: list(widths) for name, widths in fields["text_encoders"].items()}
         if "residuals" in fields:
@@ -204,6 +208,7 @@ class ModelDimensions:
             time_ids_length=manifest.get("time_ids_length", 0),
             text_encoders={name: tuple(widths) for name, widths in manifest.get("text_encoders", {}).items()},
             residuals=tuple(tuple(residual) for residual in manifest.get("residuals", ())),
+            unet_in_channels=manifest.get("unet_in_channels", LATENT_CHANNELS),
         )
 
 
@@ -232,7 +237,7 @@ def unet_spec(name: str, dims: ModelDimensions) -> ComponentSpec:
     return ComponentSpec(
         name,
         inputs=(
-            TensorSpec("sample", (b, LATENT_CHANNELS, h, w), "float16"),
+            TensorSpec("sample", (b, dims.unet_in_channels, h, w), "float16"),
             TensorSpec("timestep", (b,), "float16"),
             TensorSpec("encoder_hidden_states", (b, dims.text_width, 1, TEXT_LENGTH), "float16"),
             *added,

@@ -132,6 +132,14 @@ class Control:
                 for name, (shape, dtype) in residual_inputs.items()}
 
 
+def control_settings(controls: list[ControlRequest], start: float, end: float) -> dict[str, str]:
+    """What the PNG records of each ControlNet, in the way A1111's ControlNet extension lists its units."""
+    return {f"ControlNet {index}": f'"Model: {request.name}, Weight: {request.scale:g}, Guidance Start: {start:g}, '
+                                   f'Guidance End: {end:g}, Image SHA-256: {request.image_sha256}"'
+            for index, request in enumerate(controls)}
+
+
+
 def check_control(start: float, end: float) -> None:
     if not 0 <= start < end <= 1:
         raise GenerationError(f"--control-start {start} and --control-end {end} must satisfy 0 <= start < end <= 1 "

@@ -47,6 +47,14 @@ class Inpainting:
         redraw = np.asarray(self.blurred(), dtype=np.float32) / OPAQUE >= 0.5
         return redraw[::VAE_FACTOR, ::VAE_FACTOR][None, None].astype(np.float32)
 
+    def masked_pixels(self, image: Image.Image) -> np.ndarray:
+        """(1, 3, H, W) in [-1, 1] with the pixels to redraw at 0, what an inpainting Unet's masked-image channels
+        encode (diffusers: the image times the binarised mask's complement)."""
+        pixels = np.asarray(image.convert("RGB").resize(self.mask.size, Image.Resampling.LANCZOS)
+                            if image.size != self.mask.size else image.convert("RGB"), dtype=np.float32) / 127.5 - 1
+        keep = np.asarray(self.blurred(), dtype=np.float32) / OPAQUE < 0.5
+        return (pixels * keep[..., None]).transpose(2, 0, 1)[None]
+
     def composite(self, generated: Image.Image, original: Image.Image) -> Image.Image:
         """The generated pixels where the blurred mask is white, the original's where it is black, blended between."""
         return Image.composite(generated, original.resize(generated.size, Image.Resampling.LANCZOS)

@@ -30,7 +30,7 @@ from .backends import (
 )
 from .conditioning import SizeConditioning, conditioning_for
 from .contract import CONTROLLED_UNET, CONTROLNET_PREFIX, SAFETY_CHECKER, VAE_DECODER, VAE_ENCODER, VAE_FACTOR
-from .control import Control, ControlRequest, check_control, control_image_input
+from .control import Control, ControlRequest, check_control, control_image_input, control_settings
 from .errors import GenerationError
 from .inpainting import Inpainting
 from .package import Package, find_package, load_package
@@ -86,13 +86,6 @@ def check_options(
 def parameters_text(prompt: str, negative_prompt: str, settings: dict[str, object]) -> str:
     lines = [prompt] + ([f"Negative prompt: {negative_prompt}"] if negative_prompt else [])
     return "\n".join(lines + [", ".join(f"{key}: {value}" for key, value in settings.items())])
-
-
-def control_settings(controls: list[ControlRequest], start: float, end: float) -> dict[str, str]:
-    """What the PNG records of each ControlNet, in the way A1111's ControlNet extension lists its units."""
-    return {f"ControlNet {index}": f'"Model: {request.name}, Weight: {request.scale:g}, Guidance Start: {start:g}, '
-                                   f'Guidance End: {end:g}, Image SHA-256: {request.image_sha256}"'
-            for index, request in enumerate(controls)}
 
 
 def compute_unit_of(package: Package, name: str, requested: str | None) -> str:
@@ -218,6 +211,9 @@ class Pipeline:
             inpainting = self._check_inpainting(inpainting, start, passes, refiner, upscale)
             if inpainting.empty:
                 return GenerationResult([start] * num_images, [seed or 0] * num_images, [""] * num_images)
+        if self.sampler.takes_mask and inpainting is None:
+            raise GenerationError(f"package {self.package.name!r} has an inpainting Unet: pass --image and --mask "
+                                  "(white = redraw)")
         control = self._control(controls, control_start, control_end, passes) if controls else None
         sampler = self._controlled_sampler() if control is not None else self.sampler
         denoisers = (sampler.name, *(CONTROLNET_PREFIX + request.name for request in controls))
@@ -229,6 +225,9 @@ class Pipeline:
             conditioning = self.condition(prompt, negative_prompt, size_conditioning, first_size)
         refinement.condition(prompt, negative_prompt, size_conditioning, first_size)
         start_latents = None if start is None else self._encode(start, passes[0], overlap)
+        masked_moments = None
+        if inpainting is not None and self.sampler.takes_mask:
+            masked_moments = self._encode(inpainting.masked_pixels(start), passes[0], overlap)
         # The safeguards, in the order Stable Diffusion's scripts apply them: safety check, then watermark.
         checker = self._safety_checker() if safety_checker and output_type == "pil" else None
         safeguard_settings = {
@@ -249,7 +248,7 @@ class Pipeline:
                 with self.stage(*denoisers):
                     latents = sampler.denoise(conditioning, stage, image_seed, init_latents, overlap, bar,
                                               refinement.base_end, control,
-                                              inpainting and inpainting.latent_mask())
+                                              inpainting and inpainting.latent_mask(), masked_moments)
                 latents = refinement(latents, stage, image_seed, overlap, bar)
                 if output_type == "pil" or number < len(passes) - 1:
                     with decoder.stage(VAE_DECODER):
@@ -297,6 +296,9 @@ class Pipeline:
         if refiner is not None or upscale is not None:
             raise GenerationError("inpainting cannot be combined with --refiner or --upscale yet; inpaint first, then "
                                   "refine or upscale the result")
+        if self.sampler.takes_mask and passes[0].size != (self.width, self.height):
+            raise GenerationError(f"an inpainting Unet runs at its package's size only ({self.width}x{self.height}): "
+                                  "leave out --width and --height")
         return inpainting.at(passes[0].size)
 
     def _controlled_sampler(self) -> Sampler:
@@ -378,14 +380,15 @@ class Pipeline:
             settings["Tile overlap"] = overlap * VAE_FACTOR
         return settings
 
-    def _encode(self, picture: Image.Image, stage: Pass, overlap: int) -> np.ndarray:
-        """The VAE encoder's moments for `picture` brought to the pass's size, in tiles when it is larger."""
+    def _encode(self, picture: Image.Image | np.ndarray, stage: Pass, overlap: int) -> np.ndarray:
+        """The VAE encoder's moments for `picture` (or pixels in [-1, 1] at the pass's size) brought to the pass's
+        size, in tiles when it is larger."""
         if stage.upscaler is not None:
             picture = stage.upscaler(picture, stage.size)
         encoder = self.model(VAE_ENCODER)
         dtype = encoder.input_description["x"][1]
         window = tuple(side // VAE_FACTOR for side in encoder.input_description["x"][0][2:])
-        pixels = images.to_encoder_input(picture, stage.size)
+        pixels = picture if isinstance(picture, np.ndarray) else images.to_encoder_input(picture, stage.size)
         with self.stage(VAE_ENCODER):
             return tiling.tiled_encode(lambda x: encoder.predict({"x": x.astype(dtype)})["latent"], pixels, window,
                                        overlap)

@@ -13,7 +13,7 @@ import torch
 
 from . import tiling
 from .backends import Model
-from .contract import RESIDUAL_PREFIX, VAE_FACTOR
+from .contract import LATENT_CHANNELS, RESIDUAL_PREFIX, VAE_FACTOR
 from .control import Control
 from .inpainting import LatentBlend
 from .package import Package
@@ -93,7 +93,9 @@ class Sampler:
         self.dtypes = {name: dtype for name, (_, dtype) in unet.input_description.items()}
         sample_shape = unet.input_description["sample"][0]
         self.batch_size = sample_shape[0]
-        self.latent_channels = sample_shape[1]
+        self.latent_channels = LATENT_CHANNELS
+        # An inpainting Unet also takes the mask and the masked image's latents beside the latents (9 channels)
+        self.takes_mask = sample_shape[1] != LATENT_CHANNELS
         self.latent_window = tuple(sample_shape[2:])
         # A ControlledUnet's residual inputs, which the control stage fills
         self.residual_inputs = {name: description for name, description in unet.input_description.items()
@@ -102,12 +104,13 @@ class Sampler:
     def denoise(
         self, conditioning: dict[str, np.ndarray], stage: Pass, seed: int, init_latents: np.ndarray | None,
         overlap: int, bar: Callable, end: float | None = None, control: Control | None = None,
-        inpaint_mask: np.ndarray | None = None,
+        inpaint_mask: np.ndarray | None = None, masked_moments: np.ndarray | None = None,
     ) -> torch.Tensor:
         """The latents after the pass's schedule (or, with `end`, its first `end` fraction: diffusers'
         denoising_end); with `control`, steered by its ControlNets (the Sampler's Unet is then a ControlledUnet);
-        with `inpaint_mask` (1 = redraw, at the latents' size), the rest kept as `init_latents` has it, and at
-        strength 1 started from pure noise, as diffusers' inpainting."""
+        with `inpaint_mask` (1 = redraw, at the latents' size), the rest kept as `init_latents` has it (an inpainting
+        Unet takes the mask and `masked_moments`' latents instead), and at strength 1 started from pure noise, as
+        diffusers' inpainting."""
         sampling = stage.sampling
         scheduler = self.scheduler(sampling)
         rng = np.random.RandomState(seed)
@@ -125,8 +128,14 @@ class Sampler:
                 latents = scheduler.add_noise(latents, noise, timesteps[:1])
         if end is not None:
             timesteps = timesteps[timesteps >= timestep_cutoff(scheduler, end)]
-        blend = None if inpaint_mask is None else LatentBlend(inpaint_mask, clean, noise, scheduler, timesteps)
-        return self._run(scheduler, timesteps, latents, conditioning, stage, seed, overlap, bar, control, blend)
+        blend, unet_extra = None, None
+        if masked_moments is not None:  # its third draw, after the noise and the image's latents
+            masked = sample_encoder_latents(masked_moments, rng, self.package.scaling_factor)
+            unet_extra = np.concatenate([inpaint_mask, masked], axis=1)
+        elif inpaint_mask is not None:
+            blend = LatentBlend(inpaint_mask, clean, noise, scheduler, timesteps)
+        return self._run(scheduler, timesteps, latents, conditioning, stage, seed, overlap, bar, control, blend,
+                         unet_extra)
 
     def refine(self, latents: torch.Tensor, conditioning: dict[str, np.ndarray], stage: Pass, seed: int,
                 start: float, overlap: int, bar: Callable) -> torch.Tensor:
@@ -142,7 +151,7 @@ class Sampler:
 
     def _run(self, scheduler, timesteps: torch.Tensor, latents: torch.Tensor, conditioning: dict[str, np.ndarray],
              stage: Pass, seed: int, overlap: int, bar: Callable, control: Control | None = None,
-             blend: LatentBlend | None = None) -> torch.Tensor:
+             blend: LatentBlend | None = None, unet_extra: np.ndarray | None = None) -> torch.Tensor:
         """The scheduler's steps over `timesteps`, the Unet run in windows of its own size over the latents (and
         the kept latents blended back after each step, for inpainting)."""
         step_kwargs = {"eta": 0.0, "generator": torch.Generator().manual_seed(seed)}
@@ -154,7 +163,8 @@ class Sampler:
             for step, t in enumerate(timesteps):
                 guided_noise = partial(self._guided_noise, conditioning=conditioning,
                                        guidance_scale=stage.sampling.guidance_scale, control=control,
-                                       control_scales=control and control.scales_at(step, len(timesteps)))
+                                       control_scales=control and control.scales_at(step, len(timesteps)),
+                                       unet_extra=unet_extra)
                 noise_prediction = TiledNoise(guided_noise, layout, windows_per_call=max(1, self.batch_size // 2),
                                               weights=self.window_weights)
                 model_input = scheduler.scale_model_input(latents, t).numpy()
@@ -167,7 +177,7 @@ class Sampler:
 
     def _guided_noise(self, samples: np.ndarray, t: float, conditioning: dict[str, np.ndarray],
                       guidance_scale: float, control: Control | None = None,
-                      control_scales: list[float] | None = None) -> np.ndarray:
+                      control_scales: list[float] | None = None, unet_extra: np.ndarray | None = None) -> np.ndarray:
         """Classifier-free guidance for N window-sized samples: their 2N (unconditional, conditional) Unet inputs
         packed into as few calls of the Unet's batch size as they fill (one sample per call at batch 2)."""
         batch = self.batch_size
@@ -177,6 +187,8 @@ class Sampler:
         def batched(rows: np.ndarray) -> np.ndarray:
             return np.concatenate([rows, rows[-1:].repeat(padding, axis=0)])
 
+        if unet_extra is not None:  # an inpainting Unet's mask and masked-image channels, one window's
+            samples = np.concatenate([samples, np.repeat(unet_extra, len(samples), axis=0)], axis=1)
         inputs = {"sample": batched(np.repeat(samples.astype(self.dtypes["sample"]), 2, axis=0)),
                   **{name: batched(np.concatenate([value] * pairs)) for name, value in conditioning.items()}}
         timestep = np.full((batch,), t, dtype=self.dtypes["timestep"])

@@ -113,3 +113,40 @@ def test_black_mask_warns_and_returns_the_image(tiny_controlnet_package, photo, 
                  "--image", str(image), "--mask", str(mask), "-o", str(output)]) == 0
     assert "nothing to inpaint" in capsys.readouterr().err
     assert (np.asarray(Image.open(output).convert("RGB")) == np.asarray(photo)).all()
+
+
+def test_inpainting_unet_matches_diffusers(tiny_inpainting_package, photo):
+    """A 9-channel inpainting Unet (latents, mask, masked image's latents) against diffusers' inpainting pipeline
+    on the same weights, fed the runtime's numbers: the noise, the image's sample, then the masked image's."""
+    from coreml_sd.converter.models.tiny import build_tiny_inpainting_pipeline
+
+    reference = build_tiny_inpainting_pipeline()
+    runtime = Pipeline.from_package(tiny_inpainting_package, backend="reference")
+    assert tuple(runtime.sampler.unet.input_description["sample"][0]) == (2, 9, 16, 16)  # the contract's row
+    mask = circle_mask()
+    ours = runtime(PROMPT, steps=STEPS, seed=8, image=photo, strength=1.0, inpainting=Inpainting(mask, blur=0),
+                   progress=False).images[0]
+    rng = np.random.RandomState(8)
+    noise = torch.from_numpy(draw_noise(rng, (1, 4, 16, 16)))
+    draw_noise(rng, (1, 4, 16, 16))  # the image's own sample, which a 9-channel Unet does not use
+    masked = torch.from_numpy(Inpainting(mask, blur=0).masked_pixels(photo))
+    with torch.no_grad():
+        moments = reference.vae.quant_conv(reference.vae.encoder(masked)).numpy()
+    masked_latents = torch.from_numpy(sample_encoder_latents(moments, rng, reference.vae.config.scaling_factor))
+    pipe = StableDiffusionInpaintPipeline(**{**reference.components, "scheduler": DIFFUSERS_SCHEDULERS["pndm"]
+                                             .from_config(runtime.package.scheduler_config)})
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe(PROMPT, image=photo, mask_image=mask, masked_image_latents=masked_latents, height=128,
+                    width=128, strength=1.0, num_inference_steps=STEPS, latents=noise, output_type="np").images[0]
+    redrawn = np.asarray(mask) == 255
+    figure = psnr(expected[redrawn], pixels(ours)[redrawn])
+    print(f"9-channel inpainting, redrawn region: {figure:.1f} dB against diffusers")
+    assert figure >= PSNR_THRESHOLD_DB  # measured 58.2 dB
+    assert (np.asarray(ours)[~redrawn] == np.asarray(photo)[~redrawn]).all()
+
+
+def test_inpainting_unet_needs_a_mask(tiny_inpainting_package, photo, tmp_path, capsys):
+    code = main([PROMPT, "--model", str(tiny_inpainting_package), "--backend", "reference", "--steps", "1",
+                 "-o", str(tmp_path / "out.png")])
+    error = [line for line in capsys.readouterr().err.strip().splitlines() if line]
+    assert code != 0 and len(error) == 1 and "has an inpainting Unet: pass --image and --mask" in error[0], error
