@@ -15,7 +15,15 @@ from .commandline import CONTEXT_SETTINGS, run_command, shared_options
 from .conditioning import SizeConditioning
 from .control import check_control, control_requests, parse_preprocess
 from .errors import GenerationError
-from .inpainting import DEFAULT_MASK_BLUR, open_mask, open_with_alpha
+from .inpainting import (
+    DEFAULT_MASK_BLUR,
+    DEFAULT_PADDING,
+    INPAINT_AREAS,
+    Inpainting,
+    MaskedArea,
+    open_mask,
+    open_with_alpha,
+)
 from .package import PACKAGES_ENV
 from .pipeline import Pipeline, check_options, random_seed
 from .schedulers import SCHEDULERS
@@ -106,6 +114,11 @@ def _console_logging():
               "without --mask, an image's transparent pixels are redrawn.")
 @click.option("--mask-blur", type=int, default=DEFAULT_MASK_BLUR, show_default=True, metavar="PIXELS",
               help="Feather the mask's edge by this Gaussian radius before compositing the result over the image.")
+@click.option("--inpaint-area", type=click.Choice(INPAINT_AREAS), default="whole", show_default=True,
+              help="masked: generate only the box around the mask at the package's size and paste it back (a hand "
+              "in a 1024x1024 image with a 512x512 package).")
+@click.option("--inpaint-padding", type=int, default=DEFAULT_PADDING, show_default=True, metavar="PIXELS",
+              help="With --inpaint-area masked: the margin kept around the mask's box.")
 @click.option("--num-images", type=int, default=1, show_default=True, help="Images from consecutive seeds.")
 @click.option("--height", type=int, help="In pixels, a multiple of 8, at least the package's (default: the package's); "
               "larger sizes are denoised in overlapping windows of the package's size.")
@@ -168,7 +181,7 @@ def generate(**options) -> None:
 
 def write_images(prompt: str, negative_prompt: str, model: str | None, steps: int, guidance_scale: float,
                  scheduler: str | None, seed: int | None, image: str | None, strength: float | None,
-                 mask: str | None, mask_blur: int, num_images: int,
+                 mask: str | None, mask_blur: int, inpaint_area: str, inpaint_padding: int, num_images: int,
                  height: int | None, width: int | None, upscale: float | None, upscale_strength: float | None,
                  upscale_steps: int | None, upscaler: str | None, tile_overlap: int | None,
                  original_size: tuple[int, int] | None, crop: tuple[int, int], target_size: tuple[int, int] | None,
@@ -215,6 +228,13 @@ def write_images(prompt: str, negative_prompt: str, model: str | None, steps: in
     loading = dict(backend=backend, compute_unit=compute_unit, verify=verify, reduce_memory=reduce_memory)
     pipe = Pipeline.from_package(model, **loading)
     refiner_pipe = Pipeline.from_package(refiner, **loading) if refiner else None
+    area = None
+    if inpaint_area == "masked":
+        if inpainting is None:
+            raise GenerationError("--inpaint-area masked inpaints: add --image and --mask")
+        area = MaskedArea.around(inpainting, inpaint_padding, (pipe.width, pipe.height))
+        original, start_image = start_image, area.crop(start_image, (pipe.width, pipe.height))
+        inpainting = Inpainting(area.crop(inpainting.mask, (pipe.width, pipe.height)), inpainting.blur)
     result = pipe(
         prompt,
         negative_prompt=negative_prompt,
@@ -239,6 +259,11 @@ def write_images(prompt: str, negative_prompt: str, model: str | None, steps: in
         control_end=control_end,
         inpainting=inpainting,
     )
+    if area is not None and not inpainting.empty:
+        whole = open_mask(mask, image, mask_blur)
+        result.images = [area.paste(picture, original, whole) for picture in result.images]
+        result.parameters = [f"{text}, Inpaint area: Only masked, Masked area padding: {inpaint_padding}"
+                             for text in result.parameters]
     for index, flagged in enumerate(result.nsfw_content_detected or []):
         if flagged:
             click.echo(f"image {index + 1} (seed {result.seeds[index]}) was flagged by the safety checker and saved black")

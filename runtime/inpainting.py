@@ -108,3 +108,52 @@ class LatentBlend:
         if step < len(self.timesteps) - 1:
             known = self.scheduler.add_noise(self.clean, self.noise, self.timesteps[step + 1 : step + 2])
         return known * (1 - self.redraw) + latents * self.redraw
+
+
+INPAINT_AREAS = ("whole", "masked")  # A1111's "whole picture" and "only masked"
+DEFAULT_PADDING = 32  # pixels around the mask's bounding box, A1111's default
+
+
+@dataclass(frozen=True)
+class MaskedArea:
+    """A1111's "only masked": the box around the mask (padded, then widened to the package's aspect ratio) is
+    generated at the package's size and pasted back, so a 512x512 package repairs a hand in a 1024x1024 image."""
+
+    box: tuple[int, int, int, int]  # left, top, right, bottom in the image
+
+    @classmethod
+    def around(cls, inpainting: Inpainting, padding: int, size: tuple[int, int]) -> "MaskedArea":
+        """The box for `inpainting`'s mask (its blurred extent) in an image of the mask's size, for a package
+        making `size` (width, height) images."""
+        if padding < 0:
+            raise GenerationError(f"--inpaint-padding must be at least 0 pixels, not {padding}")
+        bounds = inpainting.blurred().getbbox()
+        if bounds is None:
+            raise GenerationError("--inpaint-area masked needs a mask with white in it; the mask is black everywhere")
+        width, height = inpainting.mask.size
+        left, top = max(bounds[0] - padding, 0), max(bounds[1] - padding, 0)
+        right, bottom = min(bounds[2] + padding, width), min(bounds[3] + padding, height)
+        # widen the shorter side to the package's aspect ratio, centred, within the image
+        aspect = size[0] / size[1]
+        if (right - left) / (bottom - top) < aspect:
+            left, right = _widened(left, right, round((bottom - top) * aspect), width)
+        else:
+            top, bottom = _widened(top, bottom, round((right - left) / aspect), height)
+        return cls((left, top, right, bottom))
+
+    def crop(self, picture: Image.Image, size: tuple[int, int]) -> Image.Image:
+        return picture.crop(self.box).resize(size, Image.Resampling.LANCZOS)
+
+    def paste(self, generated: Image.Image, original: Image.Image, inpainting: Inpainting) -> Image.Image:
+        """The generated crop back in its box, composited over the original through the whole blurred mask."""
+        full = original.convert("RGB").copy()
+        width, height = self.box[2] - self.box[0], self.box[3] - self.box[1]
+        full.paste(generated.resize((width, height), Image.Resampling.LANCZOS), self.box[:2])
+        return Image.composite(full, original.convert("RGB"), inpainting.blurred())
+
+
+def _widened(low: int, high: int, length: int, limit: int) -> tuple[int, int]:
+    """[low, high) grown to `length` (at most `limit`) around its centre, shifted to stay within [0, limit)."""
+    length = min(length, limit)
+    low = max(0, min((low + high - length) // 2, limit - length))
+    return low, low + length

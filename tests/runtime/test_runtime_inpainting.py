@@ -150,3 +150,36 @@ def test_inpainting_unet_needs_a_mask(tiny_inpainting_package, photo, tmp_path, 
                  "-o", str(tmp_path / "out.png")])
     error = [line for line in capsys.readouterr().err.strip().splitlines() if line]
     assert code != 0 and len(error) == 1 and "has an inpainting Unet: pass --image and --mask" in error[0], error
+
+
+def test_only_masked_repairs_a_large_image_with_a_small_package(tiny_controlnet_package, tmp_path):
+    """A 256x256 image, a mask in one corner, a 128x128 package: the box around the mask is generated and pasted
+    back; the result has the image's size, and every pixel the blurred mask leaves black is the image's."""
+    big = Image.fromarray(np.random.default_rng(9).integers(0, 256, (256, 256, 3), dtype=np.uint8))
+    mask = Image.new("L", (256, 256))
+    ImageDraw.Draw(mask).ellipse((170, 150, 220, 210), fill=255)
+    image, mask_file, output = tmp_path / "big.png", tmp_path / "mask.png", tmp_path / "out.png"
+    big.save(image)
+    mask.save(mask_file)
+    assert main([PROMPT, "--model", str(tiny_controlnet_package), "--backend", "reference", "--steps", "2",
+                 "--seed", "2", "--image", str(image), "--mask", str(mask_file), "--inpaint-area", "masked",
+                 "--no-watermark", "-o", str(output)]) == 0
+    result = Image.open(output)
+    assert result.size == (256, 256)
+    assert "Inpaint area: Only masked, Masked area padding: 32" in result.text["parameters"]
+    ours, original = np.asarray(result.convert("RGB")), np.asarray(big)
+    blurred = np.asarray(open_mask(mask, big, 4).blurred())
+    assert (ours[blurred == 0] == original[blurred == 0]).all()
+    assert psnr(pixels(big)[blurred == 255], pixels(result.convert("RGB"))[blurred == 255]) < 30  # redrawn
+
+
+def test_only_masked_with_an_empty_mask_is_one_line(tiny_controlnet_package, photo, tmp_path, capsys):
+    image, mask = tmp_path / "photo.png", tmp_path / "mask.png"
+    photo.save(image)
+    Image.new("L", (128, 128)).save(mask)
+    output = tmp_path / "out"
+    code = main([PROMPT, "--model", str(tiny_controlnet_package), "--backend", "reference", "--steps", "1",
+                 "--image", str(image), "--mask", str(mask), "--inpaint-area", "masked", "-o", str(output)])
+    error = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("Error")]
+    assert code != 0 and len(error) == 1 and "--inpaint-area masked needs a mask with white in it" in error[0]
+    assert not output.exists() or not list(output.iterdir())
