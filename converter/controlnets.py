@@ -152,3 +152,14 @@ def prepare(arguments: tuple[str, ...], base: ModelSource, dims: ModelDimensions
         raise ConversionError(f"--controlnet names {repeated[0]} twice: pass each ControlNet once")
     base.family = with_controlled_unet(base.family)
     return sources, replace(dims, residuals=residual_layout(unet_config))
+
+
+def recorded_sources(manifest: dict, base: ModelSource) -> dict[str, ModelSource]:
+    """For validating a package again: its ControlNets' sources by component name, as the manifest records them;
+    the base source's family gains its ControlledUnet when the package has one."""
+    if not manifest.get("residuals"):
+        return {}
+    base.family = with_controlled_unet(base.family)
+    unet_config = dict(base.reader.empty("unet").config)
+    return {name: controlnet_source(entry["settings"]["source"]["controlnet"], base, unet_config)
+            for name, entry in manifest["components"].items() if name.startswith(CONTROLNET_PREFIX)}

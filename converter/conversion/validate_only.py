@@ -5,6 +5,7 @@ import torch
 from coreml_sd.runtime.contract import ModelDimensions
 from coreml_sd.runtime.integrity import check_files
 
+from ..controlnets import recorded_sources
 from ..errors import ConversionError
 from ..sources import ModelSource, resolve
 from .package import PackageFolder
@@ -51,6 +52,7 @@ def validate_package(path: Path, seed: int = 0) -> dict[str, dict]:
     source = source_of(manifest)
     source.safety_checker = manifest["components"].get("SafetyChecker", {}).get("settings", {}).get("safety_checker")
     dims = ModelDimensions.from_manifest(manifest)
+    sources = recorded_sources(manifest, source)
     results, report = {}, ConversionReport(folder.path)
     with folder.lock():
         for component, names in installed_components(manifest).items():
@@ -59,12 +61,13 @@ def validate_package(path: Path, seed: int = 0) -> dict[str, dict]:
                 if not package.is_dir():
                     raise ConversionError(f"{package} is missing: convert it again with coreml-convert")
             settings = manifest["components"][names[0]].get("settings", {})
+            origin = sources.get(component, source)
             with stage(report, component, "validate"):
                 results[component] = validate(packages if len(packages) > 1 else packages[0],
-                                              source.family.component(component),
-                                              source.family.spec(component, dims),
-                                              lambda c=component: source.load(c, torch.float32), seed,
-                                              source.latent_scaling_factor, settings.get("quantize_nbits"))
+                                              origin.family.component(component),
+                                              origin.family.spec(component, dims),
+                                              lambda c=component, o=origin: o.load(c, torch.float32), seed,
+                                              origin.latent_scaling_factor, settings.get("quantize_nbits"))
             for name in names:
                 manifest["components"][name]["validation"] = results[component]
             folder.write_manifest()

@@ -117,3 +117,11 @@ def test_controlnet_of_another_family_is_refused(tmp_path, tiny_xl_pipeline, cap
     error = capsys.readouterr().err.strip().splitlines()
     assert code != 0 and not output.exists()
     assert len(error) == 1 and "made for another model family" in error[0] and "cross_attention_dim" in error[0], error
+
+
+def test_validate_only_checks_controlnets_again(tiny_controlnet_package):
+    from coreml_sd.converter.conversion.validate_only import validate_package
+
+    results = validate_package(tiny_controlnet_package)
+    assert {"ControlledUnet", "controlnet/TinyCanny", "controlnet/TinyDepth"} <= set(results)
+    assert min(result["psnr_db"] for result in results.values()) >= 35  # measured 66-70 dB

@@ -137,3 +137,31 @@ def test_transparent_control_pixels_follow_apples_rule():
     planar = rgba[..., :3].astype(np.float32).transpose(2, 0, 1) / 255
     expected = np.where(rgba[..., 3][None] == 0, -1.0, planar)
     assert ours.shape == (2, 3, 64, 64) and (ours == expected[None]).all() and (ours == -1).any()
+
+
+def test_sdxl_controlnet_matches_diffusers(tiny_xl_pipeline, tmp_path_factory):
+    """An SDXL ControlNet (time_ids and text_embeds among its inputs) against diffusers'
+    StableDiffusionXLControlNetPipeline on the tiny-xl weights and the same NumPy-RNG latents."""
+    from coreml_sd.converter.conversion import ConversionOptions, convert_model
+    from coreml_sd.converter.models.tiny_controlnet import save_tiny_controlnet
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLControlNetPipeline
+
+    root = tmp_path_factory.mktemp("xl-controlnet")
+    controlnet = save_tiny_controlnet(tiny_xl_pipeline.unet, 3, root / "xl-edges")
+    convert_model(ConversionOptions(model="tiny-xl", output=root / "package", controlnets=(str(root / "xl-edges"),),
+                                    components=("TextEncoder", "TextEncoder2", "Unet", "VAEDecoder"), validate=False))
+    runtime = Pipeline.from_package(root / "package", backend="reference")
+    image = control_map(5)
+    ours = runtime(PROMPT, steps=3, seed=5, controls=[ControlRequest("XlEdges", 0.8, image, "")], progress=False)
+    components = {k: v for k, v in tiny_xl_pipeline.components.items() if k in (
+        "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet")}
+    pipe = StableDiffusionXLControlNetPipeline(
+        **components, controlnet=controlnet, add_watermarker=False,
+        scheduler=EulerDiscreteScheduler.from_config(runtime.package.scheduler_config))
+    pipe.set_progress_bar_config(disable=True)
+    latents = torch.from_numpy(draw_noise(np.random.RandomState(5), (1, 4, 16, 16)))
+    reference = pipe(PROMPT, image=image, num_inference_steps=3, height=128, width=128, latents=latents,
+                     controlnet_conditioning_scale=0.8, output_type="np").images[0]
+    figure = psnr(reference, pixels(ours.images[0]))
+    print(f"SDXL ControlNet: {figure:.1f} dB against diffusers")
+    assert figure >= PSNR_THRESHOLD_DB
