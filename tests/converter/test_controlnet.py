@@ -125,3 +125,17 @@ def test_validate_only_checks_controlnets_again(tiny_controlnet_package):
     results = validate_package(tiny_controlnet_package)
     assert {"ControlledUnet", "controlnet/TinyCanny", "controlnet/TinyDepth"} <= set(results)
     assert min(result["psnr_db"] for result in results.values()) >= 35  # measured 66-70 dB
+
+
+def test_bundle_places_controlnets_where_the_swift_package_looks(tiny_controlnet_package, tmp_path):
+    """Resources/controlnet/<Name> and Resources/ControlledUnet, Apple's names (here as .mlpackage: no compiler)."""
+    import shutil
+
+    from coreml_sd.converter.bundle import write_bundle
+    from coreml_sd.converter.families.sd import SD
+
+    folder = tmp_path / "package"
+    shutil.copytree(tiny_controlnet_package, folder)
+    resources = write_bundle(folder, SD, compile_with=None)
+    assert (resources / "ControlledUnet.mlpackage").is_dir() and (resources / "Unet.mlpackage").is_dir()
+    assert sorted(p.name for p in (resources / "controlnet").iterdir()) == ["TinyCanny.mlpackage", "TinyDepth.mlpackage"]
