@@ -25,7 +25,8 @@ setup(
     package_dir=package_dir,
     packages=sorted(package_dir),
     package_data={"coreml_sd.converter": ["data/vocab.json", "data/merges.txt", "data/demo/*.safetensors",
-                                           "data/demo/README.md"]},
+                                           "data/demo/README.md"],
+                  "coreml_sd.runtime.server": ["static/*"]},
     install_requires=[
         "coremltools>=8.0",
         "numpy<2.4",
@@ -43,10 +44,13 @@ setup(
     ],
     extras_require={
         # scikit-learn: the reference k-means for palettes; ray: the catalogue's tests
-        "test": ["pytest", "hypothesis", "scikit-learn", "ray>=2.40", "tomli; python_version < '3.11'"],
+        "test": ["pytest", "hypothesis", "scikit-learn", "ray>=2.40", "tomli; python_version < '3.11'",
+                 # the server's tests: a real A1111 client, and a browser driven over the system's Chromium
+                 "fastapi>=0.110", "uvicorn>=0.29", "httpx", "webuiapi", "playwright"],
         "upscalers": ["spandrel"],  # --upscaler: ESRGAN-family .pth models
         # coreml-convert --catalogue: conversions as Ray tasks; the catalogue file is TOML
         "cluster": ["ray>=2.40", "tomli; python_version < '3.11'"],
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29"],  # coreml-sd serve: AUTOMATIC1111's web API
     },
     entry_points={
         "console_scripts": [

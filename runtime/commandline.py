@@ -77,6 +77,7 @@ class LazyGroup(click.Group):
         "convert": ("coreml_sd.converter.cli", "convert", "Convert a model into Core ML packages."),
         "generate": ("coreml_sd.runtime.cli", "generate", "Make images from a converted package."),
         "watermark": ("coreml_sd.runtime.cli", "check_watermark", "Check images for Stable Diffusion's invisible watermark."),
+        "serve": ("coreml_sd.runtime.server.command", "serve", "Serve AUTOMATIC1111's web API and a web page."),
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -97,7 +98,8 @@ class LazyGroup(click.Group):
 @shared_options
 def cli() -> None:
     """coreml-sd: Stable Diffusion on Apple silicon. `coreml-sd convert` is `coreml-convert`, `coreml-sd generate`
-    is `coreml-generate`, `coreml-sd watermark` is `coreml-watermark`."""
+    is `coreml-generate`, `coreml-sd watermark` is `coreml-watermark`; `coreml-sd serve` serves AUTOMATIC1111's web
+    API (pip install 'coreml-sd[serve]')."""
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,6 @@
 """Pixels in and out: decoder output to PIL, input images to the encoder's range, PNGs with their settings."""
 import errno
+import io
 import logging
 import math
 import os
@@ -63,18 +64,25 @@ def current_umask() -> int:
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # a full disk, a file size limit, a quota
 
 
-def save_png(image: Image.Image, path: Path, parameters: str | None = None) -> None:
-    """Write through a temporary file in the same folder and rename, so no half-written PNG is ever left."""
+def png_bytes(image: Image.Image, parameters: str | None = None) -> bytes:
+    """The PNG of an image with its settings as the `parameters` text chunk (what SD tools read back)."""
     info = PngImagePlugin.PngInfo()
     if parameters is not None:
         info.add_text("parameters", parameters)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def save_png(image: Image.Image, path: Path, parameters: str | None = None) -> None:
+    """Write through a temporary file in the same folder and rename, so no half-written PNG is ever left."""
     try:
         descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as exc:
         raise GenerationError(f"cannot write to {path.parent} ({exc.strerror}); choose another -o") from None
     try:
         with os.fdopen(descriptor, "wb") as file:
-            image.save(file, format="PNG", pnginfo=info)
+            file.write(png_bytes(image, parameters))
         os.chmod(temporary, 0o666 & ~current_umask())  # mkstemp's files are private; an image is not
         os.replace(temporary, path)
     except OSError as exc:

@@ -36,7 +36,7 @@ from .inpainting import Inpainting
 from .package import Package, find_package, load_package
 from .refiner import refinement_for
 from .safety import SafetyChecker
-from .sampling import Pass, Sampler, Sampling
+from .sampling import Pass, Sampler, Sampling, StepHook
 from .schedulers import default_scheduler_name, scheduler_class
 from .upscaling import Upscale
 
@@ -187,6 +187,7 @@ class Pipeline:
         progress: bool = True,
         safety_checker: bool = True,
         watermark: bool = True,
+        on_step: StepHook | None = None,
     ) -> GenerationResult:
         """`num_images` images from seeds seed, seed+1, ... (a random seed when None); with `image`, image-to-image
         that keeps `1 - strength` of it. `scheduler` is a name from `schedulers.SCHEDULERS`. `height`/`width`
@@ -197,8 +198,9 @@ class Pipeline:
         this one runs the first `refiner_start` of the schedule and the refiner the rest, as diffusers' base +
         refiner ensemble. `controls` steer the Unet with the package's ControlNets, each on its control image, over
         [`control_start`, `control_end`) of the schedule. With `image` and `inpainting` (`inpainting.open_mask`), only
-        the mask's white part is redrawn and the result composited over the image. The package's safety checker, if it has one, blackens flagged images
-        (`safety_checker=False` skips it); `watermark=False` leaves out the invisible watermark. Raises
+        the mask's white part is redrawn and the result composited over the image. The package's safety checker, if
+        it has one, blackens flagged images (`safety_checker=False` skips it); `watermark=False` leaves out the
+        invisible watermark. `on_step` is called after every denoising step (see sampling.StepHook). Raises
         GenerationError for anything the caller can fix."""
         scheduler = scheduler or default_scheduler_name(self.package.scheduler_config)
         self._check_call(scheduler, steps, strength, num_images, seed, width, height, upscale, refiner_start,
@@ -247,9 +249,9 @@ class Pipeline:
                     init_latents = self._encode(picture, stage, overlap)
                 with self.stage(*denoisers):
                     latents = sampler.denoise(conditioning, stage, image_seed, init_latents, overlap, bar,
-                                              refinement.base_end, control,
+                                              refinement.base_end, on_step, control,
                                               inpainting and inpainting.latent_mask(), masked_moments)
-                latents = refinement(latents, stage, image_seed, overlap, bar)
+                latents = refinement(latents, stage, image_seed, overlap, bar, on_step)
                 if output_type == "pil" or number < len(passes) - 1:
                     with decoder.stage(VAE_DECODER):
                         picture = decoder.decode(latents, overlap)

@@ -11,7 +11,7 @@ import torch
 from . import contract
 from .conditioning import SizeConditioning
 from .errors import GenerationError
-from .sampling import Pass
+from .sampling import Pass, StepHook
 from .upscaling import Upscale
 
 if TYPE_CHECKING:  # the pipeline composes this stage; the stage only calls back into it
@@ -30,7 +30,8 @@ class NoRefiner:
     def condition(self, prompt: str, negative_prompt: str, size: SizeConditioning, image_size: tuple[int, int]) -> None:
         pass
 
-    def __call__(self, latents: torch.Tensor, stage: Pass, seed: int, overlap: int, bar: Callable) -> torch.Tensor:
+    def __call__(self, latents: torch.Tensor, stage: Pass, seed: int, overlap: int, bar: Callable,
+                 on_step: StepHook | None = None) -> torch.Tensor:
         return latents
 
 
@@ -60,9 +61,11 @@ class Refiner:
         with self.refiner.stage(*self.refiner.package.contract.text_encoders):
             self.conditioning = self.refiner.condition(prompt, negative_prompt, size, image_size)
 
-    def __call__(self, latents: torch.Tensor, stage: Pass, seed: int, overlap: int, bar: Callable) -> torch.Tensor:
+    def __call__(self, latents: torch.Tensor, stage: Pass, seed: int, overlap: int, bar: Callable,
+                 on_step: StepHook | None = None) -> torch.Tensor:
         with self.refiner.stage(self.refiner.package.unet_name):
-            return self.refiner.sampler.refine(latents, self.conditioning, stage, seed, self.base_end, overlap, bar)
+            return self.refiner.sampler.refine(latents, self.conditioning, stage, seed, self.base_end, overlap, bar,
+                                               on_step)
 
 
 def refinement_for(base: "Pipeline", refiner: "Pipeline | None", start: float,

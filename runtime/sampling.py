@@ -21,6 +21,10 @@ from .schedulers import build_scheduler, step_keywords
 from .tiling import Layout, TiledNoise
 from .upscaling import Upscaler
 
+# Called after each denoising step with (steps done, steps in the pass, the latents); returning True ends the pass
+# there, its latents decoded as they are (a server's interrupt and skip); raising aborts the generation.
+StepHook = Callable[[int, int, torch.Tensor], bool]
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -103,8 +107,9 @@ class Sampler:
 
     def denoise(
         self, conditioning: dict[str, np.ndarray], stage: Pass, seed: int, init_latents: np.ndarray | None,
-        overlap: int, bar: Callable, end: float | None = None, control: Control | None = None,
-        inpaint_mask: np.ndarray | None = None, masked_moments: np.ndarray | None = None,
+        overlap: int, bar: Callable, end: float | None = None, on_step: StepHook | None = None,
+        control: Control | None = None, inpaint_mask: np.ndarray | None = None,
+        masked_moments: np.ndarray | None = None,
     ) -> torch.Tensor:
         """The latents after the pass's schedule (or, with `end`, its first `end` fraction: diffusers'
         denoising_end); with `control`, steered by its ControlNets (the Sampler's Unet is then a ControlledUnet);
@@ -134,15 +139,15 @@ class Sampler:
             unet_extra = np.concatenate([inpaint_mask, masked], axis=1)
         elif inpaint_mask is not None:
             blend = LatentBlend(inpaint_mask, clean, noise, scheduler, timesteps)
-        return self._run(scheduler, timesteps, latents, conditioning, stage, seed, overlap, bar, control, blend,
-                         unet_extra)
+        return self._run(scheduler, timesteps, latents, conditioning, stage, seed, overlap, bar, on_step, control,
+                         blend, unet_extra)
 
     def refine(self, latents: torch.Tensor, conditioning: dict[str, np.ndarray], stage: Pass, seed: int,
-                start: float, overlap: int, bar: Callable) -> torch.Tensor:
+                start: float, overlap: int, bar: Callable, on_step: StepHook | None = None) -> torch.Tensor:
         """The base's latents through the schedule after `start` of it (diffusers' denoising_start), no noise added."""
         scheduler = self.scheduler(stage.sampling)
         return self._run(scheduler, refiner_timesteps(scheduler, start), latents, conditioning, stage, seed, overlap,
-                         bar)
+                         bar, on_step)
 
     def scheduler(self, sampling: Sampling):
         scheduler = build_scheduler(sampling.scheduler, self.package.scheduler_config, self.package.prediction_type)
@@ -150,8 +155,9 @@ class Sampler:
         return scheduler
 
     def _run(self, scheduler, timesteps: torch.Tensor, latents: torch.Tensor, conditioning: dict[str, np.ndarray],
-             stage: Pass, seed: int, overlap: int, bar: Callable, control: Control | None = None,
-             blend: LatentBlend | None = None, unet_extra: np.ndarray | None = None) -> torch.Tensor:
+             stage: Pass, seed: int, overlap: int, bar: Callable, on_step: StepHook | None = None,
+             control: Control | None = None, blend: LatentBlend | None = None,
+             unet_extra: np.ndarray | None = None) -> torch.Tensor:
         """The scheduler's steps over `timesteps`, the Unet run in windows of its own size over the latents (and
         the kept latents blended back after each step, for inpainting)."""
         step_kwargs = {"eta": 0.0, "generator": torch.Generator().manual_seed(seed)}
@@ -173,6 +179,8 @@ class Sampler:
                 if blend is not None:
                     latents = blend(latents, step)
                 progress.update(windows)
+                if on_step is not None and on_step(step + 1, len(timesteps), latents):
+                    break
         return latents
 
     def _guided_noise(self, samples: np.ndarray, t: float, conditioning: dict[str, np.ndarray],

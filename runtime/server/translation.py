@@ -1,0 +1,269 @@
+"""A1111's requests to the runtime's pipeline calls, and the runtime's results back to A1111's answers.
+
+A1111 names samplers as k-diffusion does ("Euler a", "DPM++ 2M"); the runtime's schedulers are diffusers' under
+short names (schedulers.py). The PNG parameters are the runtime's own text, so an image from the server equals
+the one `coreml-generate` writes; png-info reads that text back into A1111's fields.
+"""
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+from ..pipeline import MAX_SEED, random_seed
+from ..upscaling import MAX_FACTOR, MIN_FACTOR, Upscale
+from .errors import invalid
+from .schemas import GenerationRequest, Img2ImgRequest, Txt2ImgRequest
+
+# A1111's sampler name -> (the runtime's scheduler, the other names clients use for it). PLMS is diffusers' PNDM
+# without its Runge-Kutta warm-up steps, as SD's packages configure it.
+SAMPLERS = {
+    "Euler a": ("euler-a", ["k_euler_a", "k_euler_ancestral"]),
+    "Euler": ("euler", ["k_euler"]),
+    "LMS": ("lms", ["k_lms"]),
+    "DPM++ 2M": ("dpm++", ["k_dpmpp_2m"]),
+    "DDIM": ("ddim", []),
+    "PLMS": ("pndm", []),
+}
+# A1111's noise schedules beside the sampler: only the package's own (A1111's "automatic") exists here.
+SCHEDULES = {"automatic": "Automatic"}
+MAX_SIDE = 2048  # pixels per side of any image made, upscaled ones included
+MAX_IMAGES = 16  # batch_size x n_iter
+MAX_STEPS = 1000  # SD's training timesteps; the pipeline checks the package's own number too
+HIRES_UPSCALERS = ("", "none", "lanczos")  # what `hr_upscaler` may name: the runtime enlarges with Lanczos
+
+
+def sampler_lookup() -> dict[str, str]:
+    """Every accepted name, lower-cased -> the runtime's scheduler."""
+    names = {}
+    for name, (scheduler, aliases) in SAMPLERS.items():
+        for alias in (name, scheduler, *aliases):
+            names[alias.lower()] = scheduler
+    return names
+
+
+def sampler_items() -> list[dict[str, Any]]:
+    return [{"name": name, "aliases": [scheduler, *aliases], "options": {}}
+            for name, (scheduler, aliases) in SAMPLERS.items()]
+
+
+def scheduler_items() -> list[dict[str, Any]]:
+    return [{"name": name, "label": label, "aliases": None, "default_rho": None, "need_inner_model": None}
+            for name, label in SCHEDULES.items()]
+
+
+@dataclass
+class Generation:
+    """One request's images: what each Pipeline call takes, and which packages make them."""
+
+    prompt: str
+    negative_prompt: str
+    steps: int
+    guidance_scale: float
+    scheduler: str
+    seed: int
+    num_images: int
+    width: int | None
+    height: int | None
+    model: str | None = None  # a package other than the server's current one, for this request
+    image: Image.Image | None = None
+    strength: float = 0.8
+    upscale: Upscale | None = None
+    refiner: str | None = None
+    refiner_start: float = 0.8
+    created: float = field(default_factory=time.time)
+
+    def pipeline_keywords(self, index: int) -> dict[str, Any]:
+        """Image `index`'s Pipeline.__call__ keywords (less the refiner): one image per call, so that progress,
+        skip and interrupt act per image; the images equal one call's consecutive seeds."""
+        return {"negative_prompt": self.negative_prompt, "steps": self.steps, "guidance_scale": self.guidance_scale,
+                "scheduler": self.scheduler, "seed": self.seed + index, "image": self.image, "strength": self.strength,
+                "num_images": 1, "width": self.width, "height": self.height, "upscale": self.upscale,
+                "refiner_start": self.refiner_start, "progress": False}
+
+
+def _positive(value: int, name: str, limit: int, hint: str) -> int:
+    if not 1 <= value <= limit:
+        raise invalid(f"{name} must be between 1 and {limit}, not {value}; {hint}")
+    return value
+
+
+def _side(value: int | None, name: str) -> int | None:
+    if value is None:
+        return None
+    if not 8 <= value <= MAX_SIDE or value % 8:
+        raise invalid(f"{name} must be a multiple of 8 between 8 and {MAX_SIDE}, not {value}")
+    return value
+
+
+def _sampler(request: GenerationRequest) -> str:
+    name = request.sampler_name or request.sampler_index or "Euler"
+    scheduler = sampler_lookup().get(name.lower())
+    if scheduler is None:
+        raise invalid(f"sampler {name!r} is not available; choose one of {', '.join(SAMPLERS)} (GET /sdapi/v1/samplers)")
+    schedule = (request.scheduler or "automatic").lower()
+    if schedule not in SCHEDULES:
+        raise invalid(f"scheduler {request.scheduler!r} is not available; Core ML packages keep their own noise "
+                      "schedule: send 'automatic' or leave it out")
+    return scheduler
+
+
+def _seed(seed: int, count: int) -> int:
+    if seed == -1:
+        return random_seed(count)
+    last = MAX_SEED + 1 - count
+    if not 0 <= seed <= last:
+        raise invalid(f"seed must be -1 (random) or in [0, {last}] for {count} image(s), not {seed}")
+    return seed
+
+
+def _unsupported(request: GenerationRequest) -> None:
+    """Values A1111 would act on that the runtime cannot."""
+    if request.subseed_strength:
+        raise invalid("variation seeds are not supported; send subseed_strength 0")
+    if request.script_name:
+        raise invalid(f"script {request.script_name!r} not found; this server runs no scripts")
+
+
+def _model_override(request: GenerationRequest) -> str | None:
+    override = (request.override_settings or {}).get("sd_model_checkpoint")
+    if override is not None and not isinstance(override, str):
+        raise invalid("override_settings.sd_model_checkpoint must be a model title from /sdapi/v1/sd-models")
+    return override or None
+
+
+def _common(request: GenerationRequest, count: int) -> dict[str, Any]:
+    _unsupported(request)
+    steps = _positive(request.steps, "steps", MAX_STEPS, "20 to 50 is usual")
+    refiner = request.refiner_checkpoint if request.refiner_checkpoint not in (None, "", "None") else None
+    refiner_start = 0.8 if request.refiner_switch_at is None else request.refiner_switch_at
+    if refiner is not None and not 0 < refiner_start < 1:
+        raise invalid(f"refiner_switch_at must be between 0 and 1, not {refiner_start}")
+    return {"prompt": request.prompt, "negative_prompt": request.negative_prompt or "", "steps": steps,
+            "guidance_scale": request.cfg_scale, "scheduler": _sampler(request), "seed": _seed(request.seed, count),
+            "num_images": count, "width": _side(request.width, "width"), "height": _side(request.height, "height"),
+            "model": _model_override(request), "refiner": refiner, "refiner_start": refiner_start}
+
+
+def _count(request: GenerationRequest) -> int:
+    _positive(request.batch_size, "batch_size", MAX_IMAGES, f"at most {MAX_IMAGES} images per request")
+    _positive(request.n_iter, "n_iter", MAX_IMAGES, f"at most {MAX_IMAGES} images per request")
+    return _positive(request.batch_size * request.n_iter, "batch_size x n_iter", MAX_IMAGES,
+                     "ask in several requests")
+
+
+def _strength(value: float | None, name: str) -> float:
+    if value is None or not 0 <= value <= 1:
+        raise invalid(f"{name} must be between 0 and 1, not {value}")
+    return value
+
+
+def txt2img(request: Txt2ImgRequest) -> Generation:
+    generation = Generation(**_common(request, _count(request)))
+    if request.enable_hr:
+        generation.upscale = _hires(request, generation)
+    return generation
+
+
+def _hires(request: Txt2ImgRequest, generation: Generation) -> Upscale:
+    if (request.hr_upscaler or "").lower() not in HIRES_UPSCALERS:
+        raise invalid(f"hr_upscaler {request.hr_upscaler!r} is not available; send 'Lanczos' (the runtime "
+                      "enlarges with Lanczos, then refines)")
+    if request.hr_resize_x or request.hr_resize_y:
+        raise invalid("hr_resize_x and hr_resize_y are not supported; send hr_scale instead")
+    differing = [name for name, value, same in (
+        ("hr_checkpoint_name", request.hr_checkpoint_name, None), ("hr_sampler_name", request.hr_sampler_name, None),
+        ("hr_prompt", request.hr_prompt or None, request.prompt),
+        ("hr_negative_prompt", request.hr_negative_prompt or None, request.negative_prompt),
+    ) if value not in (None, "", "Use same checkpoint", "Use same sampler", same)]
+    if differing:
+        raise invalid(f"the hires pass runs with the first pass's model, sampler and prompts; leave out "
+                      f"{', '.join(differing)}")
+    if not MIN_FACTOR <= request.hr_scale <= MAX_FACTOR:
+        raise invalid(f"hr_scale must be between {MIN_FACTOR:g} and {MAX_FACTOR:g}, not {request.hr_scale}")
+    for name, side in (("width", generation.width), ("height", generation.height)):
+        if side is not None and side * request.hr_scale > MAX_SIDE:
+            raise invalid(f"{name} {side} x hr_scale {request.hr_scale:g} is over {MAX_SIDE} pixels; lower either")
+    steps = request.hr_second_pass_steps or None
+    if steps is not None:
+        _positive(steps, "hr_second_pass_steps", MAX_STEPS, "0 takes the first pass's steps")
+    return Upscale(request.hr_scale, _strength(request.denoising_strength, "denoising_strength"), steps)
+
+
+def img2img(request: Img2ImgRequest, image: Image.Image) -> Generation:
+    generation = Generation(**_common(request, _count(request)))
+    generation.image = image
+    generation.strength = _strength(request.denoising_strength, "denoising_strength")
+    return generation
+
+
+def check_img2img_inputs(request: Img2ImgRequest) -> str:
+    """The one init image to decode (the runtime starts every image of a request from the same one)."""
+    if request.mask:
+        raise invalid("inpainting (mask) is not supported yet; send img2img without a mask")
+    if not request.init_images:
+        raise invalid("img2img needs init_images: a list with one base64 image")
+    if len(request.init_images) > 1:
+        raise invalid(f"img2img takes one init image, not {len(request.init_images)}; send one request per image")
+    return request.init_images[0]
+
+
+def echoed_parameters(request: GenerationRequest) -> dict[str, Any]:
+    """The request as A1111 echoes it in `parameters` (without the input images unless asked for)."""
+    parameters = request.model_dump()
+    if isinstance(request, Img2ImgRequest) and not request.include_init_images:
+        parameters.update(init_images=None, mask=None)
+    return parameters
+
+
+def info_json(generation: Generation, seeds: list[int], infotexts: list[str], model: str, size: tuple[int, int],
+              sampler: str) -> str:
+    """A1111's `info`: the settings of the images made, as a JSON string."""
+    count = len(seeds)
+    return json.dumps({
+        "prompt": generation.prompt, "all_prompts": [generation.prompt] * count,
+        "negative_prompt": generation.negative_prompt, "all_negative_prompts": [generation.negative_prompt] * count,
+        "seed": seeds[0] if seeds else generation.seed, "all_seeds": seeds, "subseed": -1, "all_subseeds": [-1] * count,
+        "subseed_strength": 0, "width": size[0], "height": size[1], "sampler_name": sampler,
+        "cfg_scale": generation.guidance_scale, "steps": generation.steps, "batch_size": generation.num_images,
+        "restore_faces": False, "face_restoration_model": None, "sd_model_name": model, "sd_model_hash": None,
+        "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+        "denoising_strength": generation.strength if generation.image is not None else None,
+        "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": infotexts, "styles": [],
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(generation.created)), "clip_skip": 1,
+        "is_using_inpainting_conditioning": False,
+    })
+
+
+def sampler_title(scheduler: str) -> str:
+    return next((name for name, (ours, _) in SAMPLERS.items() if ours == scheduler), scheduler)
+
+
+# A settings line: `Key: value, Key: "quoted, value", ...` (keys may hold spaces, dashes and slashes).
+SETTING = re.compile(r'\s*([\w][\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+
+
+def parse_parameters(text: str) -> dict[str, Any]:
+    """A PNG's parameters text as A1111's png-info parses it: Prompt, Negative prompt, then each setting as a
+    string (Size also as Size-1 and Size-2)."""
+    lines = text.strip().split("\n")
+    settings_line = lines[-1] if len(lines) > 1 and SETTING.match(lines[-1]) else ""
+    if settings_line:
+        lines = lines[:-1]
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line[len("Negative prompt:"):].strip()
+        (negative if in_negative else prompt).append(line)
+    result: dict[str, Any] = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
+    for key, value in SETTING.findall(settings_line):
+        value = value.strip()
+        if value.startswith('"') and value.endswith('"'):
+            value = json.loads(value)
+        result[key.strip()] = value
+        size = re.fullmatch(r"(\d+)x(\d+)", value)
+        if key.strip().endswith("Size") and size:
+            result[f"{key.strip()}-1"], result[f"{key.strip()}-2"] = size.groups()
+    return result
