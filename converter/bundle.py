@@ -93,14 +93,17 @@ def write_bundle(folder: Path, family: Family, compile_with=None) -> Path:
         bundled = dict(manifest, components={})
         for name, entry in manifest["components"].items():
             package = folder / entry["file"]
+            destination = staging / Path(entry["file"]).parent  # ControlNets: Resources/controlnet/<Name>
+            destination.mkdir(parents=True, exist_ok=True)
             if compile_with is not None:
-                model = compile_with(package, staging)
+                model = compile_with(package, destination)
                 files = inventory(model)
             else:
-                model = place_package(package, staging)
+                model = place_package(package, destination)
                 files = entry["files"]
-            bundled["components"][name] = dict(entry, file=model.name, files=files)
-            print(f"{name:<11} {RESOURCES}/{model.name}", file=sys.stderr, flush=True)
+            placed = model.relative_to(staging).as_posix()
+            bundled["components"][name] = dict(entry, file=placed, files=files)
+            print(f"{name:<11} {RESOURCES}/{placed}", file=sys.stderr, flush=True)
         for name in TOKENIZER_FILES:
             shutil.copy2(folder / name, staging / name)
         expansions = embedding_expansions(manifest)

@@ -44,6 +44,9 @@ def list_models(ctx: click.Context, _, value: bool) -> None:
 @click.option("--embedding", "embeddings", multiple=True, metavar="PATH[:TOKEN]",
               help="Add a textual-inversion embedding (A1111, kohya, diffusers) as TOKEN (letters only; k vectors: "
               "TOKEN, TOKENb, ...); one id for every BPE tokenizer of the package, Swift's included; repeatable.")
+@click.option("--controlnet", "controlnets", multiple=True, metavar="ID_OR_PATH",
+              help="Also convert this ControlNet (diffusers ControlNetModel: Hugging Face id or folder) into "
+              "controlnet/<Name>.mlpackage, and the ControlledUnet that takes its residuals; repeatable.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Package folder (default: packages/<model name>).")
 @click.option("--components", help="Comma-separated (default: the model family's; " + "; ".join(
     f"{f.description}: {','.join(f.default_components)} of {','.join(f.components)}" for f in FAMILIES) + ").")
@@ -111,7 +114,7 @@ def list_models(ctx: click.Context, _, value: bool) -> None:
 @shared_options
 def convert(model: str | None, revision: str | None, model_type: str | None, prediction_type: str | None,
             config_folder: Path | None, loras: tuple[str, ...], embeddings: tuple[str, ...],
-            output: Path | None, components: str | None,
+            controlnets: tuple[str, ...], output: Path | None, components: str | None,
             attention_implementation: str, height: int | None, width: int | None, unet_batch_size: int | None,
             unguided_function: bool, guidance_embedding: bool, recommend: tuple[str, ...],
             quantize_nbits: int | None, quantize_recipe: str | None, quantize_granularity: str | None,
@@ -143,6 +146,7 @@ def convert(model: str | None, revision: str | None, model_type: str | None, pre
         config=config_folder,
         loras=loras,
         embeddings=embeddings,
+        controlnets=controlnets,
         components=None if components is None else tuple(c.strip() for c in components.split(",") if c.strip()),
         attention_implementation=attention_implementation,
         height=height,

@@ -11,9 +11,19 @@ import click
 
 from . import images
 from .backends import BACKENDS, COMPUTE_UNITS
-from .conditioning import SizeConditioning
 from .commandline import CONTEXT_SETTINGS, run_command, shared_options
+from .conditioning import SizeConditioning
+from .control import check_control, control_requests, parse_preprocess
 from .errors import GenerationError
+from .inpainting import (
+    DEFAULT_MASK_BLUR,
+    DEFAULT_PADDING,
+    INPAINT_AREAS,
+    Inpainting,
+    MaskedArea,
+    open_mask,
+    open_with_alpha,
+)
 from .package import PACKAGES_ENV
 from .infotext import generation_options, read_png_parameters
 from .pipeline import PROMPT_SYNTAXES, Pipeline, check_options, random_seed
@@ -124,7 +134,17 @@ def _list_schedulers(ctx: click.Context, _parameter: click.Parameter, value: boo
               help="How the steps are spread over the training timesteps (default: the package's scheduler config).")
 @click.option("--seed", type=int, help="Random seed (default: a random one, printed).")
 @click.option("--image", help="Start from this image (image-to-image).")
-@click.option("--strength", type=float, help="With --image: how much to change it, 0 to 1 (default: 0.8).")
+@click.option("--strength", type=float, help="With --image: how much to change it, 0 to 1 (default: 0.8; 1.0 when "
+              "inpainting).")
+@click.option("--mask", help="With --image: inpaint, redrawing only where this mask (of the image's size) is white; "
+              "without --mask, an image's transparent pixels are redrawn.")
+@click.option("--mask-blur", type=int, default=DEFAULT_MASK_BLUR, show_default=True, metavar="PIXELS",
+              help="Feather the mask's edge by this Gaussian radius before compositing the result over the image.")
+@click.option("--inpaint-area", type=click.Choice(INPAINT_AREAS), default="whole", show_default=True,
+              help="masked: generate only the box around the mask at the package's size and paste it back (a hand "
+              "in a 1024x1024 image with a 512x512 package).")
+@click.option("--inpaint-padding", type=int, default=DEFAULT_PADDING, show_default=True, metavar="PIXELS",
+              help="With --inpaint-area masked: the margin kept around the mask's box.")
 @click.option("--num-images", type=int, default=1, show_default=True, help="Images from consecutive seeds.")
 @click.option("--height", type=int, help="In pixels, a multiple of 8, at least the package's (default: the package's); "
               "larger sizes are denoised in overlapping windows of the package's size.")
@@ -149,6 +169,18 @@ def _list_schedulers(ctx: click.Context, _parameter: click.Parameter, value: boo
               help="SDXL: an SDXL refiner package (name or folder) that denoises the end of the schedule.")
 @click.option("--refiner-start", type=float, default=0.8, show_default=True,
               help="With --refiner: the fraction of the schedule the base runs before handing over.")
+@click.option("--controlnet", "controlnets", multiple=True, metavar="NAME[:SCALE]",
+              help="Steer the image with the package's ControlNet NAME (controlnet/NAME.mlpackage) at SCALE (default 1) "
+              "on the matching --control-image; repeatable, paired in order.")
+@click.option("--control-image", "control_images", multiple=True, metavar="FILE",
+              help="The control image (edge, pose or depth map) of the ControlNet given at the same place.")
+@click.option("--control-preprocess", metavar="canny[:LOW:HIGH]",
+              help="Turn each control image (an ordinary picture) into its Canny edge map first (default thresholds "
+              "100:200).")
+@click.option("--control-start", type=float, default=0.0, show_default=True,
+              help="The fraction of the schedule after which the ControlNets start to act.")
+@click.option("--control-end", type=float, default=1.0, show_default=True,
+              help="The fraction of the schedule after which they stop.")
 @click.option("-o", "--output", help=f"A .png file or a folder (default: {DEFAULT_OUTPUT}/, named after prompt and seed).")
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
               help="auto: Core ML on macOS, else the reference executor.")
@@ -191,11 +223,14 @@ def with_png_parameters(path: str, options: dict) -> dict:
 
 def write_images(prompt: str, negative_prompt: str, model: str | None, steps: int | None, guidance_scale: float | None,
                  scheduler: str | None, karras: bool, timestep_spacing: str | None, prompt_syntax: str,
-                 seed: int | None, image: str | None, strength: float | None, num_images: int,
+                 seed: int | None, image: str | None, strength: float | None,
+                 mask: str | None, mask_blur: int, inpaint_area: str, inpaint_padding: int, num_images: int,
                  height: int | None, width: int | None, upscale: float | None, upscale_strength: float | None,
                  upscale_steps: int | None, upscaler: str | None, tile_overlap: int | None,
                  original_size: tuple[int, int] | None, crop: tuple[int, int], target_size: tuple[int, int] | None,
-                 refiner: str | None, refiner_start: float, output: str | None, backend: str,
+                 refiner: str | None, refiner_start: float, controlnets: tuple[str, ...],
+                 control_images: tuple[str, ...], control_preprocess: str | None, control_start: float,
+                 control_end: float, output: str | None, backend: str,
                  compute_unit: str | None, verify: bool, reduce_memory: bool, safety_checker: bool,
                  watermark: bool) -> list[Path]:
     try:  # the option checks that need no model are usage errors
@@ -205,8 +240,18 @@ def write_images(prompt: str, negative_prompt: str, model: str | None, steps: in
         if image is not None and hires is not None and (strength is not None or width or height):
             raise GenerationError("--image with --upscale refines the enlarged image: its size follows the image, "
                                   "and --upscale-strength says how much it changes; drop --strength, --width, --height")
-        strength = 0.8 if strength is None else strength
-        check_options(scheduler, steps, strength, num_images, seed, width, height, hires, refiner_start)
+        if mask is not None and image is None:
+            raise GenerationError("--mask needs the image it masks: add --image PATH")
+        if mask_blur < 0:
+            raise GenerationError(f"--mask-blur must be at least 0 pixels, not {mask_blur}")
+        check_options(scheduler, steps, 1.0 if strength is None else strength, num_images, seed, width, height, hires,
+                      refiner_start)
+        if controlnets or control_images:
+            check_control(control_start, control_end)
+            parse_preprocess(control_preprocess)
+            if len(controlnets) != len(control_images):
+                raise GenerationError(f"{len(controlnets)} --controlnet but {len(control_images)} --control-image: "
+                                      "pass one control image per ControlNet, in the same order")
         if scheduler is not None:
             schedule_options(scheduler, timestep_spacing, karras)
             if steps is not None:
@@ -216,6 +261,11 @@ def write_images(prompt: str, negative_prompt: str, model: str | None, steps: in
     if upscaler is not None:
         hires = Upscale(hires.factor, hires.strength, hires.steps, ModelUpscaler(upscaler))
     start_image = images.open_image(image) if image is not None else None
+    inpainting = open_mask(mask, image, mask_blur) if image is not None else None
+    if strength is None:
+        strength = 1.0 if inpainting is not None else 0.8
+    controls = control_requests(controlnets, control_images, control_preprocess,
+                                lambda file: open_with_alpha(file, "--control-image"))
     if seed is None:
         seed = random_seed(num_images)
         click.echo(f"seed {seed} (random; pass --seed {seed} to make the same image again)")
@@ -225,6 +275,13 @@ def write_images(prompt: str, negative_prompt: str, model: str | None, steps: in
     loading = dict(backend=backend, compute_unit=compute_unit, verify=verify, reduce_memory=reduce_memory)
     pipe = Pipeline.from_package(model, **loading)
     refiner_pipe = Pipeline.from_package(refiner, **loading) if refiner else None
+    area = None
+    if inpaint_area == "masked":
+        if inpainting is None:
+            raise GenerationError("--inpaint-area masked inpaints: add --image and --mask")
+        area = MaskedArea.around(inpainting, inpaint_padding, (pipe.width, pipe.height))
+        original, start_image = start_image, area.crop(start_image, (pipe.width, pipe.height))
+        inpainting = Inpainting(area.crop(inpainting.mask, (pipe.width, pipe.height)), inpainting.blur)
     result = pipe(
         prompt,
         negative_prompt=negative_prompt,
@@ -247,7 +304,16 @@ def write_images(prompt: str, negative_prompt: str, model: str | None, steps: in
         size_conditioning=SizeConditioning(original_size, crop, target_size),
         refiner=refiner_pipe,
         refiner_start=refiner_start,
+        controls=controls,
+        control_start=control_start,
+        control_end=control_end,
+        inpainting=inpainting,
     )
+    if area is not None and not inpainting.empty:
+        whole = open_mask(mask, image, mask_blur)
+        result.images = [area.paste(picture, original, whole) for picture in result.images]
+        result.parameters = [f"{text}, Inpaint area: Only masked, Masked area padding: {inpaint_padding}"
+                             for text in result.parameters]
     for index, flagged in enumerate(result.nsfw_content_detected or []):
         if flagged:
             click.echo(f"image {index + 1} (seed {result.seeds[index]}) was flagged by the safety checker and saved black")

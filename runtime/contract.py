@@ -34,11 +34,17 @@ UNET_REFINER = "UnetRefiner"  # the SDXL refiner's Unet, beside a base's
 VAE_DECODER = "VAEDecoder"
 VAE_ENCODER = "VAEEncoder"
 SAFETY_CHECKER = "SafetyChecker"
-COMPONENTS = (TEXT_ENCODER, TEXT_ENCODER_2, UNET, UNET_REFINER, VAE_DECODER, VAE_ENCODER, SAFETY_CHECKER)
+CONTROLLED_UNET = "ControlledUnet"  # the Unet taking ControlNet residuals, beside the Unet (Apple's Swift package)
+COMPONENTS = (TEXT_ENCODER, TEXT_ENCODER_2, UNET, UNET_REFINER, VAE_DECODER, VAE_ENCODER, SAFETY_CHECKER,
+              CONTROLLED_UNET)
+# ControlNets: <CONTROLNET_FOLDER>/<Name>.mlpackage (.mlmodelc in Resources/), each a component named
+# "controlnet/<Name>"; <Name> is Apple's bundler's (converter.controlnets.controlnet_name).
+CONTROLNET_FOLDER = "controlnet"
+CONTROLNET_PREFIX = CONTROLNET_FOLDER + "/"
 
 # A Unet split in two for iPhones: <Name>Chunk1 and <Name>Chunk2 (Apple's names), run one after the other.
 CHUNK_COUNT = 2
-CHUNKED_COMPONENTS = (UNET, UNET_REFINER)
+CHUNKED_COMPONENTS = (UNET, UNET_REFINER, CONTROLLED_UNET)
 
 
 def chunk_names(component: str) -> tuple[str, ...]:
@@ -93,7 +99,12 @@ TENSOR_MEANINGS = {
     "filtered_images": ("the images, zeros where flagged", "(1,H,W,3)"),
     "has_nsfw_concepts": ("1 if the image is flagged", "(1,1,1,1)"),
     "concept_scores": ("score per concept, > 0 flags", "(1,17)"),
+    "controlnet_cond": ("control image (edges, pose, depth...) in [0, 1], RGB", "(B,3,H,W)"),
 }
+# A ControlNet's outputs and a ControlledUnet's extra inputs, in the Unet's skip-connection order (conv_in, each
+# down block's resnets and downsampler), the mid block's last: Apple's names.
+RESIDUAL_PREFIX = "additional_residual_"
+RESIDUAL_MEANING = "ControlNet residual added to a Unet skip connection (the last: to the mid block), summed"
 # What each kind of component is, for its package's short description.
 COMPONENT_SUMMARIES = {
     "text_encoder": "CLIP text encoder: prompt tokens to text embeddings",
@@ -101,6 +112,8 @@ COMPONENT_SUMMARIES = {
     "vae_decoder": "VAE decoder: latents to an image",
     "vae_encoder": "VAE encoder: an image to latents (image-to-image)",
     "safety_checker": "Safety checker: flags and blanks NSFW images",
+    "controlnet": "ControlNet: residuals for the ControlledUnet from a control image",
+    "controlled_unet": "Unet with ControlNet residual inputs: predicts the noise in latents",
 }
 
 
@@ -117,6 +130,8 @@ class TensorSpec:
     def description(self) -> str:
         """What Xcode shows beside the name: meaning, layout, dtype; an intermediate value between the chunks
         of a split model, which has no meaning of its own, is described by its concrete shape."""
+        if self.name.startswith(RESIDUAL_PREFIX):
+            return f"{RESIDUAL_MEANING}, ({','.join(map(str, self.shape))}) {self.dtype}"
         meaning, layout = TENSOR_MEANINGS.get(self.name, (CHUNK_INTERMEDIATE, "(" + ",".join(map(str, self.shape)) + ")"))
         return f"{meaning}, {layout} {self.dtype}"
 
@@ -156,6 +171,11 @@ class ModelDimensions:
     time_ids_length: int = 0
     text_encoders: dict[str, tuple[int, int]] = field(default_factory=dict)
     guidance_embedding_width: int = 0  # an LCM Unet's `timestep_cond` width (its time_cond_proj_dim)
+    # The Unet's skip connections as (channels, downsampling factor), the mid block last: the residuals a
+    # ControlNet makes and a ControlledUnet takes (empty: the package has no ControlNet).
+    residuals: tuple[tuple[int, int], ...] = ()
+    # An inpainting Unet's input channels: the latents, the mask and the masked image's latents (4 + 1 + 4).
+    unet_in_channels: int = LATENT_CHANNELS
 
     @property
     def latent_size(self) -> tuple[int, int]:
@@ -168,11 +188,15 @@ class ModelDimensions:
     def as_dict(self) -> dict:
         """The manifest's fields for these dimensions (those an SD model does not use are left out)."""
         fields = asdict(self)
-        for name in ("pooled_width", "time_ids_length", "text_encoders", "guidance_embedding_width"):
+        for name in ("pooled_width", "time_ids_length", "text_encoders", "guidance_embedding_width", "residuals"):
             if not fields[name]:
                 del fields[name]
+        if fields["unet_in_channels"] == LATENT_CHANNELS:
+            del fields["unet_in_channels"]
         if "text_encoders" in fields:
             fields["text_encoders"] = {name: list(widths) for name, widths in fields["text_encoders"].items()}
+        if "residuals" in fields:
+            fields["residuals"] = [list(residual) for residual in fields["residuals"]]
         return fields
 
     @classmethod
@@ -186,6 +210,8 @@ class ModelDimensions:
             time_ids_length=manifest.get("time_ids_length", 0),
             text_encoders={name: tuple(widths) for name, widths in manifest.get("text_encoders", {}).items()},
             guidance_embedding_width=manifest.get("guidance_embedding_width", 0),
+            residuals=tuple(tuple(residual) for residual in manifest.get("residuals", ())),
+            unet_in_channels=manifest.get("unet_in_channels", LATENT_CHANNELS),
         )
 
 
@@ -217,13 +243,50 @@ def unet_spec(name: str, dims: ModelDimensions) -> ComponentSpec:
     return ComponentSpec(
         name,
         inputs=(
-            TensorSpec("sample", (b, LATENT_CHANNELS, h, w), "float16"),
+            TensorSpec("sample", (b, dims.unet_in_channels, h, w), "float16"),
             TensorSpec("timestep", (b,), "float16"),
             TensorSpec("encoder_hidden_states", (b, dims.text_width, 1, TEXT_LENGTH), "float16"),
             *added,
         ),
         outputs=(TensorSpec("noise_pred", (b, LATENT_CHANNELS, h, w), "float32"),),
     )
+
+
+def residual_layout(unet_config: dict) -> tuple[tuple[int, int], ...]:
+    """`ModelDimensions.residuals` of a Unet (or ControlNet) configuration: conv_in's output, each down block's
+    resnets and downsampler, the mid block."""
+    channels = unet_config["block_out_channels"]
+    layers = unet_config["layers_per_block"]
+    layers = [layers] * len(channels) if isinstance(layers, int) else list(layers)
+    residuals = [(channels[0], 1)]
+    for index, (width, count) in enumerate(zip(channels, layers)):
+        residuals += [(width, 2**index)] * count
+        if index < len(channels) - 1:
+            residuals.append((width, 2 ** (index + 1)))
+    return (*residuals, (channels[-1], 2 ** (len(channels) - 1)))
+
+
+def residual_specs(dims: ModelDimensions) -> tuple[TensorSpec, ...]:
+    """The residuals at the Unet's batch and latent size, float32 as a ControlNet outputs them."""
+    h, w = dims.latent_size
+    return tuple(TensorSpec(f"{RESIDUAL_PREFIX}{index}", (dims.unet_batch_size, channels, -(-h // factor),
+                                                           -(-w // factor)), "float32")
+                 for index, (channels, factor) in enumerate(dims.residuals))
+
+
+def controlnet_spec(name: str, dims: ModelDimensions) -> ComponentSpec:
+    """Apple's ControlNet contract: the Unet's inputs and the control image at the image size, in [0, 1]; the
+    residuals out (an SDXL ControlNet also takes the Unet's `time_ids` and `text_embeds`)."""
+    unet = unet_spec(name, dims)
+    image = TensorSpec("controlnet_cond", (dims.unet_batch_size, 3, dims.height, dims.width), "float16")
+    return ComponentSpec(name, inputs=(*unet.inputs, image), outputs=residual_specs(dims))
+
+
+def controlled_unet_spec(name: str, dims: ModelDimensions) -> ComponentSpec:
+    """The Unet's contract with the residuals as further float16 inputs, as Apple's ControlledUnet takes them."""
+    unet = unet_spec(name, dims)
+    residuals = tuple(TensorSpec(t.name, t.shape, "float16") for t in residual_specs(dims))
+    return ComponentSpec(name, inputs=(*unet.inputs, *residuals), outputs=unet.outputs)
 
 
 def vae_decoder_spec(name: str, dims: ModelDimensions) -> ComponentSpec:

@@ -20,6 +20,8 @@ from .contract import (
     APPLE_CONVERTER_PREFIX,
     BUNDLE_FOLDER,
     CHUNKED_COMPONENTS,
+    CONTROLNET_FOLDER,
+    CONTROLNET_PREFIX,
     COMPONENTS,
     FAMILY_CONTRACTS,
     MANIFEST_FILE,
@@ -82,7 +84,18 @@ class Package:
     def unet_name(self) -> str:
         return self.contract.unet
 
+    @property
+    def controlnets(self) -> tuple[str, ...]:
+        """The names of the package's ControlNets (`controlnet/<Name>` components)."""
+        return tuple(name.removeprefix(CONTROLNET_PREFIX) for name in self.components
+                     if name.startswith(CONTROLNET_PREFIX))
+
     def component(self, name: str) -> tuple[Path, ...]:
+        if name.startswith(CONTROLNET_PREFIX) and name not in self.components:
+            controlnet = name.removeprefix(CONTROLNET_PREFIX)
+            held = f"it holds {', '.join(self.controlnets)}" if self.controlnets else "it holds none"
+            raise GenerationError(f"package {self.name!r} has no ControlNet {controlnet!r} ({held}); convert it with "
+                                  "coreml-convert --controlnet ID_OR_PATH")
         if name not in self.components:
             raise GenerationError(
                 f"package {self.name!r} has no {name}; convert it too "
@@ -220,6 +233,9 @@ def _component_files(folder: Path) -> dict[str, tuple[Path, ...]]:
         raise GenerationError(f"{folder} holds the models of several conversions ({', '.join(sorted(model_ids))}); "
                               "move each model's files into a folder of its own")
     components = {name: (files[name],) for name in COMPONENTS if name in files}
+    if (folder / CONTROLNET_FOLDER).is_dir():
+        for file in _model_files(folder / CONTROLNET_FOLDER):
+            components.setdefault(CONTROLNET_PREFIX + file.stem, (file,))
     for name in CHUNKED_COMPONENTS:
         first, second = chunk_names(name)
         if first in files and second in files:

@@ -29,8 +29,10 @@ from .backends import (
     resolve_backend,
 )
 from .conditioning import SizeConditioning, conditioning_for
-from .contract import SAFETY_CHECKER, VAE_DECODER, VAE_ENCODER, VAE_FACTOR
+from .contract import CONTROLLED_UNET, CONTROLNET_PREFIX, SAFETY_CHECKER, VAE_DECODER, VAE_ENCODER, VAE_FACTOR
+from .control import Control, ControlRequest, check_control, control_image_input, control_settings
 from .errors import GenerationError
+from .inpainting import Inpainting
 from .package import Package, find_package, load_package
 from .recommended import choose, consistency_distilled, warn_unless_distilled
 from .refiner import refinement_for
@@ -200,6 +202,10 @@ class Pipeline:
         size_conditioning: SizeConditioning = SizeConditioning(),
         refiner: "Pipeline | None" = None,
         refiner_start: float = 0.8,
+        controls: list[ControlRequest] = (),
+        control_start: float = 0.0,
+        control_end: float = 1.0,
+        inpainting: Inpainting | None = None,
         progress: bool = True,
         safety_checker: bool = True,
         watermark: bool = True,
@@ -215,9 +221,12 @@ class Pipeline:
         windows share (default: a quarter of the package's shorter side). SDXL packages take `size_conditioning`
         (original size, crop, target size; default: the image's size and (0, 0)); with an SDXL `refiner` pipeline,
         this one runs the first `refiner_start` of the schedule and the refiner the rest, as diffusers' base +
-        refiner ensemble. The package's safety checker, if it has one, blackens flagged images
-        (`safety_checker=False` skips it); `watermark=False` leaves out the invisible watermark. `on_step` is called
-        after every denoising step (see sampling.StepHook). Raises GenerationError for anything the caller can fix."""
+        refiner ensemble. `controls` steer the Unet with the package's ControlNets, each on its control image, over
+        [`control_start`, `control_end`) of the schedule. With `image` and `inpainting` (`inpainting.open_mask`), only
+        the mask's white part is redrawn and the result composited over the image. The package's safety checker, if
+        it has one, blackens flagged images (`safety_checker=False` skips it); `watermark=False` leaves out the
+        invisible watermark. `on_step` is called after every denoising step (see sampling.StepHook). Raises
+        GenerationError for anything the caller can fix."""
         package = self.package
         choice = choose(package.recommended, package.scheduler_config, scheduler, steps, guidance_scale)
         scheduler, steps, guidance_scale = choice.scheduler, choice.steps, choice.guidance_scale
@@ -236,6 +245,16 @@ class Pipeline:
         start = None if image is None else images.open_image(image)
         sampling = Sampling(scheduler, steps, guidance_scale, strength, timestep_spacing, karras)
         passes = self._passes(sampling, (width, height), start, upscale)
+        if inpainting is not None:
+            inpainting = self._check_inpainting(inpainting, start, passes, refiner, upscale)
+            if inpainting.empty:
+                return GenerationResult([start] * num_images, [seed or 0] * num_images, [""] * num_images)
+        if self.sampler.takes_mask and inpainting is None:
+            raise GenerationError(f"package {self.package.name!r} has an inpainting Unet: pass --image and --mask "
+                                  "(white = redraw)")
+        control = self._control(controls, control_start, control_end, passes) if controls else None
+        sampler = self._controlled_sampler() if control is not None else self.sampler
+        denoisers = (sampler.name, UNGUIDED_UNET, *(CONTROLNET_PREFIX + request.name for request in controls))
         if seed is None:
             seed = random_seed(num_images)
 
@@ -244,6 +263,9 @@ class Pipeline:
             conditioning = self.condition(prompt, negative_prompt, size_conditioning, first_size, prompt_syntax)
         refinement.condition(prompt, negative_prompt, size_conditioning, first_size, prompt_syntax)
         start_latents = None if start is None else self._encode(start, passes[0], overlap)
+        masked_moments = None
+        if inpainting is not None and self.sampler.takes_mask:
+            masked_moments = self._encode(inpainting.masked_pixels(start), passes[0], overlap)
         # The safeguards, in the order Stable Diffusion's scripts apply them: safety check, then watermark.
         checker = self._safety_checker() if safety_checker and output_type == "pil" else None
         safeguard_settings = {
@@ -261,9 +283,10 @@ class Pipeline:
             for number, stage in enumerate(passes):
                 if number > 0:  # a hires pass: the previous pass's image, enlarged
                     init_latents = self._encode(picture, stage, overlap)
-                with self.stage(self.package.unet_name, UNGUIDED_UNET):
-                    latents = self.sampler.denoise(conditioning, stage, image_seed, init_latents, overlap, bar,
-                                                   refinement.base_end, on_step)
+                with self.stage(*denoisers):
+                    latents = sampler.denoise(conditioning, stage, image_seed, init_latents, overlap, bar,
+                                              refinement.base_end, on_step, control,
+                                              inpainting and inpainting.latent_mask(), masked_moments)
                 latents = refinement(latents, stage, image_seed, overlap, bar, on_step)
                 if output_type == "pil" or number < len(passes) - 1:
                     with decoder.stage(VAE_DECODER):
@@ -274,10 +297,14 @@ class Pipeline:
                 result.nsfw_content_detected.append(flagged)
             if watermark:
                 picture = watermarks.apply(picture, self.package.watermark)
+            if inpainting is not None and output_type == "pil":  # after the watermark: the kept pixels stay exact
+                picture = inpainting.composite(picture, start)
             result.images.append(picture if output_type == "pil" else latents)
             result.seeds.append(image_seed)
             settings = {**self._settings(passes, image_seed, overlap, start is not None, upscale),
-                        **refinement.settings, **({"Prompt syntax": prompt_syntax} if prompt_syntax != "a1111" else {}),
+                        **refinement.settings, **control_settings(controls, control_start, control_end),
+                        **({"Mask blur": inpainting.blur} if inpainting is not None else {}),
+                        **({"Prompt syntax": prompt_syntax} if prompt_syntax != "a1111" else {}),
                         **safeguard_settings}
             result.parameters.append(parameters_text(prompt, negative_prompt, settings))
         return result
@@ -305,6 +332,37 @@ class Pipeline:
             conditioning = self._compel
         inputs = conditioning(prompt, negative_prompt, size, image_size)
         return {name: value.astype(self.sampler.dtypes[name]) for name, value in inputs.items()}
+
+    def _check_inpainting(self, inpainting: Inpainting, start: Image.Image | None, passes: list[Pass],
+                          refiner: "Pipeline | None", upscale: Upscale | None) -> Inpainting:
+        """The mask at the generation's size, once inpainting is known to apply."""
+        if start is None:
+            raise GenerationError("a mask needs the image it masks: add --image PATH")
+        if refiner is not None or upscale is not None:
+            raise GenerationError("inpainting cannot be combined with --refiner or --upscale yet; inpaint first, then "
+                                  "refine or upscale the result")
+        if self.sampler.takes_mask and passes[0].size != (self.width, self.height):
+            raise GenerationError(f"an inpainting Unet runs at its package's size only ({self.width}x{self.height}): "
+                                  "leave out --width and --height")
+        return inpainting.at(passes[0].size)
+
+    def _controlled_sampler(self) -> Sampler:
+        """The sampler over the package's ControlledUnet, which takes the ControlNets' residuals."""
+        if CONTROLLED_UNET not in self.package.components:
+            raise GenerationError(f"package {self.package.name!r} has no ControlledUnet, so it cannot run ControlNets; "
+                                  "convert the model with coreml-convert --controlnet ID_OR_PATH")
+        return Sampler(self.model(CONTROLLED_UNET), self.package, name=CONTROLLED_UNET)
+
+    def _control(self, controls: list[ControlRequest], start: float, end: float, passes: list[Pass]) -> Control:
+        """The control stage: each named ControlNet with its scale and its control image at the generation size."""
+        check_control(start, end)
+        if any(stage.size != (self.width, self.height) for stage in passes):
+            raise GenerationError("ControlNets run at the package's own size only for now: leave out --width, "
+                                  f"--height and --upscale ({self.width}x{self.height}), or convert at the size you want")
+        models = [self.model(CONTROLNET_PREFIX + request.name) for request in controls]
+        batch = self.unet_batch_size
+        return Control(models, [request.scale for request in controls],
+                       [control_image_input(request.image, passes[0].size, batch) for request in controls], start, end)
 
     def _safety_checker(self) -> SafetyChecker | None:
         if SAFETY_CHECKER not in self.package.components:
@@ -369,14 +427,15 @@ class Pipeline:
             settings["Tile overlap"] = overlap * VAE_FACTOR
         return settings
 
-    def _encode(self, picture: Image.Image, stage: Pass, overlap: int) -> np.ndarray:
-        """The VAE encoder's moments for `picture` brought to the pass's size, in tiles when it is larger."""
+    def _encode(self, picture: Image.Image | np.ndarray, stage: Pass, overlap: int) -> np.ndarray:
+        """The VAE encoder's moments for `picture` (or pixels in [-1, 1] at the pass's size) brought to the pass's
+        size, in tiles when it is larger."""
         if stage.upscaler is not None:
             picture = stage.upscaler(picture, stage.size)
         encoder = self.model(VAE_ENCODER)
         dtype = encoder.input_description["x"][1]
         window = tuple(side // VAE_FACTOR for side in encoder.input_description["x"][0][2:])
-        pixels = images.to_encoder_input(picture, stage.size)
+        pixels = picture if isinstance(picture, np.ndarray) else images.to_encoder_input(picture, stage.size)
         with self.stage(VAE_ENCODER):
             return tiling.tiled_encode(lambda x: encoder.predict({"x": x.astype(dtype)})["latent"], pixels, window,
                                        overlap)

@@ -15,7 +15,9 @@ import torch
 
 from . import tiling
 from .backends import Model
-from .contract import VAE_FACTOR
+from .contract import LATENT_CHANNELS, RESIDUAL_PREFIX, VAE_FACTOR
+from .control import Control
+from .inpainting import LatentBlend
 from .package import Package
 from .schedulers import build_scheduler, step_keywords
 from .tiling import Layout, TiledNoise
@@ -89,36 +91,48 @@ def denoising_timesteps(scheduler, steps: int, strength: float) -> torch.Tensor:
 
 
 class Sampler:
-    """A package's Unet and schedule: `denoise` runs a pass (text-to-image, image-to-image, or the first part of
-    the schedule for a refiner), `refine` the rest of a schedule from given latents.
+    """A package's Unet and schedule: `denoise` runs a pass (text-to-image, image-to-image, inpainting, or the first
+    part of the schedule for a refiner), `refine` the rest of a schedule from given latents.
 
     With guidance above 1 each step runs the Unet on (unconditional, conditional) pairs; at 1 or below, as
     diffusers, on the conditional input alone: through `unguided_unet` where the package has one (a batch-1
     function of a multifunction Unet), else through the Unet itself, which at batch 1 then runs once per step
     and at batch 2 takes two windows per call. A Unet that takes LCM's guidance embedding (`timestep_cond`)
-    is never run with guidance: the scale goes into the embedding, as in diffusers' LCM pipeline.
+    is never run with guidance: the scale goes into the embedding, as in diffusers' LCM pipeline. A ControlledUnet
+    takes its ControlNets' residuals, which the control stage computes for every Unet call.
     """
 
     window_weights = staticmethod(tiling.feathered_weights)  # how the Unet windows' predictions are blended
 
-    def __init__(self, unet: Model, package: Package, unguided_unet: Model | None = None):
+    def __init__(self, unet: Model, package: Package, unguided_unet: Model | None = None, name: str | None = None):
         self.unet = unet
         self.unguided_unet = unguided_unet or unet
         self.package = package
+        self.name = name or package.unet_name  # the Unet component it runs
         self.dtypes = {name: dtype for name, (_, dtype) in unet.input_description.items()}
         sample_shape = unet.input_description["sample"][0]
         self.batch_size = sample_shape[0]
         self.unguided_batch_size = self.unguided_unet.input_description["sample"][0][0]
-        self.latent_channels = sample_shape[1]
+        self.latent_channels = LATENT_CHANNELS
+        # An inpainting Unet also takes the mask and the masked image's latents beside the latents (9 channels)
+        self.takes_mask = sample_shape[1] != LATENT_CHANNELS
         self.latent_window = tuple(sample_shape[2:])
         self.guidance_embedding = GUIDANCE_EMBEDDING in unet.input_description
+        # A ControlledUnet's residual inputs, which the control stage fills
+        self.residual_inputs = {name: description for name, description in unet.input_description.items()
+                                if name.startswith(RESIDUAL_PREFIX)}
 
     def denoise(
         self, conditioning: dict[str, np.ndarray], stage: Pass, seed: int, init_latents: np.ndarray | None,
         overlap: int, bar: Callable, end: float | None = None, on_step: StepHook | None = None,
+        control: Control | None = None, inpaint_mask: np.ndarray | None = None,
+        masked_moments: np.ndarray | None = None,
     ) -> torch.Tensor:
         """The latents after the pass's schedule (or, with `end`, its first `end` fraction: diffusers'
-        denoising_end)."""
+        denoising_end); with `control`, steered by its ControlNets (the Sampler's Unet is then a ControlledUnet);
+        with `inpaint_mask` (1 = redraw, at the latents' size), the rest kept as `init_latents` has it (an inpainting
+        Unet takes the mask and `masked_moments`' latents instead), and at strength 1 started from pure noise, as
+        diffusers' inpainting."""
         sampling = stage.sampling
         scheduler = self.scheduler(sampling)
         rng = np.random.RandomState(seed)
@@ -129,12 +143,21 @@ class Sampler:
             latents = noise * scheduler.init_noise_sigma
         else:
             timesteps = denoising_timesteps(scheduler, sampling.steps, sampling.strength)
-            latents = torch.from_numpy(sample_encoder_latents(init_latents, rng, self.package.scaling_factor))
-            if len(timesteps):
+            clean = latents = torch.from_numpy(sample_encoder_latents(init_latents, rng, self.package.scaling_factor))
+            if inpaint_mask is not None and sampling.strength >= 1:
+                latents = noise * scheduler.init_noise_sigma
+            elif len(timesteps):
                 latents = scheduler.add_noise(latents, noise, timesteps[:1])
         if end is not None:
             timesteps = timesteps[timesteps >= timestep_cutoff(scheduler, end)]
-        return self._run(scheduler, timesteps, latents, conditioning, stage, seed, overlap, bar, on_step)
+        blend, unet_extra = None, None
+        if masked_moments is not None:  # its third draw, after the noise and the image's latents
+            masked = sample_encoder_latents(masked_moments, rng, self.package.scaling_factor)
+            unet_extra = np.concatenate([inpaint_mask, masked], axis=1)
+        elif inpaint_mask is not None:
+            blend = LatentBlend(inpaint_mask, clean, noise, scheduler, timesteps)
+        return self._run(scheduler, timesteps, latents, conditioning, stage, seed, overlap, bar, on_step, control,
+                         blend, unet_extra)
 
     def refine(self, latents: torch.Tensor, conditioning: dict[str, np.ndarray], stage: Pass, seed: int,
                 start: float, overlap: int, bar: Callable, on_step: StepHook | None = None) -> torch.Tensor:
@@ -154,45 +177,62 @@ class Sampler:
         return guidance_scale > 1 and not self.guidance_embedding
 
     def _run(self, scheduler, timesteps: torch.Tensor, latents: torch.Tensor, conditioning: dict[str, np.ndarray],
-             stage: Pass, seed: int, overlap: int, bar: Callable, on_step: StepHook | None = None) -> torch.Tensor:
-        """The scheduler's steps over `timesteps`, the Unet run in windows of its own size over the latents."""
+             stage: Pass, seed: int, overlap: int, bar: Callable, on_step: StepHook | None = None,
+             control: Control | None = None, blend: LatentBlend | None = None,
+             unet_extra: np.ndarray | None = None) -> torch.Tensor:
+        """The scheduler's steps over `timesteps`, the Unet run in windows of its own size over the latents (and
+        the kept latents blended back after each step, for inpainting)."""
         step_kwargs = {"eta": 0.0, "generator": torch.Generator().manual_seed(seed)}
         step_kwargs = {key: value for key, value in step_kwargs.items() if key in step_keywords(scheduler)}
         guidance_scale = stage.sampling.guidance_scale
         layout = Layout(tuple(latents.shape[2:]), self.latent_window, overlap)
+        windows = len(layout.windows)
         if self.guided(guidance_scale):
             noise = partial(self._guided_noise, conditioning=conditioning, guidance_scale=guidance_scale)
             windows_per_call = max(1, self.batch_size // 2)
         else:
             noise = partial(self._unguided_noise, conditioning=self._unguided_conditioning(conditioning, guidance_scale))
             windows_per_call = self.unguided_batch_size
-        noise_prediction = TiledNoise(noise, layout, windows_per_call=windows_per_call, weights=self.window_weights)
-        windows = len(noise_prediction.windows)
-        if not self.guided(guidance_scale) and windows % self.unguided_batch_size:
-            logger.warning("without guidance the Unet needs one input per window, but package %r's Unet takes %d at "
-                           "once: %d of %d per step are repeats, computed for nothing; convert with "
-                           "--unet-batch-size 1, or --unguided-function for a Unet that serves both",
-                           self.package.name, self.unguided_batch_size, -windows % self.unguided_batch_size,
-                           windows + -windows % self.unguided_batch_size)
+            if windows % self.unguided_batch_size:
+                logger.warning("without guidance the Unet needs one input per window, but package %r's Unet takes "
+                               "%d at once: %d of %d per step are repeats, computed for nothing; convert with "
+                               "--unet-batch-size 1, or --unguided-function for a Unet that serves both",
+                               self.package.name, self.unguided_batch_size, -windows % self.unguided_batch_size,
+                               windows + -windows % self.unguided_batch_size)
         description = f"{stage.size[0]}x{stage.size[1]}, {windows} windows x {len(timesteps)} steps"
         with bar(total=windows * len(timesteps), unit="window", postfix=description) as progress:
-            for done, t in enumerate(timesteps, start=1):
+            for step, t in enumerate(timesteps):
+                residuals = None if control is None else partial(
+                    control.residuals, scales=control.scales_at(step, len(timesteps)),
+                    residual_inputs=self.residual_inputs)
+                noise_prediction = TiledNoise(partial(noise, residuals=residuals, unet_extra=unet_extra), layout,
+                                              windows_per_call=windows_per_call, weights=self.window_weights)
                 model_input = scheduler.scale_model_input(latents, t).numpy()
                 noise_pred = noise_prediction(model_input, float(t))
                 latents = scheduler.step(torch.from_numpy(noise_pred), t, latents, **step_kwargs).prev_sample
+                if blend is not None:
+                    latents = blend(latents, step)
                 progress.update(windows)
-                if on_step is not None and on_step(done, len(timesteps), latents):
+                if on_step is not None and on_step(step + 1, len(timesteps), latents):
                     break
         return latents
 
-    def _guided_noise(self, samples: np.ndarray, t: float, conditioning: dict[str, np.ndarray],
-                      guidance_scale: float) -> np.ndarray:
+    @staticmethod
+    def _with_extra(samples: np.ndarray, unet_extra: np.ndarray | None) -> np.ndarray:
+        """An inpainting Unet's input: the samples with the mask and masked-image channels (one window's)."""
+        if unet_extra is None:
+            return samples
+        return np.concatenate([samples, np.repeat(unet_extra, len(samples), axis=0)], axis=1)
+
+    def _guided_noise(self, samples: np.ndarray, t: float, conditioning: dict[str, np.ndarray], guidance_scale: float,
+                      residuals: Callable | None = None, unet_extra: np.ndarray | None = None) -> np.ndarray:
         """Classifier-free guidance for N window-sized samples: their 2N (unconditional, conditional) Unet inputs
         packed into as few calls of the Unet's batch size as they fill (one sample per call at batch 2)."""
         pairs = len(samples)
+        samples = self._with_extra(samples, unet_extra)
         rows = {"sample": np.repeat(samples.astype(self.dtypes["sample"]), 2, axis=0),
                 **{name: np.concatenate([value] * pairs) for name, value in conditioning.items()}}
-        noise = predict_in_batches(self.unet, rows, t)
+        noise = predict_in_batches(self.unet, rows, t, residuals)
         uncond, cond = noise[0::2], noise[1::2]
         return uncond + guidance_scale * (cond - uncond)
 
@@ -205,24 +245,31 @@ class Sampler:
             conditional[GUIDANCE_EMBEDDING] = embedding.astype(self.dtypes[GUIDANCE_EMBEDDING])
         return conditional
 
-    def _unguided_noise(self, samples: np.ndarray, t: float, conditioning: dict[str, np.ndarray]) -> np.ndarray:
+    def _unguided_noise(self, samples: np.ndarray, t: float, conditioning: dict[str, np.ndarray],
+                        residuals: Callable | None = None, unet_extra: np.ndarray | None = None) -> np.ndarray:
         """The conditional prediction for N window-sized samples, as few calls as they fill."""
-        rows = {"sample": samples.astype(self.dtypes["sample"]),
+        rows = {"sample": self._with_extra(samples, unet_extra).astype(self.dtypes["sample"]),
                 **{name: np.concatenate([value] * len(samples)) for name, value in conditioning.items()}}
-        return predict_in_batches(self.unguided_unet, rows, t)
+        return predict_in_batches(self.unguided_unet, rows, t, residuals)
 
 
-def predict_in_batches(unet: Model, rows: dict[str, np.ndarray], t: float) -> np.ndarray:
+def predict_in_batches(unet: Model, rows: dict[str, np.ndarray], t: float,
+                       residuals: Callable[[dict], dict] | None = None) -> np.ndarray:
     """The Unet's noise for N input rows at timestep `t`, in calls of its batch size; the last call's empty
-    places repeat its last row."""
+    places repeat its last row. `residuals` gives a ControlledUnet its ControlNets' residuals for each call's rows."""
     batch = unet.input_description["sample"][0][0]
     count = len(rows["sample"])
     padding = -count % batch
     padded = {name: np.concatenate([value, value[-1:].repeat(padding, axis=0)]) for name, value in rows.items()}
     timestep = np.full((batch,), t, dtype=unet.input_description["timestep"][1])
+
+    def predict(call: dict[str, np.ndarray]) -> np.ndarray:
+        if residuals is not None:
+            call.update(residuals(call))
+        return unet.predict(call)["noise_pred"]
+
     return np.concatenate([
-        unet.predict({"timestep": timestep, **{name: value[i : i + batch] for name, value in padded.items()}})[
-            "noise_pred"]
+        predict({"timestep": timestep, **{name: value[i : i + batch] for name, value in padded.items()}})
         for i in range(0, count + padding, batch)
     ])[:count]
 

@@ -6,9 +6,8 @@ converted once per session (all of SD's components) and shared by every test tha
 from pathlib import Path
 
 import pytest
-
-from coreml_sd.converter.families.sd import SD
 from coreml_sd.converter.conversion import ConversionOptions, convert_model
+from coreml_sd.converter.families.sd import SD
 from coreml_sd.converter.models.tiny import build_tiny_pipeline
 
 
@@ -94,3 +93,31 @@ def tiny_xl_packages(tmp_path_factory):
         return folders[key]
 
     return package
+
+
+@pytest.fixture(scope="session")
+def tiny_controlnets(tiny_pipeline, tmp_path_factory):
+    """Two tiny ControlNets for the tiny Unet, saved as diffusers folders: {folder: the float32 original}."""
+    from coreml_sd.converter.models.tiny_controlnet import save_tiny_controlnet
+
+    root = tmp_path_factory.mktemp("controlnets")
+    return {root / name: save_tiny_controlnet(tiny_pipeline.unet, seed, root / name)
+            for name, seed in (("tiny-canny", 1), ("tiny-depth", 2))}
+
+
+@pytest.fixture(scope="session")
+def tiny_controlnet_package(tiny_controlnets, tmp_path_factory) -> Path:
+    """The tiny model with both tiny ControlNets and its ControlledUnet, converted once (split einsum)."""
+    output = tmp_path_factory.mktemp("tiny-controlnet")
+    convert_model(ConversionOptions(model="tiny", output=output, controlnets=tuple(map(str, tiny_controlnets)),
+                                    components=("TextEncoder", "Unet", "VAEDecoder", "VAEEncoder")))
+    return output
+
+
+@pytest.fixture(scope="session")
+def tiny_inpainting_package(tmp_path_factory) -> Path:
+    """The `tiny-inpainting` model (a 9-channel inpainting Unet) converted once (split einsum)."""
+    output = tmp_path_factory.mktemp("tiny-inpainting")
+    convert_model(ConversionOptions(model="tiny-inpainting", output=output,
+                                    components=("TextEncoder", "Unet", "VAEDecoder", "VAEEncoder")))
+    return output

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..families import Component
 from .attention import IMPLEMENTATIONS, implementation_by_name
+from .controlnet import ControlledUnet, ControlNet
 from .safety_checker import SafetyChecker
 from .text_encoder import TextEncoder
 from .unet import Unet
@@ -24,6 +25,8 @@ def component_module(parts, component: Component, attention_implementation: str)
     builders = {
         "text_encoder": lambda: TextEncoder(module, component.hidden_layer, component.projected),
         "unet": lambda: Unet(module, implementation),
+        "controlled_unet": lambda: ControlledUnet(module, implementation),
+        "controlnet": lambda: ControlNet(module, implementation),
         "vae_decoder": lambda: VAEDecoder(module, implementation),
         "vae_encoder": lambda: VAEEncoder(module, implementation),
         "safety_checker": lambda: SafetyChecker(module),  # tokens-last whatever the attention

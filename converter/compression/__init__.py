@@ -2,7 +2,8 @@
 (linear.py). What the command line offers is here, without the libraries."""
 from dataclasses import dataclass
 
-QUANTIZED_KINDS = ("text_encoder", "unet")  # the text encoders' and Unet's weights; the VAE's stay float16
+# the text encoders', Unets' and ControlNets' weights; the VAE's stay float16
+QUANTIZED_KINDS = ("text_encoder", "unet", "controlled_unet", "controlnet")
 NBITS_CHOICES = (1, 2, 4, 6, 8)  # what constexpr_lut_to_dense supports on macOS 13 / iOS 16
 LINEAR_DTYPES = {"int8": 8, "int4": 4}
 GROUPED = "per-grouped-channel"

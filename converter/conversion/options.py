@@ -53,6 +53,7 @@ class ConversionOptions:
     config: Path | None = None  # single files: a diffusers folder whose configs to use instead of the shipped ones
     loras: tuple[str, ...] = ()  # PATH[:SCALE], merged into the Unet and text encoder
     embeddings: tuple[str, ...] = ()  # PATH[:TOKEN], textual-inversion embeddings
+    controlnets: tuple[str, ...] = ()  # folders or Hugging Face ids: controlnet/<Name> packages and a ControlledUnet
     components: tuple[str, ...] | None = None  # None: the model family's default components
     attention_implementation: str = "split_einsum"
     height: int | None = None

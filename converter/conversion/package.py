@@ -112,6 +112,7 @@ class PackageFolder:
         if final.exists():
             previous = staged.parent / (final.name + ".previous")
             final.rename(previous)
+        final.parent.mkdir(parents=True, exist_ok=True)  # controlnet/<Name>.mlpackage
         staged.rename(final)
         if previous is not None:
             shutil.rmtree(previous)

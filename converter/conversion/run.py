@@ -28,6 +28,8 @@ from ..compression import recipe as recipes
 from ..compression.linear import quantize_parts
 from ..compression.palettize import palettize_parts
 from ..compression import QUANTIZED_KINDS
+from ..controlnets import CONTROLLED_UNET
+from ..controlnets import prepare as prepare_controlnets
 from ..errors import ConversionError
 from ..families import Component
 from ..sources import ModelSource, resolve
@@ -99,11 +101,6 @@ def convert_model(options: ConversionOptions) -> ConversionReport:
     if options.vae:
         source.use_vae(options.vae)
     source.adapters = load_adapters(options.loras, options.embeddings)
-    components = chosen_components(source, options.components)
-    source.check_adapters(list(components))
-    component_options = options.component_options()
-    check_recipe(source, components, component_options.quantize_recipe)
-    source.safety_checker = options.safety_checker
     check_guidance_embedding(source, options.guidance_embedding)
     recommended = recommendation(source.description.get("id") or source.description.get("model"),
                                  source.scheduler_config, options.guidance_embedding,
@@ -114,6 +111,16 @@ def convert_model(options: ConversionOptions) -> ConversionReport:
     # embedding never runs classifier-free guidance
     unguided = (recommended.unguided and not options.unguided_function) or options.guidance_embedding
     dims = model_dimensions(source, options.height, options.width, options.unet_batch_size, unguided)
+    controlnet_sources = []
+    if options.controlnets:
+        controlnet_sources, dims = prepare_controlnets(options.controlnets, source, dims)
+    components = chosen_components(source, options.components)
+    if options.controlnets and CONTROLLED_UNET not in components:
+        components = (*components, CONTROLLED_UNET)
+    source.check_adapters(list(components))
+    source.safety_checker = options.safety_checker
+    component_options = options.component_options()
+    check_recipe(source, components, component_options.quantize_recipe)
     folder = PackageFolder(options.output or Path("packages") / source.name)
     report = ConversionReport(folder=folder.path)
     source.description["files"] = source.file_hashes(list(components))
@@ -133,18 +140,20 @@ def convert_model(options: ConversionOptions) -> ConversionReport:
         header["force_zeros_for_empty_prompt"] = source.force_zeros_for_empty_prompt
     if recommended.to_manifest():
         header["recommended"] = recommended.to_manifest()
+    work = [(source, component) for component in components]
+    work += [(controlnet, next(iter(controlnet.family.components))) for controlnet in controlnet_sources]
     with folder.lock():
         try:
             folder.prepare(header, force=options.force)
             install_tokenizer_files(folder, source)
-            for component in components:
-                settings = component_settings(component, source, dims, component_options)
-                names = installed_names(source, component, options.chunk_unet)
+            for component_source, component in work:
+                settings = component_settings(component, component_source, dims, component_options)
+                names = installed_names(component_source, component, options.chunk_unet)
                 if all(folder.is_current(name, settings) for name in names) and not options.force:
                     print(f"{component:<11} up to date (pass --force to convert again)", file=sys.stderr)
                     report.skipped.append(component)
                     continue
-                convert_component(folder, source, component, dims, component_options, settings, report)
+                convert_component(folder, component_source, component, dims, component_options, settings, report)
                 report.converted.append(component)
             folder.write_manifest()
         except BaseException:
@@ -229,6 +238,7 @@ def convert_component(folder: PackageFolder, source: ModelSource, component: str
         with stage(report, component, "save"):
             describe_package(model, spec)
             staged = staging / spec.file_name
+            staged.parent.mkdir(parents=True, exist_ok=True)  # controlnet/<Name>.mlpackage
             model.save(str(staged))
             del model
             release_memory()

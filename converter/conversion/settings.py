@@ -10,6 +10,7 @@ from .options import ComponentOptions
 
 # Where a float32-compute component runs well: the Neural Engine computes in float16 only.
 FLOAT32_COMPUTE_UNITS = "CPU_AND_GPU"
+UNET_KINDS = ("unet", "controlled_unet")  # what --unet-batch-size and --chunk-unet apply to
 
 
 def compute_precision(source: ModelSource, component: str, vae_swapped: bool) -> str:
@@ -30,7 +31,7 @@ def component_settings(component: str, source: ModelSource, dims: ModelDimension
         "width": dims.width,
     }
     kind = source.family.component(component).kind
-    if kind == "unet":
+    if kind in UNET_KINDS:
         settings.update(attention_implementation=options.attention_implementation, unet_batch_size=dims.unet_batch_size)
         if options.unguided_function:
             settings.update(unguided_function=True)
@@ -62,7 +63,7 @@ def component_settings(component: str, source: ModelSource, dims: ModelDimension
 
 def installed_names(source: ModelSource, component: str, chunk_unet: bool) -> tuple[str, ...]:
     """The packages a component is installed as: itself, or a Unet's chunks."""
-    if chunk_unet and source.family.component(component).kind == "unet":
+    if chunk_unet and source.family.component(component).kind in UNET_KINDS:
         return chunk_names(component)
     return (component,)
 

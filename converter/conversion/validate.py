@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from coreml_sd.runtime.contract import ComponentSpec
+from coreml_sd.runtime.contract import RESIDUAL_PREFIX, ComponentSpec
 from coreml_sd.runtime.executor import ReferenceModel, psnr
 from coreml_sd.runtime.memory import release_memory
 from diffusers.pipelines.stable_diffusion.safety_checker import cosine_distance
@@ -44,7 +44,7 @@ def validation_inputs(spec: ComponentSpec, seed: int, latent_scaling_factor: flo
             value = rng.uniform(-1, 1, size=tensor.shape)
         elif tensor.name == "time_ids":
             value = random_time_ids(rng, tensor.shape)
-        elif tensor.name == "images":
+        elif tensor.name in ("images", "controlnet_cond"):
             value = rng.uniform(0, 1, size=tensor.shape)
         elif tensor.name == "adjustment":
             value = np.zeros(tensor.shape)
@@ -78,11 +78,19 @@ def reference_outputs(parts: ModelParts, component: Component, spec: ComponentSp
         hidden = output.last_hidden_state if component.hidden_layer == -1 else output.hidden_states[component.hidden_layer]
         pooled = output.text_embeds if component.projected else output.pooler_output
         values = (hidden, pooled)
-    elif component.kind == "unet":
+    elif component.kind in ("unet", "controlled_unet", "controlnet"):
         context = x["encoder_hidden_states"][:, :, 0, :].transpose(1, 2)
         added = {"time_ids": x["time_ids"], "text_embeds": x["text_embeds"]} if "time_ids" in x else None
-        values = (module(x["sample"], x["timestep"], context, timestep_cond=x.get("timestep_cond"),
-                         added_cond_kwargs=added).sample,)
+        if component.kind == "controlnet":
+            down, mid = module(x["sample"], x["timestep"], context, x["controlnet_cond"], added_cond_kwargs=added,
+                               return_dict=False)
+            values = (*down, mid)
+        else:
+            residuals = [x[t.name] for t in spec.inputs if t.name.startswith(RESIDUAL_PREFIX)]
+            controlled = {"down_block_additional_residuals": tuple(residuals[:-1]),
+                          "mid_block_additional_residual": residuals[-1]} if residuals else {}
+            values = (module(x["sample"], x["timestep"], context, timestep_cond=x.get("timestep_cond"),
+                             added_cond_kwargs=added, **controlled).sample,)
     elif component.kind == "vae_decoder":
         values = (module.decode(x["z"]).sample,)
     else:

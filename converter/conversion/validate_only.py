@@ -7,6 +7,7 @@ from coreml_sd.runtime.integrity import check_files
 
 from ..compression import LinearQuantization, parse_linear
 from ..compression.recipe import Recipe
+from ..controlnets import recorded_sources
 from ..errors import ConversionError
 from ..sources import ModelSource, resolve
 from .package import PackageFolder
@@ -53,6 +54,7 @@ def validate_package(path: Path, seed: int = 0) -> dict[str, dict]:
     source = source_of(manifest)
     source.safety_checker = manifest["components"].get("SafetyChecker", {}).get("settings", {}).get("safety_checker")
     dims = ModelDimensions.from_manifest(manifest)
+    sources = recorded_sources(manifest, source)
     results, report = {}, ConversionReport(folder.path)
     with folder.lock():
         for component, names in installed_components(manifest).items():
@@ -61,12 +63,13 @@ def validate_package(path: Path, seed: int = 0) -> dict[str, dict]:
                 if not package.is_dir():
                     raise ConversionError(f"{package} is missing: convert it again with coreml-convert")
             settings = manifest["components"][names[0]].get("settings", {})
+            origin = sources.get(component, source)
             with stage(report, component, "validate"):
                 results[component] = validate(packages if len(packages) > 1 else packages[0],
-                                              source.family.component(component),
-                                              source.family.spec(component, dims),
-                                              lambda c=component: source.load(c, torch.float32), seed,
-                                              source.latent_scaling_factor, settings.get("quantize_nbits"),
+                                              origin.family.component(component),
+                                              origin.family.spec(component, dims),
+                                              lambda c=component, o=origin: o.load(c, torch.float32), seed,
+                                              origin.latent_scaling_factor, settings.get("quantize_nbits"),
                                               recorded_recipe(manifest["components"][names[0]]),
                                               settings.get("quantize_group"), recorded_linear(settings))
             for name in names:

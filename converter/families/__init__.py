@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from coreml_sd.runtime.contract import (
+    LATENT_CHANNELS,
     ComponentSpec,
     FamilyContract,
     MinimumOS,
@@ -82,6 +83,8 @@ class Family:
             hidden = int(config["hidden_size"])
             widths[name] = (hidden, int(config["projection_dim"]) if component.projected else hidden)
         fields = {"text_width": sum(hidden for hidden, _ in widths.values())}
+        if unet_config.get("in_channels", LATENT_CHANNELS) != LATENT_CHANNELS:  # an inpainting Unet: 9
+            fields["unet_in_channels"] = int(unet_config["in_channels"])
         if unet_config.get("addition_embed_type") == "text_time":
             pooled = next(widths[name][1] for name, component in encoders.items() if component.projected)
             time_ids = (unet_config["projection_class_embeddings_input_dim"] - pooled) // unet_config["addition_time_embed_dim"]

@@ -105,6 +105,16 @@ def build_tiny_pipeline() -> StableDiffusionPipeline:
     return assemble_pipeline(unet, vae, text_encoder)
 
 
+def build_tiny_inpainting_pipeline() -> StableDiffusionPipeline:
+    """The tiny pipeline with an inpainting Unet (9 input channels: latents, mask, masked image's latents); its
+    VAE and text encoder are the tiny model's."""
+    tiny = build_tiny_pipeline()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED + 2)
+        unet = UNet2DConditionModel(**{**UNET_CONFIG, "in_channels": 9})
+    return assemble_pipeline(unet, tiny.vae, tiny.text_encoder)
+
+
 def assemble_pipeline(unet, vae, text_encoder, scheduler: SchedulerMixin | None = None) -> StableDiffusionPipeline:
     """An SD v1 pipeline (PNDM unless `scheduler` is given, the CLIP tokenizer, no safety checker) on the given
     modules, in eval mode."""

@@ -38,6 +38,7 @@ class ModelParts:
     text_encoder: torch.nn.Module | None = None
     text_encoder_2: torch.nn.Module | None = None
     safety_checker: torch.nn.Module | None = None
+    controlnet: torch.nn.Module | None = None
     feature_extractor: dict | None = None  # the safety checker's preprocessing, as preprocessor_config.json holds it
 
 

@@ -61,6 +61,8 @@ BUILT_IN = {
                     trained=True, vae_compute_precision="float32"),  # its encoder's activations reach ~300
     "tiny": BuiltIn("embedded SD-architecture model with random weights, for trying things out", "tiny",
                     "build_tiny_pipeline"),
+    "tiny-inpainting": BuiltIn("embedded SD-architecture inpainting model (9-channel Unet) with random weights",
+                               "tiny", "build_tiny_inpainting_pipeline"),
     "tiny-xl": BuiltIn("embedded SDXL-architecture base with random weights", "tiny_xl", "build_tiny_xl_pipeline"),
     "tiny-xl-refiner": BuiltIn("embedded SDXL-architecture refiner with random weights", "tiny_xl",
                                "build_tiny_xl_refiner_pipeline"),
