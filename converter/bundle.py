@@ -23,9 +23,9 @@ from coreml_sd.runtime.contract import (
 )
 from coreml_sd.runtime.integrity import inventory
 
-from .conversion.package import PARTIAL_PREFIX
 from .errors import ConversionError
 from .families import Family
+from .package_folder import PARTIAL_PREFIX
 
 RESOURCES = "Resources"
 

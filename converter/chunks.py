@@ -35,8 +35,8 @@ from coremltools.converters.mil.frontend.milproto import load as milproto
 from coremltools.converters.mil.mil import types
 from coremltools.models import utils as ct_utils
 
-from .conversion.package import PackageFolder
 from .errors import ConversionError
+from .package_folder import PackageFolder
 
 BALANCE_TOLERANCE = 0.02  # of the total weights: cuts this close to the best balance compete on crossing bytes
 MAX_CHUNK_FRACTION = 0.55  # of the whole model's weights: half, and 5% for where ops allow the cut

@@ -6,7 +6,7 @@ components installed before it and a hidden staging folder that the next run on 
 import time
 
 from ..conversion import ConversionOptions, convert_model
-from ..conversion.package import PackageFolder
+from ..package_folder import PackageFolder
 from ..quiet import quiet_libraries
 
 

@@ -24,19 +24,25 @@ from ..adapters.lora import Lora
 from ..ane import component_module
 from ..bundle import write_bundle
 from ..chunks import install_chunks
+from ..compression import QUANTIZED_KINDS
 from ..compression import recipe as recipes
 from ..compression.linear import quantize_parts
 from ..compression.palettize import palettize_parts
-from ..compression import QUANTIZED_KINDS
 from ..controlnets import CONTROLLED_UNET
 from ..controlnets import prepare as prepare_controlnets
 from ..errors import ConversionError
 from ..families import Component
+from ..package_folder import PackageFolder
 from ..sources import ModelSource, resolve
 from ..sources.recommended import recommendation
 from .convert import describe, to_mil_program, to_ml_program, trace
 from .metadata import model_licence, model_version, user_metadata
-from .multifunction import add_unguided_function, converted_model, manifest_entry, unguided_spec
+from .multifunction import (
+    add_unguided_function,
+    converted_model,
+    manifest_entry,
+    unguided_spec,
+)
 from .options import (
     ComponentOptions,
     ConversionOptions,
@@ -45,7 +51,6 @@ from .options import (
     chosen_components,
     model_dimensions,
 )
-from .package import PackageFolder
 from .settings import (
     FLOAT32_COMPUTE_UNITS,
     component_settings,

@@ -9,8 +9,8 @@ from ..compression import LinearQuantization, parse_linear
 from ..compression.recipe import Recipe
 from ..controlnets import recorded_sources
 from ..errors import ConversionError
+from ..package_folder import PackageFolder
 from ..sources import ModelSource, resolve
-from .package import PackageFolder
 from .run import ConversionReport, load_adapters, stage
 from .validate import validate
 

@@ -11,10 +11,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-
 from coreml_sd.converter.cli import main
-from coreml_sd.converter.conversion.package import PackageFolder
-from hardening_testing import command, error_line, files_under, final_error_line
+from coreml_sd.converter.package_folder import PackageFolder
+from hardening_testing import command, error_line, final_error_line
 
 CONVERTER = "coreml_sd.converter.cli"
 

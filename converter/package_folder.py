@@ -16,8 +16,8 @@ from pathlib import Path
 from coreml_sd.runtime.contract import MANIFEST_FILE
 from coreml_sd.runtime.integrity import DamagedPackage, check_files, inventory
 
-from .. import __version__
-from ..errors import ConversionError
+from . import __version__
+from .errors import ConversionError
 
 FORMAT_VERSION = 1
 PARTIAL_PREFIX = ".partial-"
