@@ -123,7 +123,7 @@ def test_lcm_lora_samples_unguided_through_the_batch_1_function_as_diffusers(lcm
     package, reference = lcm_package
     runtime = Pipeline.from_package(package, backend="reference")
     ours = runtime(PROMPT, seed=4, progress=False)
-    assert "Steps: 4, Sampler: lcm, CFG scale: 1.0" in ours.parameters[0]
+    assert "Steps: 4, Sampler: LCM, CFG scale: 1.0" in ours.parameters[0]
     assert runtime.unguided_unet.loaded  # the batch-1 function ran
     assert psnr(lcm_reference(reference, 4, 1.0), pixels(ours.images[0])) >= PSNR_THRESHOLD_DB
     # the same through the batch-2 function (a package without the batch-1 one)
@@ -170,7 +170,7 @@ def test_sd_turbo_alias_converts_at_batch_1_and_samples_one_step_without_guidanc
 
     runtime = Pipeline.from_package(output, backend="reference")
     ours = runtime(PROMPT, seed=6, progress=False)
-    assert "Steps: 1, Sampler: euler-a, CFG scale: 0.0" in ours.parameters[0]
+    assert "Steps: 1, Sampler: Euler a, CFG scale: 0.0" in ours.parameters[0]
     expected = diffusers_txt2img(turbo, runtime.package.scheduler_config, PROMPT, "", "euler-a", 1, seed=6,
                                  guidance_scale=0.0)
     assert psnr(expected, pixels(ours.images[0])) >= PSNR_THRESHOLD_DB

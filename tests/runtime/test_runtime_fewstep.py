@@ -62,7 +62,7 @@ def test_turbo_one_step_without_guidance_matches_diffusers(package, contract_mod
     assert psnr(reference, pixels(ours.images[0])) >= LOGIC_PSNR_DB
     assert pipe.models["Unet"].calls == 1
     assert "sampling with euler-a, 1 steps, guidance 0: steps, guidance scale as the package recommends" in caplog.text
-    assert "Steps: 1, Sampler: euler-a, CFG scale: 0.0" in ours.parameters[0]
+    assert "Steps: 1, Sampler: Euler a, CFG scale: 0.0" in ours.parameters[0]
     # at batch 2 the one window fills half a call: said, with what it costs
     assert ("1 of 2 per step are repeats" in caplog.text) == (unet_batch_size == 2)
 
@@ -99,7 +99,7 @@ def test_recommended_settings_yield_to_the_callers(package, contract_models, cap
     pipe = pipeline(package, contract_models, 1, recommended=Recommended("lcm", 2, 1.0))
     with caplog.at_level(logging.INFO, logger="coreml_sd.runtime"):
         result = pipe(PROMPT, steps=3, seed=2, progress=False)
-    assert "Steps: 3, Sampler: lcm, CFG scale: 1.0" in result.parameters[0]
+    assert "Steps: 3, Sampler: LCM, CFG scale: 1.0" in result.parameters[0]
     assert "scheduler, guidance scale as the package recommends (override with --scheduler, --guidance-scale)" \
         in caplog.text
     assert "consistency-distilled" not in caplog.text  # the package says its model is one
