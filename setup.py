@@ -42,8 +42,10 @@ setup(
         "peft>=0.15",  # diffusers reads kohya LoRAs only with peft installed
     ],
     extras_require={
-        # scikit-learn: the reference k-means for palettes; ray: the catalogue's tests
-        "test": ["pytest", "hypothesis", "scikit-learn", "ray>=2.40", "tomli; python_version < '3.11'"],
+        # scikit-learn: the reference k-means for palettes; ray: the catalogue's tests; pytest-xdist and filelock:
+        # two workers sharing the converted packages; einops: spandrel's, installed by scripts/test without torchvision
+        "test": ["pytest", "pytest-xdist", "filelock", "hypothesis", "scikit-learn", "ray>=2.40", "ruff", "einops",
+                 "tomli; python_version < '3.11'"],
         "upscalers": ["spandrel"],  # --upscaler: ESRGAN-family .pth models
         # coreml-convert --catalogue: conversions as Ray tasks; the catalogue file is TOML
         "cluster": ["ray>=2.40", "tomli; python_version < '3.11'"],
