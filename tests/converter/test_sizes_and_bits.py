@@ -9,7 +9,9 @@ from coreml_sd.converter.conversion import ConversionOptions, convert_model
 from coreml_sd.converter.validate import PSNR_THRESHOLD_DB
 from coreml_sd.runtime import Pipeline
 
-CASES = [(1, 128, 128), (2, 128, 128), (4, 192, 128), (8, 128, 128)]  # bits, height, width
+# bits, height, width: one case in the quick run, the other palette sizes with --all
+CASES = [pytest.param(1, 128, 128, marks=pytest.mark.slow), pytest.param(2, 128, 128, marks=pytest.mark.slow),
+         (4, 192, 128), pytest.param(8, 128, 128, marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("nbits, height, width", CASES)
@@ -25,6 +27,8 @@ def test_converted_validated_and_generated_from(tmp_path, nbits, height, width):
     assert manifest["components"]["VAEDecoder"]["validation"]["psnr_db"] >= PSNR_THRESHOLD_DB
     assert manifest["components"]["Unet"]["inputs"]["sample"]["shape"] == [2, 4, height // 8, width // 8]
 
-    image = Pipeline.from_package(output, backend="reference")("a lighthouse", steps=2, seed=3, progress=False).images[0]
+    image = Pipeline.from_package(output, backend="reference")("a lighthouse", steps=2, seed=3, progress=False).images[
+        0
+    ]
     pixels = np.asarray(image)
     assert image.size == (width, height) and pixels.std() > 0
