@@ -30,7 +30,11 @@ class ContractModel:
     @torch.no_grad()
     def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         for name, (shape, dtype) in self.input_description.items():
-            assert inputs[name].shape == shape and inputs[name].dtype == dtype, (name, inputs[name].shape, inputs[name].dtype)
+            assert inputs[name].shape == shape and inputs[name].dtype == dtype, (
+                name,
+                inputs[name].shape,
+                inputs[name].dtype,
+            )
         x = {name: torch.from_numpy(value.astype(np.float32)) for name, value in inputs.items()}
         ref = self.reference
         if self.name == "TextEncoder":

@@ -12,6 +12,7 @@ from PIL import Image
 from coreml_sd.converter.demo_data import COLOURS, ShapePicture, draw
 from coreml_sd.runtime import Pipeline
 from coreml_sd.runtime.executor import psnr
+
 from runtime_testing import diffusers_img2img, diffusers_txt2img, pixels
 
 SCHEDULER = "dpm++"
