@@ -15,12 +15,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+from coreml_sd.runtime.contract import (
+    COMPILED_SUFFIX,
+    MANIFEST_FILE,
+    PACKAGE_SUFFIX,
+    TOKENIZER_FILES,
+)
 from coreml_sd.runtime.integrity import inventory
 
+from .conversion.package import PARTIAL_PREFIX
 from .errors import ConversionError
 from .families import Family
-from .families.contract import COMPILED_SUFFIX, PACKAGE_SUFFIX, TOKENIZER_FILES
-from .package import MANIFEST, PARTIAL_PREFIX
 
 RESOURCES = "Resources"
 
@@ -63,7 +68,7 @@ def missing_models(family: Family, components: dict) -> list[str]:
 def write_bundle(folder: Path, family: Family, compile_with=None) -> Path:
     """Write `folder/Resources/` from the package folder `folder` (replacing an earlier one whole); `compile_with`
     is the compiler (`compile_model` on a Mac, by default)."""
-    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest = json.loads((folder / MANIFEST_FILE).read_text())
     missing = missing_models(family, manifest["components"])
     if missing:
         raise ConversionError(f"{folder} lacks {', '.join(missing)}, which {family.swift_pipeline} needs, so no "
@@ -88,7 +93,7 @@ def write_bundle(folder: Path, family: Family, compile_with=None) -> Path:
             print(f"{name:<11} {RESOURCES}/{model.name}", file=sys.stderr, flush=True)
         for name in TOKENIZER_FILES:
             shutil.copy2(folder / name, staging / name)
-        (staging / MANIFEST).write_text(json.dumps(bundled, indent=2) + "\n")
+        (staging / MANIFEST_FILE).write_text(json.dumps(bundled, indent=2) + "\n")
         _replace(staging, folder / RESOURCES)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

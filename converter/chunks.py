@@ -21,16 +21,23 @@ from pathlib import Path
 
 import coremltools as ct
 import numpy as np
+from coreml_sd.runtime.backends import load_model
+from coreml_sd.runtime.contract import (
+    PACKAGE_SUFFIX,
+    ComponentSpec,
+    TensorSpec,
+    chunk_contract_problems,
+    chunk_names,
+)
+from coreml_sd.runtime.executor import ReferenceModel, psnr
+from coreml_sd.runtime.memory import release_memory
 from coremltools.converters.mil.frontend.milproto import load as milproto
 from coremltools.converters.mil.mil import types
 from coremltools.models import utils as ct_utils
 
+from .conversion.package import PackageFolder
 from .errors import ConversionError
-from .package import PackageFolder
-from .families.contract import PACKAGE_SUFFIX, ComponentSpec, TensorSpec, chunk_contract_problems
-from coreml_sd.runtime.memory import release_memory
 
-CHUNK_COUNT = 2
 BALANCE_TOLERANCE = 0.02  # of the total weights: cuts this close to the best balance compete on crossing bytes
 MAX_CHUNK_FRACTION = 0.55  # of the whole model's weights: half, and 5% for where ops allow the cut
 CHUNK_PSNR_THRESHOLD_DB = 60.0  # chunk 1 -> chunk 2 against the whole model, both through the executor
@@ -46,11 +53,6 @@ class Cut:
     op_index: int  # the last op of chunk 1, in program order
     chunk_weight_bytes: tuple[int, int]
     crossing_bytes: int
-
-
-def chunk_names(component: str) -> tuple[str, ...]:
-    """The Swift package's names for a chunked model: `UnetChunk1`, `UnetChunk2` (`UnetRefinerChunk1`, ...)."""
-    return tuple(f"{component}Chunk{index}" for index in range(1, CHUNK_COUNT + 1))
 
 
 def _load(path: Path):
@@ -165,8 +167,6 @@ def weight_bytes(package: Path) -> int:
 
 def chunked_reference_model(chunks: tuple[Path, ...]):
     """The chunks run through the reference executor as the runtime (and the Swift package) chains them."""
-    from coreml_sd.runtime.backends import load_model
-
     return load_model(chunks, "reference", "CPU_ONLY")
 
 
@@ -185,8 +185,6 @@ def check_chunks(whole: Path, whole_spec: ComponentSpec, chunks: tuple[Path, ...
         raise ConversionError(f"{whole_spec.name}: a chunk holds {max(sizes) / total:.0%} of the weights, more than "
                               f"{MAX_CHUNK_FRACTION:.0%}; convert without --chunk-unet")
     if inputs is not None:
-        from coreml_sd.runtime.executor import ReferenceModel, psnr
-
         model = ReferenceModel(whole)
         expected = model.predict(inputs)
         del model

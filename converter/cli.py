@@ -1,38 +1,26 @@
 """coreml-convert: convert a diffusers Stable Diffusion model into Core ML packages."""
-import logging
-import os
+import json
 import sys
-import warnings
 from pathlib import Path
 
 import click
-
 from coreml_sd.runtime.commandline import CONTEXT_SETTINGS, run_command, shared_options
+from coreml_sd.runtime.contract import MANIFEST_FILE
 from coreml_sd.runtime.errors import Interrupted
 
 from .ane import ATTENTION_IMPLEMENTATIONS
+from .compression import NBITS_CHOICES
 from .families import FAMILIES
-from .palettize import NBITS_CHOICES
-from .sources.checkpoint_configs import MODEL_TYPES, NOT_YET
-from .sources.single_file import PREDICTION_TYPES
+from .quiet import quiet_libraries
+from .sources.checkpoint_configs import MODEL_TYPES, NOT_YET, PREDICTION_TYPES
 
 SINGLE_FILE_MODEL_TYPES = (*MODEL_TYPES, *NOT_YET)
-
-
-def quiet_libraries() -> None:
-    """The libraries warn at import about things that don't matter here (untested torch versions, missing macOS
-    frameworks, optional image backends); the stage lines are the progress report. --verbose keeps them."""
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    logging.getLogger("coremltools").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def list_models(ctx: click.Context, _, value: bool) -> None:
     if not value or ctx.resilient_parsing:
         return
-    from .sources import list_models as aliases
+    from .sources import list_models as aliases  # see convert()
 
     for name, origin in aliases():
         click.echo(f"{name:<14} {origin}")
@@ -114,6 +102,8 @@ def convert(model: str | None, revision: str | None, model_type: str | None, pre
         return validate_folder(validate_only)
     if not model:
         raise click.UsageError("--model is required (e.g. --model tiny, --model sd-v1-4; see --list-models)")
+    # The converting libraries load here, when a command runs: after quiet_libraries() has silenced their
+    # import-time warnings, and never for --help.
     from .conversion import ConversionOptions, convert_model
 
     options = ConversionOptions(
@@ -154,14 +144,14 @@ def convert_catalogue(catalogue: Path | None, ray_address: str | None, max_paral
     if single_model_options:
         raise click.UsageError("--catalogue names its models and output root itself: leave out --model, -o and "
                                "--validate-only")
-    from .catalogue.run import run_catalogue
+    from .catalogue.run import run_catalogue  # Ray, an extra: see convert()
 
     return run_catalogue(catalogue, ray_address, max_parallel, dry_run)
 
 
 def validate_folder(folder: Path) -> int:
-    from .conversion import validate_package
-    from .validate import PSNR_THRESHOLD_DB
+    from .conversion import validate_package  # see convert()
+    from .conversion.validate import PSNR_THRESHOLD_DB
 
     results = validate_package(folder)
     click.echo(f"{'component':<12} {'PSNR (dB)':>10} {'max abs error':>14}  result (threshold {PSNR_THRESHOLD_DB:.0f} dB)")
@@ -177,9 +167,7 @@ def validate_folder(folder: Path) -> int:
 
 
 def print_summary(report) -> None:
-    import json
-
-    manifest = json.loads((report.folder / "manifest.json").read_text())
+    manifest = json.loads((report.folder / MANIFEST_FILE).read_text())
     click.echo(f"{report.folder}: {manifest['attention_implementation']}, {manifest['width']}x{manifest['height']}")
     for name, entry in manifest["components"].items():
         size = sum(f.stat().st_size for f in (report.folder / entry["file"]).rglob("*") if f.is_file())

@@ -9,7 +9,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import contract
 from .backends import Model
+from .contract import TEXT_ENCODER, TEXT_ENCODER_2
 from .package import Package
 from .prompt import END_OF_TEXT, PromptEncoder
 
@@ -88,10 +90,9 @@ def conditioning_for(package: Package, models: dict[str, Model]):
     def encoder(name: str, pad_token: str = END_OF_TEXT) -> PromptEncoder:
         return PromptEncoder(package.vocab_file, package.merges_file, models[name], pad_token)
 
-    if package.family == "sd":
-        return TextConditioning(encoder("TextEncoder", package.pad_token))  # SD 2.x pads with "!"
+    if package.family == contract.SD.name:
+        return TextConditioning(encoder(TEXT_ENCODER, package.pad_token))  # SD 2.x pads with "!"
     # SDXL's second tokenizer pads with "!"; the refiner has only that encoder.
-    encoders = [encoder(name, "!" if name == "TextEncoder2" else END_OF_TEXT)
-                for name in ("TextEncoder", "TextEncoder2") if name in package.required_components]
+    encoders = [encoder(name, "!" if name == TEXT_ENCODER_2 else END_OF_TEXT) for name in package.contract.text_encoders]
     time_ids_length = models[package.unet_name].input_description["time_ids"][0][1]
     return XLConditioning(encoders, time_ids_length, package.force_zeros_for_empty_prompt)

@@ -13,70 +13,33 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import contract
 from .backends import model_metadata
+from .contract import (
+    APPLE_CONVERTER_NAMES,
+    APPLE_CONVERTER_PREFIX,
+    BUNDLE_FOLDER,
+    CHUNKED_COMPONENTS,
+    COMPONENTS,
+    FAMILY_CONTRACTS,
+    MANIFEST_FILE,
+    MODEL_SUFFIXES,
+    SAFETY_CHECKER,
+    TEXT_ENCODER_2,
+    TOKENIZER_FILES,
+    UNET,
+    UNET_REFINER,
+    FamilyContract,
+    chunk_names,
+)
 from .errors import GenerationError
 from .integrity import check_files, inside
 from .safety import SD_FEATURE_EXTRACTOR, ClipPreprocessing
 from .watermark import STABLE_DIFFUSION_V1, Watermark
 
 PACKAGES_ENV = "COREML_SD_PACKAGES"
-MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT_VERSION = 1
-MODEL_SUFFIXES = (".mlpackage", ".mlmodelc")
-KNOWN_COMPONENTS = ("TextEncoder", "TextEncoder2", "Unet", "UnetRefiner", "VAEDecoder", "VAEEncoder", "SafetyChecker")
-# What generating needs, per family: its text encoders, its Unet, the decoder.
-REQUIRED_COMPONENTS = {
-    "sd": ("TextEncoder", "Unet", "VAEDecoder"),
-    "sdxl": ("TextEncoder", "TextEncoder2", "Unet", "VAEDecoder"),
-    "sdxl-refiner": ("TextEncoder2", "UnetRefiner", "VAEDecoder"),
-}
-TOKENIZER_FILES = ("vocab.json", "merges.txt")
-# A Unet split in two for iPhones: the chunks' file names (Apple's), run one after the other.
-CHUNKS = {"Unet": ("UnetChunk1", "UnetChunk2"), "UnetRefiner": ("UnetRefinerChunk1", "UnetRefinerChunk2")}
-# Apple's Python converter (torch2coreml) names its outputs Stable_Diffusion_version_<model id>_<name>.mlpackage.
-APPLE_CONVERTER_PREFIX = "Stable_Diffusion_version_"
-APPLE_CONVERTER_NAMES = {
-    "text_encoder": "TextEncoder", "text_encoder_2": "TextEncoder2", "unet": "Unet", "unet_chunk1": "UnetChunk1",
-    "unet_chunk2": "UnetChunk2", "refiner": "UnetRefiner", "refiner_chunk1": "UnetRefinerChunk1",
-    "refiner_chunk2": "UnetRefinerChunk2", "vae_decoder": "VAEDecoder", "vae_encoder": "VAEEncoder",
-    "safety_checker": "SafetyChecker",
-}
-BUNDLE_FOLDER = "Resources"  # where a Swift app's (and the Diffusers app's) models lie
 ATTENTION_METADATA = "coreml_sd.attention_implementation"  # what coreml-convert records in each model
-
-# SD v1.4's settings, for bundles that carry no manifest (Apple's published SD v1 bundles).
-SD_V1_SCHEDULER_CONFIG = {
-    "_class_name": "PNDMScheduler",
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-}
-SD_V1_SCALING_FACTOR = 0.18215
-SD_V1_PREDICTION_TYPE = "epsilon"
-# stabilityai's SDXL 1.0 settings, for Apple's XL bundles, which carry no manifest.
-SDXL_SCHEDULER_CONFIG = {
-    "_class_name": "EulerDiscreteScheduler",
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "interpolation_type": "linear",
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-    "use_karras_sigmas": False,
-}
-SDXL_SCALING_FACTOR = 0.13025
-# By family: the scheduler, the latent scale, and whether an empty negative prompt is zeros rather than the
-# encoded empty string (diffusers' force_zeros_for_empty_prompt: true for SDXL base, false for its refiner).
-FAMILY_DEFAULTS = {
-    "sd": (SD_V1_SCHEDULER_CONFIG, SD_V1_SCALING_FACTOR, False),
-    "sdxl": (SDXL_SCHEDULER_CONFIG, SDXL_SCALING_FACTOR, True),
-    "sdxl-refiner": (SDXL_SCHEDULER_CONFIG, SDXL_SCALING_FACTOR, False),
-}
 SD_V1_PAD_TOKEN = "<|endoftext|>"  # SD 2.x's tokenizer pads with "!" instead; its manifest says so
 
 
@@ -99,14 +62,19 @@ class Package:
     force_zeros_for_empty_prompt: bool = False
     compute_units: dict[str, str] = field(default_factory=dict)  # per component, where the manifest says
 
+    pad_token: str = SD_V1_PAD_TOKEN  # what fills the 77 tokens after the end of the prompt
+
+    @property
+    def contract(self) -> FamilyContract:
+        return FAMILY_CONTRACTS[self.family]
+
     @property
     def required_components(self) -> tuple[str, ...]:
-        return REQUIRED_COMPONENTS[self.family]
+        return self.contract.required_components
 
     @property
     def unet_name(self) -> str:
-        return "UnetRefiner" if self.family == "sdxl-refiner" else "Unet"
-    pad_token: str = SD_V1_PAD_TOKEN  # what fills the 77 tokens after the end of the prompt
+        return self.contract.unet
 
     def component(self, name: str) -> tuple[Path, ...]:
         if name not in self.components:
@@ -216,7 +184,7 @@ def _manifest_problem(manifest: dict) -> str | None:
 
 def _contract_name(file: Path) -> tuple[str | None, str | None]:
     """The contract name of a model file and, for Apple's converter's names, the model id in it."""
-    if file.stem in KNOWN_COMPONENTS or any(file.stem in chunks for chunks in CHUNKS.values()):
+    if file.stem in COMPONENTS or any(file.stem in chunk_names(name) for name in CHUNKED_COMPONENTS):
         return file.stem, None
     if file.stem.startswith(APPLE_CONVERTER_PREFIX):
         rest = file.stem[len(APPLE_CONVERTER_PREFIX):]
@@ -245,8 +213,9 @@ def _component_files(folder: Path) -> dict[str, tuple[Path, ...]]:
     if len(model_ids) > 1:
         raise GenerationError(f"{folder} holds the models of several conversions ({', '.join(sorted(model_ids))}); "
                               "move each model's files into a folder of its own")
-    components = {name: (files[name],) for name in KNOWN_COMPONENTS if name in files}
-    for name, (first, second) in CHUNKS.items():
+    components = {name: (files[name],) for name in COMPONENTS if name in files}
+    for name in CHUNKED_COMPONENTS:
+        first, second = chunk_names(name)
         if first in files and second in files:
             components[name] = (files[first], files[second])
         elif first in files or second in files:
@@ -258,8 +227,8 @@ def _component_files(folder: Path) -> dict[str, tuple[Path, ...]]:
 
 
 def _expected_files(family: str) -> str:
-    names = [f"{name} (or {' + '.join(CHUNKS[name])})" if name in CHUNKS else name
-             for name in REQUIRED_COMPONENTS[family]]
+    names = [f"{name} (or {' + '.join(chunk_names(name))})" if name in CHUNKED_COMPONENTS else name
+             for name in FAMILY_CONTRACTS[family].required_components]
     return (f"{', '.join(names)} as .mlpackage or .mlmodelc, or as Apple's converter names them "
             f"({APPLE_CONVERTER_PREFIX}<model>_text_encoder.mlpackage, ..._unet, ..._vae_decoder)")
 
@@ -293,9 +262,10 @@ def load_package(folder: Path, verify: bool = False) -> Package:
         )
     manifest = manifest or {}
     family = manifest.get("family") or _family_from_files(components)
-    if family not in REQUIRED_COMPONENTS:
+    if family not in FAMILY_CONTRACTS:
         raise GenerationError(f"{folder / MANIFEST_FILE}: unknown model family {family!r}; update coreml-sd or reconvert")
-    missing = [name for name in REQUIRED_COMPONENTS[family] if name not in components]
+    defaults = FAMILY_CONTRACTS[family]
+    missing = [name for name in defaults.required_components if name not in components]
     if missing:
         raise GenerationError(
             f"package {folder} lacks {', '.join(missing)} (no {' or '.join(m + '.mlpackage' for m in missing)}); "
@@ -310,25 +280,23 @@ def load_package(folder: Path, verify: bool = False) -> Package:
     for entry in manifest.get("components", {}).values():
         if inside(folder, entry["file"], "the manifest").exists():  # an absent model is a missing component
             check_files(folder, entry["file"], entry.get("files", {}), hashes=verify)
-    default_scheduler, default_scaling_factor, default_force_zeros = FAMILY_DEFAULTS[family]
-    scheduler_config = manifest.get("scheduler", default_scheduler)
-    unet = "UnetRefiner" if family == "sdxl-refiner" else "Unet"
-    attention = manifest.get("attention_implementation") or _attention_from_metadata(components[unet])
+    attention = manifest.get("attention_implementation") or _attention_from_metadata(components[defaults.unet])
     return Package(
         path=folder,
         name=package_name,
         components=components,
         vocab_file=folder / "vocab.json",
         merges_file=folder / "merges.txt",
-        scheduler_config=scheduler_config,
-        scaling_factor=float(manifest.get("latent_scaling_factor", default_scaling_factor)),
-        prediction_type=manifest.get("prediction_type", SD_V1_PREDICTION_TYPE),
+        scheduler_config=manifest.get("scheduler", defaults.scheduler_config),
+        scaling_factor=float(manifest.get("latent_scaling_factor", defaults.latent_scaling_factor)),
+        prediction_type=manifest.get("prediction_type", defaults.prediction_type),
         pad_token=manifest.get("pad_token", SD_V1_PAD_TOKEN),
         attention_implementation=attention,
         feature_extractor=_feature_extractor(manifest, folder),
         watermark=_watermark(manifest, folder),
         family=family,
-        force_zeros_for_empty_prompt=bool(manifest.get("force_zeros_for_empty_prompt", default_force_zeros)),
+        force_zeros_for_empty_prompt=bool(manifest.get("force_zeros_for_empty_prompt",
+                                                       defaults.force_zeros_for_empty_prompt)),
         compute_units={name: entry["compute_units"] for name, entry in manifest.get("components", {}).items()
                        if isinstance(entry, dict) and "compute_units" in entry},
     )
@@ -336,7 +304,7 @@ def load_package(folder: Path, verify: bool = False) -> Package:
 
 def _feature_extractor(manifest: dict, folder: Path) -> dict:
     """The SafetyChecker's preprocessing as the converter recorded it (SD v1.4's for bundles without a manifest)."""
-    config = manifest.get("components", {}).get("SafetyChecker", {}).get("feature_extractor", SD_FEATURE_EXTRACTOR)
+    config = manifest.get("components", {}).get(SAFETY_CHECKER, {}).get("feature_extractor", SD_FEATURE_EXTRACTOR)
     try:
         ClipPreprocessing.from_config(config)
     except (TypeError, KeyError, ValueError, AttributeError) as exc:
@@ -355,6 +323,6 @@ def _watermark(manifest: dict, folder: Path) -> Watermark:
 
 
 def _family_from_files(components: dict[str, tuple[Path, ...]]) -> str:
-    if "UnetRefiner" in components and "Unet" not in components:  # a base folder may hold its refiner too
-        return "sdxl-refiner"
-    return "sdxl" if "TextEncoder2" in components else "sd"
+    if UNET_REFINER in components and UNET not in components:  # a base folder may hold its refiner too
+        return contract.SDXL_REFINER.name
+    return contract.SDXL.name if TEXT_ENCODER_2 in components else contract.SD.name

@@ -2,8 +2,8 @@
 and SDXL's base + refiner ensemble (the refiner takes the latents for the end of the schedule).
 
 The pipeline composes the stages: conditioning (conditioning.py), the VAE encoder for image-to-image, sampling
-(sampling.py), the VAE decoder (both tiled, tiling.py), the safety checker (safety.py) and the watermark
-(watermark.py).
+(sampling.py) and the refiner (refiner.py), the VAE decoder (both tiled, tiling.py), the safety checker (safety.py)
+and the watermark (watermark.py); a hires pass (upscaling.py) runs the denoising stages again on the enlarged image.
 """
 import logging
 import secrets
@@ -20,14 +20,22 @@ from tqdm.auto import tqdm
 
 from . import images, tiling
 from . import watermark as watermarks
-from .backends import ManagedModel, Model, default_compute_unit, load_model, release, resolve_backend
-from .errors import GenerationError
+from .backends import (
+    ManagedModel,
+    Model,
+    default_compute_unit,
+    load_model,
+    release,
+    resolve_backend,
+)
 from .conditioning import SizeConditioning, conditioning_for
+from .contract import SAFETY_CHECKER, VAE_DECODER, VAE_ENCODER, VAE_FACTOR
+from .errors import GenerationError
 from .package import Package, find_package, load_package
+from .refiner import refinement_for
 from .safety import SafetyChecker
 from .sampling import Pass, Sampler, Sampling
 from .schedulers import default_scheduler_name, scheduler_class
-from .tiling import VAE_FACTOR
 from .upscaling import Upscale
 
 logger = logging.getLogger("coreml_sd.runtime")
@@ -134,13 +142,13 @@ class Pipeline:
                   for name in loaded.required_components}
         return cls(loaded, models, backend, compute_unit, reduce_memory)
 
-    def _model(self, name: str) -> Model:
+    def model(self, name: str) -> Model:
         if name not in self.models:
             self.models[name] = load_component(self.package, name, self.backend, self.compute_unit, self.reduce_memory)
         return self.models[name]
 
     @contextmanager
-    def _stage(self, *names: str) -> Iterator[None]:
+    def stage(self, *names: str) -> Iterator[None]:
         """A stage that runs these models; with `reduce_memory`, they are unloaded when it ends."""
         try:
             yield
@@ -185,16 +193,9 @@ class Pipeline:
         (`safety_checker=False` skips it); `watermark=False` leaves out the invisible watermark. Raises
         GenerationError for anything the caller can fix."""
         scheduler = scheduler or default_scheduler_name(self.package.scheduler_config)
-        check_options(scheduler, steps, strength, num_images, seed, width, height, upscale, refiner_start)
-        training_steps = self.package.scheduler_config.get("num_train_timesteps", 1000)
-        for name, count in (("--steps", steps), ("--upscale-steps", upscale and upscale.steps)):
-            if count and count > training_steps:
-                raise GenerationError(f"{name} must be at most {training_steps}, the model's training timesteps, "
-                                      f"not {count}")
-        if output_type not in OUTPUT_TYPES:
-            raise GenerationError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, not {output_type!r}")
-        if refiner is not None:
-            self._check_refiner(refiner, upscale)
+        self._check_call(scheduler, steps, strength, num_images, seed, width, height, upscale, refiner_start,
+                         output_type)
+        refinement = refinement_for(self, refiner, refiner_start, upscale)
         overlap = self._overlap(overlap)
         start = None if image is None else images.open_image(image)
         passes = self._passes(Sampling(scheduler, steps, guidance_scale, strength), (width, height), start, upscale)
@@ -202,23 +203,18 @@ class Pipeline:
             seed = random_seed(num_images)
 
         first_size = passes[0].size[1], passes[0].size[0]
-        with self._stage("TextEncoder", "TextEncoder2"):
-            conditioning = self._conditioning(prompt, negative_prompt, size_conditioning, first_size)
-        refiner_conditioning = None
-        refiner_settings = {}
-        if refiner is not None:
-            with refiner._stage("TextEncoder", "TextEncoder2"):
-                refiner_conditioning = refiner._conditioning(prompt, negative_prompt, size_conditioning, first_size)
-            refiner_settings = {"Refiner": refiner.package.name, "Refiner start": refiner_start}
+        with self.stage(*self.package.contract.text_encoders):
+            conditioning = self.condition(prompt, negative_prompt, size_conditioning, first_size)
+        refinement.condition(prompt, negative_prompt, size_conditioning, first_size)
         start_latents = None if start is None else self._encode(start, passes[0], overlap)
         # The safeguards, in the order Stable Diffusion's scripts apply them: safety check, then watermark.
         checker = self._safety_checker() if safety_checker and output_type == "pil" else None
         safeguard_settings = {
-            **({"Safety checker": "off"} if not safety_checker and "SafetyChecker" in self.package.components else {}),
+            **({"Safety checker": "off"} if not safety_checker and SAFETY_CHECKER in self.package.components else {}),
             **({} if watermark else {"Watermark": "off"}),
         }
         watermark = watermark and output_type == "pil" and self._watermark_fits(passes[-1].size)
-        decoder = refiner or self
+        decoder = refinement.decoder
         result = GenerationResult([], [], [], [] if checker is not None else None)
         for index, image_seed in enumerate(range(seed, seed + num_images)):
             label = f"image {index + 1}/{num_images}" if num_images > 1 else "denoising"
@@ -228,39 +224,48 @@ class Pipeline:
             for number, stage in enumerate(passes):
                 if number > 0:  # a hires pass: the previous pass's image, enlarged
                     init_latents = self._encode(picture, stage, overlap)
-                end = refiner_start if refiner is not None else None
-                with self._stage(self.package.unet_name):
-                    latents = self.sampler.denoise(conditioning, stage, image_seed, init_latents, overlap, bar, end)
-                if refiner is not None:
-                    with refiner._stage(refiner.package.unet_name):
-                        latents = refiner.sampler.refine(latents, refiner_conditioning, stage, image_seed,
-                                                         refiner_start, overlap, bar)
+                with self.stage(self.package.unet_name):
+                    latents = self.sampler.denoise(conditioning, stage, image_seed, init_latents, overlap, bar,
+                                                   refinement.base_end)
+                latents = refinement(latents, stage, image_seed, overlap, bar)
                 if output_type == "pil" or number < len(passes) - 1:
-                    with decoder._stage("VAEDecoder"):
-                        picture = decoder._decode(latents, overlap)
+                    with decoder.stage(VAE_DECODER):
+                        picture = decoder.decode(latents, overlap)
             if checker is not None:
-                with self._stage("SafetyChecker"):
+                with self.stage(SAFETY_CHECKER):
                     picture, flagged = checker(picture)
                 result.nsfw_content_detected.append(flagged)
             if watermark:
                 picture = watermarks.apply(picture, self.package.watermark)
             result.images.append(picture if output_type == "pil" else latents)
             result.seeds.append(image_seed)
-            settings = {**self._settings(passes, image_seed, overlap, start is not None, upscale), **refiner_settings,
-                        **safeguard_settings}
+            settings = {**self._settings(passes, image_seed, overlap, start is not None, upscale),
+                        **refinement.settings, **safeguard_settings}
             result.parameters.append(parameters_text(prompt, negative_prompt, settings))
         return result
 
-    def _conditioning(self, prompt: str, negative_prompt: str, size: SizeConditioning,
+    def _check_call(self, scheduler: str, steps: int, strength: float, num_images: int, seed: int | None,
+                    width: int | None, height: int | None, upscale: Upscale | None, refiner_start: float,
+                    output_type: str) -> None:
+        check_options(scheduler, steps, strength, num_images, seed, width, height, upscale, refiner_start)
+        training_steps = self.package.scheduler_config.get("num_train_timesteps", 1000)
+        for name, count in (("--steps", steps), ("--upscale-steps", upscale and upscale.steps)):
+            if count and count > training_steps:
+                raise GenerationError(f"{name} must be at most {training_steps}, the model's training timesteps, "
+                                      f"not {count}")
+        if output_type not in OUTPUT_TYPES:
+            raise GenerationError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, not {output_type!r}")
+
+    def condition(self, prompt: str, negative_prompt: str, size: SizeConditioning,
                       image_size: tuple[int, int]) -> dict[str, np.ndarray]:
         """The Unet's conditioning inputs for the guidance batch, in the Unet's dtypes."""
         inputs = self.conditioning(prompt, negative_prompt, size, image_size)
         return {name: value.astype(self.sampler.dtypes[name]) for name, value in inputs.items()}
 
     def _safety_checker(self) -> SafetyChecker | None:
-        if "SafetyChecker" not in self.package.components:
+        if SAFETY_CHECKER not in self.package.components:
             return None
-        return SafetyChecker(self._model("SafetyChecker"), self.package.feature_extractor)
+        return SafetyChecker(self.model(SAFETY_CHECKER), self.package.feature_extractor)
 
     @staticmethod
     def _watermark_fits(size: tuple[int, int]) -> bool:
@@ -318,33 +323,20 @@ class Pipeline:
             settings["Tile overlap"] = overlap * VAE_FACTOR
         return settings
 
-    def _check_refiner(self, refiner: "Pipeline", upscale: Upscale | None) -> None:
-        if refiner.package.family != "sdxl-refiner" or self.package.family != "sdxl":
-            raise GenerationError(
-                f"--refiner takes an SDXL refiner package for an SDXL base package; {refiner.package.name!r} is "
-                f"{refiner.package.family!r} and {self.package.name!r} is {self.package.family!r}")
-        if refiner.latent_window != self.latent_window:
-            raise GenerationError(
-                f"refiner {refiner.package.name!r} makes {refiner.width}x{refiner.height} images, the base "
-                f"{self.width}x{self.height}; convert both at the same size")
-        if upscale is not None:
-            raise GenerationError("--refiner and --upscale cannot be combined yet; upscale the refined image with "
-                                  "--image FILE --upscale")
-
     def _encode(self, picture: Image.Image, stage: Pass, overlap: int) -> np.ndarray:
         """The VAE encoder's moments for `picture` brought to the pass's size, in tiles when it is larger."""
         if stage.upscaler is not None:
             picture = stage.upscaler(picture, stage.size)
-        encoder = self._model("VAEEncoder")
+        encoder = self.model(VAE_ENCODER)
         dtype = encoder.input_description["x"][1]
         window = tuple(side // VAE_FACTOR for side in encoder.input_description["x"][0][2:])
         pixels = images.to_encoder_input(picture, stage.size)
-        with self._stage("VAEEncoder"):
+        with self.stage(VAE_ENCODER):
             return tiling.tiled_encode(lambda x: encoder.predict({"x": x.astype(dtype)})["latent"], pixels, window,
                                        overlap)
 
-    def _decode(self, latents: torch.Tensor, overlap: int) -> Image.Image:
-        decoder = self.models["VAEDecoder"]
+    def decode(self, latents: torch.Tensor, overlap: int) -> Image.Image:
+        decoder = self.models[VAE_DECODER]
         shape, dtype = decoder.input_description["z"]
         z = latents.numpy() / self.package.scaling_factor
         return images.to_pil(tiling.tiled_decode(lambda tile: decoder.predict({"z": tile.astype(dtype)})["image"], z,

@@ -6,9 +6,9 @@ import numpy as np
 from transformers import CLIPTokenizer
 
 from .backends import Model
+from .contract import TEXT_LENGTH
 from .errors import GenerationError
 
-TEXT_LENGTH = 77
 END_OF_TEXT = "<|endoftext|>"
 logger = logging.getLogger("coreml_sd.runtime")
 

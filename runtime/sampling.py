@@ -13,9 +13,10 @@ import torch
 
 from . import tiling
 from .backends import Model
+from .contract import VAE_FACTOR
 from .package import Package
 from .schedulers import build_scheduler, step_keywords
-from .tiling import VAE_FACTOR, Layout, TiledNoise
+from .tiling import Layout, TiledNoise
 from .upscaling import Upscaler
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-VAE_FACTOR = 8  # image pixels per latent pixel
+from .contract import VAE_FACTOR
 
 # (N, C, h, w) window-sized inputs and a timestep -> (N, C, h, w) guided noise predictions, N >= 1
 NoiseFunction = Callable[[np.ndarray, float], np.ndarray]

@@ -10,8 +10,8 @@ from typing import Protocol
 import numpy as np
 from PIL import Image
 
+from .contract import VAE_FACTOR
 from .errors import GenerationError
-from .tiling import VAE_FACTOR
 
 MIN_FACTOR, MAX_FACTOR = 1.0, 8.0
 DEFAULT_STRENGTH = 0.35

@@ -97,19 +97,19 @@ VARIANTS = {"sd": SD, "xl": XL}
 def model_configs(variant: Variant, small: bool) -> dict:
     if variant is XL:
         if small:
-            from coreml_sd.converter import tiny_xl
+            from coreml_sd.converter.models import tiny_xl
 
             return {"unet": tiny_xl.UNET_CONFIG, "vae": tiny_xl.XL_VAE_CONFIG,
                     "text_encoder": tiny_xl.TEXT_ENCODER_CONFIG, "text_encoder_2": tiny_xl.TEXT_ENCODER_2_CONFIG}
-        from coreml_sd.converter import sdxl_base
+        from coreml_sd.converter.models import sdxl_base
 
         return {"unet": sdxl_base.SDXL_UNET_CONFIG, "vae": sdxl_base.SDXL_VAE_CONFIG,
                 "text_encoder": sdxl_base.SDXL_TEXT_ENCODER_CONFIG, "text_encoder_2": sdxl_base.SDXL_TEXT_ENCODER_2_CONFIG}
     if small:
-        from coreml_sd.converter.tiny import TEXT_ENCODER_CONFIG, UNET_CONFIG, VAE_CONFIG
+        from coreml_sd.converter.models.tiny import TEXT_ENCODER_CONFIG, UNET_CONFIG, VAE_CONFIG
 
         return {"unet": UNET_CONFIG, "vae": VAE_CONFIG, "text_encoder": TEXT_ENCODER_CONFIG}
-    from coreml_sd.converter.sd_v1_4 import SD_TEXT_ENCODER_CONFIG, SD_UNET_CONFIG, SD_VAE_CONFIG
+    from coreml_sd.converter.models.sd_v1_4 import SD_TEXT_ENCODER_CONFIG, SD_UNET_CONFIG, SD_VAE_CONFIG
 
     return {"unet": SD_UNET_CONFIG, "vae": SD_VAE_CONFIG, "text_encoder": SD_TEXT_ENCODER_CONFIG}
 
@@ -189,7 +189,7 @@ def build_model_folder(folder: Path, variant: Variant, small: bool) -> None:
     import transformers
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, PNDMScheduler, UNet2DConditionModel
 
-    from coreml_sd.converter import tiny, tiny_xl
+    from coreml_sd.converter.models import tiny, tiny_xl
 
     configs = model_configs(variant, small)
     if variant is XL:
@@ -399,9 +399,9 @@ def validate_component(folder: Path, component: str) -> dict:
     """One component of a package folder against its diffusers original, as coreml-convert validates it."""
     import torch
 
-    from coreml_sd.converter.conversion import source_of
-    from coreml_sd.converter.families.contract import ModelDimensions
-    from coreml_sd.converter.validate import validate as validate_package
+    from coreml_sd.converter.conversion.validate_only import source_of
+    from coreml_sd.runtime.contract import ModelDimensions
+    from coreml_sd.converter.conversion.validate import validate as validate_package
 
     manifest = json.loads((folder / "manifest.json").read_text())
     source = source_of(manifest)
@@ -475,7 +475,7 @@ def evaluate(report: dict, baseline: dict | None) -> list[dict]:
 
 
 def benchmark(variant: Variant, small: bool, cache: Path, output: Path, baseline: dict | None) -> dict:
-    from coreml_sd.converter.validate import PSNR_THRESHOLD_DB
+    from coreml_sd.converter.conversion.validate import PSNR_THRESHOLD_DB
 
     folder = model_folder(variant, small, cache)
     report = {
@@ -552,7 +552,7 @@ def main() -> int:
     parser.add_argument("--program-stats", type=Path, nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     variant = XL if args.xl else SD
-    from coreml_sd.converter.cli import quiet_libraries
+    from coreml_sd.converter.quiet import quiet_libraries
 
     quiet_libraries()
     if args.build_folder:
@@ -566,7 +566,7 @@ def main() -> int:
         print(json.dumps(validate_component(Path(folder), component)))
         return 0
     if args.program_stats:
-        from coreml_sd.converter.program_stats import program_stats
+        from coreml_sd.converter.conversion.program_stats import program_stats
 
         print(json.dumps([program_stats(path) for path in args.program_stats]))
         return 0

@@ -43,8 +43,8 @@ def build_unet(small: bool, dtype: torch.dtype):
 def convert_unet(small: bool, attention_implementation: str, path: Path) -> None:
     """Convert the Unet to `path` with the project's converter (fp16 weights, as coreml-convert does)."""
     from coreml_sd.converter.ane import component_module
-    from coreml_sd.converter.convert import to_mil_program, to_ml_program, trace
-    from coreml_sd.converter.families.contract import ModelDimensions
+    from coreml_sd.converter.conversion.convert import to_mil_program, to_ml_program, trace
+    from coreml_sd.runtime.contract import ModelDimensions
     from coreml_sd.converter.families.sd import SD
     from coreml_sd.converter.sources import ModelParts
 
@@ -75,10 +75,10 @@ def inputs_for(small: bool) -> dict[str, np.ndarray]:
 
 def build_config(small: bool) -> dict:
     if small:
-        from coreml_sd.converter.tiny import UNET_CONFIG
+        from coreml_sd.converter.models.tiny import UNET_CONFIG
 
         return UNET_CONFIG
-    from coreml_sd.converter.sd_v1_4 import SD_UNET_CONFIG
+    from coreml_sd.converter.models.sd_v1_4 import SD_UNET_CONFIG
 
     return SD_UNET_CONFIG
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from coreml_sd.converter.tiny import SCHEDULER_CONFIG, clip_vocabulary_files
+from coreml_sd.converter.models.tiny import SCHEDULER_CONFIG, clip_vocabulary_files
 from coreml_sd.runtime.package import Package
 from coreml_sd.runtime.pipeline import Pipeline
 from coreml_sd.runtime.schedulers import SCHEDULERS

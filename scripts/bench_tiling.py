@@ -43,11 +43,12 @@ def upscale_run(package: str, scale: float, steps: int, strength: float) -> dict
     from PIL import Image
 
     from coreml_sd.runtime import Pipeline
-    from coreml_sd.runtime.tiling import VAE_FACTOR, Layout
+    from coreml_sd.runtime.contract import VAE_FACTOR
+    from coreml_sd.runtime.tiling import Layout
     from coreml_sd.runtime.upscaling import Upscale
 
     pipe = Pipeline.from_package(package, backend="reference")
-    pipe._model("VAEEncoder")
+    pipe.model("VAEEncoder")
     start_image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (pipe.height, pipe.width, 3), np.uint8))
     upscale = Upscale(scale, strength=strength)
     width, height = upscale.size((pipe.width, pipe.height))

@@ -22,9 +22,9 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_sample_image
 
-from coreml_sd.converter.demo import build_demo_pipeline
-from coreml_sd.converter.demo_data import SAMPLE_PROMPTS
-from coreml_sd.converter.tiny import build_tiny_pipeline
+from coreml_sd.converter.models.demo import build_demo_pipeline
+from coreml_sd.converter.models.demo_data import SAMPLE_PROMPTS
+from coreml_sd.converter.models.tiny import build_tiny_pipeline
 from coreml_sd.runtime import watermark
 
 PSNR_TARGET_DB = 38.0

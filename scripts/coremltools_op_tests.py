@@ -14,7 +14,7 @@ Each case ends as one of
   fp16-data    (float32 backend) the executor's numbers differ, on a program that holds float16
                values (inputs, weights, outputs): such tests compute their expected outputs from the
                unrounded float32 data, which the program does not hold, and compare at the float32
-               tolerance (1e-4); computing on the values the program holds cannot meet them (README).
+               tolerance (1e-4); computing on the values the program holds cannot meet them (docs/executor.md).
                coremltools' own runs include these cases only on request (INCLUDE_MIL_FP32_UNIT_TESTS)
   unsupported  the executor refused the program at load (an op or type it does not implement)
   error        the executor raised while loading or running it

@@ -32,7 +32,7 @@ from diffusers import DDPMScheduler
 from PIL import Image
 from safetensors.torch import save_file
 
-from coreml_sd.converter.demo import (
+from coreml_sd.converter.models.demo import (
     IMAGE_SIZE,
     SCALING_FACTOR_KEY,
     SCHEDULER_CONFIG,
@@ -40,8 +40,8 @@ from coreml_sd.converter.demo import (
     build_modules,
     build_scheduler,
 )
-from coreml_sd.converter.demo_data import SAMPLE_PROMPTS, ShapePicture, caption, draw, random_picture
-from coreml_sd.converter.tiny import assemble_pipeline, build_tokenizer
+from coreml_sd.converter.models.demo_data import SAMPLE_PROMPTS, ShapePicture, caption, draw, random_picture
+from coreml_sd.converter.models.tiny import assemble_pipeline, build_tokenizer
 
 VAE_PHASE, UNET_PHASE, DECODER_PHASE = "vae", "unet", "decoder"
 PHASES = (VAE_PHASE, UNET_PHASE, DECODER_PHASE)

@@ -16,7 +16,7 @@ from filelock import FileLock
 
 from coreml_sd.converter.conversion import ConversionOptions, convert_model
 from coreml_sd.converter.families.sd import SD
-from coreml_sd.converter.tiny import build_tiny_pipeline
+from coreml_sd.converter.models.tiny import build_tiny_pipeline
 
 XL_BASE_COMPONENTS = ("TextEncoder", "TextEncoder2", "Unet", "VAEDecoder", "VAEEncoder")
 
@@ -99,7 +99,7 @@ def tiny_palettized_unet(converted_once):
 @pytest.fixture(scope="session")
 def demo_pipeline():
     """The diffusers original of the `demo` packages (float32, the shipped weights)."""
-    from coreml_sd.converter.demo import build_demo_pipeline
+    from coreml_sd.converter.models.demo import build_demo_pipeline
 
     return build_demo_pipeline()
 
@@ -115,7 +115,7 @@ def demo_package(converted_once) -> Path:
 @pytest.fixture(scope="session")
 def tiny_xl_pipeline():
     """The diffusers original of the `tiny-xl` packages (float32, the same weights)."""
-    from coreml_sd.converter.tiny_xl import build_tiny_xl_pipeline
+    from coreml_sd.converter.models.tiny_xl import build_tiny_xl_pipeline
 
     return build_tiny_xl_pipeline()
 
@@ -123,7 +123,7 @@ def tiny_xl_pipeline():
 @pytest.fixture(scope="session")
 def tiny_xl_refiner_pipeline():
     """The diffusers original of the `tiny-xl-refiner` packages."""
-    from coreml_sd.converter.tiny_xl import build_tiny_xl_refiner_pipeline
+    from coreml_sd.converter.models.tiny_xl import build_tiny_xl_refiner_pipeline
 
     return build_tiny_xl_refiner_pipeline()
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import coreml_sd.converter
-from coreml_sd.converter.families.contract import ModelDimensions
 from coreml_sd.converter.families.sd import SD
+from coreml_sd.runtime.contract import ModelDimensions
 from coreml_sd.runtime.prompt import PromptEncoder
 from coreml_sd.runtime.sampling import draw_noise, sample_encoder_latents
 

@@ -20,9 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from ..errors import ConversionError
 from ..sources.folders import sha256
+from ..sources.pickles import load_checkpoint
 from . import Adapter, split_argument
 
 CLIP_VOCABULARY_SIZE = 49408
@@ -157,12 +159,8 @@ def read_embedding(path: Path) -> tuple[str | None, torch.Tensor]:
     """(the token the file names, if any; its vectors (k, width) in float32) from A1111's (`string_to_param`,
     .pt or .safetensors), kohya's (`emb_params`) or diffusers' (`{token: vector}`) files."""
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         data = load_file(path)
     else:
-        from ..sources.pickles import load_checkpoint
-
         data = load_checkpoint(path)
     name = data.get("name") if isinstance(data.get("name"), str) else None
     if isinstance(data.get("string_to_param"), dict) and data["string_to_param"]:

@@ -10,6 +10,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.utils.state_dict_utils import (
+    StateDictType,
+    convert_state_dict_to_peft,
+    convert_unet_state_dict_to_peft,
+)
 
 from ..errors import ConversionError
 from ..sources.folders import sha256
@@ -110,8 +116,6 @@ def merge(target: torch.nn.Module, layer: LoraLayer, scale: float, name: str) ->
 
 def read_lora(path: Path) -> dict[str, dict[str, LoraLayer]]:
     """The file's LoRA pairs by pipeline module and layer path, through diffusers' key conversions."""
-    from diffusers import StableDiffusionPipeline
-
     try:
         state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(str(path), return_lora_metadata=True)
     except (ValueError, KeyError, OSError, RuntimeError) as error:
@@ -137,12 +141,6 @@ def read_lora(path: Path) -> dict[str, dict[str, LoraLayer]]:
 
 def to_peft(state: dict, module_name: str) -> dict:
     """diffusers' conversions from its older layouts (which its kohya conversion produces) to PEFT's names."""
-    from diffusers.utils.state_dict_utils import (
-        StateDictType,
-        convert_state_dict_to_peft,
-        convert_unet_state_dict_to_peft,
-    )
-
     if all(PEFT_KEY.match(key) for key in state):
         return state
     if module_name == "unet":

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .attention import AttentionImplementation
-from .layers import GroupNorm, TOKENS_LAST
+from .layers import TOKENS_LAST, GroupNorm
 from .resnet import ResnetBlock, downsamplers, upsamplers
 from .transformer import SpatialTransformer
 

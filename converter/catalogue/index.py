@@ -7,10 +7,10 @@ import os
 import time
 from pathlib import Path
 
+from coreml_sd.runtime.contract import MANIFEST_FILE
 from coreml_sd.runtime.integrity import DamagedPackage, check_files
 
 from .. import __version__
-from ..package import MANIFEST
 from .plan import Catalogue, PackagePlan
 
 INDEX = "catalogue.json"
@@ -37,7 +37,7 @@ class CatalogueIndex:
         if entry.get("key") != plan.key:
             return []
         try:
-            manifest = json.loads((plan.folder / MANIFEST).read_text())
+            manifest = json.loads((plan.folder / MANIFEST_FILE).read_text())
         except (OSError, ValueError):
             return []
         finished = []
@@ -99,7 +99,7 @@ class CatalogueIndex:
 def package_summary(folder: Path) -> dict:
     """What the index shows of a finished package: its manifest's dimensions, each component's file, size and
     validation figures, and the folder's size."""
-    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest = json.loads((folder / MANIFEST_FILE).read_text())
     components = {}
     for name, entry in manifest["components"].items():
         size = sum(f["size"] for f in entry.get("files", {}).values())

@@ -15,10 +15,19 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+from diffusers import AutoencoderKL
+
 from .. import __version__
-from ..conversion import ConversionOptions, check_options, chosen_components, model_dimensions, quantize_nbits
+from ..conversion.options import (
+    ConversionOptions,
+    check_options,
+    chosen_components,
+    model_dimensions,
+)
+from ..conversion.settings import quantize_nbits
 from ..errors import ConversionError
 from ..sources import ModelSource, resolve
+from ..sources.folders import empty_module
 from .reservations import reserved_gib, size_ratio
 
 # Each key, the ConversionOptions field it sets and the type it takes.
@@ -174,10 +183,10 @@ def plan_package(source: ModelSource, model: dict, variant: dict, output: Path, 
     )
     try:
         check_options(options)
-        components = chosen_components(source, options)
+        components = chosen_components(source, options.components)
     except ConversionError as error:
         raise ConversionError(f"{where}, variant {variant_slug(variant, options)}: {error}") from None
-    dims = model_dimensions(source, options)
+    dims = model_dimensions(source, options.height, options.width, options.unet_batch_size)
     name = f"{model.get('name') or source.name}-{variant_slug(variant, options, dims.width, dims.height)}"
     options.output = output / name
     memory = {}
@@ -209,9 +218,6 @@ def module_layout(source: ModelSource, module_name: str):
     if module_name == "safety_checker":
         return None
     if module_name == "vae" and source.vae_folder is not None:
-        from diffusers import AutoencoderKL
-
-        from ..sources.folders import empty_module
 
         return empty_module(AutoencoderKL, AutoencoderKL.load_config(source.vae_folder))
     return source.reader.empty(module_name)

@@ -14,6 +14,12 @@ measured yet: their figures are such estimates.
 from dataclasses import dataclass
 from functools import cache
 
+import torch
+from diffusers import UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from ..models.sd_v1_4 import SD_TEXT_ENCODER_CONFIG, SD_UNET_CONFIG, SD_VAE_CONFIG
+
 INTERPRETER_BASELINE_GIB = 0.37  # Python with torch, diffusers and coremltools imported, before any model
 SAFETY_MARGIN = 1.1  # a worker process runs one task after another: its heap is never as fresh as a new process's
 REFERENCE_PIXELS = 512 * 512
@@ -77,21 +83,13 @@ def parameter_count(module) -> int:
 @cache
 def reference_parameters(kind: str) -> int:
     """Parameters of SD v1.4's text encoder or Unet, built on the meta device from its configs."""
-    import torch
-
-    from ..sd_v1_4 import SD_TEXT_ENCODER_CONFIG, SD_UNET_CONFIG
 
     with torch.device("meta"):
         if kind == "text_encoder":
-            from transformers import CLIPTextConfig, CLIPTextModel
-
             return parameter_count(CLIPTextModel(CLIPTextConfig(**SD_TEXT_ENCODER_CONFIG)))
-        from diffusers import UNet2DConditionModel
 
         return parameter_count(UNet2DConditionModel(**SD_UNET_CONFIG))
 
 
 def reference_vae_width() -> int:
-    from ..sd_v1_4 import SD_VAE_CONFIG
-
     return SD_VAE_CONFIG["block_out_channels"][0]

@@ -6,12 +6,12 @@ components installed before it and a hidden staging folder that the next run on 
 import time
 
 from ..conversion import ConversionOptions, convert_model
-from ..package import PackageFolder
+from ..conversion.package import PackageFolder
+from ..quiet import quiet_libraries
+
 
 def convert_component(options: ConversionOptions) -> dict:
     """Convert (and validate) `options.components`' one component; what the index records of it."""
-    from ..cli import quiet_libraries
-
     quiet_libraries()
     start = time.perf_counter()
     report = convert_model(options)

@@ -1,6 +1,6 @@
-"""Model families as data: which components a family's packages have, what each is built from, its
-I/O contract, the defaults that apply when a model does not say, and how a diffusers folder is
-recognised as one of the family.
+"""Model families as data: the runtime's family contract (coreml_sd.runtime.contract: which components
+generating needs, their I/O, the defaults that apply when a model does not say), extended with what each
+component is built from and how a diffusers folder is recognised as one of the family.
 
 The converter, validation and the docs read these tables; nothing else decides per family. A new family
 is a new module here that builds a `Family` (often with `dataclasses.replace` from an existing one) and
@@ -9,9 +9,13 @@ an entry in `FAMILIES`.
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from coreml_sd.runtime.contract import (
+    ComponentSpec,
+    FamilyContract,
+    MinimumOS,
+    ModelDimensions,
+)
 from coreml_sd.runtime.watermark import STABLE_DIFFUSION_V1, Watermark
-
-from .contract import ComponentSpec, MinimumOS, ModelDimensions
 
 # What a component is, for the Neural Engine rewrite and for validation's reference.
 COMPONENT_KINDS = ("text_encoder", "unet", "vae_decoder", "vae_encoder", "safety_checker")
@@ -33,25 +37,12 @@ class Component:
 
 
 @dataclass(frozen=True)
-class Defaults:
-    """What applies when a model's own configuration does not say."""
-
-    latent_scaling_factor: float
-    prediction_type: str = "epsilon"
-    # The VAE's compute precision: float32 for VAEs whose activations overflow float16.
-    vae_compute_precision: str = "float16"
-    # diffusers' pipeline setting: an empty negative prompt conditions on zeros rather than on the encoded
-    # empty string (None: the family's pipeline has no such setting).
-    force_zeros_for_empty_prompt: bool | None = None
-
-
-@dataclass(frozen=True)
 class Family:
-    name: str
+    contract: FamilyContract
     description: str
     components: dict[str, Component]
-    default_components: tuple[str, ...]
-    defaults: Defaults
+    # The VAE's compute precision: float32 for VAEs whose activations overflow float16.
+    vae_compute_precision: str = "float16"
     # transformers class of each text encoder module, as model_index.json names it.
     text_encoder_classes: dict[str, str] = field(default_factory=lambda: {"text_encoder": "CLIPTextModel"})
     # The invisible watermark the family's images carry (SD 1.x and 2.x: CompVis' `StableDiffusionV1`).
@@ -61,6 +52,15 @@ class Family:
     minimum_os: MinimumOS = MinimumOS(macos="13.1", ios="16.2")
     # Recognises the family from a folder's model_index.json and unet/config.json.
     matches: Callable[[dict, dict], bool] = lambda model_index, unet_config: True
+
+    @property
+    def name(self) -> str:
+        return self.contract.name
+
+    @property
+    def default_components(self) -> tuple[str, ...]:
+        """What a conversion writes unless told: what generating needs."""
+        return self.contract.required_components
 
     def component(self, name: str) -> Component:
         if name not in self.components:

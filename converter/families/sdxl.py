@@ -9,12 +9,13 @@ loads it by beside a base.
 """
 from dataclasses import replace
 
-from . import Component, Defaults, Family
-from .contract import MinimumOS, text_encoder_spec, unet_spec, vae_decoder_spec, vae_encoder_spec
+from coreml_sd.runtime import contract
+
+from . import Component, Family
 
 
 def _text_encoder(name, dims):
-    return text_encoder_spec(name, "hidden_embeds", dims)
+    return contract.text_encoder_spec(name, "hidden_embeds", dims)
 
 
 def _is_xl(unet_config: dict) -> bool:
@@ -25,39 +26,37 @@ def _has_first_text_encoder(model_index: dict) -> bool:
     return bool(model_index.get("text_encoder") and model_index["text_encoder"][0] is not None)
 
 
-_VAE_DECODER = Component("vae_decoder", "vae", vae_decoder_spec)
-_VAE_ENCODER = Component("vae_encoder", "vae", vae_encoder_spec)
+_VAE_DECODER = Component("vae_decoder", "vae", contract.vae_decoder_spec)
+_VAE_ENCODER = Component("vae_encoder", "vae", contract.vae_encoder_spec)
 _TEXT_ENCODER_2 = Component("text_encoder", "text_encoder_2", _text_encoder, hidden_layer=-2, projected=True)
 
 SDXL = Family(
-    name="sdxl",
+    contract=contract.SDXL,
     description="Stable Diffusion XL",
     components={
-        "TextEncoder": Component("text_encoder", "text_encoder", _text_encoder, hidden_layer=-2),
-        "TextEncoder2": _TEXT_ENCODER_2,
-        "Unet": Component("unet", "unet", unet_spec),
-        "VAEDecoder": _VAE_DECODER,
-        "VAEEncoder": _VAE_ENCODER,
+        contract.TEXT_ENCODER: Component("text_encoder", "text_encoder", _text_encoder, hidden_layer=-2),
+        contract.TEXT_ENCODER_2: _TEXT_ENCODER_2,
+        contract.UNET: Component("unet", "unet", contract.unet_spec),
+        contract.VAE_DECODER: _VAE_DECODER,
+        contract.VAE_ENCODER: _VAE_ENCODER,
     },
-    default_components=("TextEncoder", "TextEncoder2", "Unet", "VAEDecoder"),
-    defaults=Defaults(latent_scaling_factor=0.13025, vae_compute_precision="float32", force_zeros_for_empty_prompt=True),
+    vae_compute_precision="float32",
     text_encoder_classes={"text_encoder": "CLIPTextModel", "text_encoder_2": "CLIPTextModelWithProjection"},
     swift_pipeline="StableDiffusionXLPipeline",
-    minimum_os=MinimumOS(macos="14", ios="17"),
+    minimum_os=contract.MinimumOS(macos="14", ios="17"),
     matches=lambda model_index, unet_config: _is_xl(unet_config) and _has_first_text_encoder(model_index),
 )
 
 SDXL_REFINER = replace(
     SDXL,
-    name="sdxl-refiner",
+    contract=contract.SDXL_REFINER,
     description="Stable Diffusion XL refiner",
     components={
-        "TextEncoder2": _TEXT_ENCODER_2,
-        "UnetRefiner": Component("unet", "unet", unet_spec),
-        "VAEDecoder": _VAE_DECODER,
-        "VAEEncoder": _VAE_ENCODER,
+        contract.TEXT_ENCODER_2: _TEXT_ENCODER_2,
+        contract.UNET_REFINER: Component("unet", "unet", contract.unet_spec),
+        contract.VAE_DECODER: _VAE_DECODER,
+        contract.VAE_ENCODER: _VAE_ENCODER,
     },
-    default_components=("TextEncoder2", "UnetRefiner", "VAEDecoder"),
     text_encoder_classes={"text_encoder_2": "CLIPTextModelWithProjection"},
     matches=lambda model_index, unet_config: _is_xl(unet_config) and not _has_first_text_encoder(model_index),
 )

@@ -89,7 +89,7 @@ class ModelSource:
 
         self.vae_folder, self.description["vae"] = vae_folder(vae)
         self.latent_scaling_factor = float(read_json(self.vae_folder / "config.json").get(
-            "scaling_factor", self.family.defaults.latent_scaling_factor))
+            "scaling_factor", self.family.contract.latent_scaling_factor))
 
     def load(self, component: str, dtype: torch.dtype) -> ModelParts:
         """The pipeline modules `component` needs, in `dtype`, in eval mode."""
@@ -123,7 +123,7 @@ class ModelSource:
         if self.safety_checker is not None:
             from functools import partial
 
-            from .. import safety_checker
+            from . import safety_checker
             from .folders import _download
 
             return safety_checker.locate(self.safety_checker, partial(_download, revision=None)).load(dtype)

@@ -2,13 +2,16 @@
 (SD's architecture at toy size with random weights), `tiny-xl` and `tiny-xl-refiner` (SDXL's)."""
 import copy
 from dataclasses import dataclass
+from importlib import import_module
 from pathlib import Path
 
 import torch
 
 from ..errors import ConversionError
 from ..families import detect_family
+from ..models.tiny import build_tiny_safety_checker, clip_vocabulary_files
 from . import ModelSource
+from .folders import pipeline_setting
 
 
 @dataclass
@@ -31,16 +34,12 @@ class PipelineReader:
         copy_clip_vocabulary_files(destination)  # every built-in model's tokenizers use them
 
     def load_safety_checker(self, dtype: torch.dtype, description: dict, name: str) -> tuple[torch.nn.Module, dict]:
-        from ..tiny import build_tiny_safety_checker
-
         checker, feature_extractor = build_tiny_safety_checker()
         return checker.to(dtype=dtype), feature_extractor
 
 
 def copy_clip_vocabulary_files(destination: Path) -> None:
     """The CLIP BPE files the project ships, which every SD 1.x/2.x tokenizer uses."""
-    from ..tiny import clip_vocabulary_files
-
     for path in clip_vocabulary_files():
         (destination / Path(path).name).write_bytes(Path(path).read_bytes())
 
@@ -69,12 +68,8 @@ BUILT_IN = {
 
 
 def built_in_source(name: str) -> ModelSource:
-    from importlib import import_module
-
-    from .folders import pipeline_setting
-
     built_in = BUILT_IN[name]
-    module = import_module(f"coreml_sd.converter.{built_in.module}")
+    module = import_module(f"coreml_sd.converter.models.{built_in.module}")
     try:
         pipeline = getattr(module, built_in.builder)()
     except FileNotFoundError as error:

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from ..families import Family
 from ..families.sd import SD
 
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
 SD_UNET_BLOCKS = dict(
     in_channels=4,
     out_channels=4,

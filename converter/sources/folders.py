@@ -14,10 +14,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import transformers
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from safetensors import safe_open
+from tokenizers import Tokenizer
+from transformers import CLIPTextConfig
 
 from ..errors import ConversionError
 from ..families import Family, detect_family
-from . import ModelSource
+from . import ModelSource, safety_checker
 
 # What a conversion reads from a diffusers folder; weights in safetensors, else PyTorch pickles.
 HUB_PATTERNS = [
@@ -62,7 +75,6 @@ class FolderReader:
         try:
             if module_name in self.text_encoder_classes:
                 return load_text_encoder(self.text_encoder_classes[module_name], self.folder / module_name, dtype)
-            from diffusers import AutoencoderKL, UNet2DConditionModel
 
             loader = {"unet": UNet2DConditionModel, "vae": AutoencoderKL}[module_name]
             return load_diffusers_module(loader, self.folder / module_name, dtype)
@@ -71,19 +83,13 @@ class FolderReader:
 
     def empty(self, module_name: str) -> torch.nn.Module:
         if module_name in self.text_encoder_classes:
-            import transformers
-            from transformers import CLIPTextConfig
-
             loader = getattr(transformers, self.text_encoder_classes[module_name])
             return empty_module(loader, CLIPTextConfig.from_pretrained(self.folder / module_name))
-        from diffusers import AutoencoderKL, UNet2DConditionModel
 
         loader = {"unet": UNet2DConditionModel, "vae": AutoencoderKL}[module_name]
         return empty_module(loader, loader.load_config(self.folder / module_name))
 
     def load_safety_checker(self, dtype: torch.dtype, description: dict, name: str) -> tuple[torch.nn.Module, dict]:
-        from .. import safety_checker
-
         folder = self.folder
         if "id" in description:  # the conversion's download left the checker out
             folder = _download(description["id"], description.get("revision"), safety_checker.HUB_PATTERNS)
@@ -108,7 +114,6 @@ class FolderReader:
             return
         if (tokenizer_folder / "tokenizer.json").is_file():
             # Folders saved by transformers 5 keep only tokenizer.json; its BPE model writes both files back.
-            from tokenizers import Tokenizer
 
             Tokenizer.from_file(str(tokenizer_folder / "tokenizer.json")).model.save(str(destination))
             return
@@ -135,8 +140,6 @@ def load_text_encoder(class_name: str, folder: Path, dtype: torch.dtype) -> torc
     """A transformers CLIP text model (`class_name`) from its folder, read as `load_diffusers_module` reads: the
     same module as `from_pretrained(folder, torch_dtype=dtype)`, whose memory-mapped float32 file counts in the
     process's RSS beside the cast copy (a 4.35 GiB peak for SDXL's 1.4 GB float16 TextEncoder2)."""
-    import transformers
-
     module = empty_module(getattr(transformers, class_name), transformers.CLIPTextConfig.from_pretrained(folder))
     state = {}
     for path in weight_files(folder, TEXT_ENCODER_WEIGHTS_FILE):
@@ -206,8 +209,6 @@ def read_safetensors(path: Path, dtype: torch.dtype, names: Callable[[str], bool
         return state
     stored_dtypes = {SAFETENSORS_DTYPES[entry["dtype"]] for entry in header.values()}
     if all(stored == dtype or not stored.is_floating_point for stored in stored_dtypes):
-        from safetensors import safe_open
-
         with safe_open(path, framework="pt") as mapped:
             return {name: mapped.get_tensor(name) for name in header}
     with path.open("rb") as stream:
@@ -247,15 +248,6 @@ def vae_folder(vae: str) -> tuple[Path, dict]:
 
 
 def _download(hub_id: str, revision: str | None, patterns: list[str] = HUB_PATTERNS) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
     try:
         return Path(snapshot_download(hub_id, revision=revision, allow_patterns=patterns))
     except GatedRepoError:
@@ -295,8 +287,8 @@ def folder_source(folder: Path, name: str, description: dict) -> ModelSource:
         scheduler_config=scheduler_config,
         conditioning=family.conditioning(unet_config, text_configs),
         sample_size=int(unet_config["sample_size"]),
-        latent_scaling_factor=float(vae_config.get("scaling_factor", family.defaults.latent_scaling_factor)),
-        prediction_type=scheduler_config.get("prediction_type", family.defaults.prediction_type),
+        latent_scaling_factor=float(vae_config.get("scaling_factor", family.contract.latent_scaling_factor)),
+        prediction_type=scheduler_config.get("prediction_type", family.contract.prediction_type),
         family=family,
         reader=FolderReader(folder, dict(family.text_encoder_classes)),
         pad_token=tokenizer_pad_token(tokenizer),
@@ -306,7 +298,7 @@ def folder_source(folder: Path, name: str, description: dict) -> ModelSource:
 
 def pipeline_setting(model_index: dict, family: Family) -> bool | None:
     """force_zeros_for_empty_prompt, as the model's pipeline config says (None where the family has no such)."""
-    default = family.defaults.force_zeros_for_empty_prompt
+    default = family.contract.force_zeros_for_empty_prompt
     return None if default is None else bool(model_index.get("force_zeros_for_empty_prompt", default))
 
 

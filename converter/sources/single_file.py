@@ -11,12 +11,29 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.loaders.single_file_utils import (
+    convert_ldm_clip_checkpoint,
+    convert_ldm_unet_checkpoint,
+    convert_ldm_vae_checkpoint,
+    convert_open_clip_checkpoint,
+)
+from transformers import CLIPTextConfig, CLIPTextModel
 
 from ..errors import ConversionError
 from . import ModelSource
 from .builtin import copy_clip_vocabulary_files
-from .checkpoint_configs import MODEL_TYPES, NOT_YET, ModelType
-from .folders import empty_module, fill_module, fill_text_encoder, read_json, read_safetensors, safetensors_header, sha256
+from .checkpoint_configs import MODEL_TYPES, NOT_YET, PREDICTION_TYPES, ModelType
+from .folders import (
+    empty_module,
+    fill_module,
+    fill_text_encoder,
+    read_json,
+    read_safetensors,
+    safetensors_header,
+    sha256,
+)
+from .pickles import load_checkpoint
 
 UNET_PREFIXES = ("model.diffusion_model.",)
 VAE_PREFIXES = ("first_stage_model.", "vae.")
@@ -26,7 +43,6 @@ SDXL_PREFIX = "conditioner.embedders."
 FIRST_CONV = "model.diffusion_model.input_blocks.0.0.weight"
 CROSS_ATTENTION_KEY = re.compile(r"^model\.diffusion_model\..*\.attn2\.to_k\.weight$")
 TEXT_LAYER_KEY = re.compile(r"^encoder\.layers\.(\d+)\.")
-PREDICTION_TYPES = ("epsilon", "v_prediction")
 # SD 2.0-base's released checkpoint stopped at this step; diffusers' original conversion script reads it as
 # "512 base, epsilon" and every other SD 2.x checkpoint as 768-v.
 SD2_BASE_GLOBAL_STEP = 875000
@@ -47,8 +63,6 @@ class Checkpoint:
             self.shapes = {name: tuple(entry["shape"]) for name, entry in header.items()}
             self.tensors = None
         else:
-            from .pickles import load_checkpoint
-
             loaded = load_checkpoint(path)
             state = loaded.get("state_dict", loaded)
             self.hints = {key: value for key, value in loaded.items() if isinstance(value, (int, float, str))}
@@ -82,31 +96,19 @@ class SingleFileReader:
                                   f"{str(error).splitlines()[0]}") from error
 
     def empty(self, module_name: str) -> torch.nn.Module:
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPTextConfig, CLIPTextModel
-
         if module_name == "text_encoder":
             return empty_module(CLIPTextModel, CLIPTextConfig(**self.configs[module_name]))
         return empty_module({"unet": UNet2DConditionModel, "vae": AutoencoderKL}[module_name], self.configs[module_name])
 
     def _load_unet(self, config: dict, dtype: torch.dtype) -> torch.nn.Module:
-        from diffusers import UNet2DConditionModel
-        from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
-
         state = convert_ldm_unet_checkpoint(self.checkpoint.read(UNET_PREFIXES, dtype), config)
         return fill_module(empty_module(UNet2DConditionModel, config), state, "the Unet config")
 
     def _load_vae(self, config: dict, dtype: torch.dtype) -> torch.nn.Module:
-        from diffusers import AutoencoderKL
-        from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
-
         state = convert_ldm_vae_checkpoint(self.checkpoint.read(VAE_PREFIXES, dtype), config)
         return fill_module(empty_module(AutoencoderKL, config), state, "the VAE config")
 
     def _load_text_encoder(self, config: dict, dtype: torch.dtype) -> torch.nn.Module:
-        from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_open_clip_checkpoint
-        from transformers import CLIPTextConfig, CLIPTextModel
-
         text_config = CLIPTextConfig(**config)
         module = empty_module(CLIPTextModel, text_config)
         if self.checkpoint.has((CLIP_PREFIX,)):
@@ -216,7 +218,7 @@ def single_file_source(path: Path, model_type: str | None, prediction_type: str 
         scheduler_config=scheduler,
         conditioning=chosen.family.conditioning(configs["unet"], {"text_encoder": configs["text_encoder"]}),
         sample_size=int(configs["unet"]["sample_size"]),
-        latent_scaling_factor=float(configs["vae"].get("scaling_factor", chosen.family.defaults.latent_scaling_factor)),
+        latent_scaling_factor=float(configs["vae"].get("scaling_factor", chosen.family.contract.latent_scaling_factor)),
         prediction_type=scheduler["prediction_type"],
         family=chosen.family,
         reader=SingleFileReader(checkpoint, configs),

@@ -52,11 +52,12 @@ class UnsupportedOperationError(NotImplementedError):
     """A program uses a MIL op that the executor's op table lacks."""
 
 
-def _all_operations(block):
+def all_operations(block):
+    """Every op of a block, those of nested blocks (control flow) after the op holding them."""
     for op in block.operations:
         yield op
         for nested in op.blocks:
-            yield from _all_operations(nested)
+            yield from all_operations(nested)
 
 
 def check_supported(function, source: str) -> None:
@@ -65,7 +66,7 @@ def check_supported(function, source: str) -> None:
     missing = sorted(
         {
             op.op_type
-            for op in _all_operations(function)
+            for op in all_operations(function)
             if op.op_type != "const" and op.op_type not in BLOCK_STEPS and implementation_for(op) is None
         }
     )

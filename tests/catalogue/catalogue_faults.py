@@ -10,10 +10,10 @@ STOP_CRASHING = ".stop-crashing"
 
 
 def install() -> None:
-    from coreml_sd.converter import convert
     from coreml_sd.converter.catalogue import tasks
+    from coreml_sd.converter.conversion import run
 
-    to_ml_program, convert_model = convert.to_ml_program, tasks.convert_model
+    to_ml_program, convert_model = run.to_ml_program, tasks.convert_model
 
     def die(*args, **kwargs):
         os._exit(EXIT_CODE)
@@ -26,7 +26,7 @@ def install() -> None:
         first_attempt = folder.name.startswith("crash-once-") and not marker.exists()
         if first_attempt:
             marker.touch()
-        convert.to_ml_program = die if first_attempt else to_ml_program
+        run.to_ml_program = die if first_attempt else to_ml_program
         return convert_model(options)
 
     tasks.convert_model = convert_model_with_faults

@@ -8,9 +8,9 @@ import pytest
 import transformers
 from diffusers import PNDMScheduler
 
-from coreml_sd.converter import tiny
 from coreml_sd.converter.cli import main
-from coreml_sd.converter.sd_v1_4 import SD_TEXT_ENCODER_CONFIG, SD_UNET_CONFIG, SD_VAE_CONFIG
+from coreml_sd.converter.models import tiny
+from coreml_sd.converter.models.sd_v1_4 import SD_TEXT_ENCODER_CONFIG, SD_UNET_CONFIG, SD_VAE_CONFIG
 
 # Peak RSS measured by scripts/bench_convert.py for the full-size SD v1.4 architecture at 512x512 (GiB): the
 # Unet converting (2.33 split_einsum, 2.40 split_einsum_v2) and converting then validating in one process (4.44).

@@ -25,7 +25,7 @@ from coreml_sd.converter.ane.layers import CHANNELS_FIRST, TOKENS_LAST, GroupNor
 from coreml_sd.converter.ane.resnet import ResnetBlock
 from coreml_sd.converter.ane.transformer import SpatialTransformer
 from coreml_sd.converter.families.sd import SD
-from coreml_sd.converter.tiny import UNET_CONFIG
+from coreml_sd.converter.models.tiny import UNET_CONFIG
 
 TOLERANCE = 1e-4
 # split_einsum_v2 with a chunk short enough for the small test sequences to be split, remainder included.

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from coreml_sd.converter.families.contract import ModelDimensions
 from coreml_sd.converter.families.sd import SD
-from coreml_sd.converter.tiny import TEXT_WIDTH, UNET_CONFIG, VAE_CONFIG
+from coreml_sd.converter.models.tiny import TEXT_WIDTH, UNET_CONFIG, VAE_CONFIG
+from coreml_sd.runtime.contract import ModelDimensions
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_convert.py"
 STAGES = ["load", "rewrite", "trace", "convert", "save"]

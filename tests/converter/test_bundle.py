@@ -11,10 +11,13 @@ import pytest
 from coreml_sd.converter.bundle import RESOURCES, write_bundle
 from coreml_sd.converter.chunks import WEIGHTS_FILE, split_package
 from coreml_sd.converter.cli import main
-from coreml_sd.converter.contract_doc import generated
+from coreml_sd.converter.conversion.metadata import licence_in_card
+from coreml_sd.converter.conversion.program_stats import load_program
+from coreml_sd.converter.docgen.contract_doc import generated
+from coreml_sd.converter.docgen.swift_example import parts as swift_parts
 from coreml_sd.converter.errors import ConversionError
 from coreml_sd.converter.families import family_by_name
-from coreml_sd.converter.families.contract import (
+from coreml_sd.runtime.contract import (
     TENSOR_MEANINGS,
     TOKENIZER_FILES,
     ComponentSpec,
@@ -22,9 +25,6 @@ from coreml_sd.converter.families.contract import (
     TensorSpec,
     chunk_contract_problems,
 )
-from coreml_sd.converter.metadata import licence_in_card
-from coreml_sd.converter.program_stats import load_program
-from coreml_sd.converter.swift_example import parts as swift_parts
 from coreml_sd.runtime.executor import ReferenceModel, psnr
 
 # The file names Apple's Swift package loads from its resources folder (StableDiffusionPipeline.ResourceURLs and
@@ -232,7 +232,7 @@ def test_xl_chunks_follow_the_contract(tiny_xl_packages, tmp_path):
 def test_packages_readme_holds_the_contract_table():
     readme = (Path(__file__).resolve().parents[2] / "packages" / "README.md").read_text()
     for part in (generated(), *(text for _, _, text in swift_parts())):
-        assert part in readme, "regenerate it: python -m coreml_sd.converter.contract_doc packages/README.md"
+        assert part in readme, "regenerate it: python -m coreml_sd.converter.docgen.contract_doc packages/README.md"
     assert all(f"`{name}`" in readme for name in SWIFT_RESOURCE_FILES)
 
 

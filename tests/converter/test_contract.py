@@ -6,10 +6,10 @@ import coremltools as ct
 import numpy as np
 import pytest
 
-from coreml_sd.converter.families.contract import ModelDimensions
+from coreml_sd.converter.conversion.program_stats import load_program
 from coreml_sd.converter.families.sd import SD
-from coreml_sd.converter.program_stats import load_program
-from coreml_sd.converter.tiny import SCHEDULER_CONFIG, TEXT_WIDTH, clip_vocabulary_files
+from coreml_sd.converter.models.tiny import SCHEDULER_CONFIG, TEXT_WIDTH, clip_vocabulary_files
+from coreml_sd.runtime.contract import ModelDimensions
 
 FEATURE_DTYPES = {
     ct.proto.FeatureTypes_pb2.ArrayFeatureType.FLOAT16: "float16",

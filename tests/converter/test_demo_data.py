@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from coreml_sd.converter.demo_data import (
+from coreml_sd.converter.models.demo_data import (
     BACKGROUNDS,
     COLOURS,
     POSITION_PHRASES,

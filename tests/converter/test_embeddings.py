@@ -13,7 +13,7 @@ from transformers import CLIPTokenizer
 from coreml_sd.converter.adapters.embeddings import read_embedding
 from coreml_sd.converter.conversion import ConversionOptions, convert_model
 from coreml_sd.converter.errors import ConversionError
-from coreml_sd.converter.tiny import clip_vocabulary_files
+from coreml_sd.converter.models.tiny import clip_vocabulary_files
 from coreml_sd.runtime.executor import ReferenceModel, psnr
 from coreml_sd.runtime.prompt import PromptEncoder
 

@@ -9,12 +9,12 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import save_file
 
 from coreml_sd.converter.conversion import ConversionOptions, convert_model
+from coreml_sd.converter.conversion.validate import reference_outputs, validation_inputs, worst_psnr
 from coreml_sd.converter.errors import ConversionError
-from coreml_sd.converter.families.contract import ModelDimensions
 from coreml_sd.converter.families.sd import SD
 from coreml_sd.converter.sources import ModelParts
-from coreml_sd.converter.validate import reference_outputs, validation_inputs, worst_psnr
 from coreml_sd.runtime import Pipeline
+from coreml_sd.runtime.contract import ModelDimensions
 from coreml_sd.runtime.executor import ReferenceModel, psnr
 
 PSNR_THRESHOLD_DB = 35.0

@@ -8,11 +8,12 @@ import pytest
 import torch
 from sklearn.cluster import KMeans
 
-from coreml_sd.converter import palettize
 from coreml_sd.converter.cli import main
-from coreml_sd.converter.conversion import ConversionOptions, component_settings
-from coreml_sd.converter.palettize import WEIGHT_THRESHOLD, palette, palettize_module, palettize_program
-from coreml_sd.converter.program_stats import load_program, program_stats
+from coreml_sd.converter.compression import palettize
+from coreml_sd.converter.compression.palettize import WEIGHT_THRESHOLD, palette, palettize_module, palettize_program
+from coreml_sd.converter.conversion import ComponentOptions
+from coreml_sd.converter.conversion.program_stats import load_program, program_stats
+from coreml_sd.converter.conversion.settings import component_settings
 from coreml_sd.runtime.executor import ReferenceModel, psnr
 
 PSNR_THRESHOLD_DB = 60.0  # the tiny Unet measures 66 dB against the same palettes
@@ -149,10 +150,10 @@ def test_palettizing_group_by_group_stores_what_one_pass_stores(tiny_pipeline, m
     """The weights are palettized a group at a time, so that memory is freed as it goes: the groups must not change
     what is stored."""
     from coreml_sd.converter.ane import component_module
-    from coreml_sd.converter.convert import to_mil_program, trace
-    from coreml_sd.converter.families.contract import ModelDimensions
+    from coreml_sd.converter.conversion.convert import to_mil_program, trace
     from coreml_sd.converter.families.sd import SD
     from coreml_sd.converter.sources import ModelParts
+    from coreml_sd.runtime.contract import ModelDimensions
 
     unet = copy.deepcopy(tiny_pipeline.unet).half()
     palettize_module(unet, NBITS)
@@ -177,12 +178,12 @@ def test_palettizing_group_by_group_stores_what_one_pass_stores(tiny_pipeline, m
 
 
 def test_only_the_text_encoder_and_unet_depend_on_the_palette_size(tiny_pipeline):
-    from coreml_sd.converter.families.contract import ModelDimensions
     from coreml_sd.converter.sources import resolve
+    from coreml_sd.runtime.contract import ModelDimensions
 
     source = resolve("tiny")
     dims = ModelDimensions(32, 128, 128)
-    options = ConversionOptions(model="tiny", quantize_nbits=NBITS)
+    options = ComponentOptions(quantize_nbits=NBITS)
     assert component_settings("Unet", source, dims, options)["quantize_nbits"] == NBITS
     assert component_settings("TextEncoder", source, dims, options)["quantize_nbits"] == NBITS
     assert "quantize_nbits" not in component_settings("VAEDecoder", source, dims, options)

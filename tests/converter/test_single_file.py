@@ -9,12 +9,12 @@ import torch
 from safetensors.torch import save_file
 
 from coreml_sd.converter.conversion import ConversionOptions, convert_model
+from coreml_sd.converter.conversion.validate import validation_inputs
 from coreml_sd.converter.errors import ConversionError
-from coreml_sd.converter.families.contract import ModelDimensions
 from coreml_sd.converter.families.sd import SD
 from coreml_sd.converter.sources import resolve
 from coreml_sd.converter.sources.pickles import InertObject, load_checkpoint
-from coreml_sd.converter.validate import validation_inputs
+from coreml_sd.runtime.contract import ModelDimensions
 from coreml_sd.runtime.executor import ReferenceModel, psnr
 
 from ldm_layout import ldm_state

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from coreml_sd.converter.conversion import ConversionOptions, convert_model
-from coreml_sd.converter.validate import PSNR_THRESHOLD_DB
+from coreml_sd.converter.conversion.validate import PSNR_THRESHOLD_DB
 from coreml_sd.runtime import Pipeline
 
 # bits, height, width: one case in the quick run, the other palette sizes with --all

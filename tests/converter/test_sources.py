@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from coreml_sd.converter.conversion import ConversionOptions, convert_model
-from coreml_sd.converter.tiny import clip_vocabulary_files
+from coreml_sd.converter.models.tiny import clip_vocabulary_files
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,11 @@ import torch
 
 from coreml_sd.converter.cli import main
 from coreml_sd.converter.conversion import ConversionOptions, convert_model
+from coreml_sd.converter.conversion.validate import validation_inputs
 from coreml_sd.converter.errors import ConversionError
-from coreml_sd.converter.families.contract import ModelDimensions
 from coreml_sd.converter.families.sd import SD
-from coreml_sd.converter.tiny import TEXT_WIDTH
-from coreml_sd.converter.validate import validation_inputs
+from coreml_sd.converter.models.tiny import TEXT_WIDTH
+from coreml_sd.runtime.contract import ModelDimensions
 from coreml_sd.runtime.executor import ReferenceModel, psnr
 
 # A few dB under what the tiny components measure (66-70 dB), so that a regression shows; the converter's own

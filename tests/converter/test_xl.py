@@ -13,7 +13,7 @@ import torch
 
 from coreml_sd.converter.cli import main
 from coreml_sd.converter.conversion import ConversionOptions, convert_model
-from coreml_sd.converter.program_stats import program_stats
+from coreml_sd.converter.conversion.program_stats import program_stats
 from coreml_sd.converter.sources import resolve
 from coreml_sd.runtime.executor import ReferenceModel, psnr
 

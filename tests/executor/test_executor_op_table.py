@@ -13,7 +13,7 @@ from coreml_sd.runtime.executor.registry import OP_TABLE, lookup
 OUTSIDE_THE_TABLE = {
     "const": "constants are read when a program is compiled",
     "_const_symbolic": "the builder's symbolic constant, never written into a program",
-    "conv_quantized": "a layer of the neural-network backend, not an ML Program op (README)",
+    "conv_quantized": "a layer of the neural-network backend, not an ML Program op (docs/executor.md)",
     **{op: "holds blocks, run by control_flow.py" for op in BLOCK_STEPS},
 }
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from coreml_sd.converter.cli import main
-from coreml_sd.converter.package import PackageFolder
+from coreml_sd.converter.conversion.package import PackageFolder
 
 from hardening_testing import command, error_line, final_error_line
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from coreml_sd.converter.families.contract import ModelDimensions
 from coreml_sd.converter.families.sd import SD
-from coreml_sd.converter.tiny import TEXT_WIDTH, clip_vocabulary_files
+from coreml_sd.converter.models.tiny import TEXT_WIDTH, clip_vocabulary_files
+from coreml_sd.runtime.contract import ModelDimensions
 from coreml_sd.runtime.package import Package
 
 TINY_SIZE = 128

@@ -13,7 +13,7 @@ from functools import partial
 import numpy as np
 from tqdm import tqdm
 
-from coreml_sd.converter.swift_example import Example
+from coreml_sd.converter.docgen.swift_example import Example
 from coreml_sd.runtime import Pipeline
 from coreml_sd.runtime.sampling import Pass, Sampler, Sampling, draw_noise
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from coreml_sd.converter.demo_data import COLOURS, ShapePicture, draw
+from coreml_sd.converter.models.demo_data import COLOURS, ShapePicture, draw
 from coreml_sd.runtime import Pipeline
 from coreml_sd.runtime.executor import psnr
 

@@ -65,7 +65,7 @@ def test_reduce_memory_holds_one_model_at_a_time(chunked_package, tiny_runtime):
 
         model._load = watched_load
 
-    pipe._model("SafetyChecker")  # made now (not loaded: it loads when its stage runs), so that it is watched too
+    pipe.model("SafetyChecker")  # made now (not loaded: it loads when its stage runs), so that it is watched too
     assert all(isinstance(model, ManagedModel) and not model.loaded for model in pipe.models.values())
     for name, model in pipe.models.items():
         watch(model, name)

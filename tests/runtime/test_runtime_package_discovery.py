@@ -6,10 +6,11 @@ import sys
 import numpy as np
 import pytest
 
-from coreml_sd.converter.tiny import clip_vocabulary_files
+from coreml_sd.converter.models.tiny import clip_vocabulary_files
 from coreml_sd.runtime import GenerationError, Pipeline
 from coreml_sd.runtime.backends import describe_model, resolve_backend
-from coreml_sd.runtime.package import SD_V1_SCHEDULER_CONFIG, find_package, load_package
+from coreml_sd.runtime.contract import SD_V1_SCHEDULER_CONFIG
+from coreml_sd.runtime.package import find_package, load_package
 
 
 def make_folder(root, name, files=("manifest.json",)):

@@ -13,8 +13,8 @@ import torch
 from transformers import CLIPImageProcessorPil
 
 from coreml_sd.converter.conversion import ConversionOptions, convert_model
-from coreml_sd.converter.tiny import build_tiny_safety_checker
-from coreml_sd.converter.validate import safety_concept_scores
+from coreml_sd.converter.conversion.validate import safety_concept_scores
+from coreml_sd.converter.models.tiny import build_tiny_safety_checker
 from coreml_sd.runtime import Pipeline
 from coreml_sd.runtime.cli import main
 from coreml_sd.runtime.executor import psnr

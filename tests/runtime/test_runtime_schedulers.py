@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, LMSDiscreteScheduler, StableDiffusionPipeline
 
-from coreml_sd.converter.tiny import SCHEDULER_CONFIG
+from coreml_sd.converter.models.tiny import SCHEDULER_CONFIG
 from coreml_sd.runtime.errors import GenerationError
 from coreml_sd.runtime.schedulers import SCHEDULERS, build_scheduler, default_scheduler_name
 

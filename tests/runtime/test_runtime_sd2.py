@@ -8,8 +8,8 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from coreml_sd.converter import tiny
 from coreml_sd.converter.conversion import ConversionOptions, convert_model
+from coreml_sd.converter.models import tiny
 from coreml_sd.runtime import Pipeline
 from coreml_sd.runtime.executor import psnr
 

@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 from diffusers import DPMSolverMultistepScheduler
 
-from coreml_sd.converter.sources.checkpoint_configs import DDIM_V_PREDICTION, PNDM_EPSILON
-from coreml_sd.converter.swift_example import (
+from coreml_sd.converter.docgen.swift_example import (
     LINSPACE_MISMATCH_COUNT,
     LINSPACE_MISMATCHES,
     MIN_STEPS,
@@ -28,9 +27,9 @@ from coreml_sd.converter.swift_example import (
     leading_mismatches,
     pndm_final_coefficients,
 )
-from coreml_sd.runtime import Pipeline
+from coreml_sd.converter.sources.checkpoint_configs import DDIM_V_PREDICTION, PNDM_EPSILON
+from coreml_sd.runtime import Pipeline, contract
 from coreml_sd.runtime.conditioning import channels_first
-from coreml_sd.runtime.package import FAMILY_DEFAULTS
 from coreml_sd.runtime.prompt import END_OF_TEXT, PromptEncoder
 from coreml_sd.runtime.sampling import Sampling, draw_noise
 from coreml_sd.runtime.schedulers import build_scheduler
@@ -137,7 +136,7 @@ def test_leading_timesteps_are_swifts_unless_steps_plus_one_divides_1000(pipes):
     assert XL_EXAMPLE.steps not in differing
 
 
-@pytest.mark.parametrize("config", [FAMILY_DEFAULTS["sd"][0], PNDM_EPSILON, DDIM_V_PREDICTION],
+@pytest.mark.parametrize("config", [contract.SD.scheduler_config, PNDM_EPSILON, DDIM_V_PREDICTION],
                          ids=["sd-defaults", "sd1-and-sd2-base", "sd2-v"])
 def test_sd_scheduler_configurations_leave_dpm_solver_at_linspace(config):
     """SD 1.x's and SD 2.x's scheduler configurations (the runtime's default for bundles without a manifest, and the

@@ -6,12 +6,18 @@ It is built locally in seconds without network, and it is the same object for th
 from importlib import resources
 
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+from coreml_sd.runtime.safety import SD_FEATURE_EXTRACTOR
+from diffusers import (
+    AutoencoderKL,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.pipelines.stable_diffusion.safety_checker import (
+    StableDiffusionSafetyChecker,
+)
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from transformers import CLIPConfig, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-from coreml_sd.runtime.safety import SD_FEATURE_EXTRACTOR
 
 SEED = 0
 TEXT_WIDTH = 32

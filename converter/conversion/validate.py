@@ -8,13 +8,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
+from coreml_sd.runtime.contract import ComponentSpec
+from coreml_sd.runtime.executor import ReferenceModel, psnr
 from coreml_sd.runtime.memory import release_memory
+from diffusers.pipelines.stable_diffusion.safety_checker import cosine_distance
 
-from .families import Component
-from .families.contract import ComponentSpec
-from .palettize import palettize_parts
-from .sources import ModelParts
+from ..chunks import chunked_reference_model
+from ..compression.palettize import palettize_parts
+from ..families import Component
+from ..sources import ModelParts
 
 PSNR_THRESHOLD_DB = 35.0
 TOKEN_RANGE = 49406  # ordinary CLIP tokens; 49406 and 49407 are start and end of text
@@ -87,8 +89,6 @@ def reference_outputs(parts: ModelParts, component: Component, spec: ComponentSp
 def safety_concept_scores(checker: torch.nn.Module, clip_input: torch.Tensor, adjustment: torch.Tensor) -> torch.Tensor:
     """diffusers' concept scores (its `forward_onnx` math, with diffusers' `cosine_distance`), `adjustment` on
     the special-care scores as Apple's contract has it."""
-    from diffusers.pipelines.stable_diffusion.safety_checker import cosine_distance
-
     image_embeds = checker.visual_projection(checker.vision_model(clip_input)[1])
     special_scores = cosine_distance(image_embeds, checker.special_care_embeds) - checker.special_care_embeds_weights + adjustment
     special_care = torch.any(special_scores > 0, dim=1, keepdim=True)
@@ -104,9 +104,6 @@ def validate(package: Path | tuple[Path, ...], component: Component, spec: Compo
     weights palettized as the converter palettized the float16 ones), which isolates the conversion;
     its PSNR against the unquantized original is reported as `unquantized_psnr_db`. A chunked model (a tuple
     of packages) runs chunk after chunk, as the Swift package runs it."""
-    from coreml_sd.runtime.executor import ReferenceModel
-
-    from .chunks import chunked_reference_model
 
     inputs = validation_inputs(spec, seed, latent_scaling_factor)
     parts = load_reference()
@@ -135,6 +132,4 @@ def validate(package: Path | tuple[Path, ...], component: Component, spec: Compo
 
 
 def worst_psnr(expected: dict[str, np.ndarray], actual: dict[str, np.ndarray]) -> float:
-    from coreml_sd.runtime.executor import psnr
-
     return round(min(psnr(expected[name], actual[name]) for name in expected), 2)

@@ -1,6 +1,6 @@
 """`tiny-xl` and `tiny-xl-refiner`: SDXL's architecture at toy size, random weights from a fixed seed.
 
-Like `tiny` (coreml_sd.converter.tiny), built in memory in about a second, for trying things out and for the
+Like `tiny` (coreml_sd.converter.models.tiny), built in memory in about a second, for trying things out and for the
 tests, which compare every package with these diffusers pipelines. The base has SDXL's two text encoders (the
 second with projection, padding with "!"), a Unet with `text_time` conditioning and two transformer layers in
 its deepest blocks, and SDXL's VAE settings; the refiner shares the base's second text encoder and VAE, as
@@ -14,7 +14,12 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+)
 
 from .tiny import VAE_CONFIG, clip_vocabulary_files
 

@@ -18,9 +18,14 @@ import gc
 
 import numpy as np
 import torch
+from coremltools.converters.mil.mil.passes.pass_pipeline import (
+    PassPipeline,
+    PassPipelineManager,
+)
+from coremltools.optimize.coreml import OpPalettizerConfig, OptimizationConfig
 
-QUANTIZED_KINDS = ("text_encoder", "unet")  # the text encoders' and Unet's weights; the VAE's stay float16
-NBITS_CHOICES = (1, 2, 4, 6, 8)  # what constexpr_lut_to_dense supports on macOS 13 / iOS 16
+from . import NBITS_CHOICES
+
 WEIGHT_THRESHOLD = 2048  # smaller weights (biases, norms) stay float16, as coremltools' default
 MAX_ITERATIONS = 1000
 DENSITY_BINS = 4096
@@ -131,9 +136,6 @@ def palettize_program(program, nbits: int) -> None:
     float16 weights would all stay beside their palettes (2.1 GiB more than the float16 conversion's peak for
     SDXL's Unet). Run over groups of weights in turn, each group's float16 weights are freed before the next is
     palettized."""
-    from coremltools.converters.mil.mil.passes.pass_pipeline import PassPipeline, PassPipelineManager
-    from coremltools.optimize.coreml import OpPalettizerConfig, OptimizationConfig
-
     config = OpPalettizerConfig(mode="custom", lut_function=_exact_lut(nbits), weight_threshold=WEIGHT_THRESHOLD)
     for group in _weight_groups(program):
         pipeline = PassPipeline.EMPTY

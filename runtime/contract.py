@@ -1,10 +1,14 @@
-"""The packages' input/output contract, as data: names, shapes and dtypes per component.
+"""The package contract, as data: the one home of what a package is.
 
-These are the names and layouts of Apple's StableDiffusion Swift package, so that a Swift app can
-load the packages as they are. Each family (`coreml_sd.converter.families`) composes its components'
-contracts from the builders here. The same table gives each tensor the description Xcode shows, the
-rule a chunked Unet's two packages follow, the minimum OS versions and the Swift bundle's file names;
-the converter, the bundle writer, the tests and packages/README.md all read it from here.
+These are the names and layouts of Apple's StableDiffusion Swift package, so that a Swift app can load the packages
+as they are: the component names and their files, each component's inputs and outputs (names, shapes, dtypes), the
+chunks a split Unet comes in, the tokenizer files, and per family which components generating needs and the settings
+that apply when a package carries no manifest (Apple's published bundles). The same table gives each tensor the
+description Xcode shows, the rule a chunked Unet's two packages follow, and the minimum OS versions.
+
+The runtime reads it to find and run packages; the converter's families (`coreml_sd.converter.families`) extend it
+with how each component is built; the bundle writer, the tests and packages/README.md read it from here. A new
+component is a row here.
 """
 from dataclasses import asdict, dataclass, field
 
@@ -18,6 +22,38 @@ SAFETY_CONCEPTS = 17  # diffusers' StableDiffusionSafetyChecker holds 17 concept
 TOKENIZER_FILES = ("vocab.json", "merges.txt")  # beside the models, in package folders and Swift bundles
 COMPILED_SUFFIX = ".mlmodelc"  # what the Swift package loads: a compiled model
 PACKAGE_SUFFIX = ".mlpackage"
+MODEL_SUFFIXES = (PACKAGE_SUFFIX, COMPILED_SUFFIX)  # in this order of preference: both backends run a .mlpackage
+MANIFEST_FILE = "manifest.json"  # what coreml-convert writes beside the models
+BUNDLE_FOLDER = "Resources"  # where a Swift app's (and the Diffusers app's) models lie
+
+# The components, by the names their files have (<Name>.mlpackage / <Name>.mlmodelc).
+TEXT_ENCODER = "TextEncoder"
+TEXT_ENCODER_2 = "TextEncoder2"
+UNET = "Unet"
+UNET_REFINER = "UnetRefiner"  # the SDXL refiner's Unet, beside a base's
+VAE_DECODER = "VAEDecoder"
+VAE_ENCODER = "VAEEncoder"
+SAFETY_CHECKER = "SafetyChecker"
+COMPONENTS = (TEXT_ENCODER, TEXT_ENCODER_2, UNET, UNET_REFINER, VAE_DECODER, VAE_ENCODER, SAFETY_CHECKER)
+
+# A Unet split in two for iPhones: <Name>Chunk1 and <Name>Chunk2 (Apple's names), run one after the other.
+CHUNK_COUNT = 2
+CHUNKED_COMPONENTS = (UNET, UNET_REFINER)
+
+
+def chunk_names(component: str) -> tuple[str, ...]:
+    """The packages a chunked component is installed as, in run order."""
+    return tuple(f"{component}Chunk{index}" for index in range(1, CHUNK_COUNT + 1))
+
+
+# Apple's Python converter (torch2coreml) names its outputs Stable_Diffusion_version_<model id>_<name>.mlpackage.
+APPLE_CONVERTER_PREFIX = "Stable_Diffusion_version_"
+APPLE_CONVERTER_NAMES = {
+    "text_encoder": TEXT_ENCODER, "text_encoder_2": TEXT_ENCODER_2, "unet": UNET, "refiner": UNET_REFINER,
+    "vae_decoder": VAE_DECODER, "vae_encoder": VAE_ENCODER, "safety_checker": SAFETY_CHECKER,
+    **{f"{python}_chunk{index}": chunk for python, name in (("unet", UNET), ("refiner", UNET_REFINER))
+       for index, chunk in enumerate(chunk_names(name), start=1)},
+}
 
 
 @dataclass(frozen=True)
@@ -244,3 +280,56 @@ def chunk_contract_problems(whole: ComponentSpec, first: ComponentSpec, second: 
         problems.append(f"{second.name} outputs {[t.name for t in second.outputs]}, not {whole.name}'s "
                         f"{[t.name for t in whole.outputs]}")
     return problems
+
+
+@dataclass(frozen=True)
+class FamilyContract:
+    """What a family's packages hold and, for packages without a manifest, the settings that apply.
+
+    `force_zeros_for_empty_prompt` is diffusers' pipeline setting: an empty negative prompt conditions on zeros
+    rather than on the encoded empty string (None: the family's pipeline has no such setting, which is False).
+    """
+
+    name: str
+    text_encoders: tuple[str, ...]
+    unet: str
+    scheduler_config: dict
+    latent_scaling_factor: float
+    force_zeros_for_empty_prompt: bool | None = None
+    prediction_type: str = "epsilon"
+
+    @property
+    def required_components(self) -> tuple[str, ...]:
+        """What generating needs: the text encoders, the Unet and the decoder."""
+        return (*self.text_encoders, self.unet, VAE_DECODER)
+
+
+# SD v1.4's scheduler, for bundles that carry no manifest (Apple's published SD v1 bundles).
+SD_V1_SCHEDULER_CONFIG = {
+    "_class_name": "PNDMScheduler",
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+}
+# stabilityai's SDXL 1.0 scheduler, for Apple's XL bundles, which carry no manifest.
+SDXL_SCHEDULER_CONFIG = {
+    "_class_name": "EulerDiscreteScheduler",
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "interpolation_type": "linear",
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "use_karras_sigmas": False,
+}
+SD = FamilyContract("sd", (TEXT_ENCODER,), UNET, SD_V1_SCHEDULER_CONFIG, latent_scaling_factor=0.18215)
+SDXL = FamilyContract("sdxl", (TEXT_ENCODER, TEXT_ENCODER_2), UNET, SDXL_SCHEDULER_CONFIG,
+                      latent_scaling_factor=0.13025, force_zeros_for_empty_prompt=True)
+SDXL_REFINER = FamilyContract("sdxl-refiner", (TEXT_ENCODER_2,), UNET_REFINER, SDXL_SCHEDULER_CONFIG,
+                              latent_scaling_factor=0.13025, force_zeros_for_empty_prompt=False)
+FAMILY_CONTRACTS = {family.name: family for family in (SD, SDXL, SDXL_REFINER)}

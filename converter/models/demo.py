@@ -9,7 +9,13 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DPMSolverMultistepScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -81,7 +87,6 @@ def build_demo_pipeline(folder: Path | None = None) -> StableDiffusionPipeline:
     for module_name, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
         state = {name: tensor.float() for name, tensor in load_file(folder / WEIGHT_FILES[module_name]).items()}
         module.load_state_dict(state, strict=True)
-    from safetensors import safe_open
 
     with safe_open(folder / WEIGHT_FILES["vae"], "pt") as weights:
         vae.register_to_config(scaling_factor=float(weights.metadata()[SCALING_FACTOR_KEY]))

@@ -13,13 +13,13 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from coreml_sd.runtime.contract import MANIFEST_FILE
 from coreml_sd.runtime.integrity import DamagedPackage, check_files, inventory
 
-from . import __version__
-from .errors import ConversionError
+from .. import __version__
+from ..errors import ConversionError
 
 FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 PARTIAL_PREFIX = ".partial-"
 LOCK_FILE = ".lock"
 
@@ -31,7 +31,7 @@ class PackageFolder:
         self.manifest = self._read_manifest()
 
     def _read_manifest(self) -> dict | None:
-        manifest_path = self.path / MANIFEST
+        manifest_path = self.path / MANIFEST_FILE
         if not manifest_path.is_file():
             return None
         try:
@@ -126,7 +126,7 @@ class PackageFolder:
             shutil.rmtree(self.path / entry["file"], ignore_errors=True)
 
     def write_manifest(self) -> None:
-        self.write_text(MANIFEST, json.dumps(self.manifest, indent=2) + "\n")
+        self.write_text(MANIFEST_FILE, json.dumps(self.manifest, indent=2) + "\n")
 
     def write_text(self, name: str, text: str) -> None:
         temporary = self.path / f"{PARTIAL_PREFIX}{name}"

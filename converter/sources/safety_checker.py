@@ -10,10 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
 from coreml_sd.runtime.safety import SD_FEATURE_EXTRACTOR
+from diffusers.pipelines.stable_diffusion.safety_checker import (
+    StableDiffusionSafetyChecker,
+)
 
-from .errors import ConversionError
+from ..errors import ConversionError
 
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
 # What a download fetches, for both layouts; PyTorch pickles only where a repository has no safetensors.
@@ -29,8 +31,6 @@ class SafetyCheckerLocation:
 
     def load(self, dtype: torch.dtype) -> tuple[torch.nn.Module, dict]:
         """The checker in `dtype` and its feature extractor's configuration, as the files hold it."""
-        from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-
         try:
             checker = StableDiffusionSafetyChecker.from_pretrained(self.weights, torch_dtype=dtype)
         except (OSError, ValueError, KeyError, RuntimeError) as error:

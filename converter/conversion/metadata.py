@@ -3,8 +3,10 @@ carry them), and the `coreml_sd.*` user metadata the runtime reads when a folder
 import re
 from pathlib import Path
 
-from . import __version__
-from .sources import ModelSource
+from huggingface_hub import hf_hub_download
+
+from .. import __version__
+from ..sources import ModelSource
 
 MODEL_CARD = "README.md"
 # The licence in a Hugging Face model card's YAML header: `license: creativeml-openrail-m`; for `other`, the
@@ -49,7 +51,6 @@ def model_licence(source: ModelSource) -> str | None:
 def _hub_card(described: dict) -> Path | None:
     if "id" not in described:
         return None
-    from huggingface_hub import hf_hub_download
 
     try:
         return Path(hf_hub_download(described["id"], MODEL_CARD, revision=described.get("revision")))

@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 import coremltools as ct
+from coreml_sd.runtime.executor.program import all_operations
 from coremltools.converters.mil.frontend.milproto import load as milproto
 from coremltools.converters.mil.mil import Program, types
 from coremltools.converters.mil.mil.types.symbolic import is_symbolic
@@ -31,13 +32,6 @@ def load_program(mlmodel_or_path: "ct.models.MLModel | Program | str | Path") ->
     if spec.WhichOneof("Type") != "mlProgram":
         raise ValueError("program statistics need an ML Program (convert_to='mlprogram'), not a neural network")
     return milproto.load(spec, spec.specificationVersion, model.weights_dir)
-
-
-def operations(block):
-    for op in block.operations:
-        yield op
-        for nested in op.blocks:
-            yield from operations(nested)
 
 
 def tensor_summary(var, op_type: str) -> dict:
@@ -68,7 +62,7 @@ def program_stats(mlmodel_or_path: "ct.models.MLModel | Program | str | Path") -
     for function in program.functions.values():
         for var in function.inputs.values():
             max_rank = max(max_rank, var.rank)
-        for op in operations(function):
+        for op in all_operations(function):
             for var in op.outputs:
                 if types.is_tensor(var.sym_type):
                     max_rank = max(max_rank, var.rank)

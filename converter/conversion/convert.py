@@ -6,11 +6,15 @@ import io
 import coremltools as ct
 import numpy as np
 import torch
+from coreml_sd.runtime.contract import (
+    COMPONENT_SUMMARIES,
+    PACKAGE_MINIMUM_OS,
+    ComponentSpec,
+)
 from coremltools.converters.mil.mil import Program
 
-from .families.contract import COMPONENT_SUMMARIES, PACKAGE_MINIMUM_OS, ComponentSpec
+from ..compression.palettize import palettize_program
 from .export import export_module
-from .palettize import palettize_program
 
 TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 NUMPY_DTYPES = {"float16": np.float16, "float32": np.float32}

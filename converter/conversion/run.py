@@ -1,0 +1,248 @@
+"""`convert_model`: a model source to a package folder, one component at a time (load, palettize, rewrite for the
+Neural Engine, trace, convert, save, validate, install)."""
+import errno
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+from coreml_sd.runtime.contract import (
+    TOKENIZER_FILES,
+    ComponentSpec,
+    ModelDimensions,
+    chunk_names,
+)
+from coreml_sd.runtime.memory import release_memory
+
+from ..adapters.embeddings import Embedding
+from ..adapters.lora import Lora
+from ..ane import component_module
+from ..bundle import write_bundle
+from ..chunks import install_chunks
+from ..compression.palettize import palettize_parts
+from ..errors import ConversionError
+from ..families import Component
+from ..sources import ModelSource, resolve
+from .convert import describe, to_mil_program, to_ml_program, trace
+from .metadata import model_licence, model_version, user_metadata
+from .options import (
+    ComponentOptions,
+    ConversionOptions,
+    check_options,
+    chosen_components,
+    model_dimensions,
+)
+from .package import PackageFolder
+from .settings import (
+    FLOAT32_COMPUTE_UNITS,
+    component_settings,
+    compute_precision,
+    installed_names,
+    quantize_nbits,
+)
+from .validate import PSNR_THRESHOLD_DB, validate, validation_inputs
+
+
+@dataclass
+class ConversionReport:
+    folder: Path
+    converted: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    seconds: dict[str, dict[str, float]] = field(default_factory=dict)
+    bundle: Path | None = None  # Resources/, with --bundle-resources
+
+
+@contextmanager
+def stage(report: ConversionReport, component: str, name: str):
+    """Time one stage and print a progress line for it; a failure inside becomes one clear line."""
+    start = time.perf_counter()
+    try:
+        yield
+    except (ConversionError, KeyboardInterrupt):
+        raise
+    except MemoryError:
+        raise ConversionError(f"{component}: {name} ran out of memory; close other programs and run again "
+                              "(finished components are kept)") from None
+    except Exception as error:
+        message = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        if is_write_failure(error):
+            message = (f"could not write its files ({message}); free disk space where the package and the "
+                       f"temporary folder {tempfile.gettempdir()} are, and run again")
+        raise ConversionError(f"{component}: {name} failed: {message}") from error
+    seconds = time.perf_counter() - start
+    report.seconds.setdefault(component, {})[name] = round(seconds, 2)
+    print(f"{component:<11} {name:<8} {seconds:6.1f} s", file=sys.stderr, flush=True)
+
+
+def is_write_failure(error: Exception) -> bool:
+    """A full disk (or quota, or file size limit); coremltools' C++ weight writer reports it only in words."""
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+    return "FileWriter" in str(error)
+
+
+def convert_model(options: ConversionOptions) -> ConversionReport:
+    check_options(options)
+    source = resolve(options.model, options.revision, options.model_type, options.prediction_type, options.config)
+    if options.vae:
+        source.use_vae(options.vae)
+    source.adapters = load_adapters(options.loras, options.embeddings)
+    components = chosen_components(source, options.components)
+    source.check_adapters(list(components))
+    source.safety_checker = options.safety_checker
+    dims = model_dimensions(source, options.height, options.width, options.unet_batch_size)
+    component_options = options.component_options()
+    folder = PackageFolder(options.output or Path("packages") / source.name)
+    report = ConversionReport(folder=folder.path)
+    source.description["files"] = source.file_hashes(list(components))
+    header = {
+        "source": {k: v for k, v in source.description.items() if k != "files"},
+        "family": source.family.name,
+        "attention_implementation": options.attention_implementation,
+        **dims.as_dict(),
+        "scheduler": source.scheduler_config,
+        "latent_scaling_factor": source.latent_scaling_factor,
+        "prediction_type": source.prediction_type,
+        "watermark": source.family.watermark.to_manifest(),
+        "pad_token": source.pad_token,
+        "adapters": [entry for adapter in source.adapters for entry in adapter.describe()],
+    }
+    if source.force_zeros_for_empty_prompt is not None:
+        header["force_zeros_for_empty_prompt"] = source.force_zeros_for_empty_prompt
+    with folder.lock():
+        try:
+            folder.prepare(header, force=options.force)
+            install_tokenizer_files(folder, source)
+            for component in components:
+                settings = component_settings(component, source, dims, component_options)
+                names = installed_names(source, component, options.chunk_unet)
+                if all(folder.is_current(name, settings) for name in names) and not options.force:
+                    print(f"{component:<11} up to date (pass --force to convert again)", file=sys.stderr)
+                    report.skipped.append(component)
+                    continue
+                convert_component(folder, source, component, dims, component_options, settings, report)
+                report.converted.append(component)
+            folder.write_manifest()
+        except BaseException:
+            folder.discard_if_empty()
+            raise
+        if options.bundle_resources:
+            report.bundle = write_bundle(folder.path, source.family)
+    return report
+
+
+def load_adapters(loras: tuple[str, ...], embeddings: tuple[str, ...]) -> list:
+    """LoRAs and embeddings from their command-line arguments, read (and checked) before anything converts."""
+    adapters = [Lora.from_argument(argument) for argument in loras]
+    return adapters + Embedding.from_arguments(embeddings)
+
+
+def install_tokenizer_files(folder: PackageFolder, source: ModelSource) -> None:
+    staging = folder.staging_folder()
+    try:
+        source.write_tokenizer_files(staging)
+        for name in TOKENIZER_FILES:
+            (staging / name).replace(folder.path / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def convert_component(folder: PackageFolder, source: ModelSource, component: str, dims: ModelDimensions,
+                      options: ComponentOptions, settings: dict, report: ConversionReport) -> None:
+    spec = source.family.spec(component, dims)
+    nbits = quantize_nbits(source.family.component(component), options.quantize_nbits)
+    precision = compute_precision(source, component, options.vae_swapped)
+    staging = folder.staging_folder()
+    try:
+        with stage(report, component, "load"):
+            # A float32 program keeps float32 weights: its constants are what it computes with.
+            parts = source.load(component, torch.float32 if precision == "float32" else torch.float16)
+        feature_extractor = parts.feature_extractor
+        palettized = None
+        if nbits:
+            with stage(report, component, "palettize"):
+                palettized = palettize_parts(parts, nbits)
+        with stage(report, component, "rewrite"):
+            module = component_module(parts, source.family.component(component), options.attention_implementation)
+        with stage(report, component, "trace"):
+            program = trace(module, spec)
+            del module, parts
+            release_memory()
+        with stage(report, component, "convert"):
+            mil_program = to_mil_program(program, spec, precision, options.verbose)
+            del program
+            release_memory()
+            model = to_ml_program(mil_program, nbits, options.verbose)
+            del mil_program
+            release_memory()
+        kind = source.family.component(component).kind
+        version, licence = model_version(source), model_licence(source)
+        metadata = user_metadata(source, options.attention_implementation, nbits)
+
+        def describe_package(model, package_spec: ComponentSpec) -> None:
+            describe(model, package_spec, kind, version, licence, metadata)
+
+        with stage(report, component, "save"):
+            describe_package(model, spec)
+            staged = staging / spec.file_name
+            model.save(str(staged))
+            del model
+            release_memory()
+        validation = None
+        if options.validate:
+            with stage(report, component, "validate"):
+                validation = validate(staged, source.family.component(component), spec,
+                                      lambda: source.load(component, torch.float32),
+                                      options.validation_seed, source.latent_scaling_factor, nbits)
+            print_validation(component, validation)
+            if validation["non_finite_outputs"]:
+                raise ConversionError(overflow_message(component, source.family.component(component), precision))
+            if not validation["psnr_db"] >= PSNR_THRESHOLD_DB:
+                original = "the diffusers original" + (" with the same palettes" if nbits else "")
+                raise ConversionError(
+                    f"{component}: PSNR {validation['psnr_db']:.1f} dB against {original} is below "
+                    f"{PSNR_THRESHOLD_DB:.0f} dB, so it was not installed (--no-validate installs it anyway)")
+        entry = dict(spec.to_json(), settings=settings, validation=validation)
+        if feature_extractor is not None:
+            entry["feature_extractor"] = feature_extractor  # the runtime prepares the checker's input with it
+        if precision == "float32":
+            entry.update(compute_precision=precision, compute_units=FLOAT32_COMPUTE_UNITS)
+        if palettized is not None:
+            entry["palettized_parameters"] = palettized
+        if component in installed_names(source, component, options.chunk_unet):
+            folder.install(staged, component, entry)
+            replaced = chunk_names(component)
+        else:
+            install_chunks(folder, staged, spec, entry, describe_package,
+                           validation_inputs(spec, options.validation_seed, source.latent_scaling_factor)
+                           if options.validate else None, partial(stage, report, component))
+            replaced = (component,)
+        for name in replaced:
+            folder.remove(name)  # the Unet as it was installed before: whole, or in chunks
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def overflow_message(component: str, kind: Component, precision: str) -> str:
+    advice = "convert it with float32 compute"
+    if kind.kind.startswith("vae"):
+        advice = ("convert the model's own VAE, which an SDXL model's converts with float32 compute (drop --vae), "
+                  "or pass --vae with a VAE made for float16 (e.g. madebyollin/sdxl-vae-fp16-fix)")
+    return (f"{component}: its {precision} outputs hold inf/NaN (the activations overflow {precision}), "
+            f"so it was not installed: {advice}")
+
+
+def print_validation(component: str, validation: dict) -> None:
+    original = "the diffusers original in float32"
+    if "quantize_nbits" in validation:
+        original += f" with the same {validation['quantize_nbits']}-bit palettes"
+    print(f"{component:<11} PSNR {validation['psnr_db']:.1f} dB, max abs error {validation['max_abs_error']:.3g} "
+          f"against {original}", file=sys.stderr)
+    if "quantize_nbits" in validation:
+        print(f"{component:<11} PSNR {validation['unquantized_psnr_db']:.1f} dB against the unquantized original "
+              "(what palettization costs)", file=sys.stderr)
