@@ -17,6 +17,8 @@ from coreml_sd.converter.models.tiny import clip_vocabulary_files
 from coreml_sd.runtime.executor import ReferenceModel, psnr
 from coreml_sd.runtime.prompt import PromptEncoder
 
+EMBEDDING_PSNR_DB = 64.0  # the text encoder with the embedding measures 67.7 dB against diffusers
+
 TOKEN = "xyzcat"
 PROMPT = f"a photo of {TOKEN} {TOKEN}b on a beach"
 ORDINARY_PROMPTS = [
@@ -127,7 +129,7 @@ def test_text_encoder_matches_diffusers_load_textual_inversion(package, tiny_pip
     with torch.no_grad():
         expected = reference.text_encoder(expected_ids).last_hidden_state.numpy()
     actual = ReferenceModel(folder / "TextEncoder.mlpackage").predict({"input_ids": ours.astype(np.float32)})
-    assert psnr(expected, actual["last_hidden_state"]) >= 35.0
+    assert psnr(expected, actual["last_hidden_state"]) >= EMBEDDING_PSNR_DB
 
 
 def test_kohya_and_diffusers_files_read_as_a1111(tmp_path, vectors):

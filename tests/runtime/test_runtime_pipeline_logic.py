@@ -14,7 +14,7 @@ from coreml_sd.runtime.schedulers import SCHEDULERS
 
 from runtime_testing import diffusers_img2img, diffusers_txt2img, pixels
 
-LOGIC_PSNR_DB = 50.0
+LOGIC_PSNR_DB = 56.0  # measured 58.9-59.0 dB in all 17 cases: the rounding to 8 bits alone
 PROMPT = "a photo of an astronaut riding a horse"
 STEPS = 5
 
