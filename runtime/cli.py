@@ -11,8 +11,8 @@ import click
 
 from . import images
 from .backends import BACKENDS, COMPUTE_UNITS
-from .conditioning import SizeConditioning
 from .commandline import CONTEXT_SETTINGS, run_command, shared_options
+from .conditioning import SizeConditioning
 from .errors import GenerationError
 from .package import PACKAGES_ENV
 from .pipeline import Pipeline, check_options, random_seed

@@ -15,6 +15,7 @@ import textwrap
 from dataclasses import dataclass
 
 import numpy as np
+
 from coreml_sd.runtime.contract import LATENT_CHANNELS, VAE_FACTOR
 
 from ..families.sdxl import SDXL
