@@ -17,7 +17,10 @@ from coreml_sd.runtime import Pipeline
 from coreml_sd.runtime.contract import ModelDimensions
 from coreml_sd.runtime.executor import ReferenceModel, psnr
 
-PSNR_THRESHOLD_DB = 35.0
+# Packages with a LoRA merged against diffusers' fused pipeline: components measured 66.6-71.7 dB (worst output), the
+# 3-step image 56.7-57.1 dB
+COMPONENT_PSNR_DB = 63.0
+IMAGE_PSNR_DB = 54.0
 RANK = 4
 UNET_LAYERS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.2", "proj_in", "proj_out", "conv1", "conv2")
 TEXT_LAYERS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
@@ -88,13 +91,13 @@ def assert_package_matches(folder, reference):
             ModelParts(**{module: getattr(reference, module)}), SD.component(component), spec, inputs
         )
         actual = ReferenceModel(folder / spec.file_name).predict(inputs)
-        assert worst_psnr(expected, actual) >= PSNR_THRESHOLD_DB, component
+        assert worst_psnr(expected, actual) >= COMPONENT_PSNR_DB, component
     runtime = Pipeline.from_package(folder, backend="reference")
     ours = runtime(PROMPT, steps=3, scheduler="euler", seed=4, progress=False).images[0]
     from runtime_testing import diffusers_txt2img, pixels
 
     expected_image = diffusers_txt2img(reference, runtime.package.scheduler_config, PROMPT, "", "euler", 3, seed=4)
-    assert psnr(expected_image, pixels(ours)) >= PSNR_THRESHOLD_DB
+    assert psnr(expected_image, pixels(ours)) >= IMAGE_PSNR_DB
 
 
 def test_kohya_then_diffusers_lora_match_diffusers_and_reruns_follow_them(tmp_path, tiny_pipeline, monkeypatch):

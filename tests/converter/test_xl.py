@@ -17,7 +17,12 @@ from coreml_sd.converter.conversion.program_stats import program_stats
 from coreml_sd.converter.sources import resolve
 from coreml_sd.runtime.executor import ReferenceModel, psnr
 
-PSNR_THRESHOLD_DB = 35.0
+# Packages against diffusers, each a few dB under its measured worst output (split_einsum and original alike):
+# measured 70.7, 69.2, 65.3 and 64.4 dB; the VAE computes in float32, 140.0 and 132.5 dB (float32 ulps apart, which
+# another CPU's kernels may double: its floors sit further under, still far above float16's ~70 dB)
+COMPONENT_PSNR_DB = {"TextEncoder": 67.0, "TextEncoder2": 66.0, "Unet": 62.0, "UnetRefiner": 61.0,
+                     "VAEDecoder": 120.0, "VAEEncoder": 115.0}
+PSNR_THRESHOLD_DB = 35.0  # the converter's release gate
 IMPLEMENTATIONS = ("split_einsum", "original")
 BASE_COMPONENTS = ("TextEncoder", "TextEncoder2", "Unet", "VAEDecoder", "VAEEncoder")
 REFINER_COMPONENTS = ("TextEncoder2", "UnetRefiner", "VAEDecoder")
@@ -91,7 +96,7 @@ def test_package_matches_diffusers(
     assert set(actual) == set(expected)
     for name in expected:
         assert actual[name].shape == expected[name].shape
-        assert psnr(expected[name], actual[name]) >= PSNR_THRESHOLD_DB, name
+        assert psnr(expected[name], actual[name]) >= COMPONENT_PSNR_DB[component], name
 
 
 @pytest.mark.parametrize("model", ["tiny-xl", "tiny-xl-refiner"])
