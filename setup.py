@@ -43,10 +43,13 @@ setup(
         "peft>=0.15",  # diffusers reads kohya LoRAs only with peft installed
     ],
     extras_require={
-        # scikit-learn: the reference k-means for palettes; ray: the catalogue's tests
-        "test": ["pytest", "hypothesis", "scikit-learn", "ray>=2.40", "tomli; python_version < '3.11'",
-                 # the server's tests: a real A1111 client, and a browser driven over the system's Chromium
-                 "fastapi>=0.110", "uvicorn>=0.29", "httpx", "webuiapi", "playwright"],
+        # scikit-learn: the reference k-means for palettes; ray: the catalogue's tests; pytest-xdist and filelock:
+        # two workers sharing the converted packages; einops: spandrel's, installed by scripts/test without torchvision;
+        # the server's tests: a real A1111 client, and a browser driven over the system's Chromium; compel: the
+        # reference for --prompt-syntax compel
+        "test": ["pytest", "pytest-xdist", "filelock", "hypothesis", "scikit-learn", "ray>=2.40", "ruff", "einops",
+                 "tomli; python_version < '3.11'", "fastapi>=0.110", "uvicorn>=0.29", "httpx", "webuiapi",
+                 "playwright", "compel"],
         "upscalers": ["spandrel"],  # --upscaler: ESRGAN-family .pth models
         "compel": ["compel"],  # --prompt-syntax compel
         # coreml-convert --catalogue: conversions as Ray tasks; the catalogue file is TOML

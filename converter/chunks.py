@@ -21,6 +21,10 @@ from pathlib import Path
 
 import coremltools as ct
 import numpy as np
+from coremltools.converters.mil.frontend.milproto import load as milproto
+from coremltools.converters.mil.mil import types
+from coremltools.models import utils as ct_utils
+
 from coreml_sd.runtime.backends import load_model
 from coreml_sd.runtime.contract import (
     PACKAGE_SUFFIX,
@@ -31,9 +35,6 @@ from coreml_sd.runtime.contract import (
 )
 from coreml_sd.runtime.executor import ReferenceModel, psnr
 from coreml_sd.runtime.memory import release_memory
-from coremltools.converters.mil.frontend.milproto import load as milproto
-from coremltools.converters.mil.mil import types
-from coremltools.models import utils as ct_utils
 
 from .errors import ConversionError
 from .package_folder import PackageFolder

@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import click
+
 from coreml_sd.runtime.commandline import CONTEXT_SETTINGS, run_command, shared_options
 from coreml_sd.runtime.contract import MANIFEST_FILE
 from coreml_sd.runtime.errors import Interrupted

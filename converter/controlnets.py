@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+
 from coreml_sd.runtime.contract import (
     CONTROLLED_UNET,
     CONTROLNET_PREFIX,

@@ -15,6 +15,7 @@ from .commandline import CONTEXT_SETTINGS, run_command, shared_options
 from .conditioning import SizeConditioning
 from .control import check_control, control_requests, parse_preprocess
 from .errors import GenerationError
+from .infotext import generation_options, read_png_parameters
 from .inpainting import (
     DEFAULT_MASK_BLUR,
     DEFAULT_PADDING,
@@ -25,7 +26,6 @@ from .inpainting import (
     open_with_alpha,
 )
 from .package import PACKAGES_ENV
-from .infotext import generation_options, read_png_parameters
 from .pipeline import PROMPT_SYNTAXES, Pipeline, check_options, random_seed
 from .sampler_names import A1111_SAMPLERS
 from .schedulers import SCHEDULERS, TIMESTEP_SPACINGS, check_steps, schedule_options

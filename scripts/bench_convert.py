@@ -399,9 +399,9 @@ def validate_component(folder: Path, component: str) -> dict:
     """One component of a package folder against its diffusers original, as coreml-convert validates it."""
     import torch
 
+    from coreml_sd.converter.conversion.validate import validate as validate_package
     from coreml_sd.converter.conversion.validate_only import source_of
     from coreml_sd.runtime.contract import ModelDimensions
-    from coreml_sd.converter.conversion.validate import validate as validate_package
 
     manifest = json.loads((folder / "manifest.json").read_text())
     source = source_of(manifest)

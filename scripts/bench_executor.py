@@ -44,9 +44,9 @@ def convert_unet(small: bool, attention_implementation: str, path: Path) -> None
     """Convert the Unet to `path` with the project's converter (fp16 weights, as coreml-convert does)."""
     from coreml_sd.converter.ane import component_module
     from coreml_sd.converter.conversion.convert import to_mil_program, to_ml_program, trace
-    from coreml_sd.runtime.contract import ModelDimensions
     from coreml_sd.converter.families.sd import SD
     from coreml_sd.converter.sources import ModelParts
+    from coreml_sd.runtime.contract import ModelDimensions
 
     unet = build_unet(small, torch.float16)
     dims = ModelDimensions(unet.config.cross_attention_dim, unet.config.sample_size * 8, unet.config.sample_size * 8, BATCH_SIZE)

@@ -10,6 +10,7 @@ import json
 
 import numpy as np
 import torch
+
 from coreml_sd.converter.compression import LinearQuantization
 from coreml_sd.converter.compression.linear import quantize_module
 from coreml_sd.converter.compression.palettize import palettize_module

@@ -11,12 +11,13 @@ import time
 from pathlib import Path
 
 import torch
+from scipy.stats import spearmanr
+
 from coreml_sd.converter.compression import NBITS_CHOICES
 from coreml_sd.converter.compression.analysis import build_recipe, estimated_errors, record
 from coreml_sd.converter.compression.palettize import palettizable, palettize_layer
 from coreml_sd.converter.models.demo import build_demo_pipeline
 from coreml_sd.runtime.executor import psnr
-from scipy.stats import spearmanr
 
 PROMPTS = ["a red circle on a blue background", "a green square", "a yellow triangle above a purple circle",
            "two orange squares"]

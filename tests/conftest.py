@@ -1,14 +1,64 @@
 """Fixtures shared by all test areas: the tiny, tiny-xl and demo models and their converted packages.
 
-Conversions are the slow part of the suite, so each attention implementation's package folder is
-converted once per session (all of SD's components) and shared by every test that needs it.
+Conversions are the slow part of the suite, so each package is converted once per run, in a folder that every
+pytest-xdist worker sees (`converted_once`: the first worker to ask converts it under a file lock, the others wait
+and reuse it). A variant that changes only some components is the base package copied and converted again with
+the changed option: the converter skips the components whose settings did not change (attention implementations
+touch the Unet and the VAE only).
 """
+import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
+
 from coreml_sd.converter.conversion import ConversionOptions, convert_model
 from coreml_sd.converter.families.sd import SD
 from coreml_sd.converter.models.tiny import build_tiny_pipeline
+
+XL_BASE_COMPONENTS = ("TextEncoder", "TextEncoder2", "Unet", "VAEDecoder", "VAEEncoder")
+
+
+def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # Two workers on two cores: one thread each, or torch's thread pools fight over the cores.
+        import torch
+
+        torch.set_num_threads(1)
+
+
+def shared_temp(tmp_path_factory) -> Path:
+    """The run's temporary folder, which holds each xdist worker's own (or is it, without xdist)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@pytest.fixture(scope="session")
+def converted_once(tmp_path_factory) -> Callable[[str, Callable[[Path], object]], Path]:
+    """`converted_once(name, build)` -> the folder `build(folder)` makes, made once per run by whichever worker asks
+    first. A folder whose build failed is built again by the next test that asks."""
+    root = shared_temp(tmp_path_factory) / "converted"
+    root.mkdir(parents=True, exist_ok=True)
+
+    def folder(name: str, build: Callable[[Path], object]) -> Path:
+        path, done = root / name, root / f"{name}.done"
+        with FileLock(str(root / f"{name}.lock")):
+            if not done.exists():
+                shutil.rmtree(path, ignore_errors=True)
+                build(path)
+                done.touch()
+        return path
+
+    return folder
+
+
+def variant_of(base: Path, folder: Path, options: ConversionOptions, converted: list[str]) -> None:
+    """`base` copied to `folder` and converted again with `options`, which must re-convert exactly `converted`."""
+    shutil.copytree(base, folder)
+    report = convert_model(options)
+    assert report.converted == converted, report
 
 
 @pytest.fixture(scope="session")
@@ -18,28 +68,32 @@ def tiny_pipeline():
 
 
 @pytest.fixture(scope="session")
-def tiny_packages(tmp_path_factory):
+def tiny_packages(converted_once):
     """`tiny_packages(attention_implementation)` -> a package folder with all of SD's components."""
-    folders: dict[str, Path] = {}
+    components = tuple(SD.components)
 
     def package(attention_implementation: str = "split_einsum") -> Path:
-        if attention_implementation not in folders:
-            output = tmp_path_factory.mktemp(f"tiny-{attention_implementation}")
-            convert_model(ConversionOptions(model="tiny", output=output, components=tuple(SD.components),
-                                            attention_implementation=attention_implementation))
-            folders[attention_implementation] = output
-        return folders[attention_implementation]
+        def build(folder: Path) -> None:
+            options = ConversionOptions(model="tiny", output=folder, components=components,
+                                        attention_implementation=attention_implementation)
+            if attention_implementation == "split_einsum":
+                convert_model(options)
+            else:
+                variant_of(package("split_einsum"), folder, options, ["Unet", "VAEDecoder", "VAEEncoder"])
+
+        return converted_once(f"tiny-{attention_implementation}", build)
 
     return package
 
 
 @pytest.fixture(scope="session")
-def tiny_palettized_unet(tmp_path_factory):
+def tiny_palettized_unet(converted_once):
     """A package folder with the `tiny` Unet alone, its weights in 6-bit palettes (converted and validated)."""
-    output = tmp_path_factory.mktemp("tiny-6-bit")
-    report = convert_model(ConversionOptions(model="tiny", output=output, components=("Unet",), quantize_nbits=6))
-    assert report.converted == ["Unet"]
-    return output
+    def build(folder: Path) -> None:
+        report = convert_model(ConversionOptions(model="tiny", output=folder, components=("Unet",), quantize_nbits=6))
+        assert report.converted == ["Unet"]
+
+    return converted_once("tiny-6-bit-unet", build)
 
 
 @pytest.fixture(scope="session")
@@ -51,12 +105,11 @@ def demo_pipeline():
 
 
 @pytest.fixture(scope="session")
-def demo_package(tmp_path_factory) -> Path:
+def demo_package(converted_once) -> Path:
     """The demo model converted once (split einsum; no safety checker: it draws shapes)."""
-    output = tmp_path_factory.mktemp("demo")
     components = ("TextEncoder", "Unet", "VAEDecoder", "VAEEncoder")
-    convert_model(ConversionOptions(model="demo", output=output, components=components))
-    return output
+    return converted_once("demo", lambda folder: convert_model(ConversionOptions(model="demo", output=folder,
+                                                                                 components=components)))
 
 
 @pytest.fixture(scope="session")
@@ -76,21 +129,22 @@ def tiny_xl_refiner_pipeline():
 
 
 @pytest.fixture(scope="session")
-def tiny_xl_packages(tmp_path_factory):
+def tiny_xl_packages(converted_once):
     """`tiny_xl_packages(model, attention_implementation)` -> a package folder of `tiny-xl` (every component) or
-    `tiny-xl-refiner` (its default components), converted once per session; the tests compare them with
-    diffusers themselves, so the converter's own validation is skipped here."""
-    folders: dict[tuple[str, str], Path] = {}
-
+    `tiny-xl-refiner` (its default components), converted once per run; the tests compare them with diffusers
+    themselves, so the converter's own validation is skipped here."""
     def package(model: str = "tiny-xl", attention_implementation: str = "split_einsum") -> Path:
-        key = (model, attention_implementation)
-        if key not in folders:
-            output = tmp_path_factory.mktemp(f"{model}-{attention_implementation}")
-            components = ("TextEncoder", "TextEncoder2", "Unet", "VAEDecoder", "VAEEncoder") if model == "tiny-xl" else None
-            convert_model(ConversionOptions(model=model, output=output, components=components,
-                                            attention_implementation=attention_implementation, validate=False))
-            folders[key] = output
-        return folders[key]
+        def build(folder: Path) -> None:
+            components = XL_BASE_COMPONENTS if model == "tiny-xl" else None
+            options = ConversionOptions(model=model, output=folder, components=components,
+                                        attention_implementation=attention_implementation, validate=False)
+            if attention_implementation == "split_einsum":
+                convert_model(options)
+            else:
+                changed = ["Unet", "VAEDecoder", "VAEEncoder"] if model == "tiny-xl" else ["UnetRefiner", "VAEDecoder"]
+                variant_of(package(model), folder, options, changed)
+
+        return converted_once(f"{model}-{attention_implementation}", build)
 
     return package
 

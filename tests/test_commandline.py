@@ -48,7 +48,8 @@ def test_a_bug_is_one_line_pointing_to_debug(capsys, monkeypatch):
     monkeypatch.delenv(DEBUG_ENV, raising=False)
     assert run_command(faulty, ["--fault", "bug"]) == 1
     assert capsys.readouterr().err.splitlines() == [
-        "Error: unexpected ZeroDivisionError: division by zero (rerun with --debug for the traceback, and please report it)"
+        "Error: unexpected ZeroDivisionError: division by zero "
+        "(rerun with --debug for the traceback, and please report it)"
     ]
 
 
@@ -72,17 +73,24 @@ def test_user_error_without_debug_is_one_line(capsys, monkeypatch):
     assert capsys.readouterr().err.splitlines() == ["Error: the package is missing its Unet; convert it again"]
 
 
-@pytest.mark.parametrize("program, words, expected", [
-    ("coreml-sd", "coreml-sd conv", "plain,convert"),
-    ("coreml-generate", "coreml-generate x --scheduler e", "plain,euler\nplain,euler-a"),
-    ("coreml-convert", "coreml-convert --attention-implementation o", "plain,original"),
-])
+@pytest.mark.parametrize(
+    "program, words, expected",
+    [
+        ("coreml-sd", "coreml-sd conv", "plain,convert"),
+        ("coreml-generate", "coreml-generate x --scheduler e", "plain,euler\nplain,euler-a"),
+        ("coreml-convert", "coreml-convert --attention-implementation o", "plain,original"),
+    ],
+)
 def test_shell_completion(program, words, expected):
     modules = {"coreml-sd": "commandline", "coreml-generate": "cli", "coreml-convert": None}
-    entry = ("from coreml_sd.converter.cli import main" if modules[program] is None
-             else f"from coreml_sd.runtime.{modules[program]} import main")
+    entry = (
+        "from coreml_sd.converter.cli import main"
+        if modules[program] is None
+        else f"from coreml_sd.runtime.{modules[program]} import main"
+    )
     variable = "_" + program.upper().replace("-", "_") + "_COMPLETE"
     env = dict(os.environ, COMP_WORDS=words, COMP_CWORD=str(len(words.split()) - 1), **{variable: "bash_complete"})
-    result = subprocess.run([sys.executable, "-c", f"{entry}; main()"], capture_output=True, text=True, env=env,
-                            timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", f"{entry}; main()"], capture_output=True, text=True, env=env, timeout=300
+    )
     assert result.stdout.strip() == expected, result.stderr

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 import coreml_sd.converter
-from coreml_sd.runtime.contract import ModelDimensions
 from coreml_sd.converter.families.sd import SD
-from coreml_sd.runtime.sampling import draw_noise, sample_encoder_latents
+from coreml_sd.runtime.contract import ModelDimensions
 from coreml_sd.runtime.prompt import PromptEncoder
+from coreml_sd.runtime.sampling import draw_noise, sample_encoder_latents
 
 # np.random.RandomState(seed).randn(8), as NumPy has drawn them since its legacy generator was frozen.
 RANDOM_STATE_DRAWS = {

@@ -6,12 +6,13 @@ import io
 import coremltools as ct
 import numpy as np
 import torch
+from coremltools.converters.mil.mil import Program
+
 from coreml_sd.runtime.contract import (
     COMPONENT_SUMMARIES,
     PACKAGE_MINIMUM_OS,
     ComponentSpec,
 )
-from coremltools.converters.mil.mil import Program
 
 from ..compression import LinearQuantization
 from ..compression.linear import quantize_program

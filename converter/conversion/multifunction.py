@@ -15,6 +15,7 @@ from pathlib import Path
 
 import coremltools as ct
 import torch
+
 from coreml_sd.runtime.contract import ComponentSpec, MinimumOS, ModelDimensions
 from coreml_sd.runtime.memory import release_memory
 

@@ -9,10 +9,11 @@ from collections import Counter
 from pathlib import Path
 
 import coremltools as ct
-from coreml_sd.runtime.executor.program import all_operations
 from coremltools.converters.mil.frontend.milproto import load as milproto
 from coremltools.converters.mil.mil import Program, types
 from coremltools.converters.mil.mil.types.symbolic import is_symbolic
+
+from coreml_sd.runtime.executor.program import all_operations
 
 
 def load_program(mlmodel_or_path: "ct.models.MLModel | Program | str | Path") -> Program:

@@ -11,6 +11,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+
 from coreml_sd.runtime.contract import (
     TOKENIZER_FILES,
     ComponentSpec,

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers.pipelines.stable_diffusion.safety_checker import cosine_distance
+
 from coreml_sd.runtime.contract import RESIDUAL_PREFIX, ComponentSpec
 from coreml_sd.runtime.executor import ReferenceModel, psnr
 from coreml_sd.runtime.memory import release_memory
-from diffusers.pipelines.stable_diffusion.safety_checker import cosine_distance
 
 from ..chunks import chunked_reference_model
 from ..compression import LinearQuantization

@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import torch
+
 from coreml_sd.runtime.contract import ModelDimensions
 from coreml_sd.runtime.integrity import check_files
 

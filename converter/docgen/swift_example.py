@@ -1,6 +1,6 @@
 """packages/README.md's "In Swift": for SD 1.x (`StableDiffusionPipeline`) and SDXL (`StableDiffusionXLPipeline`), a
 Swift snippet and the `coreml-generate` line that makes the same image, each pair written from one set of settings
-(`SD_EXAMPLE`, `XL_EXAMPLE`), which tests/runtime/test_swift_sd.py and test_swift_xl.py run through the runtime beside
+(`SD_EXAMPLE`, `XL_EXAMPLE`), which tests/runtime/test_swift.py runs through the runtime beside
 Swift's loop written out in NumPy (tests/runtime/swift_reference.py).
 
 Why these settings match, as read in Apple's ml-stable-diffusion (commit e12202c, swift/StableDiffusion/pipeline/):
@@ -15,6 +15,7 @@ import textwrap
 from dataclasses import dataclass
 
 import numpy as np
+
 from coreml_sd.runtime.contract import LATENT_CHANNELS, VAE_FACTOR
 
 from ..families.sdxl import SDXL
@@ -24,7 +25,7 @@ TRAIN_TIMESTEPS = 1000
 # Under this many steps the Swift solver takes its second-to-last step at first order, diffusers' at second.
 MIN_STEPS = 15
 # The first even step counts whose Swift `linspace` timesteps are not diffusers', and how many under 1000 are not
-# (odd counts all agree): tests/runtime/test_swift_sd.py finds them.
+# (odd counts all agree): tests/runtime/test_swift.py finds them.
 LINSPACE_MISMATCHES = (6, 12, 14, 18, 24, 26, 28, 30)
 LINSPACE_MISMATCH_COUNT = 258
 WIDTH = 115  # packages/README.md's line length
@@ -211,7 +212,7 @@ def sd_section(example: Example = SD_EXAMPLE) -> str:
         command_line(example),
         "What makes them equal, and what to keep:",
         "\n".join(_paragraph(note, bullet=True) for note in notes),
-        _checked(example, "tests/runtime/test_swift_sd.py", "its SD loop", f"the tiny package, all {example.steps} "
+        _checked(example, "tests/runtime/test_swift.py", "its SD loop", f"the tiny package, all {example.steps} "
                  "steps", "SD v1.4"),
         SD_END,
     ])
@@ -241,7 +242,7 @@ def xl_section(example: Example = XL_EXAMPLE) -> str:
         command_line(example),
         "What makes them equal, and what to keep:",
         "\n".join(_paragraph(note, bullet=True) for note in notes),
-        _checked(example, "tests/runtime/test_swift_xl.py", "the SDXL loop", "the tiny-xl package", "SDXL"),
+        _checked(example, "tests/runtime/test_swift.py", "the SDXL loop", "the tiny-xl package", "SDXL"),
         XL_END,
     ])
 

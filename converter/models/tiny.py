@@ -6,7 +6,6 @@ It is built locally in seconds without network, and it is the same object for th
 from importlib import resources
 
 import torch
-from coreml_sd.runtime.safety import SD_FEATURE_EXTRACTOR
 from diffusers import (
     AutoencoderKL,
     PNDMScheduler,
@@ -18,6 +17,8 @@ from diffusers.pipelines.stable_diffusion.safety_checker import (
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from transformers import CLIPConfig, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from coreml_sd.runtime.safety import SD_FEATURE_EXTRACTOR
 
 SEED = 0
 TEXT_WIDTH = 32

@@ -10,10 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from coreml_sd.runtime.safety import SD_FEATURE_EXTRACTOR
 from diffusers.pipelines.stable_diffusion.safety_checker import (
     StableDiffusionSafetyChecker,
 )
+
+from coreml_sd.runtime.safety import SD_FEATURE_EXTRACTOR
 
 from ..errors import ConversionError
 

@@ -6,11 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
-from catalogue_faults import STOP_CRASHING, crash_marker
 
 from coreml_sd.converter.catalogue.run import run_catalogue
 from coreml_sd.converter.cli import main
 from coreml_sd.converter.errors import ConversionError
+
+from catalogue_faults import STOP_CRASHING, crash_marker
 
 VARIANTS = {  # package folder -> the plain command's options for it
     "tiny-split_einsum": ["--attention-implementation", "split_einsum"],
@@ -34,6 +35,9 @@ width = 128
 height = 192
 components = ["TextEncoder"]
 """
+
+
+pytestmark = pytest.mark.slow  # Ray's start and its worker processes: minutes on two cores
 
 
 def write(folder: Path, text: str) -> Path:

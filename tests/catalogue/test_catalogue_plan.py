@@ -8,8 +8,8 @@ import pytest
 import transformers
 from diffusers import PNDMScheduler
 
-from coreml_sd.converter.models import tiny
 from coreml_sd.converter.cli import main
+from coreml_sd.converter.models import tiny
 from coreml_sd.converter.models.sd_v1_4 import SD_TEXT_ENCODER_CONFIG, SD_UNET_CONFIG, SD_VAE_CONFIG
 
 # Peak RSS measured by scripts/bench_convert.py for the full-size SD v1.4 architecture at 512x512 (GiB): the
@@ -75,13 +75,22 @@ width = 512
             assert gib < memory["sd14" + package[4:], component]
 
 
-@pytest.mark.parametrize("text, message", [
-    ('output = "out"\n[[model]]\nname = "x"\n[[variant]]\n', r"\[\[model\]\] 1: source is missing"),
-    ('output = "out"\n[[model]]\nsource = "tiny"\n[[variant]]\nheigth = 512\n', r"unknown key\(s\) heigth"),
-    ('output = "out"\n[[model]]\nsource = "tiny"\n[[variant]]\nheight = 500\n', r"--height 500 is not a positive multiple"),
-    ('output = "out"\n[[model]]\nsource = "tiny"\n[[variant]]\n[[variant]]\n', r"share the folder tiny-split_einsum"),
-    ('[[model]]\nsource = "tiny"\n[[variant]]\n', r"no output"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('output = "out"\n[[model]]\nname = "x"\n[[variant]]\n', r"\[\[model\]\] 1: source is missing"),
+        ('output = "out"\n[[model]]\nsource = "tiny"\n[[variant]]\nheigth = 512\n', r"unknown key\(s\) heigth"),
+        (
+            'output = "out"\n[[model]]\nsource = "tiny"\n[[variant]]\nheight = 500\n',
+            r"--height 500 is not a positive multiple",
+        ),
+        (
+            'output = "out"\n[[model]]\nsource = "tiny"\n[[variant]]\n[[variant]]\n',
+            r"share the folder tiny-split_einsum",
+        ),
+        ('[[model]]\nsource = "tiny"\n[[variant]]\n', r"no output"),
+    ],
+)
 def test_a_bad_catalogue_is_one_line_before_anything_runs(tmp_path, capsys, text, message):
     code, _, err = dry_run(tmp_path, text, capsys)
     assert code == 1
@@ -89,10 +98,13 @@ def test_a_bad_catalogue_is_one_line_before_anything_runs(tmp_path, capsys, text
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--dry-run"], "--ray-address, --max-parallel and --dry-run go with --catalogue FILE"),
-    (["--catalogue", "c.toml", "--model", "tiny"], "leave out --model, -o and --validate-only"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--dry-run"], "--ray-address, --max-parallel and --dry-run go with --catalogue FILE"),
+        (["--catalogue", "c.toml", "--model", "tiny"], "leave out --model, -o and --validate-only"),
+    ],
+)
 def test_catalogue_options_out_of_place_are_usage_errors(capsys, argv, message):
     assert main(argv) == 2
     assert message in capsys.readouterr().err

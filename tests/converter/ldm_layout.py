@@ -26,7 +26,9 @@ def unet_key(name: str, config) -> str:
     if match := re.match(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", name):
         block, part, index, rest = int(match[1]), match[2], int(match[3]), match[4]
         position = block * per_up + index
-        return f"output_blocks.{position}.0.{resnet(rest)}" if part == "resnets" else f"output_blocks.{position}.1.{rest}"
+        return (
+            f"output_blocks.{position}.0.{resnet(rest)}" if part == "resnets" else f"output_blocks.{position}.1.{rest}"
+        )
     if match := re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.*)", name):
         block = int(match[1])
         has_attention = config.up_block_types[block].startswith("CrossAttn")
@@ -35,8 +37,13 @@ def unet_key(name: str, config) -> str:
         return f"middle_block.{2 * int(match[1])}.{resnet(match[2])}"
     if name.startswith("mid_block.attentions.0."):
         return "middle_block.1." + name.removeprefix("mid_block.attentions.0.")
-    fixed = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+    fixed = {
+        "time_embedding.linear_1": "time_embed.0",
+        "time_embedding.linear_2": "time_embed.2",
+        "conv_in": "input_blocks.0.0",
+        "conv_norm_out": "out.0",
+        "conv_out": "out.2",
+    }
     module, kind = name.rsplit(".", 1)
     return fixed[module] + "." + kind
 
@@ -57,8 +64,11 @@ def vae_key(name: str, tensor: torch.Tensor, blocks: int) -> tuple[str, torch.Te
 
 def clip_state(text_encoder) -> dict[str, torch.Tensor]:
     """SD 1.x: transformers' CLIP text model under `cond_stage_model.transformer.text_model.`."""
-    return {"cond_stage_model.transformer.text_model." + name.removeprefix("text_model."): tensor
-            for name, tensor in text_encoder.state_dict().items() if not name.endswith("position_ids")}
+    return {
+        "cond_stage_model.transformer.text_model." + name.removeprefix("text_model."): tensor
+        for name, tensor in text_encoder.state_dict().items()
+        if not name.endswith("position_ids")
+    }
 
 
 def open_clip_state(text_encoder) -> dict[str, torch.Tensor]:
@@ -66,19 +76,27 @@ def open_clip_state(text_encoder) -> dict[str, torch.Tensor]:
     prefix = "cond_stage_model.model."
     state = {name.removeprefix("text_model."): tensor for name, tensor in text_encoder.state_dict().items()}
     layers = text_encoder.config.num_hidden_layers
-    out = {prefix + "token_embedding.weight": state["embeddings.token_embedding.weight"],
-           prefix + "positional_embedding": state["embeddings.position_embedding.weight"],
-           prefix + "ln_final.weight": state["final_layer_norm.weight"],
-           prefix + "ln_final.bias": state["final_layer_norm.bias"],
-           prefix + "text_projection": torch.randn(text_encoder.config.hidden_size, text_encoder.config.hidden_size)}
-    names = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj",
-             "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+    out = {
+        prefix + "token_embedding.weight": state["embeddings.token_embedding.weight"],
+        prefix + "positional_embedding": state["embeddings.position_embedding.weight"],
+        prefix + "ln_final.weight": state["final_layer_norm.weight"],
+        prefix + "ln_final.bias": state["final_layer_norm.bias"],
+        prefix + "text_projection": torch.randn(text_encoder.config.hidden_size, text_encoder.config.hidden_size),
+    }
+    names = {
+        "layer_norm1": "ln_1",
+        "layer_norm2": "ln_2",
+        "self_attn.out_proj": "attn.out_proj",
+        "mlp.fc1": "mlp.c_fc",
+        "mlp.fc2": "mlp.c_proj",
+    }
     for layer in range(layers + 1):
         source = min(layer, layers - 1)  # the extra last layer: a copy, which SD never reads
         block = f"{prefix}transformer.resblocks.{layer}."
         for kind in ("weight", "bias"):
             out[block + f"attn.in_proj_{kind}"] = torch.cat(
-                [state[f"encoder.layers.{source}.self_attn.{p}_proj.{kind}"] for p in "qkv"])
+                [state[f"encoder.layers.{source}.self_attn.{p}_proj.{kind}"] for p in "qkv"]
+            )
             for ours, theirs in names.items():
                 out[block + f"{theirs}.{kind}"] = state[f"encoder.layers.{source}.{ours}.{kind}"]
     return out
@@ -87,8 +105,12 @@ def open_clip_state(text_encoder) -> dict[str, torch.Tensor]:
 def ldm_state(pipeline, unet=True, vae=True, text_encoder=True, open_clip=False) -> dict[str, torch.Tensor]:
     state = {}
     if unet:
-        state.update({"model.diffusion_model." + unet_key(name, pipeline.unet.config): tensor
-                      for name, tensor in pipeline.unet.state_dict().items()})
+        state.update(
+            {
+                "model.diffusion_model." + unet_key(name, pipeline.unet.config): tensor
+                for name, tensor in pipeline.unet.state_dict().items()
+            }
+        )
     if vae:
         blocks = len(pipeline.vae.config.up_block_types)
         for name, tensor in pipeline.vae.state_dict().items():

@@ -11,12 +11,12 @@ import pytest
 from coreml_sd.converter.bundle import RESOURCES, write_bundle
 from coreml_sd.converter.chunks import WEIGHTS_FILE, split_package
 from coreml_sd.converter.cli import main
-from coreml_sd.converter.errors import ConversionError
+from coreml_sd.converter.conversion.metadata import licence_in_card
+from coreml_sd.converter.conversion.program_stats import load_program
 from coreml_sd.converter.docgen.contract_doc import generated
 from coreml_sd.converter.docgen.swift_example import parts as swift_parts
-from coreml_sd.converter.conversion.metadata import licence_in_card
+from coreml_sd.converter.errors import ConversionError
 from coreml_sd.converter.families import family_by_name
-from coreml_sd.converter.conversion.program_stats import load_program
 from coreml_sd.runtime.contract import (
     TENSOR_MEANINGS,
     TOKENIZER_FILES,
@@ -76,7 +76,9 @@ def assert_bundle_follows_the_contract(folder: Path, expected_models: set[str]) 
         assert declared(resources / f"{name}.mlpackage") == (list(spec.inputs), list(spec.outputs)), name
         assert_described(resources / f"{name}.mlpackage", spec, manifest)
     if "UnetChunk1" in expected_models:
-        assert_chunks_chain(family.spec("Unet", dims), resources / "UnetChunk1.mlpackage", resources / "UnetChunk2.mlpackage")
+        assert_chunks_chain(
+            family.spec("Unet", dims), resources / "UnetChunk1.mlpackage", resources / "UnetChunk2.mlpackage"
+        )
 
 
 def assert_described(package: Path, spec, manifest: dict) -> None:
@@ -110,7 +112,9 @@ def assert_chunks_chain(unet, first: Path, second: Path) -> None:
 
 @pytest.mark.parametrize("model", ["tiny", "tiny-xl"])
 def test_bundle_of_every_component_follows_the_contract(model, tiny_packages, tiny_xl_packages, tmp_path, capsys):
-    folder = copy_folder(tiny_packages("split_einsum") if model == "tiny" else tiny_xl_packages("tiny-xl"), tmp_path / model)
+    folder = copy_folder(
+        tiny_packages("split_einsum") if model == "tiny" else tiny_xl_packages("tiny-xl"), tmp_path / model
+    )
     manifest = json.loads((folder / "manifest.json").read_text())
 
     resources = write_bundle(folder, family_by_name(manifest["family"]))
@@ -124,8 +128,22 @@ def test_chunked_bundle_from_the_command_line(tiny_packages, tmp_path, capsys):
     """--chunk-unet replaces the whole Unet by its chunks, in the package folder and in Resources/."""
     folder = copy_folder(tiny_packages("split_einsum"), tmp_path / "tiny")
 
-    assert main(["--model", "tiny", "-o", str(folder), "--components", "Unet", "--chunk-unet", "--bundle-resources",
-                 "--no-validate"]) == 0
+    assert (
+        main(
+            [
+                "--model",
+                "tiny",
+                "-o",
+                str(folder),
+                "--components",
+                "Unet",
+                "--chunk-unet",
+                "--bundle-resources",
+                "--no-validate",
+            ]
+        )
+        == 0
+    )
 
     manifest = json.loads((folder / "manifest.json").read_text())
     assert {"UnetChunk1", "UnetChunk2"} <= set(manifest["components"]) and "Unet" not in manifest["components"]
@@ -141,8 +159,23 @@ def test_palettized_bundle_from_the_command_line(tiny_packages, tmp_path):
     folder = copy_folder(tiny_packages("split_einsum"), tmp_path / "tiny")
     float16_bytes = (folder / "Unet.mlpackage" / WEIGHTS_FILE).stat().st_size
 
-    assert main(["--model", "tiny", "-o", str(folder), "--components", "Unet", "--quantize-nbits", "6",
-                 "--bundle-resources", "--no-validate"]) == 0
+    assert (
+        main(
+            [
+                "--model",
+                "tiny",
+                "-o",
+                str(folder),
+                "--components",
+                "Unet",
+                "--quantize-nbits",
+                "6",
+                "--bundle-resources",
+                "--no-validate",
+            ]
+        )
+        == 0
+    )
 
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["components"]["Unet"]["settings"]["quantize_nbits"] == 6
@@ -169,8 +202,10 @@ def test_palettized_chunks_run_as_the_whole_unet(tiny_palettized_unet, tmp_path)
     whole = tiny_palettized_unet / "Unet.mlpackage"
     unet, first, second = split_unet(tiny_palettized_unet, tmp_path)
     assert_chunks_chain(unet, first, second)
-    assert all("constexpr_lut_to_dense" in {op.op_type for op in load_program(chunk).functions["main"].operations}
-               for chunk in (first, second))
+    assert all(
+        "constexpr_lut_to_dense" in {op.op_type for op in load_program(chunk).functions["main"].operations}
+        for chunk in (first, second)
+    )
     assert_weights_are_halved(whole, first, second)
 
     rng = np.random.RandomState(0)
@@ -201,12 +236,15 @@ def test_packages_readme_holds_the_contract_table():
     assert all(f"`{name}`" in readme for name in SWIFT_RESOURCE_FILES)
 
 
-@pytest.mark.parametrize("card, licence", [
-    ("---\nlicense: creativeml-openrail-m\ntags:\n- stable-diffusion\n---\n# Model", "creativeml-openrail-m"),
-    ("---\nlicense: other\nlicense_name: sai-nc-community\n---\n", "sai-nc-community"),
-    ("---\nlicense: 'openrail++'\n---\nlicense: mit\n", "openrail++"),
-    ("# A card without a header\nlicense: mit\n", None),
-])
+@pytest.mark.parametrize(
+    "card, licence",
+    [
+        ("---\nlicense: creativeml-openrail-m\ntags:\n- stable-diffusion\n---\n# Model", "creativeml-openrail-m"),
+        ("---\nlicense: other\nlicense_name: sai-nc-community\n---\n", "sai-nc-community"),
+        ("---\nlicense: 'openrail++'\n---\nlicense: mit\n", "openrail++"),
+        ("# A card without a header\nlicense: mit\n", None),
+    ],
+)
 def test_licence_is_read_from_the_model_card_header(card, licence):
     assert licence_in_card(card) == licence
 
@@ -236,9 +274,12 @@ def test_compiled_bundle_holds_what_the_swift_package_loads(tiny_packages, tmp_p
 
     names = {p.name for p in resources.iterdir()} - {"manifest.json"}
     assert names <= SWIFT_RESOURCE_FILES
-    assert names == {f"{name}.mlmodelc" for name in ("TextEncoder", "Unet", "VAEDecoder", "VAEEncoder", "SafetyChecker")} \
-        | set(TOKENIZER_FILES)
-    assert sorted(compiled) == sorted(f"{name}.mlpackage" for name in json.loads((folder / "manifest.json").read_text())["components"])
+    assert names == {
+        f"{name}.mlmodelc" for name in ("TextEncoder", "Unet", "VAEDecoder", "VAEEncoder", "SafetyChecker")
+    } | set(TOKENIZER_FILES)
+    assert sorted(compiled) == sorted(
+        f"{name}.mlpackage" for name in json.loads((folder / "manifest.json").read_text())["components"]
+    )
     manifest = json.loads((resources / "manifest.json").read_text())
     assert manifest["components"]["Unet"]["file"] == "Unet.mlmodelc"
     assert set(manifest["components"]["Unet"]["files"]) == {"model.mil"}

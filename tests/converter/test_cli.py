@@ -11,5 +11,9 @@ def run(capsys, *argv: str) -> tuple[int, str]:
 def test_list_models_names_the_aliases(capsys):
     code, text = run(capsys, "--list-models")
     assert code == 0
-    for alias, hub_id in [("sd-v1-4", "CompVis/stable-diffusion-v1-4"), ("sd-2-1-base", "stabilityai/stable-diffusion-2-1-base"), ("tiny", "")]:
+    for alias, hub_id in [
+        ("sd-v1-4", "CompVis/stable-diffusion-v1-4"),
+        ("sd-2-1-base", "stabilityai/stable-diffusion-2-1-base"),
+        ("tiny", ""),
+    ]:
         assert any(line.split()[0] == alias and hub_id in line for line in text.splitlines())

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from coreml_sd.converter.conversion.program_stats import load_program
-from coreml_sd.runtime.contract import ModelDimensions
 from coreml_sd.converter.families.sd import SD
 from coreml_sd.converter.models.tiny import SCHEDULER_CONFIG, TEXT_WIDTH, clip_vocabulary_files
+from coreml_sd.runtime.contract import ModelDimensions
 
 FEATURE_DTYPES = {
     ct.proto.FeatureTypes_pb2.ArrayFeatureType.FLOAT16: "float16",
@@ -19,7 +19,10 @@ IOS16_SPECIFICATION_VERSION = 7
 
 
 def features(description) -> dict[str, tuple[tuple[int, ...], str]]:
-    return {f.name: (tuple(f.type.multiArrayType.shape), FEATURE_DTYPES[f.type.multiArrayType.dataType]) for f in description}
+    return {
+        f.name: (tuple(f.type.multiArrayType.shape), FEATURE_DTYPES[f.type.multiArrayType.dataType])
+        for f in description
+    }
 
 
 @pytest.mark.parametrize("component", SD.components)
@@ -39,7 +42,14 @@ def test_saved_spec_matches_the_contract(tiny_packages, component):
 def test_weights_are_stored_in_float16(tiny_packages, tiny_pipeline, component):
     module = {"Unet": tiny_pipeline.unet, "TextEncoder": tiny_pipeline.text_encoder}[component]
     parameters = sum(p.numel() for p in module.parameters())
-    weights = tiny_packages("split_einsum") / f"{component}.mlpackage" / "Data" / "com.apple.CoreML" / "weights" / "weight.bin"
+    weights = (
+        tiny_packages("split_einsum")
+        / f"{component}.mlpackage"
+        / "Data"
+        / "com.apple.CoreML"
+        / "weights"
+        / "weight.bin"
+    )
     bytes_per_parameter = weights.stat().st_size / parameters
     # 2 bytes each, plus per-tensor alignment and the few constants the rewrite adds.
     assert 1.9 < bytes_per_parameter < 2.3
@@ -62,7 +72,9 @@ def test_package_records_its_torch_source_as_a_one_step_conversion_does(tiny_pac
     assert metadata["com.github.apple.coremltools.source"] == f"torch=={torch.__version__}"
     assert metadata["com.github.apple.coremltools.source_dialect"] == "TorchExport::ATEN"
     entries = spec.mlProgram.attributes["buildInfo"].immediateValue.dictionary.values
-    build_info = {e.key.immediateValue.tensor.strings.values[0]: e.value.immediateValue.tensor.strings.values[0] for e in entries}
+    build_info = {
+        e.key.immediateValue.tensor.strings.values[0]: e.value.immediateValue.tensor.strings.values[0] for e in entries
+    }
     assert build_info["coremltools-component-torch"] == torch.__version__
     assert build_info["coremltools-source-dialect"] == "TorchExport::ATEN"
     assert "coremltools-component-milinternal" not in build_info
@@ -100,5 +112,14 @@ def test_tokenizer_files_reproduce_clip_token_ids(tiny_packages):
     assert len(tokenizer) == 49408
     assert ids[0] == tokenizer.convert_tokens_to_ids("<|startoftext|>") == 49406
     assert ids[-1] == tokenizer.convert_tokens_to_ids("<|endoftext|>") == 49407
-    assert tokenizer.convert_ids_to_tokens(ids[1:-1]) == ["a</w>", "photo</w>", "of</w>", "an</w>", "astronaut</w>", "riding</w>", "a</w>", "horse</w>"]
+    assert tokenizer.convert_ids_to_tokens(ids[1:-1]) == [
+        "a</w>",
+        "photo</w>",
+        "of</w>",
+        "an</w>",
+        "astronaut</w>",
+        "riding</w>",
+        "a</w>",
+        "horse</w>",
+    ]
     assert np.all(np.array(ids[1:-1]) < 49406)

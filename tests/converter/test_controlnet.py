@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+
 from coreml_sd.converter.cli import main
 from coreml_sd.converter.controlnets import controlnet_name
 from coreml_sd.converter.models.tiny import TEXT_WIDTH
@@ -138,4 +139,5 @@ def test_bundle_places_controlnets_where_the_swift_package_looks(tiny_controlnet
     shutil.copytree(tiny_controlnet_package, folder)
     resources = write_bundle(folder, SD, compile_with=None)
     assert (resources / "ControlledUnet.mlpackage").is_dir() and (resources / "Unet.mlpackage").is_dir()
-    assert sorted(p.name for p in (resources / "controlnet").iterdir()) == ["TinyCanny.mlpackage", "TinyDepth.mlpackage"]
+    controlnets = sorted(p.name for p in (resources / "controlnet").iterdir())
+    assert controlnets == ["TinyCanny.mlpackage", "TinyDepth.mlpackage"]

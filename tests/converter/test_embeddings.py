@@ -3,7 +3,6 @@ CLIPTokenizer and the Swift package's BPE algorithm (re-implemented here), other
 the TextEncoder computes what diffusers' `load_textual_inversion` computes."""
 import copy
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -17,6 +16,8 @@ from coreml_sd.converter.errors import ConversionError
 from coreml_sd.converter.models.tiny import clip_vocabulary_files
 from coreml_sd.runtime.executor import ReferenceModel, psnr
 from coreml_sd.runtime.prompt import PromptEncoder
+
+EMBEDDING_PSNR_DB = 64.0  # the text encoder with the embedding measures 67.7 dB against diffusers
 
 TOKEN = "xyzcat"
 PROMPT = f"a photo of {TOKEN} {TOKEN}b on a beach"
@@ -87,7 +88,10 @@ def test_tokens_are_one_id_each_for_all_three_tokenizers(package):
     assert swift == transformers_ids == runtime_ids(folder, PROMPT)
     assert swift.count(49408) == 1 and swift.count(49409) == 1 and len(swift) == 2 + len(PROMPT.split())
     manifest = json.loads((folder / "manifest.json").read_text())
-    assert manifest["adapters"][0]["tokens"] == [TOKEN, TOKEN + "b"] and manifest["adapters"][0]["ids"] == [49408, 49409]
+    assert manifest["adapters"][0]["tokens"] == [TOKEN, TOKEN + "b"] and manifest["adapters"][0]["ids"] == [
+        49408,
+        49409,
+    ]
 
 
 def test_other_words_keep_their_ids(package):
@@ -117,13 +121,15 @@ def test_text_encoder_matches_diffusers_load_textual_inversion(package, tiny_pip
     reference.load_textual_inversion(str(path), token=TOKEN)
     # diffusers expands a multi-vector token itself ("xyzcat" -> "xyzcat xyzcat_1"); the package spells it out.
     diffusers_prompt = reference.maybe_convert_prompt(f"a photo of {TOKEN} on a beach", reference.tokenizer)
-    expected_ids = reference.tokenizer(diffusers_prompt, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    expected_ids = reference.tokenizer(
+        diffusers_prompt, padding="max_length", max_length=77, return_tensors="pt"
+    ).input_ids
     ours = PromptEncoder(folder / "vocab.json", folder / "merges.txt", text_encoder=None).token_ids(PROMPT)
     np.testing.assert_array_equal(ours, expected_ids.numpy())
     with torch.no_grad():
         expected = reference.text_encoder(expected_ids).last_hidden_state.numpy()
     actual = ReferenceModel(folder / "TextEncoder.mlpackage").predict({"input_ids": ours.astype(np.float32)})
-    assert psnr(expected, actual["last_hidden_state"]) >= 35.0
+    assert psnr(expected, actual["last_hidden_state"]) >= EMBEDDING_PSNR_DB
 
 
 def test_kohya_and_diffusers_files_read_as_a1111(tmp_path, vectors):
@@ -133,19 +139,25 @@ def test_kohya_and_diffusers_files_read_as_a1111(tmp_path, vectors):
     assert torch.equal(read_embedding(tmp_path / "kohya.safetensors")[1], vectors)
     assert read_embedding(tmp_path / "learned_embeds.safetensors")[0] == TOKEN
     assert torch.equal(read_embedding(tmp_path / "learned_embeds.safetensors")[1], vectors[:1])
-    assert read_embedding(tmp_path / "a1111.pt") == (TOKEN, pytest.approx(vectors)) or torch.equal(
-        read_embedding(tmp_path / "a1111.pt")[1], vectors)
+    token, loaded = read_embedding(tmp_path / "a1111.pt")
+    assert token == TOKEN and torch.equal(loaded, vectors)
 
 
-@pytest.mark.parametrize(("token", "vector_width", "message"), [
-    ("style2", 32, "must be letters only"),
-    ("cat", 32, "already a word of the vocabulary"),
-    ("newstyle", 64, "width 64 but the model's text encoder has width 32"),
-])
+@pytest.mark.parametrize(
+    ("token", "vector_width", "message"),
+    [
+        ("style2", 32, "must be letters only"),
+        ("cat", 32, "already a word of the vocabulary"),
+        ("newstyle", 64, "width 64 but the model's text encoder has width 32"),
+    ],
+)
 def test_bad_embeddings_are_refused_in_one_line(tmp_path, token, vector_width, message):
     path = tmp_path / "emb.safetensors"
     save_file({"emb_params": torch.zeros(1, vector_width)}, str(path))
     with pytest.raises(ConversionError, match=message):
-        convert_model(ConversionOptions(model="tiny", output=tmp_path / "out", embeddings=(f"{path}:{token}",),
-                                        components=("TextEncoder",)))
+        convert_model(
+            ConversionOptions(
+                model="tiny", output=tmp_path / "out", embeddings=(f"{path}:{token}",), components=("TextEncoder",)
+            )
+        )
     assert not (tmp_path / "out").exists()

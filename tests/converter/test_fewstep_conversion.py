@@ -20,8 +20,8 @@ from safetensors.torch import save_file
 
 from coreml_sd.converter.conversion import ConversionOptions, convert_model
 from coreml_sd.converter.errors import ConversionError
-from coreml_sd.converter.sources.recommended import from_arguments
 from coreml_sd.converter.models.tiny import UNET_CONFIG
+from coreml_sd.converter.sources.recommended import from_arguments
 from coreml_sd.runtime import Pipeline
 from coreml_sd.runtime.executor import ReferenceModel, psnr
 
@@ -91,6 +91,7 @@ def lcm_package(tmp_path_factory, tiny_pipeline):
 
 def lcm_reference(reference, seed: int, guidance_scale: float):
     from coreml_sd.runtime.sampling import draw_noise
+
     from runtime_testing import latent_shape
 
     latents = torch.from_numpy(draw_noise(np.random.RandomState(seed), latent_shape(reference)))
@@ -138,9 +139,9 @@ def test_lcm_lora_samples_unguided_through_the_batch_1_function_as_diffusers(lcm
 def test_the_core_ml_backend_loads_the_unguided_function_by_name(lcm_package, monkeypatch, tmp_path):
     """Through the Core ML adapter (coremltools' CompiledMLModel stood in for by the executor), as the executor."""
     monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "runtime"))
-    from coreml_standin import Compiler, core_ml_standin
-
     from coreml_sd.runtime import backends
+
+    from coreml_standin import Compiler, core_ml_standin
 
     monkeypatch.setattr(backends, "core_ml_functions", core_ml_standin(Compiler()))
     monkeypatch.setenv(backends.CACHE_ENV, str(tmp_path / "cache"))
@@ -198,6 +199,7 @@ def test_an_lcm_unet_with_a_guidance_embedding_samples_as_diffusers_lcm_pipeline
     """An LCM checkpoint (LCMScheduler, time_cond_proj_dim): converted only when asked, at batch 1, with
     `timestep_cond`; guidance 8 goes into the embedding, as diffusers' LatentConsistencyModelPipeline."""
     from coreml_sd.runtime.sampling import draw_noise
+
     from runtime_testing import latent_shape, pixels
 
     with torch.random.fork_rng(devices=[]):

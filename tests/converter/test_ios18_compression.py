@@ -8,6 +8,7 @@ import coremltools as ct
 import numpy as np
 import pytest
 import torch
+
 from coreml_sd.converter.cli import main
 from coreml_sd.converter.compression.palettize import WEIGHT_THRESHOLD, palette
 from coreml_sd.converter.conversion import ConversionOptions, convert_model

@@ -9,11 +9,11 @@ import torch
 from sklearn.cluster import KMeans
 
 from coreml_sd.converter.cli import main
-from coreml_sd.converter.conversion import ComponentOptions
-from coreml_sd.converter.conversion.settings import component_settings
 from coreml_sd.converter.compression import palettize
 from coreml_sd.converter.compression.palettize import WEIGHT_THRESHOLD, palette, palettize_module, palettize_program
+from coreml_sd.converter.conversion import ComponentOptions
 from coreml_sd.converter.conversion.program_stats import load_program, program_stats
+from coreml_sd.converter.conversion.settings import component_settings
 from coreml_sd.runtime.executor import ReferenceModel, psnr
 
 PSNR_THRESHOLD_DB = 60.0  # the tiny Unet measures 66 dB against the same palettes
@@ -64,18 +64,31 @@ def test_palettize_module_changes_large_linear_and_conv_weights_only():
 
 @pytest.fixture(scope="module")
 def palettized_unet(tiny_palettized_unet):
-    assert json.loads((tiny_palettized_unet / "manifest.json").read_text())["components"]["Unet"]["settings"]["quantize_nbits"] == NBITS
+    assert (
+        json.loads((tiny_palettized_unet / "manifest.json").read_text())["components"]["Unet"]["settings"][
+            "quantize_nbits"
+        ]
+        == NBITS
+    )
     return tiny_palettized_unet
 
 
 def test_every_large_weight_is_stored_as_a_palette(palettized_unet, tiny_pipeline):
     program = load_program(palettized_unet / "Unet.mlpackage")
     palettes = [op for op in program.functions["main"].operations if op.op_type == "constexpr_lut_to_dense"]
-    plain = [op for op in program.functions["main"].operations if op.op_type == "const"
-             and getattr(op.outputs[0].val, "size", 0) > WEIGHT_THRESHOLD and op.outputs[0].child_ops[0] not in palettes]
+    plain = [
+        op
+        for op in program.functions["main"].operations
+        if op.op_type == "const"
+        and getattr(op.outputs[0].val, "size", 0) > WEIGHT_THRESHOLD
+        and op.outputs[0].child_ops[0] not in palettes
+    ]
     assert not plain
-    large = [m.weight for m in tiny_pipeline.unet.modules()
-             if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and m.weight.numel() > WEIGHT_THRESHOLD]
+    large = [
+        m.weight
+        for m in tiny_pipeline.unet.modules()
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and m.weight.numel() > WEIGHT_THRESHOLD
+    ]
     assert sum(int(np.prod(op.outputs[0].shape)) for op in palettes) == sum(w.numel() for w in large)
     assert all(op.lut.val.size == 2**NBITS for op in palettes)
     entry = json.loads((palettized_unet / "manifest.json").read_text())["components"]["Unet"]
@@ -86,9 +99,11 @@ def test_every_large_weight_is_stored_as_a_palette(palettized_unet, tiny_pipelin
 def test_palettized_unet_computes_what_the_palettized_original_computes(palettized_unet, tiny_pipeline):
     entry = json.loads((palettized_unet / "manifest.json").read_text())["components"]["Unet"]
     rng = np.random.RandomState(1)
-    inputs = {"sample": rng.randn(2, 4, 16, 16).astype(np.float16),
-              "timestep": np.array([981, 1], dtype=np.float16),
-              "encoder_hidden_states": rng.randn(2, 32, 1, 77).astype(np.float16)}
+    inputs = {
+        "sample": rng.randn(2, 4, 16, 16).astype(np.float16),
+        "timestep": np.array([981, 1], dtype=np.float16),
+        "encoder_hidden_states": rng.randn(2, 32, 1, 77).astype(np.float16),
+    }
     actual = ReferenceModel(palettized_unet / "Unet.mlpackage").predict(inputs)["noise_pred"]
 
     def diffusers_unet(unet):
@@ -121,8 +136,11 @@ def test_palettized_weights_take_three_quarters_of_a_byte(palettized_unet, tiny_
     def weights_bytes(folder):
         return next((folder / "Unet.mlpackage").rglob("weight.bin")).stat().st_size
 
-    large = sum(int(np.prod(op.outputs[0].shape)) for op in load_program(palettized_unet / "Unet.mlpackage")
-                .functions["main"].operations if op.op_type == "constexpr_lut_to_dense")
+    large = sum(
+        int(np.prod(op.outputs[0].shape))
+        for op in load_program(palettized_unet / "Unet.mlpackage").functions["main"].operations
+        if op.op_type == "constexpr_lut_to_dense"
+    )
     saved = weights_bytes(tiny_packages()) - weights_bytes(palettized_unet)
     # Each palettized parameter goes from 2 bytes to 6 bits (plus a 64-entry palette per weight).
     assert saved == pytest.approx(large * (2 - NBITS / 8), rel=0.02)
@@ -133,9 +151,9 @@ def test_palettizing_group_by_group_stores_what_one_pass_stores(tiny_pipeline, m
     what is stored."""
     from coreml_sd.converter.ane import component_module
     from coreml_sd.converter.conversion.convert import to_mil_program, trace
-    from coreml_sd.runtime.contract import ModelDimensions
     from coreml_sd.converter.families.sd import SD
     from coreml_sd.converter.sources import ModelParts
+    from coreml_sd.runtime.contract import ModelDimensions
 
     unet = copy.deepcopy(tiny_pipeline.unet).half()
     palettize_module(unet, NBITS)
@@ -147,8 +165,11 @@ def test_palettizing_group_by_group_stores_what_one_pass_stores(tiny_pipeline, m
         program = to_mil_program(trace(module, spec), spec)
         groups = len(palettize._weight_groups(program))
         palettize_program(program, NBITS)
-        return groups, {op.name: (op.lut.val.tobytes(), op.indices.val.tobytes(), tuple(op.shape.val))
-                        for op in program.functions["main"].operations if op.op_type == "constexpr_lut_to_dense"}
+        return groups, {
+            op.name: (op.lut.val.tobytes(), op.indices.val.tobytes(), tuple(op.shape.val))
+            for op in program.functions["main"].operations
+            if op.op_type == "constexpr_lut_to_dense"
+        }
 
     one_group, in_one_pass = stored(palettize.GROUP_BYTES)
     many_groups, in_groups = stored(64 << 10)
@@ -157,8 +178,8 @@ def test_palettizing_group_by_group_stores_what_one_pass_stores(tiny_pipeline, m
 
 
 def test_only_the_text_encoder_and_unet_depend_on_the_palette_size(tiny_pipeline):
-    from coreml_sd.runtime.contract import ModelDimensions
     from coreml_sd.converter.sources import resolve
+    from coreml_sd.runtime.contract import ModelDimensions
 
     source = resolve("tiny")
     dims = ModelDimensions(32, 128, 128)

@@ -1,22 +1,20 @@
 """Single-file checkpoints (original LDM layout) convert offline to what the diffusers folder converts to,
 and `.ckpt` pickles never run code."""
 import os
-import pickle
 import sys
 import types
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from coreml_sd.converter.conversion import ConversionOptions, convert_model
+from coreml_sd.converter.conversion.validate import validation_inputs
 from coreml_sd.converter.errors import ConversionError
-from coreml_sd.runtime.contract import ModelDimensions
 from coreml_sd.converter.families.sd import SD
 from coreml_sd.converter.sources import resolve
 from coreml_sd.converter.sources.pickles import InertObject, load_checkpoint
-from coreml_sd.converter.conversion.validate import validation_inputs
+from coreml_sd.runtime.contract import ModelDimensions
 from coreml_sd.runtime.executor import ReferenceModel, psnr
 
 from ldm_layout import ldm_state
@@ -97,7 +95,9 @@ def test_model_type_is_inferred_and_refusals_are_one_line(tmp_path, tiny_pipelin
     save_file(inpainting, str(tmp_path / "inpaint.safetensors"))
     with pytest.raises(ConversionError, match="inpainting"):
         resolve(str(tmp_path / "inpaint.safetensors"))
-    save_file({"conditioner.embedders.0.transformer.x": torch.zeros(1), first: state[first]}, str(tmp_path / "xl.safetensors"))
+    save_file(
+        {"conditioner.embedders.0.transformer.x": torch.zeros(1), first: state[first]}, str(tmp_path / "xl.safetensors")
+    )
     with pytest.raises(ConversionError, match="SDXL"):
         resolve(str(tmp_path / "xl.safetensors"))
 
@@ -155,7 +155,11 @@ def test_open_clip_checkpoint_is_sd2_and_its_prediction_type_follows_the_hints(t
     state = ldm_state(tiny_pipeline, open_clip=True)
     save_file(state, str(tmp_path / "sd2.safetensors"))
     source = resolve(str(tmp_path / "sd2.safetensors"), config_folder=saved_folder)
-    assert (source.description["model_type"], source.prediction_type, source.pad_token) == ("sd2-v", "v_prediction", "!")
+    assert (source.description["model_type"], source.prediction_type, source.pad_token) == (
+        "sd2-v",
+        "v_prediction",
+        "!",
+    )
     assert_modules_equal(source, tiny_pipeline, ["TextEncoder"])
     base = resolve(str(tmp_path / "sd2.safetensors"), prediction_type="epsilon", config_folder=saved_folder)
     assert (base.description["model_type"], base.scheduler_config["prediction_type"]) == ("sd2", "epsilon")

@@ -17,7 +17,12 @@ from coreml_sd.converter.conversion.program_stats import program_stats
 from coreml_sd.converter.sources import resolve
 from coreml_sd.runtime.executor import ReferenceModel, psnr
 
-PSNR_THRESHOLD_DB = 35.0
+# Packages against diffusers, each a few dB under its measured worst output (split_einsum and original alike):
+# measured 70.7, 69.2, 65.3 and 64.4 dB; the VAE computes in float32, 140.0 and 132.5 dB (float32 ulps apart, which
+# another CPU's kernels may double: its floors sit further under, still far above float16's ~70 dB)
+COMPONENT_PSNR_DB = {"TextEncoder": 67.0, "TextEncoder2": 66.0, "Unet": 62.0, "UnetRefiner": 61.0,
+                     "VAEDecoder": 120.0, "VAEEncoder": 115.0}
+PSNR_THRESHOLD_DB = 35.0  # the converter's release gate
 IMPLEMENTATIONS = ("split_einsum", "original")
 BASE_COMPONENTS = ("TextEncoder", "TextEncoder2", "Unet", "VAEDecoder", "VAEEncoder")
 REFINER_COMPONENTS = ("TextEncoder2", "UnetRefiner", "VAEDecoder")
@@ -59,12 +64,18 @@ def diffusers_outputs(pipeline, component: str, inputs: dict[str, np.ndarray]) -
     if component.startswith("TextEncoder"):
         encoder = pipeline.text_encoder if component == "TextEncoder" else pipeline.text_encoder_2
         output = encoder(x["input_ids"].long(), output_hidden_states=True)
-        return {"hidden_embeds": output.hidden_states[-2].numpy(), "pooled_outputs": output[0 if component == "TextEncoder2" else 1].numpy()}
+        return {
+            "hidden_embeds": output.hidden_states[-2].numpy(),
+            "pooled_outputs": output[0 if component == "TextEncoder2" else 1].numpy(),
+        }
     if component.startswith("Unet"):
         context = x["encoder_hidden_states"].squeeze(2).permute(0, 2, 1)
         added = {"time_ids": x["time_ids"], "text_embeds": x["text_embeds"]}
-        return {"noise_pred": pipeline.unet(x["sample"], x["timestep"], encoder_hidden_states=context,
-                                            added_cond_kwargs=added).sample.numpy()}
+        return {
+            "noise_pred": pipeline.unet(
+                x["sample"], x["timestep"], encoder_hidden_states=context, added_cond_kwargs=added
+            ).sample.numpy()
+        }
     if component == "VAEDecoder":
         return {"image": pipeline.vae.decode(x["z"]).sample.numpy()}
     moments = pipeline.vae.encode(x["x"]).latent_dist
@@ -73,15 +84,19 @@ def diffusers_outputs(pipeline, component: str, inputs: dict[str, np.ndarray]) -
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("component", BASE_COMPONENTS + ("UnetRefiner",))
-def test_package_matches_diffusers(tiny_xl_packages, tiny_xl_pipeline, tiny_xl_refiner_pipeline, implementation, component):
-    model, pipeline = ("tiny-xl-refiner", tiny_xl_refiner_pipeline) if component == "UnetRefiner" else ("tiny-xl", tiny_xl_pipeline)
+def test_package_matches_diffusers(
+    tiny_xl_packages, tiny_xl_pipeline, tiny_xl_refiner_pipeline, implementation, component
+):
+    model, pipeline = (
+        ("tiny-xl-refiner", tiny_xl_refiner_pipeline) if component == "UnetRefiner" else ("tiny-xl", tiny_xl_pipeline)
+    )
     inputs = random_inputs(component, seed=7)
     actual = ReferenceModel(tiny_xl_packages(model, implementation) / f"{component}.mlpackage").predict(inputs)
     expected = diffusers_outputs(pipeline, component, inputs)
     assert set(actual) == set(expected)
     for name in expected:
         assert actual[name].shape == expected[name].shape
-        assert psnr(expected[name], actual[name]) >= PSNR_THRESHOLD_DB, name
+        assert psnr(expected[name], actual[name]) >= COMPONENT_PSNR_DB[component], name
 
 
 @pytest.mark.parametrize("model", ["tiny-xl", "tiny-xl-refiner"])
@@ -126,8 +141,12 @@ def test_family_is_detected_from_model_index(tmp_path, tiny_xl_pipeline, tiny_xl
     tiny_xl_refiner_pipeline.save_pretrained(tmp_path / "refiner")
     base, refiner = resolve(str(tmp_path / "base")), resolve(str(tmp_path / "refiner"))
     assert (base.family.name, refiner.family.name) == ("sdxl", "sdxl-refiner")
-    assert base.conditioning == {"text_width": 96, "pooled_width": 64, "time_ids_length": 6,
-                                 "text_encoders": {"TextEncoder": (32, 32), "TextEncoder2": (64, 64)}}
+    assert base.conditioning == {
+        "text_width": 96,
+        "pooled_width": 64,
+        "time_ids_length": 6,
+        "text_encoders": {"TextEncoder": (32, 32), "TextEncoder2": (64, 64)},
+    }
     assert refiner.conditioning["time_ids_length"] == 5 and refiner.conditioning["text_width"] == 64
     assert (base.force_zeros_for_empty_prompt, refiner.force_zeros_for_empty_prompt) == (True, False)
     assert base.latent_scaling_factor == 0.13025
@@ -152,10 +171,15 @@ def test_overflowing_float16_vae_is_refused_and_vae_swaps_in_another(vae_folders
     model, fixed_vae = vae_folders
     output = tmp_path / "package"
     convert_model(ConversionOptions(model=str(model), output=output, components=("VAEDecoder",)))  # float32: fine
-    assert json.loads((output / "manifest.json").read_text())["components"]["VAEDecoder"]["validation"]["psnr_db"] >= PSNR_THRESHOLD_DB
+    assert (
+        json.loads((output / "manifest.json").read_text())["components"]["VAEDecoder"]["validation"]["psnr_db"]
+        >= PSNR_THRESHOLD_DB
+    )
 
     capsys.readouterr()
-    code = main(["--model", str(model), "--components", "VAEDecoder", "--vae", str(model), "-o", str(tmp_path / "refused")])
+    code = main(
+        ["--model", str(model), "--components", "VAEDecoder", "--vae", str(model), "-o", str(tmp_path / "refused")]
+    )
     error = capsys.readouterr().err
     assert code == 1
     last = error.strip().splitlines()[-1]
@@ -163,8 +187,9 @@ def test_overflowing_float16_vae_is_refused_and_vae_swaps_in_another(vae_folders
     assert "Traceback" not in error
     assert not (tmp_path / "refused").exists()
 
-    convert_model(ConversionOptions(model=str(model), output=tmp_path / "fixed", components=("VAEDecoder",),
-                                    vae=str(fixed_vae)))
+    convert_model(
+        ConversionOptions(model=str(model), output=tmp_path / "fixed", components=("VAEDecoder",), vae=str(fixed_vae))
+    )
     manifest = json.loads((tmp_path / "fixed" / "manifest.json").read_text())
     entry = manifest["components"]["VAEDecoder"]
     assert entry["validation"]["psnr_db"] >= PSNR_THRESHOLD_DB and "compute_precision" not in entry  # float16

@@ -36,7 +36,9 @@ def mil_program(body, inputs: dict[str, np.ndarray], target=ct.target.iOS16):
     return mb.program(input_specs=specs, opset_version=target)(body)
 
 
-def run_mil(body, inputs: dict[str, np.ndarray], directory: Path, precision: str = "float16", target=ct.target.iOS16) -> list[np.ndarray]:
+def run_mil(
+    body, inputs: dict[str, np.ndarray], directory: Path, precision: str = "float16", target=ct.target.iOS16
+) -> list[np.ndarray]:
     """Build, save, load and run a program; its outputs in the order `body` returns them."""
     model = ReferenceModel(save_program(mil_program(body, inputs, target), directory, target), precision=precision)
     outputs = model.predict(inputs)

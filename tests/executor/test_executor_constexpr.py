@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.mil import types
-from executor_testing import mil_program, random, run_mil, save_program
 
 from coreml_sd.runtime.executor import ReferenceModel
+
+from executor_testing import mil_program, random, run_mil, save_program
 
 
 def pack_lsb_first(values: np.ndarray, nbits: int) -> np.ndarray:
@@ -28,9 +29,14 @@ def test_ios16_lut_to_dense(tmp_path, nbits):
     indices = rng.integers(0, 2**nbits, shape)
     lut = random((2**nbits,), seed=1)
     x = random(shape, seed=2)
-    body = lambda x: mb.add(
-        x=x, y=mb.constexpr_lut_to_dense(indices=pack_lsb_first(indices, nbits), lut=lut, shape=np.array(shape, np.uint32))
-    )
+    def body(x):
+        return mb.add(
+            x=x,
+            y=mb.constexpr_lut_to_dense(
+                indices=pack_lsb_first(indices, nbits), lut=lut, shape=np.array(shape, np.uint32)
+            ),
+        )
+
     (actual,) = run_mil(body, dict(x=x), tmp_path)
     np.testing.assert_array_equal(actual, x + lut[indices])
 
@@ -44,12 +50,28 @@ def test_ios16_affine_dequantize_sparse_and_cast(tmp_path):
     mask = np.random.default_rng(4).random((4, 3)) < 0.5
     nonzero = random((int(mask.sum()),), seed=5)
     source = random((4, 3), seed=6).astype(np.float16)
-    body = lambda x: (
-        mb.add(x=x, y=mb.constexpr_affine_dequantize(quantized_data=quantized, zero_point=zero_point, scale=scale, axis=1)),
-        mb.add(x=x, y=mb.constexpr_affine_dequantize(quantized_data=signed, zero_point=np.int8(-3), scale=np.float32(0.1), axis=0)),
-        mb.add(x=x, y=mb.constexpr_sparse_to_dense(nonzero_data=nonzero, mask=pack_lsb_first(mask, 1), shape=np.array([4, 3], np.uint32))),
-        mb.add(x=x, y=mb.constexpr_cast(source_val=source, output_dtype="fp32")),
-    )
+
+    def body(x):
+        return (
+            mb.add(
+                x=x,
+                y=mb.constexpr_affine_dequantize(quantized_data=quantized, zero_point=zero_point, scale=scale, axis=1),
+            ),
+            mb.add(
+                x=x,
+                y=mb.constexpr_affine_dequantize(
+                    quantized_data=signed, zero_point=np.int8(-3), scale=np.float32(0.1), axis=0
+                ),
+            ),
+            mb.add(
+                x=x,
+                y=mb.constexpr_sparse_to_dense(
+                    nonzero_data=nonzero, mask=pack_lsb_first(mask, 1), shape=np.array([4, 3], np.uint32)
+                ),
+            ),
+            mb.add(x=x, y=mb.constexpr_cast(source_val=source, output_dtype="fp32")),
+        )
+
     per_channel, per_tensor, sparse, cast = run_mil(body, dict(x=x), tmp_path)
     np.testing.assert_allclose(per_channel, x + scale * (quantized.astype(np.float32) - zero_point), rtol=1e-6)
     np.testing.assert_allclose(per_tensor, x + np.float32(0.1) * (signed.astype(np.float32) + 3), rtol=1e-6)
@@ -66,10 +88,16 @@ def test_ios18_lut_to_dense(tmp_path):
     vector_indices = rng.integers(0, 4, (2, 3, 2))
     vector_lut = random((1, 1, 1, 4, 3), seed=2)  # one palette of 4 entries, each a 3-vector
     x, y = random((6, 4), seed=3), random((2, 9, 2), seed=4)
-    body = lambda x, y: (
-        mb.add(x=x, y=mb.constexpr_lut_to_dense(indices=sub_byte(indices, "uint4"), lut=lut)),
-        mb.add(x=y, y=mb.constexpr_lut_to_dense(indices=sub_byte(vector_indices, "uint2"), lut=vector_lut, vector_axis=1)),
-    )
+
+    def body(x, y):
+        return (
+            mb.add(x=x, y=mb.constexpr_lut_to_dense(indices=sub_byte(indices, "uint4"), lut=lut)),
+            mb.add(
+                x=y,
+                y=mb.constexpr_lut_to_dense(indices=sub_byte(vector_indices, "uint2"), lut=vector_lut, vector_axis=1),
+            ),
+        )
+
     grouped, vectors = run_mil(body, dict(x=x, y=y), tmp_path, target=ct.target.iOS18)
     palette_of_row = np.arange(6)[:, None] // 3
     np.testing.assert_array_equal(grouped, x + lut[palette_of_row, 0, indices, 0])
@@ -87,13 +115,24 @@ def test_ios18_blockwise_shift_scale_and_sparse(tmp_path):
     mask = rng.random((4, 6)) < 0.5
     nonzero = random((int(mask.sum()),), seed=3)
     x = random((4, 6), seed=4)
-    body = lambda x: (
-        mb.add(x=x, y=mb.constexpr_blockwise_shift_scale(data=sub_byte(data, "int4"), scale=scale, offset=sub_byte(offset, "int4"))),
-        mb.add(x=x, y=mb.constexpr_blockwise_shift_scale(data=data8, scale=scale8)),
-        mb.add(x=x, y=mb.constexpr_sparse_to_dense(nonzero_data=nonzero, mask=sub_byte(mask, "uint1"))),
-    )
+
+    def body(x):
+        return (
+            mb.add(
+                x=x,
+                y=mb.constexpr_blockwise_shift_scale(
+                    data=sub_byte(data, "int4"), scale=scale, offset=sub_byte(offset, "int4")
+                ),
+            ),
+            mb.add(x=x, y=mb.constexpr_blockwise_shift_scale(data=data8, scale=scale8)),
+            mb.add(x=x, y=mb.constexpr_sparse_to_dense(nonzero_data=nonzero, mask=sub_byte(mask, "uint1"))),
+        )
+
     int4, int8, sparse = run_mil(body, dict(x=x), tmp_path, target=ct.target.iOS18)
-    block = lambda a: a.repeat(2, axis=0).repeat(2, axis=1)
+
+    def block(a):
+        return a.repeat(2, axis=0).repeat(2, axis=1)
+
     np.testing.assert_allclose(int4, x + block(scale) * (data - block(offset)), rtol=1e-6)
     np.testing.assert_allclose(int8, x + scale8 * data8.astype(np.float32), rtol=1e-6)
     dense = np.zeros((4, 6), np.float32)
@@ -120,11 +159,15 @@ def test_packages_compressed_by_coremltools(tmp_path, target, compression):
         weight[:, 0, 0, 0] = 127 / 64
         config = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", weight_threshold=0)
         compress = cto.linear_quantize_weights
-        expected_ops = {"constexpr_affine_dequantize"} if target == ct.target.iOS16 else {"constexpr_blockwise_shift_scale"}
+        expected_ops = (
+            {"constexpr_affine_dequantize"} if target == ct.target.iOS16 else {"constexpr_blockwise_shift_scale"}
+        )
     x = random((1, 4, 6, 6), seed=2)
     program = mil_program(lambda x: mb.conv(x=x, weight=weight, pad_type="same"), dict(x=x), target)
     dense_path = save_program(program, tmp_path, target)
-    compressed = compress(ct.models.MLModel(str(dense_path), skip_model_load=True), cto.OptimizationConfig(global_config=config))
+    compressed = compress(
+        ct.models.MLModel(str(dense_path), skip_model_load=True), cto.OptimizationConfig(global_config=config)
+    )
     compressed_path = tmp_path / "compressed.mlpackage"
     compressed.save(str(compressed_path))
     used = {op.op_type for op in compressed._mil_program.functions["main"].operations}

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.mil import types
-from executor_testing import random, run_mil, save_program
 
 from coreml_sd.runtime.executor import ReferenceModel
+
+from executor_testing import random, run_mil, save_program
 
 
 @pytest.mark.parametrize("sign", [1.0, -1.0])

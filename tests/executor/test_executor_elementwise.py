@@ -4,6 +4,7 @@ import math
 import numpy as np
 import pytest
 from coremltools.converters.mil import Builder as mb
+
 from executor_testing import random, run_mil
 
 erf = np.vectorize(math.erf)
@@ -31,7 +32,8 @@ COMPARISONS = {
 
 def test_float_binary_ops_broadcast_like_numpy(tmp_path):
     x, y = random((2, 3, 4), seed=1), random((3, 1), seed=2) + 3.0  # y away from 0 for the divisions
-    body = lambda x, y: tuple(getattr(mb, name)(x=x, y=y) for name in FLOAT_BINARY)
+    def body(x, y):
+        return tuple(getattr(mb, name)(x=x, y=y) for name in FLOAT_BINARY)
     for name, actual in zip(FLOAT_BINARY, run_mil(body, dict(x=x, y=y), tmp_path)):
         np.testing.assert_allclose(actual, FLOAT_BINARY[name](x, y), **TOLERANCE, err_msg=name)
 
@@ -45,7 +47,8 @@ def test_pow(tmp_path):
 def test_int_division_rounds_toward_negative_infinity(tmp_path):
     x = np.array([[-7, -6, -1, 0, 1, 6, 7]], np.int32)
     y = np.array([[2], [-3]], np.int32)
-    body = lambda x, y: (mb.floor_div(x=x, y=y), mb.mod(x=x, y=y), mb.add(x=x, y=y), mb.mul(x=x, y=y))
+    def body(x, y):
+        return (mb.floor_div(x=x, y=y), mb.mod(x=x, y=y), mb.add(x=x, y=y), mb.mul(x=x, y=y))
     floor_div, mod, add, mul = run_mil(body, dict(x=x, y=y), tmp_path)
     np.testing.assert_array_equal(floor_div, x // y)
     np.testing.assert_array_equal(mod, x % y)
@@ -108,7 +111,9 @@ def test_unary_ops(tmp_path):
     x = random((2, 50), low=0.05, high=0.95)
     outputs = run_mil(lambda x: tuple(getattr(mb, name)(x=x) for name in UNARY_ON_UNIT_INTERVAL), dict(x=x), tmp_path)
     for name, actual in zip(UNARY_ON_UNIT_INTERVAL, outputs):
-        np.testing.assert_allclose(actual, UNARY_ON_UNIT_INTERVAL[name](x.astype(np.float64)), **TOLERANCE, err_msg=name)
+        np.testing.assert_allclose(
+            actual, UNARY_ON_UNIT_INTERVAL[name](x.astype(np.float64)), **TOLERANCE, err_msg=name
+        )
     # Halfway cases and zero pin down round's and sign's conventions.
     reals = np.concatenate([random((40,), low=-4, high=4), [-2.5, -1.5, -0.5, 0.0, 0.5, 1.5, 2.5]]).astype(np.float32)
     outputs = run_mil(lambda x: tuple(getattr(mb, name)(x=x) for name in UNARY_ON_REALS), dict(x=reals), tmp_path)
@@ -118,13 +123,16 @@ def test_unary_ops(tmp_path):
 
 def test_ops_with_epsilon(tmp_path):
     x = random((3, 5), low=0.0, high=2.0)
-    body = lambda x: (
-        mb.log(x=x),
-        mb.log(x=x, epsilon=0.5),
-        mb.rsqrt(x=x, epsilon=0.25),
-        mb.inverse(x=x),
-        mb.inverse(x=x, epsilon=1.0),
-    )
+
+    def body(x):
+        return (
+            mb.log(x=x),
+            mb.log(x=x, epsilon=0.5),
+            mb.rsqrt(x=x, epsilon=0.25),
+            mb.inverse(x=x),
+            mb.inverse(x=x, epsilon=1.0),
+        )
+
     log, log_eps, rsqrt, inverse, inverse_eps = run_mil(body, dict(x=x), tmp_path)
     np.testing.assert_allclose(log, np.log(x + 1e-45), **TOLERANCE)
     np.testing.assert_allclose(log_eps, np.log(x + 0.5), **TOLERANCE)
@@ -135,13 +143,16 @@ def test_ops_with_epsilon(tmp_path):
 
 def test_clip_threshold_select_cast(tmp_path):
     x = random((4, 6), low=-3, high=3)
-    body = lambda x: (
-        mb.clip(x=x, alpha=-1.0, beta=0.5),
-        mb.threshold(x=x, alpha=0.25),
-        mb.select(cond=mb.greater(x=x, y=0.0), a=x, b=mb.mul(x=x, y=-2.0)),
-        mb.cast(x=x, dtype="int32"),
-        mb.cast(x=mb.cast(x=x, dtype="fp16"), dtype="fp32"),
-    )
+
+    def body(x):
+        return (
+            mb.clip(x=x, alpha=-1.0, beta=0.5),
+            mb.threshold(x=x, alpha=0.25),
+            mb.select(cond=mb.greater(x=x, y=0.0), a=x, b=mb.mul(x=x, y=-2.0)),
+            mb.cast(x=x, dtype="int32"),
+            mb.cast(x=mb.cast(x=x, dtype="fp16"), dtype="fp32"),
+        )
+
     clip, threshold, select, to_int, through_fp16 = run_mil(body, dict(x=x), tmp_path)
     np.testing.assert_array_equal(clip, np.clip(x, -1.0, 0.5))
     np.testing.assert_array_equal(threshold, np.maximum(x, 0.25))
@@ -166,7 +177,10 @@ ACTIVATIONS = {
     "linear_activation": (dict(alpha=1.5, beta=-0.5), lambda x: 1.5 * x - 0.5),
     "scaled_tanh": (dict(alpha=2.0, beta=0.5), lambda x: 2 * np.tanh(0.5 * x)),
     "sigmoid_hard": (dict(alpha=0.2, beta=0.5), lambda x: np.clip(0.2 * x + 0.5, 0, 1)),
-    "clamped_relu": (dict(alpha=0.1, beta=3.0), lambda x: np.where(x >= 0, np.minimum(x, 3.0), np.minimum(0.1 * x, 3.0))),
+    "clamped_relu": (
+        dict(alpha=0.1, beta=3.0),
+        lambda x: np.where(x >= 0, np.minimum(x, 3.0), np.minimum(0.1 * x, 3.0)),
+    ),
     "thresholded_relu": (dict(alpha=1.0), lambda x: np.where(x >= 1.0, x, 0)),
 }
 GELU_MODES = {
@@ -179,9 +193,12 @@ GELU_MODES = {
 def test_activations(tmp_path):
     x = random((2, 3, 4, 5), low=-5, high=5).astype(np.float32)
     x64 = x.astype(np.float64)
-    body = lambda x: tuple(getattr(mb, name)(x=x, **params) for name, (params, _) in ACTIVATIONS.items()) + tuple(
-        mb.gelu(x=x, mode=mode) for mode in GELU_MODES
-    )
+
+    def body(x):
+        return tuple(getattr(mb, name)(x=x, **params) for name, (params, _) in ACTIVATIONS.items()) + tuple(
+            mb.gelu(x=x, mode=mode) for mode in GELU_MODES
+        )
+
     outputs = run_mil(body, dict(x=x), tmp_path)
     formulas = [formula for _, formula in ACTIVATIONS.values()] + list(GELU_MODES.values())
     for name, actual, formula in zip(list(ACTIVATIONS) + list(GELU_MODES), outputs, formulas):
@@ -192,7 +209,10 @@ def test_per_channel_activations(tmp_path):
     x = random((2, 3, 4, 5), low=-4, high=4)
     alpha = np.array([0.1, 0.5, 2.0], np.float32)
     beta = np.array([1.0, 0.5, 3.0], np.float32)
-    body = lambda x: (mb.prelu(x=x, alpha=alpha), mb.softplus_parametric(x=x, alpha=alpha, beta=beta))
+
+    def body(x):
+        return (mb.prelu(x=x, alpha=alpha), mb.softplus_parametric(x=x, alpha=alpha, beta=beta))
+
     prelu, softplus = run_mil(body, dict(x=x), tmp_path)
     a, b = alpha.reshape(1, 3, 1, 1), beta.reshape(1, 3, 1, 1)
     np.testing.assert_allclose(prelu, np.where(x > 0, x, a * x), **TOLERANCE)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 from coremltools.converters.mil import Builder as mb
+
 from executor_testing import random, run_mil
 
 F16 = np.float16
@@ -30,8 +31,9 @@ def wide(a: np.ndarray) -> np.ndarray:
 
 def test_conv(tmp_path):
     x, weight, bias = half((1, 6, 9, 9), 1), half((4, 3, 3, 3), 2, -0.5, 0.5), half((4,), 3)
-    body = lambda x: mb.conv(x=x, weight=weight, bias=bias, strides=[2, 1], pad_type="custom", pad=[1, 1, 0, 2],
-                             groups=2)
+    def body(x):
+        return mb.conv(x=x, weight=weight, bias=bias, strides=[2, 1], pad_type="custom", pad=[1, 1, 0, 2],
+                                 groups=2)
     (actual,) = run_mil(body, dict(x=x), tmp_path)
     exact = torch.nn.functional.conv2d(torch.from_numpy(wide(np.pad(x, ((0, 0), (0, 0), (1, 1), (0, 2))))),
                                        torch.from_numpy(wide(weight)), torch.from_numpy(wide(bias)), stride=(2, 1),

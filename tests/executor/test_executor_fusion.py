@@ -3,9 +3,10 @@ the formula and as the unfused ops, and chains that must not be split are left a
 import numpy as np
 import pytest
 from coremltools.converters.mil import Builder as mb
-from executor_testing import mil_program, random, save_program
 
 from coreml_sd.runtime.executor import ReferenceModel, fusion
+
+from executor_testing import mil_program, random, save_program
 
 
 @pytest.fixture(autouse=True)
@@ -60,7 +61,11 @@ def transposed_probabilities_formula(q, k, v):
 LAYOUTS = {
     "split_einsum": (split_einsum_layout, split_einsum_formula, [(2, 8, 24), (2, 8, 30), (2, 6, 24)]),
     "original": (original_layout, original_formula, [(2, 3, 30, 8), (2, 3, 24, 8), (2, 3, 24, 5)]),
-    "transposed": (transposed_probabilities_layout, transposed_probabilities_formula, [(1, 30, 8), (1, 24, 8), (1, 24, 5)]),
+    "transposed": (
+        transposed_probabilities_layout,
+        transposed_probabilities_formula,
+        [(1, 30, 8), (1, 24, 8), (1, 24, 5)],
+    ),
 }
 
 
@@ -78,8 +83,11 @@ def test_fused_float16_chain_matches_the_unfused_ops(tmp_path, layout):
     body, _, shapes = LAYOUTS[layout]
     inputs = {name: random(shape, seed=i, dtype=np.float16) for i, (name, shape) in enumerate(zip("abc", shapes))}
     (fused_result,), fused = run(lambda a, b, c: body(a, b, c)[1], inputs, tmp_path)
+
     # A second reader of the probabilities makes them a value of their own: the chain runs unfused.
-    unfused = lambda a, b, c: (lambda p, o: (o, mb.reduce_sum(x=p)))(*body(a, b, c))
+    def unfused(a, b, c):
+        return (lambda p, o: (o, mb.reduce_sum(x=p)))(*body(a, b, c))
+
     (unfused_result, _), not_fused = run(unfused, inputs, tmp_path)
     assert (fused, not_fused) == (1, 0)
     # Both round S, P and O to float16; float32 sums may differ in the last bit with the block shape.
@@ -92,7 +100,9 @@ def test_chains_that_cannot_be_split_run_unfused(tmp_path):
     def body(k, q, v):
         scores = mb.matmul(x=k, y=q, transpose_x=True)
         shared = mb.matmul(x=v, y=mb.softmax(x=scores, axis=1))  # scores are also read below
-        wrong_axis = mb.matmul(x=mb.softmax(x=mb.matmul(x=q, y=k, transpose_x=True), axis=1), y=mb.transpose(x=v, perm=[0, 2, 1]))
+        wrong_axis = mb.matmul(
+            x=mb.softmax(x=mb.matmul(x=q, y=k, transpose_x=True), axis=1), y=mb.transpose(x=v, perm=[0, 2, 1])
+        )
         return shared, mb.reduce_sum(x=scores), wrong_axis
 
     (shared, total, wrong_axis), fused = run(body, dict(k=k, q=q, v=v), tmp_path, precision="float32")

@@ -3,6 +3,7 @@ import coremltools as ct
 import numpy as np
 import pytest
 from coremltools.converters.mil import Builder as mb
+
 from executor_testing import random, run_mil
 
 TOLERANCE = dict(rtol=1e-4, atol=1e-5)
@@ -11,7 +12,8 @@ TOLERANCE = dict(rtol=1e-4, atol=1e-5)
 def test_linear(tmp_path):
     x = random((2, 3, 5), seed=1)
     weight, bias = random((4, 5), seed=2), random((4,), seed=3)
-    body = lambda x: (mb.linear(x=x, weight=weight, bias=bias), mb.linear(x=x, weight=weight))
+    def body(x):
+        return (mb.linear(x=x, weight=weight, bias=bias), mb.linear(x=x, weight=weight))
     with_bias, without_bias = run_mil(body, dict(x=x), tmp_path)
     np.testing.assert_allclose(with_bias, x @ weight.T + bias, **TOLERANCE)
     np.testing.assert_allclose(without_bias, x @ weight.T, **TOLERANCE)
@@ -28,9 +30,11 @@ def test_linear(tmp_path):
 )
 def test_matmul(tmp_path, x_shape, y_shape, transpose_x, transpose_y):
     x, y = random(x_shape, seed=1), random(y_shape, seed=2)
-    body = lambda x, y: mb.matmul(x=x, y=y, transpose_x=transpose_x, transpose_y=transpose_y)
+    def body(x, y):
+        return mb.matmul(x=x, y=y, transpose_x=transpose_x, transpose_y=transpose_y)
     (actual,) = run_mil(body, dict(x=x, y=y), tmp_path)
-    swap = lambda a, flag: np.swapaxes(a, -1, -2) if flag and a.ndim > 1 else a
+    def swap(a, flag):
+        return np.swapaxes(a, -1, -2) if flag and a.ndim > 1 else a
     np.testing.assert_allclose(actual, np.matmul(swap(x, transpose_x), swap(y, transpose_y)), **TOLERANCE)
 
 
@@ -39,7 +43,13 @@ def test_products_of_float_and_int_operands(tmp_path):
     x = random((2, 3), seed=1)
     integers = np.arange(-6, 6, dtype=np.int32).reshape(3, 4)
     weight = np.arange(-3, 3, dtype=np.int32).reshape(2, 3)
-    body = lambda x: (mb.matmul(x=x, y=integers), mb.matmul(x=integers.T.copy(), y=x, transpose_y=True), mb.linear(x=x, weight=weight))
+    def body(x):
+        return (
+            mb.matmul(x=x, y=integers),
+            mb.matmul(x=integers.T.copy(), y=x, transpose_y=True),
+            mb.linear(x=x, weight=weight),
+        )
+
     product, reversed_product, linear = run_mil(body, dict(x=x), tmp_path, target=ct.target.iOS17)
     np.testing.assert_allclose(product, x @ integers, **TOLERANCE)
     np.testing.assert_allclose(reversed_product, integers.T @ x.T, **TOLERANCE)
@@ -65,19 +75,26 @@ def test_einsum(tmp_path, equation, a_shape, b_shape):
     for letters, array in ((left, a), (right, b)):
         for letter, size in zip(letters, array.shape):
             sizes[letter] = max(sizes.get(letter, 1), size)
-    a = np.broadcast_to(a, [sizes[letter] if letter not in right or letter in output else size for letter, size in zip(left, a.shape)])
-    b = np.broadcast_to(b, [sizes[letter] if letter not in left or letter in output else size for letter, size in zip(right, b.shape)])
+    a = np.broadcast_to(
+        a, [sizes[letter] if letter not in right or letter in output else size for letter, size in zip(left, a.shape)]
+    )
+    b = np.broadcast_to(
+        b, [sizes[letter] if letter not in left or letter in output else size for letter, size in zip(right, b.shape)]
+    )
     np.testing.assert_allclose(actual, np.einsum(equation, a, b), **TOLERANCE)
 
 
 def test_scaled_dot_product_attention(tmp_path):
     q, k, v = random((2, 3, 4, 8), seed=1), random((2, 3, 6, 8), seed=2), random((2, 3, 6, 5), seed=3)
     mask = random((4, 6), seed=4)
-    body = lambda q, k, v, mask: (
-        mb.scaled_dot_product_attention(query=q, key=k, value=v),
-        mb.scaled_dot_product_attention(query=q, key=k, value=v, attn_mask=mask),
-        mb.scaled_dot_product_attention(query=q, key=k, value=v, attn_mask=mb.greater(x=mask, y=0.0)),
-    )
+
+    def body(q, k, v, mask):
+        return (
+            mb.scaled_dot_product_attention(query=q, key=k, value=v),
+            mb.scaled_dot_product_attention(query=q, key=k, value=v, attn_mask=mask),
+            mb.scaled_dot_product_attention(query=q, key=k, value=v, attn_mask=mb.greater(x=mask, y=0.0)),
+        )
+
     plain, float_mask, bool_mask = run_mil(body, dict(q=q, k=k, v=v, mask=mask), tmp_path, target=ct.target.iOS18)
 
     def attention(extra):
@@ -102,7 +119,10 @@ def test_layer_norm(tmp_path, axes):
     reduce = tuple(sorted(a % 4 for a in axes))
     gamma_shape = tuple(x.shape[d] for d in reduce)  # x's normalised dims, in x's order
     gamma, beta = random(gamma_shape, seed=2), random(gamma_shape, seed=3)
-    body = lambda x: (mb.layer_norm(x=x, axes=axes, gamma=gamma, beta=beta, epsilon=1e-3), mb.layer_norm(x=x, axes=axes))
+
+    def body(x):
+        return (mb.layer_norm(x=x, axes=axes, gamma=gamma, beta=beta, epsilon=1e-3), mb.layer_norm(x=x, axes=axes))
+
     affine, plain = run_mil(body, dict(x=x), tmp_path)
     shape = [x.shape[d] if d in reduce else 1 for d in range(4)]
     g, b = gamma.reshape(shape), beta.reshape(shape)
@@ -114,14 +134,20 @@ def test_instance_batch_and_l2_norm(tmp_path):
     x = random((2, 3, 4, 5), seed=1)
     gamma, beta = random((3,), seed=2), random((3,), seed=3)
     mean, variance = random((3,), seed=4), random((3,), seed=5, low=0.5, high=2)
-    body = lambda x: (
-        mb.instance_norm(x=x, gamma=gamma, beta=beta, epsilon=1e-3),
-        mb.batch_norm(x=x, mean=mean, variance=variance, gamma=gamma, beta=beta, epsilon=1e-3),
-        mb.l2_norm(x=x, epsilon=1e-6),
-        mb.l2_norm(x=mb.reshape(x=x, shape=[3, 4, 10])),
-    )
+
+    def body(x):
+        return (
+            mb.instance_norm(x=x, gamma=gamma, beta=beta, epsilon=1e-3),
+            mb.batch_norm(x=x, mean=mean, variance=variance, gamma=gamma, beta=beta, epsilon=1e-3),
+            mb.l2_norm(x=x, epsilon=1e-6),
+            mb.l2_norm(x=mb.reshape(x=x, shape=[3, 4, 10])),
+        )
+
     instance, batch, l2, l2_rank3 = run_mil(body, dict(x=x), tmp_path)
-    channel = lambda v: v.reshape(1, 3, 1, 1)
+
+    def channel(v):
+        return v.reshape(1, 3, 1, 1)
+
     np.testing.assert_allclose(instance, normalized(x, (2, 3), 1e-3) * channel(gamma) + channel(beta), **TOLERANCE)
     expected_batch = (x - channel(mean)) / np.sqrt(channel(variance) + 1e-3) * channel(gamma) + channel(beta)
     np.testing.assert_allclose(batch, expected_batch, **TOLERANCE)
@@ -147,7 +173,10 @@ REDUCTIONS = {
 def test_reductions(tmp_path, axes, keep_dims):
     x = random((3, 4, 5), seed=1, low=0.5, high=1.5)  # positive, so that log_sum is defined
     extra = {} if axes is None else dict(axes=axes)
-    body = lambda x: tuple(getattr(mb, name)(x=x, keep_dims=keep_dims, **extra) for name in REDUCTIONS)
+
+    def body(x):
+        return tuple(getattr(mb, name)(x=x, keep_dims=keep_dims, **extra) for name in REDUCTIONS)
+
     outputs = run_mil(body, dict(x=x), tmp_path)
     axis = None if axes is None else tuple(axes)
     for name, actual in zip(REDUCTIONS, outputs):
@@ -158,7 +187,13 @@ def test_reductions(tmp_path, axes, keep_dims):
 @pytest.mark.parametrize("axis, keep_dims", [(-1, False), (0, True), (1, False)])
 def test_argmax_argmin_take_the_first_extremum(tmp_path, axis, keep_dims):
     x = np.round(random((4, 5, 3), seed=1, low=0, high=3))  # few distinct values: many ties
-    body = lambda x: (mb.reduce_argmax(x=x, axis=axis, keep_dims=keep_dims), mb.reduce_argmin(x=x, axis=axis, keep_dims=keep_dims))
+
+    def body(x):
+        return (
+            mb.reduce_argmax(x=x, axis=axis, keep_dims=keep_dims),
+            mb.reduce_argmin(x=x, axis=axis, keep_dims=keep_dims),
+        )
+
     argmax, argmin = run_mil(body, dict(x=x), tmp_path)
     expected_max, expected_min = np.argmax(x, axis=axis), np.argmin(x, axis=axis)
     if keep_dims:

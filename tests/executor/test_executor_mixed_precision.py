@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from coremltools.converters.mil import Builder as mb
+
 from executor_testing import random, run_mil
 
 TOLERANCE = dict(rtol=1e-5, atol=1e-5)
@@ -31,19 +32,22 @@ def test_float32_ops_with_float16_parameters(tmp_path, precision):
     weight_t = random((3, 2, 2, 3), seed=4, dtype=np.float16)
     gamma, beta = random((3,), seed=5, dtype=np.float16), random((3,), seed=6, dtype=np.float16)
     epsilon = np.float16(5.7)  # stored as 5.69921875
-    body = lambda x: (
-        mb.conv(x=x, weight=weight, bias=bias, pad_type="same"),
-        mb.conv_transpose(x=x, weight=weight_t, strides=[2, 1]),
-        mb.instance_norm(x=x, gamma=gamma, beta=beta, epsilon=epsilon),
-        mb.l2_norm(x=x, epsilon=epsilon),
-        mb.layer_norm(x=x, axes=[1], gamma=gamma.reshape(3), beta=beta, epsilon=epsilon),
-    )
+    def body(x):
+        return (
+            mb.conv(x=x, weight=weight, bias=bias, pad_type="same"),
+            mb.conv_transpose(x=x, weight=weight_t, strides=[2, 1]),
+            mb.instance_norm(x=x, gamma=gamma, beta=beta, epsilon=epsilon),
+            mb.l2_norm(x=x, epsilon=epsilon),
+            mb.layer_norm(x=x, axes=[1], gamma=gamma.reshape(3), beta=beta, epsilon=epsilon),
+        )
     conv, conv_t, instance, l2, layer = run_mil(body, dict(x=x), tmp_path, precision=precision, target=ct.target.iOS17)
-    wide = lambda a: torch.tensor(np.asarray(a, np.float64))
+    def wide(a):
+        return torch.tensor(np.asarray(a, np.float64))
     expected_conv = F.conv2d(F.pad(wide(x), [0, 1, 1, 1]), wide(weight), wide(bias)).numpy()
     np.testing.assert_allclose(conv, expected_conv, **TOLERANCE)
     np.testing.assert_allclose(conv_t, F.conv_transpose2d(wide(x), wide(weight_t), stride=[2, 1]).numpy(), **TOLERANCE)
-    channel = lambda v: stored(v).reshape(1, 3, 1, 1)
+    def channel(v):
+        return stored(v).reshape(1, 3, 1, 1)
     eps = float(stored(epsilon))
     np.testing.assert_allclose(instance, normalized(x, (2, 3), eps) * channel(gamma) + channel(beta), **TOLERANCE)
     x64 = x.astype(np.float64)

@@ -1,18 +1,21 @@
 """ReferenceModel's contract: description, input checks, float16 numerics, load-time errors, memory release."""
 import re
+
 import coremltools as ct
 import numpy as np
 import pytest
 from coremltools.converters.mil import Builder as mb
-from executor_testing import mil_program, random, run_mil, save_program
 
 from coreml_sd.runtime.executor import ReferenceModel, UnsupportedOperationError, psnr
+
+from executor_testing import mil_program, random, run_mil, save_program
 
 
 @pytest.fixture(scope="module")
 def two_input_package(tmp_path_factory):
     x, t = random((2, 3, 4), dtype=np.float16), random((2,), dtype=np.float32)
-    body = lambda x, t: (mb.mul(x=x, y=mb.cast(x=mb.reshape(x=t, shape=[2, 1, 1]), dtype="fp16")), mb.reduce_sum(x=t))
+    def body(x, t):
+        return (mb.mul(x=x, y=mb.cast(x=mb.reshape(x=t, shape=[2, 1, 1]), dtype="fp16")), mb.reduce_sum(x=t))
     return save_program(mil_program(body, dict(x=x, t=t)), tmp_path_factory.mktemp("model"))
 
 
@@ -51,7 +54,8 @@ def test_unsupported_op_fails_at_load_naming_op_and_package(tmp_path):
     weight = np.arange(6, dtype=np.uint8).reshape(3, 2, 1, 1)
     scale, offset = np.array([0.1], np.float32), np.array([-1.0], np.float32)
     # conv_quantized belongs to the neural-network backend; coremltools still writes it into a program.
-    body = lambda x: mb.conv_quantized(x=x, weight=weight, quantization_type="linear", quant_scale=scale, quant_bias=offset)
+    def body(x):
+        return mb.conv_quantized(x=x, weight=weight, quantization_type="linear", quant_scale=scale, quant_bias=offset)
     path = save_program(mil_program(body, dict(x=x)), tmp_path)
     with pytest.raises(UnsupportedOperationError, match=rf"{path.name} uses MIL op conv_quantized, which"):
         ReferenceModel(path)
@@ -87,7 +91,8 @@ def test_float16_overflow_gives_inf_and_nan_like_a_device_and_float32_does_not(t
 
 def test_float16_values_are_rounded_at_every_op_output(tmp_path):
     a, b = random((64,), seed=1, dtype=np.float16), random((64,), seed=2, dtype=np.float16)
-    body = lambda a, b: mb.mul(x=mb.add(x=a, y=b), y=mb.real_div(x=a, y=b))
+    def body(a, b):
+        return mb.mul(x=mb.add(x=a, y=b), y=mb.real_div(x=a, y=b))
     (fp16,) = run_mil(body, dict(a=a, b=b), tmp_path)
     (fp32,) = run_mil(body, dict(a=a, b=b), tmp_path, precision="float32")
     with np.errstate(all="ignore"):
@@ -98,7 +103,8 @@ def test_float16_values_are_rounded_at_every_op_output(tmp_path):
 
 def test_each_intermediate_is_released_by_its_last_reader(tmp_path):
     x = random((4, 4))
-    body = lambda x: (lambda a: (mb.add(x=mb.relu(x=a), y=mb.sigmoid(x=a)), mb.exp(x=a)))(mb.mul(x=x, y=2.0))
+    def body(x):
+        return (lambda a: (mb.add(x=mb.relu(x=a), y=mb.sigmoid(x=a)), mb.exp(x=a)))(mb.mul(x=x, y=2.0))
     function = ReferenceModel(save_program(mil_program(body, dict(x=x)), tmp_path))._function
     outputs = {slot for _, slot in function.output_slots}
     released = {}
@@ -134,7 +140,12 @@ def flexible_package(directory, shape):
 @pytest.mark.parametrize(
     "shape, accepted, refused, message",
     [
-        (ct.EnumeratedShapes(shapes=[[1, 4], [3, 4]], default=[1, 4]), [(1, 4), (3, 4)], (2, 4), r"expected \(1, 4\) or \(3, 4\)"),
+        (
+            ct.EnumeratedShapes(shapes=[[1, 4], [3, 4]], default=[1, 4]),
+            [(1, 4), (3, 4)],
+            (2, 4),
+            r"expected \(1, 4\) or \(3, 4\)",
+        ),
         (ct.Shape(shape=(ct.RangeDim(2, 5, default=2), 4)), [(2, 4), (5, 4)], (6, 4), r"expected \(2\.\.5, 4\)"),
         (ct.Shape(shape=(ct.RangeDim(1, 40, default=1), 4)), [(1, 4), (40, 4)], (3, 5), r"expected \(1\.\.40, 4\)"),
     ],
@@ -155,11 +166,14 @@ def test_small_integer_types_load_and_compute(tmp_path):
     """uint16 and the other iOS 17 integer types are held exactly (PyTorch computes them wider)."""
     x = np.array([0, 1, 40000, 65535], np.int32)
     codes = np.array([3, 2, 1, 0], np.uint16)
-    body = lambda x: (
-        mb.cast(x=mb.cast(x=x, dtype="uint16"), dtype="int32"),
-        mb.gather(x=x, indices=codes),
-        mb.cast(x=mb.cast(x=x, dtype="int16"), dtype="fp32"),
-    )
+
+    def body(x):
+        return (
+            mb.cast(x=mb.cast(x=x, dtype="uint16"), dtype="int32"),
+            mb.gather(x=x, indices=codes),
+            mb.cast(x=mb.cast(x=x, dtype="int16"), dtype="fp32"),
+        )
+
     round_trip, gathered, narrowed = run_mil(body, dict(x=x), tmp_path, target=ct.target.iOS17)
     np.testing.assert_array_equal(round_trip, x)
     np.testing.assert_array_equal(gathered, x[::-1])

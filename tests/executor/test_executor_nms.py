@@ -3,6 +3,7 @@ import coremltools as ct
 import numpy as np
 import pytest
 from coremltools.converters.mil import Builder as mb
+
 from executor_testing import run_mil
 
 
@@ -50,11 +51,23 @@ def clustered_boxes(seed: int, batch: int, count: int, classes: int):
 @pytest.mark.parametrize("score_quantile, max_boxes", [(0.5, 4), (0.0, 20), (1.1, 3)])
 def test_non_maximum_suppression(tmp_path, per_class, score_quantile, max_boxes):
     boxes, scores = clustered_boxes(0, batch=2, count=14, classes=3)
-    score_threshold = float(np.quantile(scores.max(-1), min(score_quantile, 1.0))) + (1.0 if score_quantile > 1 else 0.0)
-    body = lambda boxes, scores: mb.non_maximum_suppression(
-        boxes=boxes, scores=scores, iou_threshold=0.2, score_threshold=score_threshold, max_boxes=max_boxes,
-        per_class_suppression=per_class)
-    out_boxes, out_scores, indices, counts = run_mil(body, dict(boxes=boxes, scores=scores), tmp_path, target=ct.target.iOS15)
+    score_threshold = float(np.quantile(scores.max(-1), min(score_quantile, 1.0))) + (
+        1.0 if score_quantile > 1 else 0.0
+    )
+
+    def body(boxes, scores):
+        return mb.non_maximum_suppression(
+            boxes=boxes,
+            scores=scores,
+            iou_threshold=0.2,
+            score_threshold=score_threshold,
+            max_boxes=max_boxes,
+            per_class_suppression=per_class,
+        )
+
+    out_boxes, out_scores, indices, counts = run_mil(
+        body, dict(boxes=boxes, scores=scores), tmp_path, target=ct.target.iOS15
+    )
     for b in range(2):
         kept = nms_reference(boxes[b], scores[b], 0.2, score_threshold, max_boxes, per_class)
         expected_boxes, expected_scores, expected_indices = padded(boxes[b], scores[b], kept, max_boxes)
@@ -67,7 +80,10 @@ def test_non_maximum_suppression(tmp_path, per_class, score_quantile, max_boxes)
 def test_non_maximum_suppression_boxes_last(tmp_path):
     """iOS 17's revision: boxes [n, 4, B], scores [n, K, B], no score threshold and no count."""
     boxes, scores = clustered_boxes(1, batch=2, count=14, classes=2)
-    body = lambda boxes, scores: mb.non_maximum_suppression(boxes=boxes, scores=scores, iou_threshold=0.3, max_boxes=10)
+
+    def body(boxes, scores):
+        return mb.non_maximum_suppression(boxes=boxes, scores=scores, iou_threshold=0.3, max_boxes=10)
+
     inputs = dict(boxes=boxes.transpose(0, 2, 1).copy(), scores=scores.transpose(0, 2, 1).copy())
     out_boxes, out_scores, indices = run_mil(body, inputs, tmp_path, target=ct.target.iOS17)
     for b in range(2):

@@ -6,9 +6,10 @@ check deterministic; with another seed a correct sampler would fail one of them 
 import coremltools as ct
 import numpy as np
 from coremltools.converters.mil import Builder as mb
-from executor_testing import mil_program, run_mil, save_program
 
 from coreml_sd.runtime.executor import ReferenceModel
+
+from executor_testing import mil_program, run_mil, save_program
 
 SAMPLES = 20000
 STANDARD_ERRORS = 5.0
@@ -16,27 +17,35 @@ STANDARD_ERRORS = 5.0
 
 def assert_mean(samples: np.ndarray, mean: float, variance: float, what: str) -> None:
     tolerance = STANDARD_ERRORS * np.sqrt(variance / samples.size)
-    assert abs(samples.mean() - mean) <= tolerance, f"{what}: mean {samples.mean():.4f}, expected {mean} ± {tolerance:.4f}"
+    assert abs(samples.mean() - mean) <= tolerance, (
+        f"{what}: mean {samples.mean():.4f}, expected {mean} ± {tolerance:.4f}"
+    )
 
 
 def assert_variance(samples: np.ndarray, variance: float, fourth_moment: float, what: str) -> None:
     # The sample variance's standard error is sqrt((mu4 - sigma^4) / n).
     tolerance = STANDARD_ERRORS * np.sqrt((fourth_moment - variance**2) / samples.size)
-    assert abs(samples.var() - variance) < tolerance, f"{what}: variance {samples.var():.4f}, expected {variance} ± {tolerance:.4f}"
+    assert abs(samples.var() - variance) < tolerance, (
+        f"{what}: variance {samples.var():.4f}, expected {variance} ± {tolerance:.4f}"
+    )
 
 
 def test_samples_follow_their_distributions(tmp_path):
     logits = np.array([[0.5, -1.0, 2.0, 0.0], [1.0, 1.0, 1.0, -3.0]], np.float32)
     probabilities = np.array([[0.1, 0.2, 0.3, 0.4], [2.0, 0.0, 1.0, 1.0]], np.float32)  # the second sums to 4
-    body = lambda logits, probabilities: (
-        mb.random_normal(shape=np.array([SAMPLES], np.int32), mean=2.0, stddev=3.0, seed=5),
-        mb.random_uniform(shape=np.array([SAMPLES], np.int32), low=-1.0, high=3.0, seed=6),
-        mb.random_bernoulli(shape=np.array([SAMPLES], np.int32), prob=0.3, seed=7),
-        mb.random_categorical(x=logits, size=SAMPLES, seed=8),
-        mb.random_categorical(x=probabilities, mode="probs", size=SAMPLES, seed=9),
-    )
+
+    def body(logits, probabilities):
+        return (
+            mb.random_normal(shape=np.array([SAMPLES], np.int32), mean=2.0, stddev=3.0, seed=5),
+            mb.random_uniform(shape=np.array([SAMPLES], np.int32), low=-1.0, high=3.0, seed=6),
+            mb.random_bernoulli(shape=np.array([SAMPLES], np.int32), prob=0.3, seed=7),
+            mb.random_categorical(x=logits, size=SAMPLES, seed=8),
+            mb.random_categorical(x=probabilities, mode="probs", size=SAMPLES, seed=9),
+        )
+
     normal, uniform, bernoulli, from_logits, from_probabilities = (
-        output.astype(np.float64) for output in run_mil(body, dict(logits=logits, probabilities=probabilities), tmp_path)
+        output.astype(np.float64)
+        for output in run_mil(body, dict(logits=logits, probabilities=probabilities), tmp_path)
     )
 
     assert_mean(normal, 2.0, 9.0, "normal")
@@ -61,12 +70,15 @@ def test_samples_follow_their_distributions(tmp_path):
 
 def test_a_seed_repeats_its_numbers_and_seed_minus_one_does_not(tmp_path):
     shape = np.array([1000], np.int32)
-    body = lambda x: (
-        mb.random_normal(shape=shape, seed=11),
-        mb.random_normal(shape=shape, seed=12),
-        mb.random_normal(shape=shape),  # seed -1
-        mb.random_categorical(x=x, size=1000, seed=11),
-    )
+
+    def body(x):
+        return (
+            mb.random_normal(shape=shape, seed=11),
+            mb.random_normal(shape=shape, seed=12),
+            mb.random_normal(shape=shape),  # seed -1
+            mb.random_categorical(x=x, size=1000, seed=11),
+        )
+
     x = np.zeros((3, 5), np.float32)
     model = ReferenceModel(save_program(mil_program(body, dict(x=x)), tmp_path))
     first, second = model.predict(dict(x=x)), model.predict(dict(x=x))
@@ -80,14 +92,17 @@ def test_a_seed_repeats_its_numbers_and_seed_minus_one_does_not(tmp_path):
 
 def test_degenerate_distributions_give_their_single_value(tmp_path):
     shape = np.array([2, 3], np.int32)
-    body = lambda x: (
-        mb.random_bernoulli(shape=shape, prob=0.0),
-        mb.random_bernoulli(shape=shape, prob=1.0),
-        mb.random_normal(shape=shape, mean=-1.5, stddev=0.0),
-        mb.random_uniform(shape=shape, low=2.5, high=2.5),
-        mb.random_categorical(x=x, mode="probs", size=50),
-        mb.random_categorical(x=np.array([7.0], np.float32), size=4),  # one class
-    )
+
+    def body(x):
+        return (
+            mb.random_bernoulli(shape=shape, prob=0.0),
+            mb.random_bernoulli(shape=shape, prob=1.0),
+            mb.random_normal(shape=shape, mean=-1.5, stddev=0.0),
+            mb.random_uniform(shape=shape, low=2.5, high=2.5),
+            mb.random_categorical(x=x, mode="probs", size=50),
+            mb.random_categorical(x=np.array([7.0], np.float32), size=4),  # one class
+        )
+
     x = np.array([[0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 3.0]], np.float32)
     outputs = run_mil(body, dict(x=x), tmp_path)
     expected = [
@@ -104,9 +119,9 @@ def test_degenerate_distributions_give_their_single_value(tmp_path):
 
 def test_float16_uniform_samples_stay_below_high(tmp_path):
     # Float16 has no value in (1 - 2^-11, 1): a float32 sample above 1 - 2^-12 rounds up to 1.
-    body = lambda: mb.random_uniform(
-        shape=np.array([SAMPLES], np.int32), low=np.float16(0.0), high=np.float16(1.0), seed=3
-    )
+    def body():
+        return mb.random_uniform(shape=np.array([SAMPLES], np.int32), low=np.float16(0.0), high=np.float16(1.0), seed=3)
+
     program = mb.program(input_specs=[], opset_version=ct.target.iOS16)(body)
     model = ReferenceModel(save_program(program, tmp_path))
     (samples,) = model.predict({}).values()

@@ -5,6 +5,7 @@ import coremltools as ct
 import numpy as np
 import pytest
 from coremltools.converters.mil import Builder as mb
+
 from executor_testing import random, run_mil
 
 DATA = np.arange(12, dtype=np.float32).reshape(4, 3)
@@ -16,7 +17,9 @@ def _scatter(directory, indices: np.ndarray, target, validate: bool | None = Non
         arguments = dict(validate_indices=validate) if validate is not None else {}
         return mb.scatter(data=data, indices=indices, updates=updates, mode="add", **arguments)
 
-    (result,) = run_mil(body, dict(data=DATA, indices=indices, updates=UPDATES), directory, precision="float32", target=target)
+    (result,) = run_mil(
+        body, dict(data=DATA, indices=indices, updates=UPDATES), directory, precision="float32", target=target
+    )
     return result
 
 

@@ -5,6 +5,7 @@ import json
 from PIL import Image
 
 from coreml_sd.runtime.cli import main
+
 from hardening_testing import command, error_line, files_under, final_error_line
 
 FAST = ["--steps", "1", "--scheduler", "ddim", "--backend", "reference", "--seed", "1"]

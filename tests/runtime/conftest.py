@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from coreml_sd.runtime.contract import ModelDimensions
 from coreml_sd.converter.families.sd import SD
 from coreml_sd.converter.models.tiny import TEXT_WIDTH, clip_vocabulary_files
+from coreml_sd.runtime.contract import ModelDimensions
 from coreml_sd.runtime.package import Package
 
 TINY_SIZE = 128
@@ -30,7 +30,11 @@ class ContractModel:
     @torch.no_grad()
     def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         for name, (shape, dtype) in self.input_description.items():
-            assert inputs[name].shape == shape and inputs[name].dtype == dtype, (name, inputs[name].shape, inputs[name].dtype)
+            assert inputs[name].shape == shape and inputs[name].dtype == dtype, (
+                name,
+                inputs[name].shape,
+                inputs[name].dtype,
+            )
         x = {name: torch.from_numpy(value.astype(np.float32)) for name, value in inputs.items()}
         ref = self.reference
         if self.name == "TextEncoder":

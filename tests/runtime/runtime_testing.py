@@ -70,8 +70,17 @@ def diffusers_txt2img(
 
 
 def diffusers_img2img(
-    reference, config: dict, prompt: str, negative_prompt: str, scheduler: str, steps: int, seed: int, image: Image.Image,
-    strength: float, monkeypatch, guidance_scale: float = 7.5,
+    reference,
+    config: dict,
+    prompt: str,
+    negative_prompt: str,
+    scheduler: str,
+    steps: int,
+    seed: int,
+    image: Image.Image,
+    strength: float,
+    monkeypatch,
+    guidance_scale: float = 7.5,
 ) -> np.ndarray:
     """diffusers' image-to-image fed the runtime's noise for `seed`: first the noise it adds at the start
     step (diffusers draws it with `randn_tensor`, replaced here), then the VAE posterior's sample."""

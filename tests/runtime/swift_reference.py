@@ -1,5 +1,5 @@
 """The Swift package's DPM-Solver++ and its text-to-image loop written out in NumPy, for the README's Swift pairs
-(tests/runtime/test_swift_sd.py, test_swift_xl.py), and the means to run the runtime's sampling beside them.
+(tests/runtime/test_swift.py), and the means to run the runtime's sampling beside them.
 
 The reference follows Apple's ml-stable-diffusion at commit e12202c (swift/StableDiffusion/pipeline/):
 DPMSolverMultistepScheduler.swift (betas, timesteps for `.linspace` and `.leading` spacing, the solver and when it

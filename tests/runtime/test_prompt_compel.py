@@ -57,9 +57,9 @@ def test_sdxl_compel_matches_compel_on_diffusers_with_pooled(xl_base, tiny_xl_pi
 
 def test_malformed_compel_prompt_is_one_line(tiny_runtime, tiny_package, tmp_path, capsys):
     with pytest.raises(GenerationError, match="the prompt is not a valid compel expression"):
-        tiny_runtime('("a", "b").blend(0.7)', prompt_syntax="compel", steps=1, progress=False)
+        tiny_runtime('("a", "b").blend(0.7)', prompt_syntax="compel", steps=2, progress=False)
     code = main(['a cat', "--negative-prompt", '("a", "b").blend(x, y)', "--prompt-syntax", "compel", "--model",
-                 str(tiny_package), "--backend", "reference", "--steps", "1", "-o", str(tmp_path)])
+                 str(tiny_package), "--backend", "reference", "--steps", "2", "-o", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 1 and err.startswith("Error: the negative prompt is not a valid compel expression (")
     assert len(err.strip().splitlines()) == 1 and not list(tmp_path.iterdir())

@@ -15,6 +15,7 @@ from coreml_sd.runtime import Pipeline
 from coreml_sd.runtime.conditioning import SizeConditioning
 from coreml_sd.runtime.executor import psnr
 from coreml_sd.runtime.sampling import draw_noise
+
 from prompt_testing import with_tiny_unet_and_vae
 from runtime_testing import PSNR_THRESHOLD_DB, latent_shape, pixels
 

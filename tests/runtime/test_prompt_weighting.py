@@ -15,6 +15,7 @@ from coreml_sd.runtime import Pipeline
 from coreml_sd.runtime.conditioning import SizeConditioning, TextConditioning
 from coreml_sd.runtime.executor import psnr
 from coreml_sd.runtime.sampling import draw_noise
+
 from prompt_testing import with_tiny_unet_and_vae
 from runtime_testing import PSNR_THRESHOLD_DB, latent_shape, pixels
 
@@ -71,7 +72,8 @@ def test_weighted_embeddings_match_the_web_uis_math(biased_runtime, biased_pipel
     for row, pieces in ((0, NEGATIVE_PIECES), (1, WEIGHTED_PIECES)):
         reference, _ = a1111_embeddings(tiny_pipeline.text_encoder, tiny_pipeline.tokenizer, pieces)
         assert psnr(reference.numpy()[0], ours[row]) >= EMBEDDING_PSNR_DB
-    unweighted, _ = a1111_embeddings(tiny_pipeline.text_encoder, tiny_pipeline.tokenizer, [("a red cat, blurry sky", 1)])
+    unweighted, _ = a1111_embeddings(tiny_pipeline.text_encoder, tiny_pipeline.tokenizer,
+                                     [("a red cat, blurry sky", 1)])
     assert psnr(unweighted.numpy()[0], ours[1]) < 40  # the weights matter: measured 35.2 dB
 
 

@@ -113,17 +113,29 @@ def bad_places(tiny_package, start_image, tmp_path):
 
 BAD_INPUTS = {  # argv after the prompt ({pkg}: the tiny package, {tmp}: bad_places) -> what the error says
     "height below the package's": (["--model", "{pkg}", "--height", "64"], "smaller than package"),
-    "width not a multiple of 8": (["--model", "{pkg}", "--width", "300"], "--width 300 is not a positive multiple of 8"),
+    "width not a multiple of 8": (
+        ["--model", "{pkg}", "--width", "300"],
+        "--width 300 is not a positive multiple of 8",
+    ),
     "upscale below 1": (["--model", "{pkg}", "--upscale", "0.5"], "--upscale must be in [1, 8], not 0.5"),
     "upscale above 8": (["--model", "{pkg}", "--upscale", "9"], "--upscale must be in [1, 8], not 9"),
     "upscale strength alone": (["--model", "{pkg}", "--upscale-strength", "0.5"], "applies to --upscale only"),
-    "upscaled image too small": (["--model", "{pkg}", "--image", "{tmp}/small.png", "--upscale", "1.5"],
-                                 "the upscaled image 96x96 (width x height) is smaller than package"),
-    "strength with image and upscale": (["--model", "{pkg}", "--image", "{tmp}/start.png", "--upscale", "2",
-                                         "--strength", "0.5"], "drop --strength"),
-    "upscaler missing": (["--model", "{pkg}", "--upscale", "2", "--upscaler", "{tmp}/nowhere.pth"],
-                         "no upscaler model at"),
-    "tile overlap": (["--model", "{pkg}", "--width", "256", "--tile-overlap", "12"], "--tile-overlap must be a multiple"),
+    "upscaled image too small": (
+        ["--model", "{pkg}", "--image", "{tmp}/small.png", "--upscale", "1.5"],
+        "the upscaled image 96x96 (width x height) is smaller than package",
+    ),
+    "strength with image and upscale": (
+        ["--model", "{pkg}", "--image", "{tmp}/start.png", "--upscale", "2", "--strength", "0.5"],
+        "drop --strength",
+    ),
+    "upscaler missing": (
+        ["--model", "{pkg}", "--upscale", "2", "--upscaler", "{tmp}/nowhere.pth"],
+        "no upscaler model at",
+    ),
+    "tile overlap": (
+        ["--model", "{pkg}", "--width", "256", "--tile-overlap", "12"],
+        "--tile-overlap must be a multiple",
+    ),
     "missing component": (["--model", "{tmp}/no-unet"], "lacks Unet (no Unet.mlpackage)"),
     "missing encoder": (["--model", "{tmp}/no-encoder", "--image", "{tmp}/start.png"], "has no VAEEncoder"),
     "corrupt manifest": (["--model", "{tmp}/corrupt"], "unreadable"),
@@ -142,7 +154,10 @@ BAD_INPUTS = {  # argv after the prompt ({pkg}: the tiny package, {tmp}: bad_pla
     "unknown compute unit": (["--model", "{pkg}", "--compute-unit", "NE"], "'NE' is not one of"),
 }
 if sys.platform != "darwin":
-    BAD_INPUTS["core ml off macos"] = (["--model", "{pkg}", "--backend", "coreml"], "Core ML backend runs only on macOS")
+    BAD_INPUTS["core ml off macos"] = (
+        ["--model", "{pkg}", "--backend", "coreml"],
+        "Core ML backend runs only on macOS",
+    )
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
@@ -170,8 +185,19 @@ def test_several_packages_need_a_choice(tiny_package, tmp_path, monkeypatch, cap
 
 def test_console_script_error_is_one_line(tiny_package, tmp_path):
     """In a fresh interpreter, where the libraries' import-time notices would also show."""
-    command = [sys.executable, "-c", "import sys; from coreml_sd.runtime.cli import main; sys.exit(main())",
-               PROMPT, "--model", str(tiny_package), "--height", "64", "-o", str(tmp_path), *FAST]
+    command = [
+        sys.executable,
+        "-c",
+        "import sys; from coreml_sd.runtime.cli import main; sys.exit(main())",
+        PROMPT,
+        "--model",
+        str(tiny_package),
+        "--height",
+        "64",
+        "-o",
+        str(tmp_path),
+        *FAST,
+    ]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 1
     assert completed.stderr.strip().splitlines() == [
@@ -183,8 +209,25 @@ def test_console_script_error_is_one_line(tiny_package, tmp_path):
 
 def test_upscale_writes_the_large_image_with_its_settings(tiny_package, tmp_path, capsys):
     output = tmp_path / "large.png"
-    code, out, err = run([PROMPT, "--model", str(tiny_package), "--seed", "2", "--upscale", "2", "--upscale-steps", "2",
-                          "--upscale-strength", "0.5", "-o", str(output), *FAST], capsys)
+    code, out, err = run(
+        [
+            PROMPT,
+            "--model",
+            str(tiny_package),
+            "--seed",
+            "2",
+            "--upscale",
+            "2",
+            "--upscale-steps",
+            "2",
+            "--upscale-strength",
+            "0.5",
+            "-o",
+            str(output),
+            *FAST,
+        ],
+        capsys,
+    )
     assert code == 0, err
     written = Image.open(output)
     assert written.size == (256, 256)
@@ -208,8 +251,11 @@ def spandrel(monkeypatch):
         transforms.functional = functional
         torchvision = types.ModuleType("torchvision")
         torchvision.transforms = transforms
-        for name, module in [("torchvision", torchvision), ("torchvision.transforms", transforms),
-                             ("torchvision.transforms.functional", functional)]:
+        for name, module in [
+            ("torchvision", torchvision),
+            ("torchvision.transforms", transforms),
+            ("torchvision.transforms.functional", functional),
+        ]:
             monkeypatch.setitem(sys.modules, name, module)
     return pytest.importorskip("spandrel")
 
@@ -222,19 +268,39 @@ def test_model_upscaler(spandrel, tiny_package, start_image, tmp_path, capsys):
     from coreml_sd.runtime.upscaling import ModelUpscaler
 
     torch.manual_seed(0)
-    torch.save(ESRGAN(in_nc=3, out_nc=3, num_filters=8, num_blocks=1, scale=2).state_dict(), tmp_path / "tiny-esrgan.pth")
+    torch.save(
+        ESRGAN(in_nc=3, out_nc=3, num_filters=8, num_blocks=1, scale=2).state_dict(), tmp_path / "tiny-esrgan.pth"
+    )
     upscaler = ModelUpscaler(tmp_path / "tiny-esrgan.pth")
     assert upscaler.name == "tiny-esrgan.pth (ESRGAN 2x)"
     with torch.inference_mode():
-        expected = upscaler.model.model(torch.from_numpy(np.asarray(start_image, np.float32).transpose(2, 0, 1)[None] / 255))
+        expected = upscaler.model.model(
+            torch.from_numpy(np.asarray(start_image, np.float32).transpose(2, 0, 1)[None] / 255)
+        )
     enlarged = np.asarray(upscaler(start_image, (256, 256)), np.float64) / 255
     np.testing.assert_allclose(enlarged, expected.clamp(0, 1)[0].numpy().transpose(1, 2, 0), atol=0.5 / 255 + 1e-6)
 
     start_image.save(tmp_path / "start.png")
     output = tmp_path / "large.png"
-    code, out, err = run([PROMPT, "--model", str(tiny_package), "--seed", "2", "--image", str(tmp_path / "start.png"),
-                          "--upscale", "2", "--upscaler", str(tmp_path / "tiny-esrgan.pth"), "-o", str(output), *FAST],
-                         capsys)
+    code, out, err = run(
+        [
+            PROMPT,
+            "--model",
+            str(tiny_package),
+            "--seed",
+            "2",
+            "--image",
+            str(tmp_path / "start.png"),
+            "--upscale",
+            "2",
+            "--upscaler",
+            str(tmp_path / "tiny-esrgan.pth"),
+            "-o",
+            str(output),
+            *FAST,
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert Image.open(output).size == (256, 256)
     assert "Hires upscaler: tiny-esrgan.pth (ESRGAN 2x), Tile overlap: 32" in Image.open(output).info["parameters"]
@@ -244,10 +310,24 @@ def test_unreadable_upscaler_is_one_line_and_no_file(spandrel, tiny_package, tmp
     import torch
 
     torch.save({"not.a.model": torch.zeros(3)}, tmp_path / "weights.pth")
-    code, out, err = run([PROMPT, "--model", str(tiny_package), "--upscale", "2", "--upscaler",
-                          str(tmp_path / "weights.pth"), "-o", str(tmp_path), *FAST], capsys)
+    code, out, err = run(
+        [
+            PROMPT,
+            "--model",
+            str(tiny_package),
+            "--upscale",
+            "2",
+            "--upscaler",
+            str(tmp_path / "weights.pth"),
+            "-o",
+            str(tmp_path),
+            *FAST,
+        ],
+        capsys,
+    )
     assert code == 1
     (line,) = err.strip().splitlines()
     assert line.startswith(f"Error: cannot read {tmp_path / 'weights.pth'} as an upscaler model (") and line.endswith(
-        "); pass an ESRGAN-family .pth file")
+        "); pass an ESRGAN-family .pth file"
+    )
     assert not pngs(tmp_path)

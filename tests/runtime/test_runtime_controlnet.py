@@ -6,14 +6,16 @@ import hashlib
 import numpy as np
 import pytest
 import torch
+from diffusers import StableDiffusionControlNetPipeline
+from PIL import Image, ImageDraw
+
 from coreml_sd.converter.controlnets import controlnet_name
 from coreml_sd.runtime import Pipeline
 from coreml_sd.runtime.cli import main
 from coreml_sd.runtime.control import ControlRequest, canny_edges, control_image_input
 from coreml_sd.runtime.executor import psnr
 from coreml_sd.runtime.sampling import draw_noise
-from diffusers import StableDiffusionControlNetPipeline
-from PIL import Image, ImageDraw
+
 from runtime_testing import DIFFUSERS_SCHEDULERS, PSNR_THRESHOLD_DB, latent_shape, pixels
 
 PROMPT = "a red circle on a blue background"
@@ -93,8 +95,8 @@ def test_cli_records_controlnets_and_preprocesses(tiny_controlnet_package, tmp_p
     assert code == 0
     parameters = Image.open(output).text["parameters"]
     digest = hashlib.sha256(photo.read_bytes()).hexdigest()
-    assert f'ControlNet 0: "Model: TinyCanny, Weight: 0.5, Guidance Start: 0, Guidance End: 1, Image SHA-256: {digest}"' \
-        in parameters
+    recorded = f'"Model: TinyCanny, Weight: 0.5, Guidance Start: 0, Guidance End: 1, Image SHA-256: {digest}"'
+    assert f"ControlNet 0: {recorded}" in parameters
 
 
 def test_canny_preprocessing_is_opencvs():
@@ -108,7 +110,8 @@ def test_canny_preprocessing_is_opencvs():
 
 @pytest.mark.parametrize(("arguments", "message"), [
     (["--controlnet", "TinyCanny"], "1 --controlnet but 0 --control-image"),
-    (["--controlnet", "Absent", "--control-image", "IMAGE"], "has no ControlNet 'Absent' (it holds TinyCanny, TinyDepth)"),
+    (["--controlnet", "Absent", "--control-image", "IMAGE"],
+     "has no ControlNet 'Absent' (it holds TinyCanny, TinyDepth)"),
     (["--controlnet", "TinyCanny:strong", "--control-image", "IMAGE"], "is not a number"),
     (["--controlnet", "TinyCanny", "--control-image", "IMAGE", "--control-start", "0.8", "--control-end", "0.2"],
      "must satisfy 0 <= start < end <= 1"),
@@ -120,7 +123,7 @@ def test_bad_control_input_is_one_line(tiny_controlnet_package, tmp_path, capsys
     control_map(0).save(image)
     output = tmp_path / "out"
     arguments = [str(image) if argument == "IMAGE" else argument for argument in arguments]
-    code = main([PROMPT, "--model", str(tiny_controlnet_package), "--backend", "reference", "--steps", "1",
+    code = main([PROMPT, "--model", str(tiny_controlnet_package), "--backend", "reference", "--steps", "2",
                  "-o", str(output), *arguments])
     error = [line for line in capsys.readouterr().err.strip().splitlines() if line]
     assert code != 0 and len(error) == 1 and message in error[0], error
@@ -142,9 +145,10 @@ def test_transparent_control_pixels_follow_apples_rule():
 def test_sdxl_controlnet_matches_diffusers(tiny_xl_pipeline, tmp_path_factory):
     """An SDXL ControlNet (time_ids and text_embeds among its inputs) against diffusers'
     StableDiffusionXLControlNetPipeline on the tiny-xl weights and the same NumPy-RNG latents."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLControlNetPipeline
+
     from coreml_sd.converter.conversion import ConversionOptions, convert_model
     from coreml_sd.converter.models.tiny_controlnet import save_tiny_controlnet
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLControlNetPipeline
 
     root = tmp_path_factory.mktemp("xl-controlnet")
     controlnet = save_tiny_controlnet(tiny_xl_pipeline.unet, 3, root / "xl-edges")

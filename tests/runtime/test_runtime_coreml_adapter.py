@@ -1,5 +1,6 @@
 """The Core ML adapter line for line, with Core ML replaced by the reference executor at the adapter's seam
 (coreml_standin.py): compiled-model cache, compute units, input casts, output names, a whole generation."""
+import json
 import shutil
 
 import coremltools as ct
@@ -10,7 +11,8 @@ from coreml_sd.runtime import Pipeline, backends
 from coreml_sd.runtime.backends import CompiledModelCache, CoreMLModel
 from coreml_sd.runtime.errors import GenerationError
 from coreml_sd.runtime.executor import ReferenceModel
-from coreml_standin import CompiledMLModel, Compiler, core_ml_standin
+
+from coreml_standin import COMPILED_METADATA, CompiledMLModel, Compiler, core_ml_standin
 
 PROMPT = "a photo of an astronaut riding a horse"
 SETTINGS = dict(steps=1, scheduler="ddim", seed=3, progress=False)
@@ -84,6 +86,20 @@ def test_adapter_casts_inputs_and_returns_the_declared_outputs(tiny_package, cor
                                   for name, value in as_float64.items()})
     assert list(outputs) == list(reference.output_description) == ["noise_pred"]
     np.testing.assert_array_equal(outputs["noise_pred"], expected["noise_pred"])
+
+
+def test_adapter_reads_a_published_compiled_models_metadata(tmp_path):
+    """Apple's compiled SD v1.5 Unet's metadata.json: the inputs, outputs and user metadata the adapter reads."""
+    compiled = tmp_path / "Unet.mlmodelc"
+    compiled.mkdir()
+    (compiled / "metadata.json").write_text(json.dumps(COMPILED_METADATA, indent=2, ensure_ascii=False))
+    float16 = np.dtype(np.float16)
+    assert backends.describe_model(compiled) == (
+        {"sample": ((2, 4, 64, 64), float16), "timestep": ((2,), float16),
+         "encoder_hidden_states": ((2, 768, 1, 77), float16)},
+        {"noise_pred": ((2, 4, 64, 64), float16)},
+    )
+    assert backends.model_metadata(compiled)["com.github.apple.ml-stable-diffusion.version"] == "1.0.0"
 
 
 def test_standin_keeps_core_mls_input_rules(tiny_package, core_ml):

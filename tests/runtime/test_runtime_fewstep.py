@@ -14,6 +14,7 @@ from coreml_sd.runtime.executor import psnr
 from coreml_sd.runtime.pipeline import Pipeline
 from coreml_sd.runtime.recommended import Recommended
 from coreml_sd.runtime.sampling import guidance_scale_embedding
+
 from runtime_testing import diffusers_txt2img, pixels
 
 LOGIC_PSNR_DB = 50.0  # float32 modules on both sides: measured 58.9-59.0 dB (8-bit rounding); batch 1 vs 2: 95 dB

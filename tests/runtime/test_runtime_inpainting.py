@@ -4,13 +4,15 @@ the input image exactly, and the one-line refusals."""
 import numpy as np
 import pytest
 import torch
+from diffusers import StableDiffusionInpaintPipeline
+from PIL import Image, ImageDraw
+
 from coreml_sd.runtime import Pipeline
 from coreml_sd.runtime.cli import main
 from coreml_sd.runtime.executor import psnr
 from coreml_sd.runtime.inpainting import Inpainting, open_mask
 from coreml_sd.runtime.sampling import draw_noise, sample_encoder_latents
-from diffusers import StableDiffusionInpaintPipeline
-from PIL import Image, ImageDraw
+
 from runtime_testing import DIFFUSERS_SCHEDULERS, PSNR_THRESHOLD_DB, latent_shape, pixels
 
 PROMPT = "a blue circle"
@@ -97,7 +99,7 @@ def test_bad_inpainting_input_is_one_line(tiny_controlnet_package, photo, tmp_pa
     arguments = {"small-mask": ["--image", str(image), "--mask", str(mask)], "mask-only": ["--mask", str(mask)],
                  "negative-blur": ["--image", str(image), "--mask", str(mask), "--mask-blur", "-1"]}[case]
     output = tmp_path / "out"
-    code = main([PROMPT, "--model", str(tiny_controlnet_package), "--backend", "reference", "--steps", "1",
+    code = main([PROMPT, "--model", str(tiny_controlnet_package), "--backend", "reference", "--steps", "2",
                  "-o", str(output), *arguments])
     error = [line for line in capsys.readouterr().err.strip().splitlines() if line]
     assert code != 0 and len(error) == 1 and message in error[0], error
@@ -109,7 +111,7 @@ def test_black_mask_warns_and_returns_the_image(tiny_controlnet_package, photo, 
     photo.save(image)
     Image.new("L", (128, 128)).save(mask)
     output = tmp_path / "out.png"
-    assert main([PROMPT, "--model", str(tiny_controlnet_package), "--backend", "reference", "--steps", "1",
+    assert main([PROMPT, "--model", str(tiny_controlnet_package), "--backend", "reference", "--steps", "2",
                  "--image", str(image), "--mask", str(mask), "-o", str(output)]) == 0
     assert "nothing to inpaint" in capsys.readouterr().err
     assert (np.asarray(Image.open(output).convert("RGB")) == np.asarray(photo)).all()
@@ -146,7 +148,7 @@ def test_inpainting_unet_matches_diffusers(tiny_inpainting_package, photo):
 
 
 def test_inpainting_unet_needs_a_mask(tiny_inpainting_package, photo, tmp_path, capsys):
-    code = main([PROMPT, "--model", str(tiny_inpainting_package), "--backend", "reference", "--steps", "1",
+    code = main([PROMPT, "--model", str(tiny_inpainting_package), "--backend", "reference", "--steps", "2",
                  "-o", str(tmp_path / "out.png")])
     error = [line for line in capsys.readouterr().err.strip().splitlines() if line]
     assert code != 0 and len(error) == 1 and "has an inpainting Unet: pass --image and --mask" in error[0], error
@@ -178,7 +180,7 @@ def test_only_masked_with_an_empty_mask_is_one_line(tiny_controlnet_package, pho
     photo.save(image)
     Image.new("L", (128, 128)).save(mask)
     output = tmp_path / "out"
-    code = main([PROMPT, "--model", str(tiny_controlnet_package), "--backend", "reference", "--steps", "1",
+    code = main([PROMPT, "--model", str(tiny_controlnet_package), "--backend", "reference", "--steps", "2",
                  "--image", str(image), "--mask", str(mask), "--inpaint-area", "masked", "-o", str(output)])
     error = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("Error")]
     assert code != 0 and len(error) == 1 and "--inpaint-area masked needs a mask with white in it" in error[0]

@@ -106,7 +106,9 @@ def swift_bundle(tmp_path):
 
 def test_a_swift_bundle_reads_with_sd_v1_settings(swift_bundle):
     package = load_package(swift_bundle)
-    assert package.components == {name: (swift_bundle / f"{name}.mlmodelc",) for name in ("TextEncoder", "Unet", "VAEDecoder")}
+    assert package.components == {
+        name: (swift_bundle / f"{name}.mlmodelc",) for name in ("TextEncoder", "Unet", "VAEDecoder")
+    }
     assert package.scheduler_config == SD_V1_SCHEDULER_CONFIG
     assert (package.scaling_factor, package.prediction_type) == (0.18215, "epsilon")
     assert package.attention_implementation == "split_einsum"  # as the Unet's metadata records it
@@ -118,14 +120,15 @@ def test_compiled_models_declare_their_inputs_in_metadata(swift_bundle):
         "timestep": ((2,), np.dtype(np.float16)),
         "encoder_hidden_states": ((2, 768, 1, 77), np.dtype(np.float16)),
     }
-    assert describe_model(swift_bundle / "TextEncoder.mlmodelc")[0] == {
-        "input_ids": ((1, 77), np.dtype(np.float32))
-    }
+    assert describe_model(swift_bundle / "TextEncoder.mlmodelc")[0] == {"input_ids": ((1, 77), np.dtype(np.float32))}
 
 
 def test_compiled_models_need_core_ml(swift_bundle):
-    with pytest.raises(GenerationError, match=r"TextEncoder.mlmodelc is compiled \(.mlmodelc\), which only Core ML on "
-                       "macOS runs, not the reference executor"):
+    with pytest.raises(
+        GenerationError,
+        match=r"TextEncoder.mlmodelc is compiled \(.mlmodelc\), which only Core ML on "
+        "macOS runs, not the reference executor",
+    ):
         Pipeline.from_package(swift_bundle, backend="reference")
 
 
@@ -158,8 +161,11 @@ def test_apple_converter_names_and_chunks(tmp_path):
 
 def test_apple_refiner_alone_is_the_refiner_family(tmp_path):
     refiner = "Stable_Diffusion_version_stabilityai_stable-diffusion-xl-refiner-1.0"
-    folder = make_folder(tmp_path, "refiner", files=[f"{refiner}_{name}.mlpackage"
-                                                      for name in ("text_encoder_2", "refiner", "vae_decoder")])
+    folder = make_folder(
+        tmp_path,
+        "refiner",
+        files=[f"{refiner}_{name}.mlpackage" for name in ("text_encoder_2", "refiner", "vae_decoder")],
+    )
     tokenizer_files(folder)
     package = load_package(folder)
     assert package.family == "sdxl-refiner"
@@ -174,25 +180,36 @@ def test_models_under_other_names_are_listed_with_the_expected_ones(tmp_path):
         f"{folder} holds decoder.mlmodelc, denoiser.mlpackage, encoder.mlpackage, not the models generating needs: "
         "TextEncoder, Unet (or UnetChunk1 + UnetChunk2), VAEDecoder as .mlpackage or .mlmodelc, or as Apple's "
         "converter names them (Stable_Diffusion_version_<model>_text_encoder.mlpackage, ..._unet, ..._vae_decoder); "
-        "rename them so, or convert the model with coreml-convert")
+        "rename them so, or convert the model with coreml-convert"
+    )
 
 
 def test_a_missing_component_lists_what_the_folder_holds(tmp_path):
     folder = make_folder(tmp_path, "partial", files=(f"{APPLE}_text_encoder.mlpackage", f"{APPLE}_unet.mlpackage"))
-    with pytest.raises(GenerationError, match=rf"lacks VAEDecoder \(no VAEDecoder.mlpackage\); it holds "
-                                              rf"{APPLE}_text_encoder.mlpackage, {APPLE}_unet.mlpackage and needs "
-                                              r"TextEncoder, Unet \(or UnetChunk1 \+ UnetChunk2\), VAEDecoder as"):
+    with pytest.raises(
+        GenerationError,
+        match=rf"lacks VAEDecoder \(no VAEDecoder.mlpackage\); it holds "
+        rf"{APPLE}_text_encoder.mlpackage, {APPLE}_unet.mlpackage and needs "
+        r"TextEncoder, Unet \(or UnetChunk1 \+ UnetChunk2\), VAEDecoder as",
+    ):
         load_package(folder)
 
 
 def test_half_a_chunked_unet_or_two_conversions_are_refused(tmp_path):
-    folder = make_folder(tmp_path, "half", files=("TextEncoder.mlpackage", "UnetChunk1.mlpackage", "VAEDecoder.mlpackage"))
-    with pytest.raises(GenerationError, match="holds UnetChunk1.mlpackage but not UnetChunk2; a chunked Unet needs both"):
+    folder = make_folder(
+        tmp_path, "half", files=("TextEncoder.mlpackage", "UnetChunk1.mlpackage", "VAEDecoder.mlpackage")
+    )
+    with pytest.raises(
+        GenerationError, match="holds UnetChunk1.mlpackage but not UnetChunk2; a chunked Unet needs both"
+    ):
         load_package(folder)
     other = "Stable_Diffusion_version_runwayml_stable-diffusion-v1-5"
     mixed = make_folder(tmp_path, "mixed", files=(f"{APPLE}_unet.mlpackage", f"{other}_unet.mlpackage"))
-    with pytest.raises(GenerationError, match=r"models of several conversions \(runwayml_stable-diffusion-v1-5, "
-                                              r"stabilityai_stable-diffusion-xl-base-1.0\); move each"):
+    with pytest.raises(
+        GenerationError,
+        match=r"models of several conversions \(runwayml_stable-diffusion-v1-5, "
+        r"stabilityai_stable-diffusion-xl-base-1.0\); move each",
+    ):
         load_package(mixed)
 
 
@@ -203,6 +220,9 @@ def test_a_downloaded_bundle_is_found_in_its_resources_folder(swift_bundle, tmp_
     package = load_package(download)
     assert (package.path, package.name) == (swift_bundle, download.name)
     assert package.components["Unet"] == (swift_bundle / "Unet.mlmodelc",)
-    with pytest.raises(GenerationError, match=r"^TextEncoder.mlmodelc is compiled \(.mlmodelc\), which only Core ML "
-                                              "on macOS runs"):
+    with pytest.raises(
+        GenerationError,
+        match=r"^TextEncoder.mlmodelc is compiled \(.mlmodelc\), which only Core ML "
+        "on macOS runs",
+    ):
         Pipeline.from_package(download, backend="reference")

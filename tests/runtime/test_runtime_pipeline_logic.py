@@ -8,12 +8,13 @@ import logging
 import numpy as np
 import pytest
 
+from coreml_sd.runtime.executor import psnr
 from coreml_sd.runtime.pipeline import Pipeline
 from coreml_sd.runtime.schedulers import SCHEDULERS
-from coreml_sd.runtime.executor import psnr
+
 from runtime_testing import diffusers_img2img, diffusers_txt2img, pixels
 
-LOGIC_PSNR_DB = 50.0
+LOGIC_PSNR_DB = 56.0  # measured 58.9-59.0 dB in all 17 cases: the rounding to 8 bits alone
 PROMPT = "a photo of an astronaut riding a horse"
 STEPS = 5
 
@@ -35,7 +36,9 @@ def pipe_unet_batch_1(package, contract_models) -> Pipeline:
 )
 def test_txt2img_matches_diffusers(pipe, package, tiny_pipeline, scheduler, negative_prompt):
     ours = pipe(PROMPT, negative_prompt=negative_prompt, steps=STEPS, scheduler=scheduler, seed=7, progress=False)
-    reference = diffusers_txt2img(tiny_pipeline, package.scheduler_config, PROMPT, negative_prompt, scheduler, STEPS, seed=7)
+    reference = diffusers_txt2img(
+        tiny_pipeline, package.scheduler_config, PROMPT, negative_prompt, scheduler, STEPS, seed=7
+    )
     assert psnr(reference, pixels(ours.images[0])) >= LOGIC_PSNR_DB
 
 
@@ -48,7 +51,9 @@ def test_txt2img_with_batch_1_unet_matches_diffusers(pipe_unet_batch_1, package,
 
 @pytest.mark.parametrize(("scheduler", "strength"), [("pndm", 0.6), ("euler-a", 0.8), ("dpm++", 1.0), ("lms", 0.3)])
 def test_img2img_matches_diffusers(pipe, package, tiny_pipeline, start_image, scheduler, strength, monkeypatch):
-    ours = pipe(PROMPT, steps=STEPS * 2, scheduler=scheduler, seed=3, image=start_image, strength=strength, progress=False)
+    ours = pipe(
+        PROMPT, steps=STEPS * 2, scheduler=scheduler, seed=3, image=start_image, strength=strength, progress=False
+    )
     reference = diffusers_img2img(
         tiny_pipeline, package.scheduler_config, PROMPT, "", scheduler, STEPS * 2, 3, start_image, strength, monkeypatch
     )
@@ -56,7 +61,9 @@ def test_img2img_matches_diffusers(pipe, package, tiny_pipeline, start_image, sc
 
 
 def test_stochastic_sampler_repeats_for_a_seed(pipe):
-    first, again, other = (pipe(PROMPT, steps=3, scheduler="euler-a", seed=s, progress=False).images[0] for s in (6, 6, 8))
+    first, again, other = (
+        pipe(PROMPT, steps=3, scheduler="euler-a", seed=s, progress=False).images[0] for s in (6, 6, 8)
+    )
     np.testing.assert_array_equal(np.asarray(first), np.asarray(again))
     assert np.abs(np.asarray(first, int) - np.asarray(other, int)).mean() > 1
 
@@ -71,7 +78,9 @@ def test_num_images_are_consecutive_seeds(pipe):
 
 
 def test_parameters_text(pipe):
-    result = pipe("a cat", negative_prompt="dogs", steps=2, guidance_scale=5.0, scheduler="ddim", seed=4, progress=False)
+    result = pipe(
+        "a cat", negative_prompt="dogs", steps=2, guidance_scale=5.0, scheduler="ddim", seed=4, progress=False
+    )
     assert result.parameters[0] == (
         "a cat\nNegative prompt: dogs\nSteps: 2, Sampler: DDIM, CFG scale: 5.0, Seed: 4, Size: 128x128, Model: tiny"
     )

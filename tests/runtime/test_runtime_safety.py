@@ -13,8 +13,8 @@ import torch
 from transformers import CLIPImageProcessorPil
 
 from coreml_sd.converter.conversion import ConversionOptions, convert_model
-from coreml_sd.converter.models.tiny import build_tiny_safety_checker
 from coreml_sd.converter.conversion.validate import safety_concept_scores
+from coreml_sd.converter.models.tiny import build_tiny_safety_checker
 from coreml_sd.runtime import Pipeline
 from coreml_sd.runtime.cli import main
 from coreml_sd.runtime.executor import psnr
@@ -27,7 +27,9 @@ SCORES_PSNR_DB = 35.0
 
 
 def diffusers_features(images) -> torch.Tensor:
-    return torch.from_numpy(CLIPImageProcessorPil.from_dict(SD_FEATURE_EXTRACTOR)(images, return_tensors="np").pixel_values)
+    return torch.from_numpy(
+        CLIPImageProcessorPil.from_dict(SD_FEATURE_EXTRACTOR)(images, return_tensors="np").pixel_values
+    )
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +59,9 @@ def flagging_package(tiny_package, checker, tmp_path_factory):
     """The tiny package with its SafetyChecker converted again from the test's checker (--safety-checker PATH)."""
     folder = tmp_path_factory.mktemp("flagging") / "tiny"
     shutil.copytree(tiny_package, folder)
-    convert_model(ConversionOptions(model="tiny", output=folder, components=("SafetyChecker",), safety_checker=str(checker[1])))
+    convert_model(
+        ConversionOptions(model="tiny", output=folder, components=("SafetyChecker",), safety_checker=str(checker[1]))
+    )
     return folder
 
 
@@ -89,8 +93,23 @@ def test_decisions_and_scores_match_diffusers(flagging_package, checker, generat
 
 
 def test_generation_blackens_the_flagged_image(flagging_package, generated, tmp_path, capsys):
-    code = main([PROMPT, "--model", str(flagging_package), "--steps", "2", "--seed", str(FLAGGED_SEED),
-                 "--num-images", "2", "--backend", "reference", "-o", str(tmp_path)])
+    code = main(
+        [
+            PROMPT,
+            "--model",
+            str(flagging_package),
+            "--steps",
+            "2",
+            "--seed",
+            str(FLAGGED_SEED),
+            "--num-images",
+            "2",
+            "--backend",
+            "reference",
+            "-o",
+            str(tmp_path),
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert f"image 1 (seed {FLAGGED_SEED}) was flagged by the safety checker and saved black" in out

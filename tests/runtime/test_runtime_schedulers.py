@@ -60,7 +60,9 @@ def test_unknown_scheduler_names_the_choices():
 
 
 def test_old_sd_configs_are_corrected_as_diffusers_pipeline_does(tiny_pipeline):
-    old_config = {key: value for key, value in CONFIG.items() if key != "steps_offset"}  # DDIM's clip_sample defaults on
+    old_config = {
+        key: value for key, value in CONFIG.items() if key != "steps_offset"
+    }  # DDIM's clip_sample defaults on
     ddim = DDIMScheduler.from_config(old_config)
     assert ddim.config.clip_sample and ddim.config.steps_offset == 0
     reference = StableDiffusionPipeline(**{**tiny_pipeline.components, "scheduler": ddim}).scheduler.config
@@ -71,10 +73,13 @@ def test_old_sd_configs_are_corrected_as_diffusers_pipeline_does(tiny_pipeline):
 def test_a_zero_terminal_snr_schedule_refuses_the_schedulers_that_cannot_follow_it():
     config = {**CONFIG, "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
     for name in ("pndm", "lms"):
-        with pytest.raises(GenerationError, match=f"the {name} scheduler cannot follow this model's schedule "
-                                                  r"\(rescale_betas_zero_snr\); choose from ddim, euler, euler-a, dpm\+\+"):
+        with pytest.raises(
+            GenerationError,
+            match=f"the {name} scheduler cannot follow this model's schedule "
+            r"\(rescale_betas_zero_snr\); choose from ddim, euler, euler-a, dpm\+\+",
+        ):
             build_scheduler(name, config, "v_prediction")
     scheduler = build_scheduler("dpm++", config, "v_prediction")
     scheduler.set_timesteps(4)
     # the first step starts from pure noise: diffusers clips the terminal alpha-bar of 0 to 2**-24
-    assert scheduler.timesteps[0] == 999 and scheduler.alphas_cumprod[-1] == pytest.approx(2.0 ** -24)
+    assert scheduler.timesteps[0] == 999 and scheduler.alphas_cumprod[-1] == pytest.approx(2.0**-24)

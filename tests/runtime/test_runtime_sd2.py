@@ -8,10 +8,11 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from coreml_sd.converter.models import tiny
 from coreml_sd.converter.conversion import ConversionOptions, convert_model
+from coreml_sd.converter.models import tiny
 from coreml_sd.runtime import Pipeline
 from coreml_sd.runtime.executor import psnr
+
 from runtime_testing import PSNR_THRESHOLD_DB, diffusers_txt2img, pixels
 
 TEXT_WIDTH = 64  # SD 2.x's is 1024, SD 1.x's 768: any width other than the tiny SD 1 model's 32 shows it is read
@@ -21,18 +22,42 @@ PROMPT = "a photo of an astronaut riding a horse"
 def tiny_sd2_pipeline() -> StableDiffusionPipeline:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(2)
-        unet = UNet2DConditionModel(**dict(tiny.UNET_CONFIG, cross_attention_dim=TEXT_WIDTH, attention_head_dim=(2, 4, 4),
-                                           use_linear_projection=True))
+        unet = UNet2DConditionModel(
+            **dict(
+                tiny.UNET_CONFIG,
+                cross_attention_dim=TEXT_WIDTH,
+                attention_head_dim=(2, 4, 4),
+                use_linear_projection=True,
+            )
+        )
         vae = AutoencoderKL(**tiny.VAE_CONFIG)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**dict(tiny.TEXT_ENCODER_CONFIG, hidden_size=TEXT_WIDTH,
-                                                           intermediate_size=4 * TEXT_WIDTH, hidden_act="gelu")))
-    scheduler = DDIMScheduler(**{k: v for k, v in tiny.SCHEDULER_CONFIG.items() if k != "skip_prk_steps"},
-                              clip_sample=False, prediction_type="v_prediction")
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                **dict(
+                    tiny.TEXT_ENCODER_CONFIG,
+                    hidden_size=TEXT_WIDTH,
+                    intermediate_size=4 * TEXT_WIDTH,
+                    hidden_act="gelu",
+                )
+            )
+        )
+    scheduler = DDIMScheduler(
+        **{k: v for k, v in tiny.SCHEDULER_CONFIG.items() if k != "skip_prk_steps"},
+        clip_sample=False,
+        prediction_type="v_prediction",
+    )
     # SD 2.x's tokenizer pads with "!" (id 0), not the end-of-text token.
     tokenizer = CLIPTokenizer(*tiny.clip_vocabulary_files(), model_max_length=77, pad_token="!")
-    pipeline = StableDiffusionPipeline(vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer,
-                                       unet=unet.eval(), scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
+    pipeline = StableDiffusionPipeline(
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        unet=unet.eval(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 

@@ -3,10 +3,12 @@
 import numpy as np
 import pytest
 import torch
+from diffusers import StableDiffusionPipeline
+
 from coreml_sd.runtime.executor import psnr
 from coreml_sd.runtime.pipeline import Pipeline
 from coreml_sd.runtime.sampling import draw_noise
-from diffusers import StableDiffusionPipeline
+
 from runtime_testing import _with_scheduler, latent_shape, pixels
 
 LOGIC_PSNR_DB = 50.0  # as test_runtime_pipeline_logic.py: 8-bit rounding apart (~59 dB)

@@ -52,7 +52,9 @@ def test_unwatermarked_image_matches_by_chance_only(images_512, tmp_path, capsys
         result.images[0].save(tmp_path / f"{name}.png")
     assert watermark_main([str(tmp_path / "marked.png"), str(tmp_path / "plain.png")]) == 0
     marked_line, plain_line = capsys.readouterr().out.splitlines()
-    assert marked_line == f"{tmp_path / 'marked.png'}: watermark (136/136 bits of StableDiffusionV1 matched; 68 by chance)"
+    assert (
+        marked_line == f"{tmp_path / 'marked.png'}: watermark (136/136 bits of StableDiffusionV1 matched; 68 by chance)"
+    )
     assert plain_line.startswith(f"{tmp_path / 'plain.png'}: no watermark (")
 
 

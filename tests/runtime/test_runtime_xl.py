@@ -14,6 +14,7 @@ from diffusers.pipelines.stable_diffusion_xl import pipeline_stable_diffusion_xl
 from coreml_sd.runtime import GenerationError, Pipeline
 from coreml_sd.runtime.executor import psnr
 from coreml_sd.runtime.sampling import draw_noise
+
 from runtime_testing import PSNR_THRESHOLD_DB, pixels
 
 PROMPT = "a photo of an astronaut riding a horse"

@@ -27,6 +27,7 @@ from coreml_sd.runtime.executor import psnr
 from coreml_sd.runtime.infotext import parse_infotext
 from coreml_sd.runtime.sampling import draw_noise
 from coreml_sd.runtime.schedulers import build_scheduler
+
 from runtime_testing import PSNR_THRESHOLD_DB, latent_shape, pixels
 
 CONFIG = {"_class_name": "PNDMScheduler", **SCHEDULER_CONFIG}

@@ -1,9 +1,10 @@
 """/sdapi/v1/loras: the LoRAs a package was converted with, as the converter recorded them in its manifest."""
 import torch
+from safetensors.torch import save_file
+
 from coreml_sd.converter.conversion import ConversionOptions, convert_model
 from coreml_sd.converter.models.tiny import TEXT_WIDTH
 from coreml_sd.runtime.server.packages import Catalogue
-from safetensors.torch import save_file
 
 RANK = 2
 

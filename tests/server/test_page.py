@@ -9,9 +9,11 @@ import shutil
 import httpx
 import pytest
 from PIL import Image
+
 from server_testing import red_share
 
-sync_api = pytest.importorskip("playwright.sync_api", reason="the page's test needs playwright (pip install playwright)")
+sync_api = pytest.importorskip("playwright.sync_api",
+                               reason="the page's test needs playwright (pip install playwright)")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no system Chromium (Debian: apt-get install chromium)")
 PROMPT = "a red circle on a white background"

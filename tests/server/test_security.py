@@ -6,7 +6,9 @@ import time
 
 import httpx
 import pytest
+
 from coreml_sd.runtime.commandline import main
+
 from server_testing import start_server
 
 webuiapi = pytest.importorskip("webuiapi")
@@ -37,7 +39,8 @@ def test_a_port_in_use_is_one_line(packages_root, monkeypatch, capsys):
         port = taken.getsockname()[1]
         assert main(["serve", "--model", "tiny", "--port", str(port)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"Error: cannot listen on 127.0.0.1:{port} (Address already in use); choose another --port or --host"]
+    assert err == [f"Error: cannot listen on 127.0.0.1:{port} (Address already in use); "
+                   "choose another --port or --host"]
 
 
 @pytest.fixture(scope="module")

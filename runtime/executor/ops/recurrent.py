@@ -24,13 +24,17 @@ import torch
 
 from ..registry import register
 
-_HARD_SIGMOID: Callable = lambda v: torch.clamp(0.2 * v + 0.5, 0, 1)
+
+def _hard_sigmoid(v: torch.Tensor) -> torch.Tensor:
+    return torch.clamp(0.2 * v + 0.5, 0, 1)
+
+
 _ACTIVATIONS: dict[str, Callable] = {
     "sigmoid": torch.sigmoid,
     "tanh": torch.tanh,
     "scaled_tanh": torch.tanh,
-    "hard_sigmoid": _HARD_SIGMOID,
-    "sigmoid_hard": _HARD_SIGMOID,
+    "hard_sigmoid": _hard_sigmoid,
+    "sigmoid_hard": _hard_sigmoid,
     "relu": torch.relu,
     "linear": lambda v: v,
 }

@@ -280,7 +280,8 @@ def batch_to_space(x: torch.Tensor, block_shape: list[int], crops: list[list[int
 def reverse_sequence(x: torch.Tensor, lengths: torch.Tensor, seq_axis: int = 0, batch_axis: int = 0) -> torch.Tensor:
     """For each position b along batch_axis, the first lengths[b] elements along seq_axis reversed."""
     rank = x.dim()
-    along = lambda values, axis: values.reshape([-1 if d == axis % rank else 1 for d in range(rank)])
+    def along(values, axis):
+        return values.reshape([-1 if d == axis % rank else 1 for d in range(rank)])
     position = along(torch.arange(x.shape[seq_axis], device=x.device), seq_axis)
     length = along(lengths.long(), batch_axis)
     source = torch.where(position < length, length - 1 - position, position)

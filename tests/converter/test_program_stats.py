@@ -12,9 +12,9 @@ from diffusers.models.attention_processor import Attention as DiffusersAttention
 
 from coreml_sd.converter.ane import ATTENTION_IMPLEMENTATIONS
 from coreml_sd.converter.ane.attention import IMPLEMENTATIONS, QUERY_CHUNK, Attention
-from coreml_sd.runtime.contract import VAE_FACTOR
-from coreml_sd.converter.families.sd import SD
 from coreml_sd.converter.conversion.program_stats import program_stats
+from coreml_sd.converter.families.sd import SD
+from coreml_sd.runtime.contract import VAE_FACTOR
 
 
 def test_stats_of_a_program_built_op_by_op():

@@ -13,7 +13,12 @@ from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
 from coreml_sd.converter.ane import ATTENTION_IMPLEMENTATIONS, component_module
 from coreml_sd.converter.ane.attention import (
-    IMPLEMENTATIONS, QUERY_CHUNK, Attention, AttentionImplementation, SpatialSelfAttention, all_heads_attention,
+    IMPLEMENTATIONS,
+    QUERY_CHUNK,
+    Attention,
+    AttentionImplementation,
+    SpatialSelfAttention,
+    all_heads_attention,
     per_head_attention,
 )
 from coreml_sd.converter.ane.layers import CHANNELS_FIRST, TOKENS_LAST, GroupNorm
@@ -29,7 +34,11 @@ EVERY_IMPLEMENTATION = [IMPLEMENTATIONS[name] for name in ATTENTION_IMPLEMENTATI
 
 
 def implementation_id(implementation: AttentionImplementation) -> str:
-    return f"{implementation.name}-chunk{implementation.query_chunk}" if implementation.query_chunk else implementation.name
+    return (
+        f"{implementation.name}-chunk{implementation.query_chunk}"
+        if implementation.query_chunk
+        else implementation.name
+    )
 
 
 def max_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -74,16 +83,22 @@ def test_layer_norm_and_linear_match_torch_in_both_layouts():
     norm, linear = randomize_(torch.nn.LayerNorm(24)), randomize_(torch.nn.Linear(24, 40))
     tokens = torch.randn(2, 10, 24) * 2 + 0.5
     assert max_error(TOKENS_LAST.layer_norm(tokens, norm), norm(tokens)) <= TOLERANCE
-    assert max_error(to_tokens_last(CHANNELS_FIRST.layer_norm(to_channels_first(tokens), norm)), norm(tokens)) <= TOLERANCE
-    assert max_error(to_tokens_last(CHANNELS_FIRST.linear(to_channels_first(tokens), linear)), linear(tokens)) <= TOLERANCE
+    assert (
+        max_error(to_tokens_last(CHANNELS_FIRST.layer_norm(to_channels_first(tokens), norm)), norm(tokens)) <= TOLERANCE
+    )
+    assert (
+        max_error(to_tokens_last(CHANNELS_FIRST.linear(to_channels_first(tokens), linear)), linear(tokens)) <= TOLERANCE
+    )
 
 
 @pytest.mark.parametrize("query_length", [5, QUERY_CHUNK + 88])
 def test_attention_kernels_match_scaled_dot_product_attention(query_length):
     heads, head_dim, key_length = 2, 4, 77
     generator = torch.Generator().manual_seed(1)
-    query, key, value = (torch.randn(2, length, heads * head_dim, generator=generator)
-                         for length in (query_length, key_length, key_length))
+    query, key, value = (
+        torch.randn(2, length, heads * head_dim, generator=generator)
+        for length in (query_length, key_length, key_length)
+    )
 
     def split_heads(x):
         return x.reshape(2, -1, heads, head_dim).transpose(1, 2)
@@ -101,22 +116,33 @@ def test_attention_kernels_match_scaled_dot_product_attention(query_length):
 @pytest.mark.parametrize("cross", [False, True], ids=["self", "cross"])
 @pytest.mark.parametrize("implementation", EVERY_IMPLEMENTATION, ids=implementation_id)
 def test_attention_matches_diffusers(implementation, cross):
-    original = randomize_(DiffusersAttention(query_dim=24, heads=3, dim_head=8, cross_attention_dim=16 if cross else None))
+    original = randomize_(
+        DiffusersAttention(query_dim=24, heads=3, dim_head=8, cross_attention_dim=16 if cross else None)
+    )
     hidden_states = torch.randn(2, 20, 24)
     context = torch.randn(2, 77, 16) if cross else None
     with torch.no_grad():
         expected = original(hidden_states, encoder_hidden_states=context)
         rewritten = Attention(original, implementation)
-        actual = rewritten(in_layout(implementation, hidden_states), None if context is None else in_layout(implementation, context))
+        actual = rewritten(
+            in_layout(implementation, hidden_states), None if context is None else in_layout(implementation, context)
+        )
     assert max_error(from_layout(implementation, actual), expected) <= TOLERANCE
 
 
 @pytest.mark.parametrize("use_linear_projection", [False, True], ids=["conv-projections", "linear-projections"])
 @pytest.mark.parametrize("implementation", EVERY_IMPLEMENTATION, ids=implementation_id)
 def test_spatial_transformer_matches_diffusers(implementation, use_linear_projection):
-    original = randomize_(Transformer2DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=16, norm_num_groups=4, cross_attention_dim=12,
-        use_linear_projection=use_linear_projection))
+    original = randomize_(
+        Transformer2DModel(
+            num_attention_heads=2,
+            attention_head_dim=8,
+            in_channels=16,
+            norm_num_groups=4,
+            cross_attention_dim=12,
+            use_linear_projection=use_linear_projection,
+        )
+    )
     x, context = torch.randn(2, 16, 3, 5), torch.randn(2, 77, 12)
     with torch.no_grad():
         expected = original(x, encoder_hidden_states=context).sample
@@ -145,13 +171,17 @@ def test_vae_attention_matches_diffusers(tiny_pipeline, implementation):
 def contract_inputs(pipeline, component: str, batch: int = 2, latent: tuple[int, int] = (16, 16)) -> tuple:
     generator = torch.Generator().manual_seed(2)
     if component == "TextEncoder":
-        ids = pipeline.tokenizer(["a photo of an astronaut riding a horse"], padding="max_length", max_length=77,
-                                 return_tensors="pt").input_ids
+        ids = pipeline.tokenizer(
+            ["a photo of an astronaut riding a horse"], padding="max_length", max_length=77, return_tensors="pt"
+        ).input_ids
         return (ids.float(),)
     if component == "Unet":
         text_width = pipeline.text_encoder.config.hidden_size
-        return (torch.randn(batch, 4, *latent, generator=generator), torch.tensor([981.0, 1.0][:batch]),
-                torch.randn(batch, text_width, 1, 77, generator=generator))
+        return (
+            torch.randn(batch, 4, *latent, generator=generator),
+            torch.tensor([981.0, 1.0][:batch]),
+            torch.randn(batch, text_width, 1, 77, generator=generator),
+        )
     if component == "VAEDecoder":
         return (torch.randn(1, 4, *latent, generator=generator),)
     return (torch.rand(1, 3, 8 * latent[0], 8 * latent[1], generator=generator) * 2 - 1,)

@@ -1,0 +1,1 @@
+"""Generated documentation: the package contract tables and the Swift examples of packages/README.md."""
