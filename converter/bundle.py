@@ -41,7 +41,8 @@ def compile_model(package: Path, destination: Path) -> Path:
                             capture_output=True, text=True)
     compiled = destination / (package.stem + COMPILED_SUFFIX)
     if result.returncode != 0 or not compiled.is_dir():
-        message = (result.stderr.strip() or result.stdout.strip() or f"exit status {result.returncode}").splitlines()[-1]
+        message = (result.stderr.strip() or result.stdout.strip()
+                   or f"exit status {result.returncode}").splitlines()[-1]
         raise ConversionError(f"xcrun coremlcompiler could not compile {package.name}: {message}")
     return compiled
 

@@ -133,7 +133,8 @@ def package_spec(description, name: str) -> ComponentSpec:
 
 
 def split_package(package: Path, folder: Path, component: str,
-                  describe: Callable[[ct.models.MLModel, ComponentSpec], None]) -> tuple[Cut, tuple[ComponentSpec, ...]]:
+                  describe: Callable[[ct.models.MLModel, ComponentSpec], None]
+                  ) -> tuple[Cut, tuple[ComponentSpec, ...]]:
     """Write `package`'s program as `<component>Chunk1/2.mlpackage` in `folder`, chained as the Swift package
     chains them, each described by `describe(model, its contract)`; returns the cut and the chunks' contracts."""
     program, spec = _load(package)
@@ -171,7 +172,8 @@ def chunked_reference_model(chunks: tuple[Path, ...]):
     return load_model(chunks, "reference", "CPU_ONLY")
 
 
-def check_chunks(whole: Path, whole_spec: ComponentSpec, chunks: tuple[Path, ...], chunk_specs: tuple[ComponentSpec, ...],
+def check_chunks(whole: Path, whole_spec: ComponentSpec, chunks: tuple[Path, ...],
+                 chunk_specs: tuple[ComponentSpec, ...],
                  inputs: dict[str, np.ndarray] | None) -> dict:
     """The chunks follow the chaining contract and hold at most `MAX_CHUNK_FRACTION` of the weights each; with
     `inputs`, chunk 1 -> chunk 2 through the executor gives the whole model's outputs (PSNR, worst output)."""
@@ -193,8 +195,8 @@ def check_chunks(whole: Path, whole_spec: ComponentSpec, chunks: tuple[Path, ...
         actual = chunked_reference_model(chunks).predict(inputs)
         result["psnr_db"] = round(min(psnr(expected[name], actual[name]) for name in expected), 2)
         if not result["psnr_db"] >= CHUNK_PSNR_THRESHOLD_DB:
-            raise ConversionError(f"{whole_spec.name}: chunk 1 -> chunk 2 gives PSNR {result['psnr_db']:.1f} dB against "
-                                  f"the whole model, below {CHUNK_PSNR_THRESHOLD_DB:.0f} dB")
+            raise ConversionError(f"{whole_spec.name}: chunk 1 -> chunk 2 gives PSNR {result['psnr_db']:.1f} dB "
+                                  f"against the whole model, below {CHUNK_PSNR_THRESHOLD_DB:.0f} dB")
     return result
 
 
@@ -214,4 +216,5 @@ def install_chunks(folder: PackageFolder, staged: Path, spec: ComponentSpec, ent
           f"of weights" + (f", PSNR {checked['psnr_db']:.1f} dB against the whole model" if inputs else ""),
           file=sys.stderr)
     for chunk_spec, chunk in zip(chunk_specs, chunks):
-        folder.install(chunk, chunk_spec.name, dict(entry, **chunk_spec.to_json(), chunk_of=spec.name, chunk_validation=checked))
+        folder.install(chunk, chunk_spec.name, dict(entry, **chunk_spec.to_json(), chunk_of=spec.name,
+                                                    chunk_validation=checked))

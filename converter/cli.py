@@ -30,12 +30,14 @@ def list_models(ctx: click.Context, _, value: bool) -> None:
 
 @click.command("coreml-convert", context_settings=CONTEXT_SETTINGS)
 @click.option("--model", help="Alias (see --list-models), Hugging Face id, local diffusers folder, single-file "
-              "checkpoint (.safetensors/.ckpt, converted offline), or a built-in model (tiny, tiny-xl, tiny-xl-refiner).")
+              "checkpoint (.safetensors/.ckpt, converted offline), or a built-in model (tiny, tiny-xl, "
+              "tiny-xl-refiner).")
 @click.option("--revision", help="Hugging Face revision (branch, tag or commit).")
 @click.option("--model-type", type=click.Choice(SINGLE_FILE_MODEL_TYPES),
               help="Single files: what the checkpoint is (default: inferred from its tensors, and printed).")
 @click.option("--prediction-type", type=click.Choice(PREDICTION_TYPES),
-              help="Single files: what the Unet predicts (default: the checkpoint's hints; SD 2.x: v_prediction, 768x768).")
+              help="Single files: what the Unet predicts (default: the checkpoint's hints; SD 2.x: v_prediction, "
+              "768x768).")
 @click.option("--config", "config_folder", type=click.Path(path_type=Path, file_okay=False),
               help="Single files: a diffusers folder whose configs to use instead of the shipped SD 1.x/2.x ones.")
 @click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]",
@@ -48,7 +50,8 @@ def list_models(ctx: click.Context, _, value: bool) -> None:
 @click.option("--controlnet", "controlnets", multiple=True, metavar="ID_OR_PATH",
               help="Also convert this ControlNet (diffusers ControlNetModel: Hugging Face id or folder) into "
               "controlnet/<Name>.mlpackage, and the ControlledUnet that takes its residuals; repeatable.")
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="Package folder (default: packages/<model name>).")
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="Package folder (default: packages/<model name>).")
 @click.option("--components", help="Comma-separated (default: the model family's; " + "; ".join(
     f"{f.description}: {','.join(f.default_components)} of {','.join(f.components)}" for f in FAMILIES) + ").")
 @click.option("--attention-implementation", type=click.Choice(ATTENTION_IMPLEMENTATIONS),
@@ -194,7 +197,8 @@ def validate_folder(folder: Path) -> int:
     from .conversion.validate import PSNR_THRESHOLD_DB
 
     results = validate_package(folder)
-    click.echo(f"{'component':<12} {'PSNR (dB)':>10} {'max abs error':>14}  result (threshold {PSNR_THRESHOLD_DB:.0f} dB)")
+    click.echo(f"{'component':<12} {'PSNR (dB)':>10} {'max abs error':>14}  "
+               f"result (threshold {PSNR_THRESHOLD_DB:.0f} dB)")
     failed = 0
     for component, result in results.items():
         passed = result["psnr_db"] >= PSNR_THRESHOLD_DB

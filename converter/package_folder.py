@@ -37,9 +37,11 @@ class PackageFolder:
         try:
             manifest = json.loads(manifest_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ConversionError(f"{manifest_path} is not valid JSON ({error}); remove the folder or pass another -o") from None
+            raise ConversionError(f"{manifest_path} is not valid JSON ({error}); "
+                                  "remove the folder or pass another -o") from None
         if manifest.get("format_version") != FORMAT_VERSION:
-            raise ConversionError(f"{manifest_path} has format version {manifest.get('format_version')}, this converter writes {FORMAT_VERSION}: pass --force or another -o")
+            raise ConversionError(f"{manifest_path} has format version {manifest.get('format_version')}, this "
+                                  f"converter writes {FORMAT_VERSION}: pass --force or another -o")
         return manifest
 
     @contextlib.contextmanager
@@ -83,12 +85,14 @@ class PackageFolder:
         shared = ("source", "height", "width", "text_width")
         if self.manifest and any(self.manifest.get(key) != header[key] for key in shared):
             if not force:
-                raise ConversionError(f"{self.path} holds a package converted from another model or resolution: pass --force to replace it, or another -o")
+                raise ConversionError(f"{self.path} holds a package converted from another model or resolution: pass "
+                                      "--force to replace it, or another -o")
             for component in self.manifest["components"].values():
                 shutil.rmtree(self.path / component["file"], ignore_errors=True)
             self.manifest = None
         components = self.manifest["components"] if self.manifest else {}
-        self.manifest = dict(format_version=FORMAT_VERSION, converter_version=__version__, **header, components=components)
+        self.manifest = dict(format_version=FORMAT_VERSION, converter_version=__version__, **header,
+                             components=components)
 
     def is_current(self, component: str, settings: dict) -> bool:
         """Converted with these settings, and its files as they were installed."""

@@ -196,7 +196,8 @@ def model_metadata(path: Path) -> dict[str, str]:
 
 
 def chained_description(first: tuple[TensorDescription, TensorDescription],
-                        second: tuple[TensorDescription, TensorDescription]) -> tuple[TensorDescription, TensorDescription]:
+                        second: tuple[TensorDescription, TensorDescription]
+                        ) -> tuple[TensorDescription, TensorDescription]:
     """Two chunks as one model: the first chunk's inputs and those of the second that the first does not
     produce; the second chunk's outputs."""
     (first_inputs, first_outputs), (second_inputs, second_outputs) = first, second
@@ -219,11 +220,13 @@ class CoreMLModel:
             self.compiled_path = (cache or CompiledModelCache(cache_root(), functions)).compiled(path)
         self.compute_unit = compute_unit
         chosen = {"function_name": function_name} if function_name else {}
-        self._model = functions.compiled_model(str(self.compiled_path), compute_units=functions.compute_unit(compute_unit),
+        self._model = functions.compiled_model(str(self.compiled_path),
+                                               compute_units=functions.compute_unit(compute_unit),
                                                **chosen)
 
     def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        cast = {name: np.ascontiguousarray(inputs[name], dtype=dtype) for name, (_, dtype) in self.input_description.items()}
+        cast = {name: np.ascontiguousarray(inputs[name], dtype=dtype)
+                for name, (_, dtype) in self.input_description.items()}
         outputs = self._model.predict(cast)
         return {name: np.asarray(outputs[name]) for name in self.output_description}
 

@@ -115,10 +115,10 @@ def _list_schedulers(ctx: click.Context, _parameter: click.Parameter, value: boo
 @click.argument("prompt", required=False)
 @click.option("--negative-prompt", default="", help="What the image should not show.")
 @click.option("--prompt-syntax", type=click.Choice(PROMPT_SYNTAXES), default="a1111", show_default=True,
-              help="How prompts are weighted: AUTOMATIC1111's (word:1.3), [word], BREAK; or compel's word++, (word)1.3, "
-              "blend and and (needs pip install 'coreml-sd[compel]').")
-@click.option("--from-png", metavar="FILE", help="Reuse a picture's parameters (prompt, negative prompt, steps, sampler, "
-              "CFG scale, seed, size) as coreml-generate or AUTOMATIC1111's web UI wrote them; options given "
+              help="How prompts are weighted: AUTOMATIC1111's (word:1.3), [word], BREAK; or compel's word++, "
+              "(word)1.3, blend and and (needs pip install 'coreml-sd[compel]').")
+@click.option("--from-png", metavar="FILE", help="Reuse a picture's parameters (prompt, negative prompt, steps, "
+              "sampler, CFG scale, seed, size) as coreml-generate or AUTOMATIC1111's web UI wrote them; options given "
               "override them.")
 @click.option("--model", help=f"Package name under ./packages (or ${PACKAGES_ENV}) or a package folder; may be left "
               "out when there is only one package.")
@@ -154,9 +154,10 @@ def _list_schedulers(ctx: click.Context, _parameter: click.Parameter, value: boo
               "1 to 8, then refine it at that size in overlapping windows.")
 @click.option("--upscale-strength", type=float, help="With --upscale: how much the refinement may change the "
               f"enlarged image, 0 to 1 (default: {DEFAULT_STRENGTH}).")
-@click.option("--upscale-steps", type=int, help="With --upscale: steps of the refinement's schedule (default: --steps).")
-@click.option("--upscaler", metavar="PATH", help="With --upscale: an ESRGAN-family .pth model to enlarge with instead of "
-              "Lanczos (needs pip install 'coreml-sd[upscalers]').")
+@click.option("--upscale-steps", type=int,
+              help="With --upscale: steps of the refinement's schedule (default: --steps).")
+@click.option("--upscaler", metavar="PATH", help="With --upscale: an ESRGAN-family .pth model to enlarge with instead "
+              "of Lanczos (needs pip install 'coreml-sd[upscalers]').")
 @click.option("--tile-overlap", type=int, metavar="PIXELS", help="How many pixels neighbouring windows share, a "
               "multiple of 8 (default: a quarter of the package's shorter side).")
 @click.option("--original-size", type=(int, int), metavar="H W",
@@ -170,8 +171,8 @@ def _list_schedulers(ctx: click.Context, _parameter: click.Parameter, value: boo
 @click.option("--refiner-start", type=float, default=0.8, show_default=True,
               help="With --refiner: the fraction of the schedule the base runs before handing over.")
 @click.option("--controlnet", "controlnets", multiple=True, metavar="NAME[:SCALE]",
-              help="Steer the image with the package's ControlNet NAME (controlnet/NAME.mlpackage) at SCALE (default 1) "
-              "on the matching --control-image; repeatable, paired in order.")
+              help="Steer the image with the package's ControlNet NAME (controlnet/NAME.mlpackage) at SCALE (default "
+              "1) on the matching --control-image; repeatable, paired in order.")
 @click.option("--control-image", "control_images", multiple=True, metavar="FILE",
               help="The control image (edge, pose or depth map) of the ControlNet given at the same place.")
 @click.option("--control-preprocess", metavar="canny[:LOW:HIGH]",
@@ -181,7 +182,8 @@ def _list_schedulers(ctx: click.Context, _parameter: click.Parameter, value: boo
               help="The fraction of the schedule after which the ControlNets start to act.")
 @click.option("--control-end", type=float, default=1.0, show_default=True,
               help="The fraction of the schedule after which they stop.")
-@click.option("-o", "--output", help=f"A .png file or a folder (default: {DEFAULT_OUTPUT}/, named after prompt and seed).")
+@click.option("-o", "--output", help=f"A .png file or a folder (default: {DEFAULT_OUTPUT}/, named after prompt and "
+              "seed).")
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
               help="auto: Core ML on macOS, else the reference executor.")
 @click.option("--compute-unit", type=click.Choice(COMPUTE_UNITS),
@@ -316,7 +318,8 @@ def write_images(prompt: str, negative_prompt: str, model: str | None, steps: in
                              for text in result.parameters]
     for index, flagged in enumerate(result.nsfw_content_detected or []):
         if flagged:
-            click.echo(f"image {index + 1} (seed {result.seeds[index]}) was flagged by the safety checker and saved black")
+            click.echo(f"image {index + 1} (seed {result.seeds[index]}) was flagged by the safety checker "
+                       "and saved black")
     for picture, parameters, path in zip(result.images, result.parameters, paths):
         images.save_png(picture, path, parameters)
     if grid is not None:

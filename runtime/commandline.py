@@ -76,7 +76,8 @@ class LazyGroup(click.Group):
     SUBCOMMANDS = {
         "convert": ("coreml_sd.converter.cli", "convert", "Convert a model into Core ML packages."),
         "generate": ("coreml_sd.runtime.cli", "generate", "Make images from a converted package."),
-        "watermark": ("coreml_sd.runtime.cli", "check_watermark", "Check images for Stable Diffusion's invisible watermark."),
+        "watermark": ("coreml_sd.runtime.cli", "check_watermark",
+                      "Check images for Stable Diffusion's invisible watermark."),
         "serve": ("coreml_sd.runtime.server.command", "serve", "Serve AUTOMATIC1111's web API and a web page."),
     }
 

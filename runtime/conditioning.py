@@ -114,6 +114,7 @@ def conditioning_for(package: Package, models: dict[str, Model]):
     if package.family == contract.SD.name:
         return TextConditioning(encoder(TEXT_ENCODER, package.pad_token), max_chunks)  # SD 2.x pads with "!"
     # SDXL's second tokenizer pads with "!"; the refiner has only that encoder.
-    encoders = [encoder(name, "!" if name == TEXT_ENCODER_2 else END_OF_TEXT) for name in package.contract.text_encoders]
+    encoders = [encoder(name, "!" if name == TEXT_ENCODER_2 else END_OF_TEXT)
+                for name in package.contract.text_encoders]
     time_ids_length = unet_inputs["time_ids"][0][1]
     return XLConditioning(encoders, time_ids_length, package.force_zeros_for_empty_prompt, max_chunks)

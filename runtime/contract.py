@@ -132,7 +132,8 @@ class TensorSpec:
         of a split model, which has no meaning of its own, is described by its concrete shape."""
         if self.name.startswith(RESIDUAL_PREFIX):
             return f"{RESIDUAL_MEANING}, ({','.join(map(str, self.shape))}) {self.dtype}"
-        meaning, layout = TENSOR_MEANINGS.get(self.name, (CHUNK_INTERMEDIATE, "(" + ",".join(map(str, self.shape)) + ")"))
+        meaning, layout = TENSOR_MEANINGS.get(self.name,
+                                              (CHUNK_INTERMEDIATE, "(" + ",".join(map(str, self.shape)) + ")"))
         return f"{meaning}, {layout} {self.dtype}"
 
 
@@ -341,8 +342,10 @@ def chunk_contract_problems(whole: ComponentSpec, first: ComponentSpec, second: 
     passed = {t.name: t for t in first.outputs}
     problems = [] if first.inputs == whole.inputs else [
         f"{first.name} takes {[t.name for t in first.inputs]}, not {whole.name}'s inputs {list(inputs)}"]
-    problems += [f"{first.name} output {t.name} shadows {whole.name}'s input" for t in first.outputs if t.name in inputs]
-    problems += [f"{first.name} output {t.name} is {t.dtype}, not float32" for t in first.outputs if t.dtype != "float32"]
+    problems += [f"{first.name} output {t.name} shadows {whole.name}'s input" for t in first.outputs
+                 if t.name in inputs]
+    problems += [f"{first.name} output {t.name} is {t.dtype}, not float32" for t in first.outputs
+                 if t.dtype != "float32"]
     problems += [f"{second.name} takes {t.name} {t.shape} {t.dtype}, neither an input of {whole.name} nor an output "
                  f"of {first.name}" for t in second.inputs if inputs.get(t.name, passed.get(t.name)) != t]
     if second.outputs != whole.outputs:

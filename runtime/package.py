@@ -285,7 +285,8 @@ def load_package(folder: Path, verify: bool = False) -> Package:
     manifest = manifest or {}
     family = manifest.get("family") or _family_from_files(components)
     if family not in FAMILY_CONTRACTS:
-        raise GenerationError(f"{folder / MANIFEST_FILE}: unknown model family {family!r}; update coreml-sd or reconvert")
+        raise GenerationError(f"{folder / MANIFEST_FILE}: unknown model family {family!r}; update coreml-sd or "
+                              "reconvert")
     defaults = FAMILY_CONTRACTS[family]
     missing = [name for name in defaults.required_components if name not in components]
     if missing:
@@ -357,7 +358,8 @@ def _watermark(manifest: dict, folder: Path) -> Watermark:
     try:
         return Watermark.from_manifest(manifest["watermark"])
     except (TypeError, KeyError, ValueError) as exc:
-        raise GenerationError(f"{folder / MANIFEST_FILE}: unreadable 'watermark' ({exc}); reconvert the package") from None
+        raise GenerationError(f"{folder / MANIFEST_FILE}: unreadable 'watermark' ({exc}); "
+                              "reconvert the package") from None
 
 
 def _family_from_files(components: dict[str, tuple[Path, ...]]) -> str:

@@ -215,18 +215,18 @@ class Pipeline:
         that keeps `1 - strength` of it. `scheduler` is one of `schedulers.scheduler_names()` (ours or the web
         UI's); it, `steps` and `guidance_scale` default to the package's recommendation (recommended.py), else its
         own scheduler, 50 and 7.5; at guidance 1 or below the Unet runs on the prompt alone, once per window and
-        step. `timestep_spacing` and `karras` change the schedule where the scheduler has those settings. `height`/`width`
-        (default: the package's) may be any multiples of 8 at least the package's; with `upscale`, each image is
-        then enlarged and refined (with `image`, the image itself is). `overlap`: image pixels that neighbouring
-        windows share (default: a quarter of the package's shorter side). SDXL packages take `size_conditioning`
-        (original size, crop, target size; default: the image's size and (0, 0)); with an SDXL `refiner` pipeline,
-        this one runs the first `refiner_start` of the schedule and the refiner the rest, as diffusers' base +
-        refiner ensemble. `controls` steer the Unet with the package's ControlNets, each on its control image, over
-        [`control_start`, `control_end`) of the schedule. With `image` and `inpainting` (`inpainting.open_mask`), only
-        the mask's white part is redrawn and the result composited over the image. The package's safety checker, if
-        it has one, blackens flagged images (`safety_checker=False` skips it); `watermark=False` leaves out the
-        invisible watermark. `on_step` is called after every denoising step (see sampling.StepHook). Raises
-        GenerationError for anything the caller can fix."""
+        step. `timestep_spacing` and `karras` change the schedule where the scheduler has those settings.
+        `height`/`width` (default: the package's) may be any multiples of 8 at least the package's; with `upscale`, each
+        image is then enlarged and refined (with `image`, the image itself is). `overlap`: image pixels that
+        neighbouring windows share (default: a quarter of the package's shorter side). SDXL packages take
+        `size_conditioning` (original size, crop, target size; default: the image's size and (0, 0)); with an SDXL
+        `refiner` pipeline, this one runs the first `refiner_start` of the schedule and the refiner the rest, as
+        diffusers' base + refiner ensemble. `controls` steer the Unet with the package's ControlNets, each on its
+        control image, over [`control_start`, `control_end`) of the schedule. With `image` and `inpainting`
+        (`inpainting.open_mask`), only the mask's white part is redrawn and the result composited over the image. The
+        package's safety checker, if it has one, blackens flagged images (`safety_checker=False` skips it);
+        `watermark=False` leaves out the invisible watermark. `on_step` is called after every denoising step (see
+        sampling.StepHook). Raises GenerationError for anything the caller can fix."""
         package = self.package
         choice = choose(package.recommended, package.scheduler_config, scheduler, steps, guidance_scale)
         scheduler, steps, guidance_scale = choice.scheduler, choice.steps, choice.guidance_scale
@@ -358,7 +358,8 @@ class Pipeline:
         check_control(start, end)
         if any(stage.size != (self.width, self.height) for stage in passes):
             raise GenerationError("ControlNets run at the package's own size only for now: leave out --width, "
-                                  f"--height and --upscale ({self.width}x{self.height}), or convert at the size you want")
+                                  f"--height and --upscale ({self.width}x{self.height}), or convert at the size you "
+                                  "want")
         models = [self.model(CONTROLNET_PREFIX + request.name) for request in controls]
         batch = self.unet_batch_size
         return Control(models, [request.scale for request in controls],
@@ -396,7 +397,8 @@ class Pipeline:
         return size
 
     def _passes(
-        self, sampling: Sampling, size: tuple[int | None, int | None], start: Image.Image | None, upscale: Upscale | None
+        self, sampling: Sampling, size: tuple[int | None, int | None], start: Image.Image | None,
+        upscale: Upscale | None
     ) -> list[Pass]:
         """The denoising runs for one image: the generation (or image-to-image), then the hires pass."""
         size = self._checked_size((size[0] or self.width, size[1] or self.height), "the size")

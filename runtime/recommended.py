@@ -77,7 +77,8 @@ def choose(recommended: Recommended, scheduler_config: dict, scheduler: str | No
 def consistency_distilled(recommended: Recommended, scheduler_config: dict, guidance_embedding: bool) -> bool:
     """Whether a package says its model is consistency-distilled (LCM, LCM-LoRA, TCD): its recommendation or own
     scheduler is LCM's or TCD's, or its Unet takes LCM's guidance embedding."""
-    return (recommended.scheduler in CONSISTENCY_SCHEDULERS or scheduler_config.get("_class_name") in CONSISTENCY_CLASSES
+    return (recommended.scheduler in CONSISTENCY_SCHEDULERS
+            or scheduler_config.get("_class_name") in CONSISTENCY_CLASSES
             or guidance_embedding)
 
 

@@ -191,7 +191,8 @@ class Sampler:
             noise = partial(self._guided_noise, conditioning=conditioning, guidance_scale=guidance_scale)
             windows_per_call = max(1, self.batch_size // 2)
         else:
-            noise = partial(self._unguided_noise, conditioning=self._unguided_conditioning(conditioning, guidance_scale))
+            noise = partial(self._unguided_noise,
+                            conditioning=self._unguided_conditioning(conditioning, guidance_scale))
             windows_per_call = self.unguided_batch_size
             if windows % self.unguided_batch_size:
                 logger.warning("without guidance the Unet needs one input per window, but package %r's Unet takes "

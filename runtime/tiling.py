@@ -51,7 +51,8 @@ class Layout:
 
     def scaled(self, factor: int) -> "Layout":
         """The same windows on a grid `factor` times finer (latent windows in pixels)."""
-        return Layout((self.size[0] * factor, self.size[1] * factor), (self.window[0] * factor, self.window[1] * factor),
+        return Layout((self.size[0] * factor, self.size[1] * factor),
+                      (self.window[0] * factor, self.window[1] * factor),
                       self.overlap * factor)
 
 
@@ -158,7 +159,8 @@ def tiled_encode(encode: Callable[[np.ndarray], np.ndarray], image: np.ndarray, 
     height, width = window[0] * VAE_FACTOR, window[1] * VAE_FACTOR
     canvas = None
     for top, left in layout.windows:
-        tile = encode(image[..., top * VAE_FACTOR : top * VAE_FACTOR + height, left * VAE_FACTOR : left * VAE_FACTOR + width])
+        tile = encode(image[..., top * VAE_FACTOR : top * VAE_FACTOR + height,
+                            left * VAE_FACTOR : left * VAE_FACTOR + width])
         if canvas is None:
             canvas = Canvas(layout, tile.shape[1], feathered_weights)
         canvas.add(tile, top, left)

@@ -42,7 +42,8 @@ class Watermark:
 # CompVis' txt2img.py and img2img.py (SD 1.x; Stability's SD 2.x scripts write the same).
 STABLE_DIFFUSION_V1 = Watermark.from_bytes(b"StableDiffusionV1")
 # diffusers' StableDiffusionXLWatermarker (from Stability's generative-models).
-STABLE_DIFFUSION_XL = Watermark("SDXL", tuple(int(bit) for bit in format(0b101100111110110010010000011110111011000110011110, "b")))
+STABLE_DIFFUSION_XL = Watermark("SDXL", tuple(int(bit) for bit
+                                              in format(0b101100111110110010010000011110111011000110011110, "b")))
 KNOWN_WATERMARKS = (STABLE_DIFFUSION_V1, STABLE_DIFFUSION_XL)
 
 

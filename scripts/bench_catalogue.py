@@ -136,7 +136,8 @@ def benchmark(small: bool, cache: Path, work: Path) -> dict:
             convert + ["--catalogue", str(catalogue), "--max-parallel", str(parallel)])
         index = json.loads((output / "catalogue.json").read_text())
         report["runs"][f"ray_max_parallel_{parallel}"]["packages"] = {
-            name: {"status": entry["status"], "psnr_db": {c: f["validation"]["psnr_db"] for c, f in entry["files"].items()},
+            name: {"status": entry["status"], "psnr_db": {c: f["validation"]["psnr_db"]
+                                                          for c, f in entry["files"].items()},
                    "size_mib": entry["size_mib"]} for name, entry in index["packages"].items()}
         digests[f"ray_max_parallel_{parallel}"] = weights(output)
         print(json.dumps({f"ray_max_parallel_{parallel}": report["runs"][f"ray_max_parallel_{parallel}"]}),
@@ -152,7 +153,8 @@ def benchmark(small: bool, cache: Path, work: Path) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="the tiny model instead of the full-size architecture")
-    parser.add_argument("--cache", type=Path, default=CACHE, help="where the random-weight model folder is kept (default: %(default)s)")
+    parser.add_argument("--cache", type=Path, default=CACHE, help="where the random-weight model folder is kept "
+                        "(default: %(default)s)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-catalogue-") as work:
         report = benchmark(args.small, args.cache, Path(work))

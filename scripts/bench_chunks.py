@@ -65,13 +65,14 @@ def main() -> int:
     report["load_average_after"] = list(os.getloadavg())
     sizes = [chunk["weight_bytes"] for chunk in report["chunks"].values()]
     report["checks"] = [
-        {"name": "two chunks", "value": sorted(report["chunks"]), "met": sorted(report["chunks"]) == ["UnetChunk1", "UnetChunk2"]},
+        {"name": "two chunks", "value": sorted(report["chunks"]),
+         "met": sorted(report["chunks"]) == ["UnetChunk1", "UnetChunk2"]},
         {"name": "each chunk under 1 GB of weights", "value": sizes, "target": MAX_CHUNK_WEIGHT_BYTES,
          "met": max(sizes) < MAX_CHUNK_WEIGHT_BYTES},
-        {"name": "each chunk at most half the weights + 5%", "value": report["weight_fractions"], "target": MAX_CHUNK_FRACTION,
-         "met": max(report["weight_fractions"]) <= MAX_CHUNK_FRACTION},
-        {"name": "chunk 1 -> chunk 2 equals the whole Unet (PSNR dB)", "value": report["chunk_psnr_db"], "target": MIN_PSNR_DB,
-         "met": report["chunk_psnr_db"] >= MIN_PSNR_DB},
+        {"name": "each chunk at most half the weights + 5%", "value": report["weight_fractions"],
+         "target": MAX_CHUNK_FRACTION, "met": max(report["weight_fractions"]) <= MAX_CHUNK_FRACTION},
+        {"name": "chunk 1 -> chunk 2 equals the whole Unet (PSNR dB)", "value": report["chunk_psnr_db"],
+         "target": MIN_PSNR_DB, "met": report["chunk_psnr_db"] >= MIN_PSNR_DB},
     ]
     report["all_targets_met"] = all(check["met"] for check in report["checks"])
     print(json.dumps(report, indent=2))

@@ -104,7 +104,8 @@ def model_configs(variant: Variant, small: bool) -> dict:
         from coreml_sd.converter.models import sdxl_base
 
         return {"unet": sdxl_base.SDXL_UNET_CONFIG, "vae": sdxl_base.SDXL_VAE_CONFIG,
-                "text_encoder": sdxl_base.SDXL_TEXT_ENCODER_CONFIG, "text_encoder_2": sdxl_base.SDXL_TEXT_ENCODER_2_CONFIG}
+                "text_encoder": sdxl_base.SDXL_TEXT_ENCODER_CONFIG,
+                "text_encoder_2": sdxl_base.SDXL_TEXT_ENCODER_2_CONFIG}
     if small:
         from coreml_sd.converter.models.tiny import TEXT_ENCODER_CONFIG, UNET_CONFIG, VAE_CONFIG
 
@@ -157,7 +158,8 @@ def save_sharded(module, generator, folder: Path, weights_name: str) -> None:
         total += sum(t.nbytes for t in shard.values())
         del shard
     if len(shards) > 1:
-        (folder / f"{weights_name}.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+        (folder / f"{weights_name}.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                       "weight_map": weight_map}))
 
 
 def build_random_modules(folder: Path, variant: Variant, configs: dict) -> None:
@@ -407,7 +409,8 @@ def validate_component(folder: Path, component: str) -> dict:
     source = source_of(manifest)
     spec = source.family.spec(component, ModelDimensions.from_manifest(manifest))
     nbits = manifest["components"][component]["settings"].get("quantize_nbits")
-    return validate_package(folder / spec.file_name, source.family.component(component), spec, lambda: source.load(component, torch.float32),
+    return validate_package(folder / spec.file_name, source.family.component(component), spec,
+                            lambda: source.load(component, torch.float32),
                             0, source.latent_scaling_factor, nbits)
 
 
@@ -447,7 +450,8 @@ def evaluate(report: dict, baseline: dict | None) -> list[dict]:
         if name not in scores or "original" not in scores:  # a variant that converts split_einsum only
             continue
         limit = int(scores["original"] * fraction)
-        check(checks, f"Unet {name} largest attention scores (elements)", scores[name], f"<= {limit}", scores[name] <= limit)
+        check(checks, f"Unet {name} largest attention scores (elements)", scores[name], f"<= {limit}",
+              scores[name] <= limit)
     transposes = main_runs["Unet"]["program"]["transposes"]
     check(checks, "Unet split_einsum transposes", transposes, f"<= {MAX_SPLIT_EINSUM_TRANSPOSES}",
           transposes <= MAX_SPLIT_EINSUM_TRANSPOSES)
@@ -541,7 +545,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="the tiny configuration (targets not enforced)")
     parser.add_argument("--xl", action="store_true", help="SDXL base instead of SD v1.4")
-    parser.add_argument("--cache", type=Path, default=CACHE, help="where the random-weight model folders are kept (default: %(default)s)")
+    parser.add_argument("--cache", type=Path, default=CACHE, help="where the random-weight model folders are kept "
+                        "(default: %(default)s)")
     parser.add_argument("--output", type=Path, help="keep the converted packages here (default: a temporary folder)")
     parser.add_argument("--baseline", type=Path, help="an earlier run's JSON: I/O, op counts and PSNR must match it")
     parser.add_argument("--single-file", action="store_true",

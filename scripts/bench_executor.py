@@ -49,7 +49,8 @@ def convert_unet(small: bool, attention_implementation: str, path: Path) -> None
     from coreml_sd.runtime.contract import ModelDimensions
 
     unet = build_unet(small, torch.float16)
-    dims = ModelDimensions(unet.config.cross_attention_dim, unet.config.sample_size * 8, unet.config.sample_size * 8, BATCH_SIZE)
+    dims = ModelDimensions(unet.config.cross_attention_dim, unet.config.sample_size * 8, unet.config.sample_size * 8,
+                           BATCH_SIZE)
     spec = SD.spec("Unet", dims)
     module = component_module(ModelParts(unet=unet), SD.component("Unet"), attention_implementation)
     program = trace(module, spec)
@@ -69,7 +70,8 @@ def inputs_for(small: bool) -> dict[str, np.ndarray]:
     return {
         "sample": rng.standard_normal((BATCH_SIZE, 4, size, size)).astype(np.float16),
         "timestep": np.full((BATCH_SIZE,), 500, np.float16),
-        "encoder_hidden_states": rng.standard_normal((BATCH_SIZE, config["cross_attention_dim"], 1, 77)).astype(np.float16),
+        "encoder_hidden_states": rng.standard_normal((BATCH_SIZE, config["cross_attention_dim"], 1, 77)
+                                                     ).astype(np.float16),
     }
 
 

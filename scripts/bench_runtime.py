@@ -89,7 +89,8 @@ def best_time(run, repeats: int) -> float:
 
 def step_overhead_ms(pipe: Pipeline, scheduler: str, repeats: int, short: int = 10, long: int = 60) -> float:
     def run(steps):
-        return lambda: pipe("a photo of an astronaut riding a horse", steps=steps, scheduler=scheduler, seed=0, progress=True)
+        return lambda: pipe("a photo of an astronaut riding a horse", steps=steps, scheduler=scheduler, seed=0,
+                            progress=True)
 
     return 1000 * (best_time(run(long), repeats) - best_time(run(short), repeats)) / (long - short)
 
@@ -98,7 +99,8 @@ def tiny_generation(package: Path, steps: int, repeats: int) -> dict:
     start = time.perf_counter()
     pipe = Pipeline.from_package(package, backend="reference")
     load_s = time.perf_counter() - start
-    generate_s = best_time(lambda: pipe("a photo of an astronaut riding a horse", steps=steps, seed=0, progress=False), repeats)
+    generate_s = best_time(lambda: pipe("a photo of an astronaut riding a horse", steps=steps, seed=0, progress=False),
+                           repeats)
     return {"package": str(package), "backend": "reference", "steps": steps, "load_s": round(load_s, 3),
             "generate_s": round(generate_s, 3), "ms_per_step": round(1000 * generate_s / steps, 2)}
 

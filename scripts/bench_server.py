@@ -95,10 +95,12 @@ def run(url: str, pid: int, clients: int, requests: int, steps: int, size: int |
         "clients": clients, "requests_per_client": requests, "steps": steps, "seconds": round(elapsed, 1),
         "images": statuses.count(200), "queue_full_503": statuses.count(503), "problems": problems,
         "progress_polls": len(latencies), "progress_median_ms": round(median, 1),
-        "progress_p95_ms": round(statistics.quantiles(latencies, n=20)[-1], 1), "progress_max_ms": round(max(latencies), 1),
+        "progress_p95_ms": round(statistics.quantiles(latencies, n=20)[-1], 1),
+        "progress_max_ms": round(max(latencies), 1),
         "progress_target_ms": TARGET_PROGRESS_MS, "progress_meets_target": median < TARGET_PROGRESS_MS,
         "rss_after_first_request_mib": round(rss_first / 1024, 1), "rss_after_load_mib": round(rss_after / 1024, 1),
-        "rss_growth": round(rss_after / rss_first - 1, 3), "rss_meets_target": rss_after <= rss_first * (1 + TARGET_RSS_GROWTH),
+        "rss_growth": round(rss_after / rss_first - 1, 3),
+        "rss_meets_target": rss_after <= rss_first * (1 + TARGET_RSS_GROWTH),
     }
 
 

@@ -12,7 +12,8 @@
 
     python scripts/bench_tiling.py --package packages/tiny
     flock /tmp/fullsize.lock python scripts/bench_executor.py --save-package /tmp/unet-full.mlpackage   # once
-    flock /tmp/fullsize.lock python scripts/bench_tiling.py --package packages/tiny --fullsize-unet /tmp/unet-full.mlpackage
+    flock /tmp/fullsize.lock python scripts/bench_tiling.py --package packages/tiny \
+        --fullsize-unet /tmp/unet-full.mlpackage
 """
 import argparse
 import json
@@ -117,7 +118,8 @@ def main() -> None:
 
         torch.set_num_threads(1)  # CPU seconds without idle threads spinning
         kind, *rest = args.worker
-        result = fullsize_run(*rest) if kind == "fullsize" else upscale_run(rest[0], float(rest[1]), int(rest[2]), float(rest[3]))
+        result = fullsize_run(*rest) if kind == "fullsize" else upscale_run(rest[0], float(rest[1]), int(rest[2]),
+                                                                            float(rest[3]))
         print(json.dumps(result))
         return
     scales = [float(scale) for scale in args.scales.split(",") if scale]

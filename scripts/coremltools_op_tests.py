@@ -101,7 +101,8 @@ def executor_predict(mlmodel, inputs: dict, state: HarnessState | None = None) -
         return model.predict(cast, state.model_state if state is not None else None)
     except Exception as error:
         # Worded as Core ML's failed prediction: tests that expect one (invalid indices) match its words.
-        raise ExecutorFailure(f"Unable to compute the prediction using ML Program (executor: {type(error).__name__}: {error})") from error
+        raise ExecutorFailure(f"Unable to compute the prediction using ML Program (executor: {type(error).__name__}: "
+                              f"{error})") from error
 
 
 def compare_backend(
@@ -122,13 +123,16 @@ def compare_backend(
     for name, expected in expected_outputs.items():
         actual = prediction[_output_name(prediction, name)]
         expected = np.asarray(expected)
-        if also_compare_shapes and actual.shape != expected.shape and not (expected.shape == () and actual.shape == (1,)):
+        if (also_compare_shapes and actual.shape != expected.shape
+                and not (expected.shape == () and actual.shape == (1,))):
             raise ExecutorMismatch(f"output {name}: shape {actual.shape}, expected {expected.shape}")
         mismatched = ~np.isclose(actual, expected, atol=atol, rtol=rtol, equal_nan=False)
         if mismatched.sum() > allow_mismatch_ratio * max(expected.size, 1):
-            error = np.max(np.abs(actual.astype(np.float64) - expected)) if actual.shape == expected.shape else float("nan")
+            error = (np.max(np.abs(actual.astype(np.float64) - expected)) if actual.shape == expected.shape
+                     else float("nan"))
             # Worded as NumPy's assert_allclose on a Mac: tests that expect a mismatch match its words.
-            message = f"Not equal to tolerance rtol={rtol}, atol={atol}: output {name}: {mismatched.sum()} of {expected.size} differ (max |error| {error:.3g})"
+            message = (f"Not equal to tolerance rtol={rtol}, atol={atol}: output {name}: "
+                       f"{mismatched.sum()} of {expected.size} differ (max |error| {error:.3g})")
             if dtype == "fp32" and _holds_float16(mlmodel):
                 step = float(np.spacing(np.float16(np.max(np.abs(expected)))))
                 raise Float16DataMismatch(f"{message}; one float16 step of the largest expected value is {step:.3g}")
@@ -143,7 +147,8 @@ def _holds_float16(mlmodel) -> bool:
     def block_holds(block) -> bool:
         inputs = block.inputs.values() if isinstance(block.inputs, dict) else block.inputs  # a function's are named
         return any(var.dtype == types.fp16 for var in inputs) or any(
-            any(getattr(var, "dtype", None) == types.fp16 for var in op.outputs) or any(block_holds(b) for b in op.blocks)
+            any(getattr(var, "dtype", None) == types.fp16 for var in op.outputs)
+            or any(block_holds(b) for b in op.blocks)
             for op in block.operations
         )
 
@@ -223,7 +228,8 @@ def _outcome(report, call) -> str:
 def _detail(call) -> str:
     if call.excinfo is None:
         return ""
-    return f"{call.excinfo.typename}: {str(call.excinfo.value).splitlines()[0][:300]}" if str(call.excinfo.value) else call.excinfo.typename
+    return (f"{call.excinfo.typename}: {str(call.excinfo.value).splitlines()[0][:300]}" if str(call.excinfo.value)
+            else call.excinfo.typename)
 
 
 _EXECUTED: dict[str, bool] = {}
@@ -286,15 +292,18 @@ def run(pytest_arguments: list[str], sample: int = 1) -> dict:
     if not any(not a.startswith("-") for a in arguments):
         arguments += [str(directory / f"iOS{v}") for v in (14, 15, 16, 17, 18)]
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON alone
-        pytest.main(["-q", "-p", "no:cacheprovider", "--rootdir", str(directory), "-o", "addopts=", "--no-header", "-rN", "--tb=no", *arguments], plugins=[plugin])
+        pytest.main(["-q", "-p", "no:cacheprovider", "--rootdir", str(directory), "-o", "addopts=", "--no-header",
+                     "-rN", "--tb=no", *arguments], plugins=[plugin])
     return summarise(plugin.cases)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sample", type=int, default=1, metavar="N", help="run one case in N (a fixed selection)")
-    parser.add_argument("--failures", type=Path, metavar="FILE", help="write every failing case, with its error, to FILE (JSON)")
-    parser.add_argument("pytest_arguments", nargs=argparse.REMAINDER, help="test files (relative to the tests folder) and pytest options")
+    parser.add_argument("--failures", type=Path, metavar="FILE", help="write every failing case, with its error, to "
+                        "FILE (JSON)")
+    parser.add_argument("pytest_arguments", nargs=argparse.REMAINDER, help="test files (relative to the tests folder) "
+                        "and pytest options")
     options = parser.parse_args()
     summary = run(options.pytest_arguments, options.sample)
     print_table(summary)

@@ -24,7 +24,8 @@ BPE_MEMBER = "open_clip/bpe_simple_vocab_16e6.txt.gz"
 
 def byte_symbols() -> list[str]:
     """GPT-2's reversible byte-to-unicode table: printable bytes map to themselves, others above 255."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+                 + list(range(ord("®"), ord("ÿ") + 1)))
     codes = printable[:]
     extra = 0
     for byte in range(256):

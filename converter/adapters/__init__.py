@@ -36,5 +36,6 @@ def split_argument(argument: str, option: str, kind: str) -> tuple[Path, str | N
     path, _, value = argument.rpartition(":") if ":" in argument else (argument, "", "")
     path = Path(path).expanduser()
     if not path.is_file():
-        raise ConversionError(f"{option} {argument}: {path} is not a file; pass the {kind} file (PATH or PATH:{'SCALE' if kind == 'LoRA' else 'TOKEN'})")
+        raise ConversionError(f"{option} {argument}: {path} is not a file; pass the {kind} file (PATH or "
+                              f"PATH:{'SCALE' if kind == 'LoRA' else 'TOKEN'})")
     return path, value or None

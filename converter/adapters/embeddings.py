@@ -89,9 +89,11 @@ class Embedding(Adapter):
         table = layout.get_input_embeddings()
         if self.vectors.shape[1] != table.weight.shape[1]:
             raise ConversionError(f"embedding {self.path.name} has vectors of width {self.vectors.shape[1]} but the "
-                                  f"model's text encoder has width {table.weight.shape[1]}: it was trained for another model")
+                                  f"model's text encoder has width {table.weight.shape[1]}: "
+                                  "it was trained for another model")
         if table.weight.shape[0] < CLIP_VOCABULARY_SIZE:
-            raise ConversionError(f"embedding {self.path.name}: the text encoder has {table.weight.shape[0]} token ids, "
+            raise ConversionError(f"embedding {self.path.name}: the text encoder has "
+                                  f"{table.weight.shape[0]} token ids, "
                                   f"not the {CLIP_VOCABULARY_SIZE} of CLIP's vocabulary")
 
     def apply(self, module_name: str, module: torch.nn.Module) -> None:

@@ -95,7 +95,8 @@ class Lora(Adapter):
 
 def find_layer(module: torch.nn.Module, layer_path: str) -> torch.nn.Module | None:
     # transformers 5.6 flattened CLIPTextModel (no `text_model.` level); LoRA files keep the old names.
-    candidates = [layer_path] + ([layer_path.removeprefix("text_model.")] if layer_path.startswith("text_model.") else [])
+    candidates = [layer_path] + ([layer_path.removeprefix("text_model.")] if layer_path.startswith("text_model.")
+                                 else [])
     for candidate in candidates:
         try:
             found = module.get_submodule(candidate)

@@ -65,7 +65,8 @@ class AttentionImplementation:
     layout: Layout
     query_chunk: int | None = None
 
-    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads: int,
+               scale: float) -> torch.Tensor:
         if self.layout is TOKENS_LAST:
             return all_heads_attention(query, key, value, heads, scale)
         return per_head_attention(query, key, value, heads, scale, self.query_chunk)

@@ -31,7 +31,8 @@ class SafetyChecker(nn.Module):
         vision = getattr(vision, "vision_model", vision)  # transformers < 5 nests it
         hidden_act = safety_checker.config.vision_config.hidden_act
         if hidden_act not in ACTIVATIONS:
-            raise ValueError(f"vision tower activation {hidden_act!r} is not supported; choose from {', '.join(ACTIVATIONS)}")
+            raise ValueError(f"vision tower activation {hidden_act!r} is not supported; choose from "
+                             f"{', '.join(ACTIVATIONS)}")
         self.activation = ACTIVATIONS[hidden_act]
         self.class_embedding = vision.embeddings.class_embedding
         self.patch_embedding = vision.embeddings.patch_embedding
@@ -45,7 +46,8 @@ class SafetyChecker(nn.Module):
         self.register_buffer("concepts", unit_rows(safety_checker.concept_embeds).T.to(dtype))
         self.register_buffer("special_care", unit_rows(safety_checker.special_care_embeds).T.to(dtype))
         self.register_buffer("concept_thresholds", safety_checker.concept_embeds_weights.detach().to(dtype)[None])
-        self.register_buffer("special_care_thresholds", safety_checker.special_care_embeds_weights.detach().to(dtype)[None])
+        self.register_buffer("special_care_thresholds",
+                             safety_checker.special_care_embeds_weights.detach().to(dtype)[None])
 
     def image_embedding(self, clip_input: torch.Tensor) -> torch.Tensor:
         """CLIP's projected image embedding (1, projection_dim): the class token after the vision tower."""
@@ -76,7 +78,8 @@ class SafetyChecker(nn.Module):
         zero = constant(0.0, embedding)
         special_scores = embedding @ self.special_care - self.special_care_thresholds + adjustment.to(embedding.dtype)
         special_care = (special_scores.amax(dim=1, keepdim=True) > zero).to(embedding.dtype)
-        concept_scores = embedding @ self.concepts - self.concept_thresholds + special_care * constant(SPECIAL_CARE_ADJUSTMENT, embedding)
+        concept_scores = (embedding @ self.concepts - self.concept_thresholds
+                          + special_care * constant(SPECIAL_CARE_ADJUSTMENT, embedding))
         flagged = (concept_scores.amax(dim=1, keepdim=True) > zero).to(images.dtype).reshape(-1, 1, 1, 1)
         filtered_images = images * (constant(1.0, flagged) - flagged)
         return filtered_images, flagged, concept_scores

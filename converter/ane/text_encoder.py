@@ -38,7 +38,8 @@ class TextEncoder(nn.Module):
         self.text_projection = text_encoder.text_projection if projected else None
         hidden_act = text_encoder.config.hidden_act
         if hidden_act not in ACTIVATIONS:
-            raise ValueError(f"text encoder activation {hidden_act!r} is not supported; choose from {', '.join(ACTIVATIONS)}")
+            raise ValueError(f"text encoder activation {hidden_act!r} is not supported; choose from "
+                             f"{', '.join(ACTIVATIONS)}")
         self.activation = ACTIVATIONS[hidden_act]
 
     def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -39,7 +39,8 @@ class TransformerBlock(nn.Module):
         super().__init__()
         variant = block.only_cross_attention or block.double_self_attention or block.pos_embed is not None
         if block.norm_type != "layer_norm" or variant:
-            raise ValueError("only SD-style transformer blocks (layer norm, self- then cross-attention) can be converted")
+            raise ValueError("only SD-style transformer blocks (layer norm, self- then cross-attention) can be "
+                             "converted")
         self.layout = implementation.layout
         self.norm1, self.norm2, self.norm3 = block.norm1, block.norm2, block.norm3
         self.attn1 = Attention(block.attn1, implementation)

@@ -40,7 +40,8 @@ class DownBlock(nn.Module):
         self.attentions = transformers(block, implementation)
         self.downsamplers = downsamplers(block)
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(self, x: torch.Tensor, temb: torch.Tensor,
+                context: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         skips = []
         for index, resnet in enumerate(self.resnets):
             x = resnet(x, temb)
@@ -135,7 +136,8 @@ class Encoder(nn.Module):
             temb = temb + self.add_embedding(torch.cat([text_embeds.to(dtype), time_embeds], dim=1))
         return sample.to(dtype), temb, context
 
-    def encode(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def encode(self, x: torch.Tensor, temb: torch.Tensor,
+               context: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """conv_in's output `x` through the down blocks and the mid block: the mid block's output and the skips."""
         skips = [x]
         for block in self.down_blocks:

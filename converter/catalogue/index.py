@@ -103,7 +103,8 @@ def package_summary(folder: Path) -> dict:
     components = {}
     for name, entry in manifest["components"].items():
         size = sum(f["size"] for f in entry.get("files", {}).values())
-        components[name] = {"file": entry["file"], "size_mib": round(size / MIB, 2), "validation": entry.get("validation")}
+        components[name] = {"file": entry["file"], "size_mib": round(size / MIB, 2),
+                            "validation": entry.get("validation")}
     return {
         "manifest": {key: manifest.get(key) for key in ("family", "attention_implementation", "width", "height",
                                                         "unet_batch_size", "source", "adapters")},

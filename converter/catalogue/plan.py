@@ -159,7 +159,8 @@ def anchored(model: dict, base: Path) -> dict:
 
 def local_stamps(model: dict) -> list:
     """Size and modification time of every local file the model entry reads, for the package key."""
-    paths = [model.get(key) for key in PATH_KEYS] + [v.rpartition(":")[0] or v for v in model["loras"] + model["embeddings"]]
+    paths = [model.get(key) for key in PATH_KEYS] + [v.rpartition(":")[0] or v
+                                                     for v in model["loras"] + model["embeddings"]]
     stamps = []
     for value in filter(None, paths):
         path = Path(value).expanduser()
@@ -195,8 +196,10 @@ def plan_package(source: ModelSource, model: dict, variant: dict, output: Path, 
         if kind.module not in layouts:
             layouts[kind.module] = module_layout(source, kind.module)
         ratio = size_ratio(kind.kind, layouts[kind.module], dims.height, dims.width)
-        memory[component] = reserved_gib(kind.kind, ratio, options.validate, quantize_nbits(kind, options.quantize_nbits) is not None)
-    key = hashlib.sha256(json.dumps([__version__, model, variant, list(components), stamps], sort_keys=True).encode()).hexdigest()
+        memory[component] = reserved_gib(kind.kind, ratio, options.validate,
+                                         quantize_nbits(kind, options.quantize_nbits) is not None)
+    key = hashlib.sha256(json.dumps([__version__, model, variant, list(components), stamps],
+                                    sort_keys=True).encode()).hexdigest()
     return PackagePlan(name, options, memory, key, model, variant)
 
 

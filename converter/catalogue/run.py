@@ -48,7 +48,8 @@ def print_plan(catalogue: Catalogue, index: CatalogueIndex, largest_gib: float, 
             print(f"{plan.name:<36} {component:<13} {gib:>5.1f} GiB{'  (up to date)' if component in done else ''}")
     where = f"the largest node of {ray_address}" if ray_address else "this machine, for a local Ray instance"
     print(f"{catalogue.tasks} tasks ({finished} up to date) in {len(catalogue.packages)} packages under "
-          f"{catalogue.output}; largest reservation {max_reservation(catalogue):.1f} GiB, {where}: {largest_gib:.1f} GiB")
+          f"{catalogue.output}; largest reservation {max_reservation(catalogue):.1f} GiB, "
+          f"{where}: {largest_gib:.1f} GiB")
 
 
 def max_reservation(catalogue: Catalogue) -> float:

@@ -116,7 +116,8 @@ def check_options(options: ConversionOptions) -> None:
     if options.components is not None and not options.components:
         raise ConversionError("no components given: pass --components with at least one")
     if options.attention_implementation not in ATTENTION_IMPLEMENTATIONS:
-        raise ConversionError(f"unknown attention implementation {options.attention_implementation!r}: choose from {', '.join(ATTENTION_IMPLEMENTATIONS)}")
+        raise ConversionError(f"unknown attention implementation {options.attention_implementation!r}: choose from "
+                              f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")
     for side in ("height", "width"):
         value = getattr(options, side)
         if value is not None and (value <= 0 or value % RESOLUTION_STEP):
@@ -134,7 +135,8 @@ def check_options(options: ConversionOptions) -> None:
         raise ConversionError(f"--unguided-function cannot be combined with {per_layer[0]} yet: convert at "
                               "--unet-batch-size 1 for unguided sampling, or drop the function")
     if options.quantize_nbits is not None and options.quantize_nbits not in NBITS_CHOICES:
-        raise ConversionError(f"--quantize-nbits must be one of {', '.join(map(str, NBITS_CHOICES))} (got {options.quantize_nbits})")
+        raise ConversionError(f"--quantize-nbits must be one of {', '.join(map(str, NBITS_CHOICES))} (got "
+                              f"{options.quantize_nbits})")
     if options.quantize_recipe:
         if options.quantize_nbits is not None:
             raise ConversionError("--quantize-recipe gives each layer its bits, --quantize-nbits all of them the same: "
@@ -160,8 +162,8 @@ def chosen_components(source: ModelSource, requested: tuple[str, ...] | None) ->
                               f"choose from {', '.join(family.components)}")
     absent = [c for c in requested if family.component(c).module in source.absent_modules]
     if absent:
-        raise ConversionError(f"{source.name} holds no weights for {', '.join(absent)}: leave {'it' if len(absent) == 1 else 'them'} "
-                              "out of --components")
+        raise ConversionError(f"{source.name} holds no weights for {', '.join(absent)}: leave "
+                              f"{'it' if len(absent) == 1 else 'them'} out of --components")
     return requested
 
 

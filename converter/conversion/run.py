@@ -268,7 +268,8 @@ def convert_component(folder: PackageFolder, source: ModelSource, component: str
             if validation["non_finite_outputs"]:
                 raise ConversionError(overflow_message(component, source.family.component(component), precision))
             if not validation["psnr_db"] >= PSNR_THRESHOLD_DB:
-                original = "the diffusers original" + (" with the same compression" if nbits or recipe or linear else "")
+                original = "the diffusers original" + (" with the same compression" if nbits or recipe or linear
+                                                       else "")
                 raise ConversionError(
                     f"{component}: PSNR {validation['psnr_db']:.1f} dB against {original} is below "
                     f"{PSNR_THRESHOLD_DB:.0f} dB, so it was not installed (--no-validate installs it anyway)")

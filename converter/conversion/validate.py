@@ -76,7 +76,8 @@ def reference_outputs(parts: ModelParts, component: Component, spec: ComponentSp
         return {"concept_scores": safety_concept_scores(module, x["clip_input"], x["adjustment"]).numpy()}
     if component.kind == "text_encoder":
         output = module(x["input_ids"].long(), output_hidden_states=True)
-        hidden = output.last_hidden_state if component.hidden_layer == -1 else output.hidden_states[component.hidden_layer]
+        hidden = (output.last_hidden_state if component.hidden_layer == -1
+                  else output.hidden_states[component.hidden_layer])
         pooled = output.text_embeds if component.projected else output.pooler_output
         values = (hidden, pooled)
     elif component.kind in ("unet", "controlled_unet", "controlnet"):
@@ -103,7 +104,8 @@ def safety_concept_scores(checker: torch.nn.Module, clip_input: torch.Tensor, ad
     """diffusers' concept scores (its `forward_onnx` math, with diffusers' `cosine_distance`), `adjustment` on
     the special-care scores as Apple's contract has it."""
     image_embeds = checker.visual_projection(checker.vision_model(clip_input)[1])
-    special_scores = cosine_distance(image_embeds, checker.special_care_embeds) - checker.special_care_embeds_weights + adjustment
+    special_scores = (cosine_distance(image_embeds, checker.special_care_embeds) - checker.special_care_embeds_weights
+                      + adjustment)
     special_care = torch.any(special_scores > 0, dim=1, keepdim=True)
     return cosine_distance(image_embeds, checker.concept_embeds) - checker.concept_embeds_weights + special_care * 0.01
 
@@ -144,7 +146,8 @@ def validate(package: Path | tuple[Path, ...], component: Component, spec: Compo
     result = {
         "non_finite_outputs": non_finite,  # an overflow of the package's float16 activations
         "psnr_db": worst_psnr(expected, actual) if not non_finite else float("nan"),
-        "max_abs_error": float(max(np.abs(expected[name] - actual[name].astype(np.float32)).max() for name in expected)),
+        "max_abs_error": float(max(np.abs(expected[name] - actual[name].astype(np.float32)).max()
+                                   for name in expected)),
         "seed": seed,
     }
     if unquantized is not None:

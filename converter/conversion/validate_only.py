@@ -29,9 +29,11 @@ def source_of(manifest: dict) -> ModelSource:
     adapters = manifest.get("adapters", [])
     source.adapters = load_adapters(tuple(f"{a['path']}:{a['scale']}" for a in adapters if "lora" in a),
                                     tuple(f"{a['path']}:{a['tokens'][0]}" for a in adapters if "embedding" in a))
-    for adapter, entry in zip(source.adapters, [a for a in adapters if "lora" in a] + [a for a in adapters if "embedding" in a]):
+    for adapter, entry in zip(source.adapters,
+                              [a for a in adapters if "lora" in a] + [a for a in adapters if "embedding" in a]):
         if adapter.digest != entry["sha256"]:
-            raise ConversionError(f"{adapter.path} changed since the package was converted (SHA-256 differs): convert again")
+            raise ConversionError(f"{adapter.path} changed since the package was converted (SHA-256 differs): "
+                                  "convert again")
     return source
 
 

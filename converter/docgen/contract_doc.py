@@ -40,16 +40,18 @@ def _models(family: Family) -> list[str]:
     for name, component in family.components.items():
         entry = f"`{name}{COMPILED_SUFFIX}`"
         if component.kind == "unet":
-            entry += " or " + " + ".join(f"`{chunk}{COMPILED_SUFFIX}`" for chunk in chunk_names(name)) + " (`--chunk-unet`)"
+            entry += " or " + " + ".join(f"`{chunk}{COMPILED_SUFFIX}`"
+                                         for chunk in chunk_names(name)) + " (`--chunk-unet`)"
         names.append(entry)
     return names
 
 
 def minimum_os_table() -> str:
     rows = ["| Model family | Swift pipeline | macOS | iOS / iPadOS |", "|---|---|---|---|"]
-    rows += [f"| {f.description} | `{f.swift_pipeline}` | {f.minimum_os.macos} | {f.minimum_os.ios} |" for f in FAMILIES]
-    return "\n".join(rows) + (f"\n\nThe packages themselves are ML Programs that Core ML loads from {PACKAGE_MINIMUM_OS} "
-                              "on, palettized ones (`--quantize-nbits`) included.")
+    rows += [f"| {f.description} | `{f.swift_pipeline}` | {f.minimum_os.macos} | {f.minimum_os.ios} |"
+             for f in FAMILIES]
+    return "\n".join(rows) + ("\n\nThe packages themselves are ML Programs that Core ML loads from "
+                              f"{PACKAGE_MINIMUM_OS} on, palettized ones (`--quantize-nbits`) included.")
 
 
 def layout() -> str:
@@ -62,14 +64,16 @@ def io_tables() -> str:
     sections = []
     for family in FAMILIES:
         title, dims = EXAMPLES[family.name]
-        rows = [f"#### {title}", "", "| Model | | Name | Shape | Layout | dtype | Meaning |", "|---|---|---|---|---|---|---|"]
+        rows = [f"#### {title}", "", "| Model | | Name | Shape | Layout | dtype | Meaning |",
+                "|---|---|---|---|---|---|---|"]
         for name in family.components:
             spec = family.spec(name, dims)
             for direction, tensors in (("in", spec.inputs), ("out", spec.outputs)):
                 for tensor in tensors:
                     meaning, symbols = TENSOR_MEANINGS[tensor.name]
                     shape = "(" + ", ".join(map(str, tensor.shape)) + ")"
-                    rows.append(f"| {name} | {direction} | `{tensor.name}` | {shape} | {symbols} | {tensor.dtype} | {meaning} |")
+                    rows.append(f"| {name} | {direction} | `{tensor.name}` | {shape} | {symbols} | {tensor.dtype} | "
+                                f"{meaning} |")
         sections.append("\n".join(rows))
     return "\n\n".join(sections)
 

@@ -65,7 +65,8 @@ class Family:
 
     def component(self, name: str) -> Component:
         if name not in self.components:
-            raise ValueError(f"unknown component {name!r} for {self.description}; choose from {', '.join(self.components)}")
+            raise ValueError(f"unknown component {name!r} for {self.description}; choose from "
+                             f"{', '.join(self.components)}")
         return self.components[name]
 
     def spec(self, name: str, dims: ModelDimensions) -> ComponentSpec:
@@ -87,7 +88,8 @@ class Family:
             fields["unet_in_channels"] = int(unet_config["in_channels"])
         if unet_config.get("addition_embed_type") == "text_time":
             pooled = next(widths[name][1] for name, component in encoders.items() if component.projected)
-            time_ids = (unet_config["projection_class_embeddings_input_dim"] - pooled) // unet_config["addition_time_embed_dim"]
+            time_ids = ((unet_config["projection_class_embeddings_input_dim"] - pooled)
+                        // unet_config["addition_time_embed_dim"])
             fields.update(pooled_width=pooled, time_ids_length=time_ids, text_encoders=widths)
         if unet_config.get("time_cond_proj_dim"):
             fields["guidance_embedding_width"] = int(unet_config["time_cond_proj_dim"])

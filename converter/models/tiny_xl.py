@@ -29,7 +29,8 @@ TEXT_WIDTH_2 = 64  # the second's (OpenCLIP bigG, 1280), also its projection's
 TIME_EMBED_DIM = 8  # each size number's sinusoidal embedding (256 in SDXL)
 
 # SDXL's text encoders keep the legacy end-of-text id 2: transformers pools at the highest token id.
-_TEXT_ENCODER_COMMON = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+_TEXT_ENCODER_COMMON = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=0, eos_token_id=2,
+                            pad_token_id=1)
 TEXT_ENCODER_CONFIG = dict(_TEXT_ENCODER_COMMON, hidden_size=TEXT_WIDTH, intermediate_size=64, num_hidden_layers=3,
                            num_attention_heads=4, hidden_act="quick_gelu", projection_dim=TEXT_WIDTH)
 TEXT_ENCODER_2_CONFIG = dict(_TEXT_ENCODER_COMMON, hidden_size=TEXT_WIDTH_2, intermediate_size=128, num_hidden_layers=3,

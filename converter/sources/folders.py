@@ -197,7 +197,8 @@ def safetensors_header(path: Path) -> tuple[dict, int]:
     return header, 8 + header_size
 
 
-def read_safetensors(path: Path, dtype: torch.dtype, names: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
+def read_safetensors(path: Path, dtype: torch.dtype,
+                     names: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
     """The tensors of a .safetensors file (those whose names `names` accepts, default all), the
     floating-point ones cast to `dtype`, read one at a time. A file already in `dtype` is memory-mapped
     instead: its tensors are then the module's weights, with nothing copied."""
@@ -251,13 +252,17 @@ def _download(hub_id: str, revision: str | None, patterns: list[str] = HUB_PATTE
     try:
         return Path(snapshot_download(hub_id, revision=revision, allow_patterns=patterns))
     except GatedRepoError:
-        raise ConversionError(f"{hub_id} is gated: accept its license on huggingface.co and log in (hf auth login), or pass a local folder") from None
+        raise ConversionError(f"{hub_id} is gated: accept its license on huggingface.co and log in (hf auth login), or "
+                              "pass a local folder") from None
     except RepositoryNotFoundError:
-        raise ConversionError(f"{hub_id} was not found on the Hugging Face hub (or is private: log in with hf auth login), or pass a local folder") from None
+        raise ConversionError(f"{hub_id} was not found on the Hugging Face hub (or is private: log in with hf auth "
+                              "login), or pass a local folder") from None
     except RevisionNotFoundError:
         raise ConversionError(f"{hub_id} has no revision {revision!r}") from None
     except LocalEntryNotFoundError:
-        raise ConversionError(f"cannot reach the Hugging Face hub to download {hub_id}, and it is not in the local cache: connect to the network (or log in and accept the model's license), or pass a local diffusers folder") from None
+        raise ConversionError(f"cannot reach the Hugging Face hub to download {hub_id}, and it is not in the local "
+                              "cache: connect to the network (or log in and accept the model's license), or pass a "
+                              "local diffusers folder") from None
     except HfHubHTTPError as error:
         raise ConversionError(f"downloading {hub_id} failed: {str(error).splitlines()[0]}") from None
 
@@ -266,14 +271,16 @@ def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise ConversionError(f"{path} is missing: is {path.parent.parent} a diffusers Stable Diffusion folder?") from None
+        raise ConversionError(f"{path} is missing: is {path.parent.parent} "
+                              "a diffusers Stable Diffusion folder?") from None
     except json.JSONDecodeError as error:
         raise ConversionError(f"{path} is not valid JSON ({error})") from None
 
 
 def folder_source(folder: Path, name: str, description: dict) -> ModelSource:
     if not (folder / "model_index.json").is_file() and not (folder / "unet").is_dir():
-        raise ConversionError(f"{folder} is not a diffusers model folder (no model_index.json): convert a folder saved with save_pretrained")
+        raise ConversionError(f"{folder} is not a diffusers model folder (no model_index.json): convert a folder saved "
+                              "with save_pretrained")
     unet_config = read_json(folder / "unet" / "config.json")
     model_index = read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
     family = detect_family(model_index, unet_config)

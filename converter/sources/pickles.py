@@ -69,7 +69,8 @@ class RestrictedUnpickler(pickle.Unpickler):
         if module.startswith(INERT_MODULE_PREFIXES) and name.isidentifier() and name[:1].isupper():
             return placeholder(module, name)
         raise ConversionError(f"refusing to load {self.source}: its pickle calls {module}.{name}, which could run "
-                              "code; use a .safetensors version of the model (or re-save it as one with a tool you trust)")
+                              "code; use a .safetensors version of the model (or re-save it as one with a tool you "
+                              "trust)")
 
 
 def restricted_pickle_module(source: str) -> types.ModuleType:
@@ -94,7 +95,8 @@ def load_checkpoint(path: Path) -> dict:
     except ConversionError:
         raise
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as error:
-        raise ConversionError(f"cannot read {path.name} as a PyTorch checkpoint: {str(error).splitlines()[0]}") from None
+        raise ConversionError(f"cannot read {path.name} as a PyTorch checkpoint: "
+                              f"{str(error).splitlines()[0]}") from None
     if not isinstance(loaded, dict):
         raise ConversionError(f"{path.name} holds a {type(loaded).__name__}, not a checkpoint's dictionary of weights")
     return loaded

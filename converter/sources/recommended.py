@@ -84,7 +84,8 @@ def from_arguments(arguments: tuple[str, ...]) -> Recommendation:
             else:
                 raise ValueError("NAME is scheduler, steps or guidance-scale")
         except ValueError as error:
-            reason = str(error) if not str(error).startswith(("invalid literal", "could not convert")) else "not a number"
+            reason = (str(error) if not str(error).startswith(("invalid literal", "could not convert"))
+                      else "not a number")
             raise ConversionError(f"--recommend {argument}: {reason} (NAME=VALUE, e.g. steps=4)") from None
     return Recommendation(**settings)
 

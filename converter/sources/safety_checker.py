@@ -35,7 +35,8 @@ class SafetyCheckerLocation:
         try:
             checker = StableDiffusionSafetyChecker.from_pretrained(self.weights, torch_dtype=dtype)
         except (OSError, ValueError, KeyError, RuntimeError) as error:
-            raise ConversionError(f"cannot load a safety checker from {self.weights}: {error}".splitlines()[0]) from error
+            raise ConversionError(f"cannot load a safety checker from {self.weights}: {error}".splitlines()[0]
+                                  ) from error
         config = dict(SD_FEATURE_EXTRACTOR)
         if self.preprocessor_config.is_file():
             config = json.loads(self.preprocessor_config.read_text())
@@ -46,16 +47,19 @@ def in_model_folder(folder: Path, hint: str) -> SafetyCheckerLocation:
     """The checker a diffusers model folder carries; `hint` names the model in the error for one without."""
     if not (folder / "safety_checker" / "config.json").is_file():
         raise ConversionError(f"{hint} has no safety checker: pass --safety-checker PATH_OR_ID "
-                              "(e.g. CompVis/stable-diffusion-safety-checker) or leave SafetyChecker out of --components")
+                              "(e.g. CompVis/stable-diffusion-safety-checker) or leave SafetyChecker out of "
+                              "--components")
     return SafetyCheckerLocation(folder / "safety_checker", folder / "feature_extractor" / PREPROCESSOR_CONFIG)
 
 
 def locate(path_or_id: str, download) -> SafetyCheckerLocation:
-    """`--safety-checker`: a local folder or a Hugging Face id, in either layout; `download(id, patterns=...)` fetches."""
+    """`--safety-checker`: a local folder or a Hugging Face id, in either layout; `download(id, patterns=...)`
+    fetches."""
     folder = Path(path_or_id).expanduser()
     if not folder.is_dir():
         if path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") != 1:
-            raise ConversionError(f"--safety-checker {path_or_id}: no such folder, and not a Hugging Face id (org/name)")
+            raise ConversionError(f"--safety-checker {path_or_id}: no such folder, "
+                                  "and not a Hugging Face id (org/name)")
         folder = download(path_or_id, patterns=HUB_PATTERNS)
         weights = folder / "safety_checker" if (folder / "safety_checker").is_dir() else folder
         if not any(weights.glob("*.safetensors")):
@@ -63,5 +67,6 @@ def locate(path_or_id: str, download) -> SafetyCheckerLocation:
     if (folder / "safety_checker").is_dir():
         return in_model_folder(folder, path_or_id)
     if not (folder / "config.json").is_file():
-        raise ConversionError(f"--safety-checker {path_or_id}: neither a safety_checker/ folder nor a config.json there")
+        raise ConversionError(f"--safety-checker {path_or_id}: "
+                              "neither a safety_checker/ folder nor a config.json there")
     return SafetyCheckerLocation(folder, folder / PREPROCESSOR_CONFIG)

@@ -98,7 +98,8 @@ class SingleFileReader:
     def empty(self, module_name: str) -> torch.nn.Module:
         if module_name == "text_encoder":
             return empty_module(CLIPTextModel, CLIPTextConfig(**self.configs[module_name]))
-        return empty_module({"unet": UNet2DConditionModel, "vae": AutoencoderKL}[module_name], self.configs[module_name])
+        return empty_module({"unet": UNet2DConditionModel, "vae": AutoencoderKL}[module_name],
+                            self.configs[module_name])
 
     def _load_unet(self, config: dict, dtype: torch.dtype) -> torch.nn.Module:
         state = convert_ldm_unet_checkpoint(self.checkpoint.read(UNET_PREFIXES, dtype), config)
@@ -114,7 +115,8 @@ class SingleFileReader:
         if self.checkpoint.has((CLIP_PREFIX,)):
             state = convert_ldm_clip_checkpoint(self.checkpoint.read((CLIP_PREFIX,), dtype))
         else:
-            state = convert_open_clip_checkpoint(module, self.checkpoint.read((OPEN_CLIP_PREFIX,), dtype), OPEN_CLIP_PREFIX)
+            state = convert_open_clip_checkpoint(module, self.checkpoint.read((OPEN_CLIP_PREFIX,), dtype),
+                                                 OPEN_CLIP_PREFIX)
         # Not part of the module: OpenCLIP's projection and the layers after the one SD conditions on (OpenCLIP
         # has 24; SD 2.x reads the 23rd).
         state = {name: tensor for name, tensor in state.items() if not (
@@ -186,7 +188,8 @@ def single_file_source(path: Path, model_type: str | None, prediction_type: str 
     if model_type is not None and model_type not in MODEL_TYPES:
         raise ConversionError(f"unknown --model-type {model_type!r}: choose from {', '.join([*MODEL_TYPES, *NOT_YET])}")
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
-        raise ConversionError(f"unknown --prediction-type {prediction_type!r}: choose from {', '.join(PREDICTION_TYPES)}")
+        raise ConversionError(f"unknown --prediction-type {prediction_type!r}: choose from "
+                              f"{', '.join(PREDICTION_TYPES)}")
     checkpoint = Checkpoint(path)
     check_supported(checkpoint)
     if model_type and not prediction_type:

@@ -43,4 +43,5 @@ def detach_classifier(function) -> Classifier | None:
     function.set_outputs(outputs + ([source] if source not in outputs else []))
     function.remove_ops([op])
     implementation = implementation_for(op)
-    return Classifier(label.name, probabilities.name, source.name, python_value(op.inputs["classes"].val), implementation.function)
+    return Classifier(label.name, probabilities.name, source.name, python_value(op.inputs["classes"].val),
+                      implementation.function)

@@ -37,7 +37,8 @@ class CompiledBlock:
 class BlockStep:
     """What cond and while_loop share: their arguments, blocks and outputs."""
 
-    def __init__(self, op_type: str, name: str, arguments: list[Argument], blocks: list[CompiledBlock], outputs: list[Output]):
+    def __init__(self, op_type: str, name: str, arguments: list[Argument], blocks: list[CompiledBlock],
+                 outputs: list[Output]):
         self.op_type, self.name = op_type, name
         self.arguments, self.blocks, self.outputs = arguments, blocks, outputs
         self.release: list[int] = []

@@ -117,11 +117,13 @@ class BlockedAttention:
             (scores,) = self.scores.results(score_arguments, check_shapes=False)
             softmax_arguments = dict(self.softmax.bound, x=scores.float() if widen_scores else scores)
             (probabilities,) = self.softmax.results(softmax_arguments, check_shapes=False)
-            output_arguments[chain.probabilities_operand] = probabilities.float() if widen_probabilities else probabilities
+            output_arguments[chain.probabilities_operand] = (probabilities.float() if widen_probabilities
+                                                             else probabilities)
             (block_result,) = self.output.results(output_arguments, check_shapes=False)
             target = result.narrow(chain.output_axis, start, length)
             if block_result.shape != target.shape:
-                raise RuntimeError(f"executor bug: attention block of {self.name!r} has shape {tuple(block_result.shape)}")
+                raise RuntimeError(f"executor bug: attention block of {self.name!r} has shape "
+                                   f"{tuple(block_result.shape)}")
             target.copy_(block_result)
         env[output.slot] = result
         for slot in self.release:

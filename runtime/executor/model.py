@@ -38,7 +38,8 @@ class InputShapes:
         if self.enumerated:
             return " or ".join(str(shape) for shape in self.enumerated)
         if self.ranges:
-            dims = [str(lower) if lower == upper else f"{lower}..{'' if upper is None else upper}" for lower, upper in self.ranges]
+            dims = [str(lower) if lower == upper else f"{lower}..{'' if upper is None else upper}"
+                    for lower, upper in self.ranges]
             return f"({', '.join(dims)})"
         return str(self.default)
 
@@ -114,7 +115,8 @@ class ReferenceModel:
         self._function = CompiledFunction(function, precision, self.device, source=self.path.name)
         missing = set(self.output_description) - {name for name, _ in self._function.output_slots}
         if missing:
-            raise ValueError(f"{self.path.name}: outputs {sorted(missing)} of the description are not produced by its program")
+            raise ValueError(f"{self.path.name}: outputs {sorted(missing)} of the description are not produced by its "
+                             "program")
 
     def make_state(self) -> "ModelState":
         """A new state for a stateful model (iOS 18 states), every tensor zero, for `predict` to read
@@ -162,7 +164,8 @@ class ReferenceModel:
             if not isinstance(value, np.ndarray):
                 raise ValueError(f"{self.path.name}: input {name!r} must be a numpy array, not {type(value).__name__}")
             if not self.input_shapes[name].accepts(value.shape):
-                raise ValueError(f"{self.path.name}: input {name!r} has shape {value.shape}; expected {self.input_shapes[name]}")
+                raise ValueError(f"{self.path.name}: input {name!r} has shape {value.shape}; expected "
+                                 f"{self.input_shapes[name]}")
             if value.dtype != dtype:
                 raise ValueError(
                     f"{self.path.name}: input {name!r} has dtype {value.dtype}; expected {dtype} "
@@ -198,9 +201,11 @@ def _input_shapes(array) -> InputShapes:
     default = tuple(int(d) for d in array.shape)
     flexibility = array.WhichOneof("ShapeFlexibility")
     if flexibility == "enumeratedShapes":
-        return InputShapes(default, enumerated=tuple(tuple(int(d) for d in s.shape) for s in array.enumeratedShapes.shapes))
+        return InputShapes(default, enumerated=tuple(tuple(int(d) for d in s.shape)
+                                                     for s in array.enumeratedShapes.shapes))
     if flexibility == "shapeRange":
-        ranges = tuple((int(r.lowerBound), None if r.upperBound < 0 else int(r.upperBound)) for r in array.shapeRange.sizeRanges)
+        ranges = tuple((int(r.lowerBound), None if r.upperBound < 0 else int(r.upperBound))
+                       for r in array.shapeRange.sizeRanges)
         return InputShapes(default, ranges=ranges)
     return InputShapes(default)
 
@@ -210,7 +215,8 @@ def _describe(features, package: str) -> dict[str, TensorDescription]:
     described = {}
     for feature in features:
         if feature.type.WhichOneof("Type") != "multiArrayType":
-            raise ValueError(f"{package}: feature {feature.name!r} is not a multi-array; only multi-arrays are supported")
+            raise ValueError(f"{package}: feature {feature.name!r} is not a multi-array; only multi-arrays are "
+                             "supported")
         described[feature.name] = _array_description(feature.type.multiArrayType)
     return described
 

@@ -121,7 +121,8 @@ class CompiledFunction:
             for name, var in function.inputs.items()
             if not types.is_state(var.sym_type)
         }
-        self.state_slots = {name: self._slot(var) for name, var in function.inputs.items() if types.is_state(var.sym_type)}
+        self.state_slots = {name: self._slot(var) for name, var in function.inputs.items()
+                            if types.is_state(var.sym_type)}
         self.steps = self._compile_operations(function.operations, function.outputs)
         self.output_slots = [(var.name, self._output_source(var)) for var in function.outputs]
         self._release_after_last_use()
@@ -173,7 +174,8 @@ class CompiledFunction:
             )
             for block in op.blocks
         ]
-        return BLOCK_STEPS[op.op_type](op.op_type, op.name, arguments, blocks, [self._output(var) for var in op.outputs])
+        return BLOCK_STEPS[op.op_type](op.op_type, op.name, arguments, blocks,
+                                       [self._output(var) for var in op.outputs])
 
     def _evaluate_at_load(self, op, implementation: OpImplementation) -> None:
         arguments = {name: self._constants[var.name] for name, var in op.inputs.items()}
@@ -202,7 +204,8 @@ class CompiledFunction:
 
     def _tensor_argument(self, var, implementation: OpImplementation | None = None) -> Argument:
         """A constant tensor or a runtime value's slot, marked Widened where the op computes wider."""
-        widen = implementation is not None and self.numerics.compute_dtype(var, implementation) != self.numerics.dtype(var)
+        widen = (implementation is not None
+                 and self.numerics.compute_dtype(var, implementation) != self.numerics.dtype(var))
         if var.name in self._constants:
             constant = self._constant_tensor(var)
             return Widened(constant) if widen else constant
@@ -227,7 +230,8 @@ class CompiledFunction:
     def _release_after_last_use(self) -> None:
         """Give each step the slots it reads or writes for the last time (function outputs stay)."""
         keep = {slot for _, slot in self.output_slots if isinstance(slot, int)}
-        last_use = {slot: -1 for slot in [slot for slot, _ in self.input_slots.values()] + list(self.state_slots.values())}
+        last_use = {slot: -1 for slot in [slot for slot, _ in self.input_slots.values()]
+                    + list(self.state_slots.values())}
         for index, step in enumerate(self.steps):
             for slot in step.slots_used():
                 last_use[slot] = index

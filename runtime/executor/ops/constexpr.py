@@ -53,7 +53,8 @@ def constexpr_affine_dequantize(
     rank = quantized_data.ndim
     zero_point = _along_axis(np.asarray(zero_point, dtype=np.float32), axis, rank)
     scale = np.asarray(scale)
-    return (_along_axis(scale.astype(np.float32), axis, rank) * (quantized_data.astype(np.float32) - zero_point)).astype(scale.dtype)
+    return (_along_axis(scale.astype(np.float32), axis, rank)
+            * (quantized_data.astype(np.float32) - zero_point)).astype(scale.dtype)
 
 
 @register("constexpr_lut_to_dense", since=target.iOS16, **_LOAD_TIME)
@@ -92,7 +93,8 @@ def _blockwise(values: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 
 @register("constexpr_blockwise_shift_scale", since=target.iOS18, **_LOAD_TIME)
-def constexpr_blockwise_shift_scale(data: np.ndarray, scale: np.ndarray, offset: np.ndarray | None = None) -> np.ndarray:
+def constexpr_blockwise_shift_scale(data: np.ndarray, scale: np.ndarray,
+                                    offset: np.ndarray | None = None) -> np.ndarray:
     """scale * (data - offset), scale and offset given per block (same rank as data)."""
     values = data.astype(np.float32)
     if offset is not None:

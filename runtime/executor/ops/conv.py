@@ -63,7 +63,8 @@ def conv(
     strides = strides or [1] * dims
     dilations = dilations or [1] * dims
     padding = spatial_padding(pad_type, pad, tuple(x.shape[2:]), tuple(weight.shape[2:]), strides, dilations)
-    if groups == 1 and all(k == 1 for k in weight.shape[2:]) and all(s == 1 for s in strides) and not any(map(any, padding)):
+    if (groups == 1 and all(k == 1 for k in weight.shape[2:]) and all(s == 1 for s in strides)
+            and not any(map(any, padding))):
         return _pointwise(x, weight, bias)
     if all(before == after for before, after in padding):
         symmetric = [before for before, _ in padding]

@@ -294,7 +294,8 @@ def resample(
     centres = padding_mode != "symmetric"
     normalise = (lambda p, size: 2 * p / (size - 1) - 1) if centres else (lambda p, size: (2 * p + 1) / size - 1)
     grid = torch.stack([normalise(columns, width), normalise(rows, height)], dim=-1)
-    torch_padding = {"constant": "zeros", "border": "border", "reflection": "reflection", "symmetric": "reflection"}[padding_mode]
+    torch_padding = {"constant": "zeros", "border": "border", "reflection": "reflection",
+                     "symmetric": "reflection"}[padding_mode]
     value = float(padding_value) if padding_mode == "constant" else 0.0
     # grid_sample pads with zeros: sampling x - value and adding it back pads with `value`.
     sampled = torch.nn.functional.grid_sample(

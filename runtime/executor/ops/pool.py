@@ -35,7 +35,8 @@ def avg_pool(
     pool = _AVG[dims]
     if ceil_mode:  # MIL requires symmetric padding here, which PyTorch takes directly
         symmetric = [before for before, _ in padding]
-        return pool(x, kernel_sizes, strides, symmetric, ceil_mode=True, count_include_pad=not exclude_padding_from_average)
+        return pool(x, kernel_sizes, strides, symmetric, ceil_mode=True,
+                    count_include_pad=not exclude_padding_from_average)
     means = pool(pad_spatial(x, padding), kernel_sizes, strides)
     if not exclude_padding_from_average:
         return means

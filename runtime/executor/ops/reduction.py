@@ -71,12 +71,14 @@ def reduce_log_sum_exp(x: torch.Tensor, axes: list[int] | None = None, keep_dims
 
 
 @register("reduce_argmax")
-def reduce_argmax(x: torch.Tensor, axis: int = -1, keep_dims: bool = False, output_dtype: str = "int32") -> torch.Tensor:
+def reduce_argmax(x: torch.Tensor, axis: int = -1, keep_dims: bool = False,
+                  output_dtype: str = "int32") -> torch.Tensor:
     """Index of the first maximum along `axis`."""
     return torch.argmax(x, dim=axis, keepdim=keep_dims)
 
 
 @register("reduce_argmin")
-def reduce_argmin(x: torch.Tensor, axis: int = -1, keep_dims: bool = False, output_dtype: str = "int32") -> torch.Tensor:
+def reduce_argmin(x: torch.Tensor, axis: int = -1, keep_dims: bool = False,
+                  output_dtype: str = "int32") -> torch.Tensor:
     """Index of the first minimum along `axis`."""
     return torch.argmin(x, dim=axis, keepdim=keep_dims)

@@ -70,7 +70,8 @@ def gather_nd(
 # --- scatters: each finds the flat positions in `data` its updates go to, then applies `mode` ---
 
 
-def _scatter_flat(data: torch.Tensor, positions: torch.Tensor, updates: torch.Tensor, mode: str, keep: torch.Tensor | None = None) -> torch.Tensor:
+def _scatter_flat(data: torch.Tensor, positions: torch.Tensor, updates: torch.Tensor, mode: str,
+                  keep: torch.Tensor | None = None) -> torch.Tensor:
     """data with updates combined into it at flat `positions` (shaped like updates, as `keep` is: only
     where it is true, when given): "update" replaces, "add" / "sub" / "mul" / "div" / "max" / "min" combine
     the element with each update sent to it."""
@@ -120,7 +121,8 @@ def _kept_slices(inside: torch.Tensor, updates: torch.Tensor, axis: int) -> torc
 
 @register("scatter")
 def scatter(
-    data: torch.Tensor, indices: torch.Tensor, updates: torch.Tensor, axis: int = 0, mode: str = "add", validate_indices: bool = False
+    data: torch.Tensor, indices: torch.Tensor, updates: torch.Tensor, axis: int = 0, mode: str = "add",
+    validate_indices: bool = False
 ) -> torch.Tensor:
     """output[..., indices[i], ...] = mode(data[..., indices[i], ...], updates[..., i, ...]) along `axis`."""
     positions = _scatter_positions(data, _wrapped(indices, data.shape[axis]), axis)
@@ -129,7 +131,8 @@ def scatter(
 
 @register("scatter", since=target.iOS17)
 def scatter_without_negative_indices(
-    data: torch.Tensor, indices: torch.Tensor, updates: torch.Tensor, axis: int = 0, mode: str = "add", validate_indices: bool = False
+    data: torch.Tensor, indices: torch.Tensor, updates: torch.Tensor, axis: int = 0, mode: str = "add",
+    validate_indices: bool = False
 ) -> torch.Tensor:
     indices, inside = _in_range(indices, data.shape[axis], validate_indices)
     positions = _scatter_positions(data, indices, axis)
@@ -138,7 +141,8 @@ def scatter_without_negative_indices(
 
 @register("scatter_along_axis")
 def scatter_along_axis(
-    data: torch.Tensor, indices: torch.Tensor, updates: torch.Tensor, axis: int = 0, mode: str = "add", validate_indices: bool = False
+    data: torch.Tensor, indices: torch.Tensor, updates: torch.Tensor, axis: int = 0, mode: str = "add",
+    validate_indices: bool = False
 ) -> torch.Tensor:
     """The inverse of gather_along_axis: updates[..., i, ...] goes to data[..., indices[..., i, ...], ...]."""
     positions = torch.gather(_flat_positions(data), axis, _wrapped(indices, data.shape[axis]))
@@ -147,7 +151,8 @@ def scatter_along_axis(
 
 @register("scatter_along_axis", since=target.iOS17)
 def scatter_along_axis_without_negative_indices(
-    data: torch.Tensor, indices: torch.Tensor, updates: torch.Tensor, axis: int = 0, mode: str = "add", validate_indices: bool = False
+    data: torch.Tensor, indices: torch.Tensor, updates: torch.Tensor, axis: int = 0, mode: str = "add",
+    validate_indices: bool = False
 ) -> torch.Tensor:
     indices, inside = _in_range(indices, data.shape[axis], validate_indices)
     positions = torch.gather(_flat_positions(data), axis, indices)

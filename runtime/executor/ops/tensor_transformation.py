@@ -120,7 +120,8 @@ def slice_update(
 ) -> torch.Tensor:
     """x with the slice that slice_by_index takes (same arguments) replaced by `update`."""
     positions = slice_by_index(
-        torch.arange(x.numel(), device=x.device).reshape(x.shape), begin, end, stride, begin_mask, end_mask, squeeze_mask
+        torch.arange(x.numel(), device=x.device).reshape(x.shape), begin, end, stride, begin_mask, end_mask,
+        squeeze_mask
     )
     result = x.reshape(-1).clone()
     result[positions.reshape(-1)] = update.reshape(-1).to(x.dtype)
@@ -169,7 +170,8 @@ def tile(x: torch.Tensor, reps: torch.Tensor) -> torch.Tensor:
 
 
 @register("pad")
-def pad(x: torch.Tensor, pad: torch.Tensor, mode: str = "constant", constant_val: torch.Tensor | None = None) -> torch.Tensor:
+def pad(x: torch.Tensor, pad: torch.Tensor, mode: str = "constant",
+        constant_val: torch.Tensor | None = None) -> torch.Tensor:
     """`pad` holds (before, after) pairs for the last len(pad) / 2 dims, outermost first. "constant"
     fills with constant_val (default 0), "reflect" mirrors without repeating the edge, "replicate"
     repeats the edge."""
