@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import click
+from click.shell_completion import CompletionItem
 
 from . import images
 from .backends import BACKENDS, COMPUTE_UNITS
@@ -28,7 +29,7 @@ from .inpainting import (
 from .package import PACKAGES_ENV
 from .pipeline import PROMPT_SYNTAXES, Pipeline, check_options, random_seed
 from .sampler_names import A1111_SAMPLERS
-from .schedulers import SCHEDULERS, TIMESTEP_SPACINGS, check_steps, schedule_options
+from .schedulers import SCHEDULERS, TIMESTEP_SPACINGS, check_steps, schedule_options, scheduler_names
 from .upscaling import DEFAULT_STRENGTH, ModelUpscaler, Upscale
 
 DEFAULT_OUTPUT = Path("outputs")
@@ -100,6 +101,10 @@ def _console_logging():
         coremltools.setLevel(coremltools_level)
 
 
+def _complete_scheduler(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[CompletionItem]:
+    return [CompletionItem(name) for name in scheduler_names() if name.startswith(incomplete)]
+
+
 def _list_schedulers(ctx: click.Context, _parameter: click.Parameter, value: bool) -> None:
     if not value or ctx.resilient_parsing:
         return
@@ -125,8 +130,9 @@ def _list_schedulers(ctx: click.Context, _parameter: click.Parameter, value: boo
 @click.option("--steps", type=int, help="Denoising steps (default: the package's recommendation, else 50).")
 @click.option("--guidance-scale", type=float, help="Classifier-free guidance; at 1 or less none, and the Unet runs "
               "once per step (default: the package's recommendation, else 7.5).")
-@click.option("--scheduler", metavar="NAME", help="Ours or AUTOMATIC1111's sampler name, e.g. 'DPM++ 2M Karras' "
-              "(see --list-schedulers). Default: the package's recommendation, else its own, else pndm.")
+@click.option("--scheduler", metavar="NAME", shell_complete=_complete_scheduler,
+              help="Ours or AUTOMATIC1111's sampler name, e.g. 'DPM++ 2M Karras' (see --list-schedulers). Default: "
+              "the package's recommendation, else its own, else pndm.")
 @click.option("--list-schedulers", is_flag=True, expose_value=False, is_eager=True, callback=_list_schedulers,
               help="List the scheduler names and exit.")
 @click.option("--karras", is_flag=True, help="Karras sigmas, for the schedulers that take them.")

@@ -27,7 +27,8 @@ def test_group_runs_both_commands(capsys):
     assert code == 0 and any(line.split()[0] == "sd-v1-4" for line in out.splitlines())
     code, _, err = run(capsys, "generate")
     assert code == 2
-    assert err.strip().splitlines() == ["Error: Missing argument 'PROMPT'. (see coreml-sd generate --help)"]
+    assert err.strip().splitlines() == [
+        "Error: give a PROMPT, or --from-png FILE to reuse a picture's (see coreml-sd generate --help)"]
 
 
 def test_unknown_subcommand_is_a_usage_error(capsys):

@@ -46,9 +46,9 @@ def model_copy(tiny_folder, tmp_path) -> Path:
     [
         (
             ["--model", "no-such-alias"],
-            "Error: unknown model 'no-such-alias': use one of demo, tiny, tiny-xl, tiny-xl-refiner, "
-            "sd-v1-4, sd-v1-5, sd-2-base, sd-2-1-base, sd-2-1, sdxl-base, sdxl-refiner, a Hugging "
-            "Face id (org/name), a local folder or a .safetensors/.ckpt file",
+            "Error: unknown model 'no-such-alias': use one of demo, tiny, tiny-inpainting, tiny-xl, "
+            "tiny-xl-refiner, sd-v1-4, sd-v1-5, sd-2-base, sd-2-1-base, sd-2-1, sdxl-base, sdxl-refiner, "
+            "sd-turbo, sdxl-turbo, a Hugging Face id (org/name), a local folder or a .safetensors/.ckpt file",
         ),
         (
             ["--model", "./no/such/folder"],
