@@ -179,3 +179,18 @@ def test_bad_prompt_chunk_options_are_one_line(capsys, tmp_path, argv, line):
     lines = [text for text in capsys.readouterr().err.splitlines() if text.strip()]
     assert (code, lines) == (1, [line])
     assert not (tmp_path / "out").exists()
+
+
+def test_both_options_give_a_function_per_batch_and_length():
+    from coreml_sd.converter.conversion.multifunction import component_functions
+    from coreml_sd.runtime.contract import ModelDimensions
+
+    dims = ModelDimensions(text_width=32, height=128, width=128)
+    unet = component_functions("unet", dims, unguided_function=True, max_prompt_chunks=3)
+    assert [(f.name, f.dims.unet_batch_size, f.dims.prompt_chunks) for f in unet] == [
+        ("unguided", 1, 1), ("tokens_154", 2, 2), ("unguided_tokens_154", 1, 2), ("tokens_231", 2, 3),
+        ("unguided_tokens_231", 1, 3)]
+    controlnet = component_functions("controlnet", dims, unguided_function=True, max_prompt_chunks=2)
+    assert [f.name for f in controlnet] == ["tokens_154"]  # the unguided function is the Unet's alone
+    assert component_functions("text_encoder", dims, unguided_function=True, max_prompt_chunks=2) == []
+    assert component_functions("unet", dims, unguided_function=False, max_prompt_chunks=1) == []
