@@ -93,13 +93,16 @@ def test_transparency_serves_as_the_mask(photo):
     ("small-mask", "the mask is 64x64 but the image 128x128"),
     ("mask-only", "--mask needs the image it masks"),
     ("negative-blur", "--mask-blur must be at least 0"),
+    ("negative-padding", "--inpaint-padding must be at least 0"),
 ])
 def test_bad_inpainting_input_is_one_line(tiny_controlnet_package, photo, tmp_path, capsys, case, message):
     image, mask = tmp_path / "photo.png", tmp_path / "mask.png"
     photo.save(image)
     circle_mask(64 if case == "small-mask" else 128).save(mask)
     arguments = {"small-mask": ["--image", str(image), "--mask", str(mask)], "mask-only": ["--mask", str(mask)],
-                 "negative-blur": ["--image", str(image), "--mask", str(mask), "--mask-blur", "-1"]}[case]
+                 "negative-blur": ["--image", str(image), "--mask", str(mask), "--mask-blur", "-1"],
+                 "negative-padding": ["--image", str(image), "--mask", str(mask), "--inpaint-area", "masked",
+                                      "--inpaint-padding", "-8"]}[case]
     output = tmp_path / "out"
     code = main([PROMPT, "--model", str(tiny_controlnet_package), "--backend", "reference", "--steps", "2",
                  "-o", str(output), *arguments])
