@@ -21,7 +21,13 @@ from coreml_sd.converter.families.sd import SD
 from coreml_sd.converter.models.tiny import UNET_CONFIG, build_tiny_inpainting_pipeline
 from coreml_sd.converter.models.tiny_controlnet import build_tiny_controlnet
 from coreml_sd.converter.sources import resolve
-from coreml_sd.runtime.contract import ModelDimensions, chunk_contract_problems, controlled_unet_spec, controlnet_spec
+from coreml_sd.runtime.contract import (
+    ModelDimensions,
+    chunk_contract_problems,
+    chunk_names,
+    controlled_unet_spec,
+    controlnet_spec,
+)
 from coreml_sd.runtime.executor import ReferenceModel, psnr
 
 from ldm_layout import controlnet_state, ldm_state
@@ -62,7 +68,7 @@ def test_single_file_controlnet_matches_diffusers(tiny_controlnet_package, file_
     expected = diffusers_residuals(file_controlnet, inputs)
     actual = ReferenceModel(folder / spec.file_name).predict(inputs)
     figures = {t.name: round(psnr(value, actual[t.name]), 1) for t, value in zip(spec.outputs, expected)}
-    print(figures)  # measured 67.9-80.5 dB
+    print(figures)  # measured 67.1-81.9 dB
     assert min(np.abs(value).mean() for value in expected) > 0.05  # the zero convolutions are randomised
     assert min(figures.values()) >= COMPONENT_FLOOR_DB, figures
     entry = json.loads((folder / "manifest.json").read_text())["components"][spec.name]
@@ -145,7 +151,7 @@ def test_single_file_inpainting_checkpoint_converts_to_a_9_channel_unet(tmp_path
     with torch.no_grad():
         expected = pipeline.unet(x["sample"], x["timestep"], x["encoder_hidden_states"][:, :, 0].transpose(1, 2)).sample
     actual = ReferenceModel(output / spec.file_name).predict(inputs)["noise_pred"]
-    print(f"inpainting Unet {psnr(expected.numpy(), actual):.1f} dB")  # measured 75.6 dB
+    print(f"inpainting Unet {psnr(expected.numpy(), actual):.1f} dB")  # measured 68.8 dB
     assert psnr(expected.numpy(), actual) >= COMPONENT_FLOOR_DB
 
 
@@ -175,7 +181,8 @@ def test_chunked_controlled_unet_runs_as_the_whole(tiny_controlnet_package, tiny
 
     assert report.converted == ["ControlledUnet"]  # the ControlNets are up to date
     manifest = json.loads((folder / "manifest.json").read_text())
-    names = ("ControlledUnetChunk1", "ControlledUnetChunk2")
+    names = ("ControlledUnetChunk1", "ControlledUnetChunk2")  # Apple's, which the Swift package loads
+    assert chunk_names("ControlledUnet") == names
     assert "ControlledUnet" not in manifest["components"] and not (folder / "ControlledUnet.mlpackage").exists()
     assert [manifest["components"][name]["chunk_of"] for name in names] == ["ControlledUnet"] * 2
     whole = controlled_unet_spec("ControlledUnet", tiny_dims(tiny_pipeline.unet))
@@ -202,5 +209,5 @@ def test_chunked_controlled_unet_runs_as_the_whole(tiny_controlnet_package, tiny
     chained = chunked_reference_model(tuple(folder / f"{name}.mlpackage" for name in names)).predict(inputs)
     whole_output = ReferenceModel(tiny_controlnet_package / "ControlledUnet.mlpackage").predict(inputs)["noise_pred"]
     figures = {"diffusers": psnr(expected, chained["noise_pred"]), "whole": psnr(whole_output, chained["noise_pred"])}
-    print(figures)
+    print(figures)  # measured 69.9 dB against diffusers; 202 dB against the whole ControlledUnet package
     assert figures["diffusers"] >= COMPONENT_FLOOR_DB and figures["whole"] >= COMPONENT_FLOOR_DB, figures
