@@ -48,7 +48,8 @@ def list_models(ctx: click.Context, _, value: bool) -> None:
               help="Add a textual-inversion embedding (A1111, kohya, diffusers) as TOKEN (letters only; k vectors: "
               "TOKEN, TOKENb, ...); one id for every BPE tokenizer of the package, Swift's included; repeatable.")
 @click.option("--controlnet", "controlnets", multiple=True, metavar="ID_OR_PATH",
-              help="Also convert this ControlNet (diffusers ControlNetModel: Hugging Face id or folder) into "
+              help="Also convert this ControlNet (diffusers ControlNetModel: Hugging Face id or folder; or one "
+              ".safetensors/.pth file as model sites publish them, e.g. control_v11p_sd15_canny) into "
               "controlnet/<Name>.mlpackage, and the ControlledUnet that takes its residuals; repeatable.")
 @click.option("-o", "--output", type=click.Path(path_type=Path),
               help="Package folder (default: packages/<model name>).")

@@ -33,6 +33,7 @@ from .conditioning import SizeConditioning, conditioning_for
 from .contract import CONTROLLED_UNET, CONTROLNET_PREFIX, SAFETY_CHECKER, VAE_DECODER, VAE_ENCODER, VAE_FACTOR
 from .control import Control, ControlRequest, check_control, control_image_input, control_settings
 from .errors import GenerationError
+from .inpaint_stage import InpaintStage, check_inpainting
 from .inpainting import Inpainting
 from .package import Package, find_package, load_package
 from .recommended import choose, consistency_distilled, warn_unless_distilled
@@ -243,7 +244,8 @@ class Pipeline:
         `refiner` pipeline, this one runs the first `refiner_start` of the schedule and the refiner the rest, as
         diffusers' base + refiner ensemble. `controls` steer the Unet with the package's ControlNets, each on its
         control image, over [`control_start`, `control_end`) of the schedule. With `image` and `inpainting`
-        (`inpainting.open_mask`), only the mask's white part is redrawn and the result composited over the image. The
+        (`inpainting.open_mask`), only the mask's white part is redrawn (of the whole picture, or of the box around the
+        mask with its `padding`) and the result composited over the image (inpaint_stage.py). The
         package's safety checker, if it has one, blackens flagged images (`safety_checker=False` skips it);
         `watermark=False` leaves out the invisible watermark. `on_step` is called after every denoising step (see
         sampling.StepHook). Raises GenerationError for anything the caller can fix."""
@@ -265,10 +267,14 @@ class Pipeline:
         start = None if image is None else images.open_image(image)
         sampling = Sampling(scheduler, steps, guidance_scale, strength, timestep_spacing, karras)
         passes = self._passes(sampling, (width, height), start, upscale)
+        inpaint = None
         if inpainting is not None:
-            inpainting = self._check_inpainting(inpainting, start, passes, refiner, upscale)
+            check_inpainting(start, passes[0].size, refiner is not None or upscale is not None,
+                             (self.width, self.height) if self.sampler.takes_mask else None)
             if inpainting.empty:
                 return GenerationResult([start] * num_images, [seed or 0] * num_images, [""] * num_images)
+            inpaint = InpaintStage.prepare(inpainting, start, passes[0].size)
+            start = inpaint.source
         if self.sampler.takes_mask and inpainting is None:
             raise GenerationError(f"package {self.package.name!r} has an inpainting Unet: pass --image and --mask "
                                   "(white = redraw)")
@@ -284,8 +290,8 @@ class Pipeline:
         refinement.condition(prompt, negative_prompt, size_conditioning, first_size, prompt_syntax)
         start_latents = None if start is None else self._encode(start, passes[0], overlap)
         masked_moments = None
-        if inpainting is not None and self.sampler.takes_mask:
-            masked_moments = self._encode(inpainting.masked_pixels(start), passes[0], overlap)
+        if inpaint is not None and self.sampler.takes_mask:
+            masked_moments = self._encode(inpaint.redraw.masked_pixels(start), passes[0], overlap)
         # The safeguards, in the order Stable Diffusion's scripts apply them: safety check, then watermark.
         checker = self._safety_checker() if safety_checker and output_type == "pil" else None
         safeguard_settings = {
@@ -306,7 +312,7 @@ class Pipeline:
                 with self.stage(*denoisers):
                     latents = sampler.denoise(conditioning, stage, image_seed, init_latents, overlap, bar,
                                               refinement.base_end, on_step, control,
-                                              inpainting and inpainting.latent_mask(), masked_moments)
+                                              inpaint and inpaint.redraw.latent_mask(), masked_moments)
                 latents = refinement(latents, stage, image_seed, overlap, bar, on_step)
                 if output_type == "pil" or number < len(passes) - 1:
                     with decoder.stage(VAE_DECODER):
@@ -317,13 +323,13 @@ class Pipeline:
                 result.nsfw_content_detected.append(flagged)
             if watermark:
                 picture = watermarks.apply(picture, self.package.watermark)
-            if inpainting is not None and output_type == "pil":  # after the watermark: the kept pixels stay exact
-                picture = inpainting.composite(picture, start)
+            if inpaint is not None and output_type == "pil":  # after the watermark: the kept pixels stay exact
+                picture = inpaint.finish(picture)
             result.images.append(picture if output_type == "pil" else latents)
             result.seeds.append(image_seed)
             settings = {**self._settings(passes, image_seed, overlap, start is not None, upscale),
                         **refinement.settings, **control_settings(controls, control_start, control_end),
-                        **({"Mask blur": inpainting.blur} if inpainting is not None else {}),
+                        **(inpaint.settings if inpaint is not None else {}),
                         **({"Prompt syntax": prompt_syntax} if prompt_syntax != "a1111" else {}),
                         **safeguard_settings}
             result.parameters.append(parameters_text(prompt, negative_prompt, settings))
@@ -352,19 +358,6 @@ class Pipeline:
             conditioning = self._compel
         inputs = conditioning(prompt, negative_prompt, size, image_size)
         return {name: value.astype(self.sampler.dtypes[name]) for name, value in inputs.items()}
-
-    def _check_inpainting(self, inpainting: Inpainting, start: Image.Image | None, passes: list[Pass],
-                          refiner: "Pipeline | None", upscale: Upscale | None) -> Inpainting:
-        """The mask at the generation's size, once inpainting is known to apply."""
-        if start is None:
-            raise GenerationError("a mask needs the image it masks: add --image PATH")
-        if refiner is not None or upscale is not None:
-            raise GenerationError("inpainting cannot be combined with --refiner or --upscale yet; inpaint first, then "
-                                  "refine or upscale the result")
-        if self.sampler.takes_mask and passes[0].size != (self.width, self.height):
-            raise GenerationError(f"an inpainting Unet runs at its package's size only ({self.width}x{self.height}): "
-                                  "leave out --width and --height")
-        return inpainting.at(passes[0].size)
 
     def _controlled_sampler(self) -> Sampler:
         """The sampler over the package's ControlledUnet, which takes the ControlNets' residuals."""
