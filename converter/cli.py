@@ -203,10 +203,14 @@ def validate_folder(folder: Path) -> int:
     from .conversion.validate import PSNR_THRESHOLD_DB
 
     results = validate_package(folder)
-    click.echo(f"{'component':<12} {'PSNR (dB)':>10} {'max abs error':>14}  "
+    rows = [(name, result) for component, checked in results.items()  # a multifunction model: each function
+            for name, result in ((component, checked), *((f"{component}:{function}", value) for function, value
+                                                         in checked.get("functions", {}).items()))]
+    width = max(12, *(len(name) for name, _ in rows))
+    click.echo(f"{'component':<{width}} {'PSNR (dB)':>10} {'max abs error':>14}  "
                f"result (threshold {PSNR_THRESHOLD_DB:.0f} dB)")
     failed = 0
-    for component, result in results.items():
+    for component, result in rows:
         passed = result["psnr_db"] >= PSNR_THRESHOLD_DB
         failed += not passed
         palettes = (f"{result['quantize_nbits']}-bit palettes" if "quantize_nbits" in result
@@ -214,7 +218,7 @@ def validate_folder(folder: Path) -> int:
                     else f"recipe {result.get('quantize_recipe')}")
         quantized = (f"  {palettes}: {result['unquantized_psnr_db']:.1f} dB against the unquantized original"
                      if "unquantized_psnr_db" in result else "")
-        click.echo(f"{component:<12} {result['psnr_db']:>10.1f} {result['max_abs_error']:>14.3g}  "
+        click.echo(f"{component:<{width}} {result['psnr_db']:>10.1f} {result['max_abs_error']:>14.3g}  "
                    f"{'ok' if passed else 'FAILED'}{quantized}")
     return 1 if failed else 0
 

@@ -21,6 +21,7 @@ import torch
 from coreml_sd.runtime.contract import (
     MAIN_FUNCTION,
     MULTIFUNCTION_MINIMUM_OS,
+    TEXT_LENGTH,
     UNGUIDED_FUNCTION,
     ComponentSpec,
     ModelDimensions,
@@ -55,6 +56,17 @@ def component_functions(kind: str, dims: ModelDimensions, unguided_function: boo
                           replace(dims, unet_batch_size=1 if unguided else dims.unet_batch_size, prompt_chunks=count))
                  for count in chunks for unguided in batches]
     return [function for function in functions if function.name != MAIN_FUNCTION]
+
+
+def recorded_functions(entry: dict, dims: ModelDimensions) -> list[Function]:
+    """The further functions a component's manifest entry lists (the main function's `dims` give the rest)."""
+    functions = []
+    for name, recorded in entry.get("functions", {}).items():
+        inputs = recorded["inputs"]
+        batch = recorded.get("unet_batch_size", inputs["sample"]["shape"][0])
+        chunks = recorded.get("prompt_chunks", inputs["encoder_hidden_states"]["shape"][-1] // TEXT_LENGTH)
+        functions.append(Function(name, replace(dims, unet_batch_size=batch, prompt_chunks=chunks)))
+    return functions
 
 
 def converted_model(source: ModelSource, component: str, spec: ComponentSpec, precision: str, nbits: int | None,

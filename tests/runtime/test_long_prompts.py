@@ -84,6 +84,24 @@ def test_each_function_matches_the_diffusers_unet(two_chunk_package, tiny_pipeli
     assert psnr(expected, ours) >= FUNCTION_PSNR_DB
 
 
+def test_the_converters_validation_runs_each_recorded_function(two_chunk_package):
+    """What conversion (and --validate-only) checks of each further function: the function read back from the
+    manifest, run on inputs of its own shapes against diffusers' Unet."""
+    from coreml_sd.converter.conversion.multifunction import recorded_functions
+    from coreml_sd.converter.conversion.validate import validate
+    from coreml_sd.converter.sources import resolve
+    from coreml_sd.runtime.contract import ModelDimensions
+
+    manifest = json.loads((two_chunk_package / "manifest.json").read_text())
+    [function] = recorded_functions(manifest["components"]["Unet"], ModelDimensions.from_manifest(manifest))
+    assert (function.name, function.dims.unet_batch_size, function.dims.prompt_chunks) == ("tokens_154", 2, 2)
+    source = resolve("tiny")
+    result = validate(two_chunk_package / "Unet.mlpackage", source.family.component("Unet"),
+                      function.spec(source, "Unet"), lambda: source.load("Unet", torch.float32), 0,
+                      source.latent_scaling_factor, function_name=function.name)
+    assert result["psnr_db"] >= FUNCTION_PSNR_DB  # measured 65.7 dB
+
+
 def test_a_two_chunk_prompt_matches_diffusers_given_the_web_uis_embeddings(two_chunk_runtime, tiny_pipeline):
     steps, seed = 4, 3
     ours = two_chunk_runtime(LONG_PROMPT, negative_prompt="blurry", steps=steps, scheduler="pndm", seed=seed,
