@@ -24,7 +24,7 @@ from .backends import Model, release, resolve_backend
 from .components import load_component, unguided_unet
 from .conditioning import SizeConditioning, conditioning_for
 from .contract import CONTROLLED_UNET, CONTROLNET_PREFIX, SAFETY_CHECKER, VAE_DECODER, VAE_ENCODER, VAE_FACTOR
-from .control import Control, ControlRequest, check_control, control_image_input, control_settings
+from .control import Control, ControlRequest, check_control, control_settings
 from .errors import GenerationError
 from .inpaint_stage import InpaintStage, check_inpainting
 from .inpainting import Inpainting
@@ -226,7 +226,7 @@ class Pipeline:
         if self.sampler.takes_mask and inpainting is None:
             raise GenerationError(f"package {self.package.name!r} has an inpainting Unet: pass --image and --mask "
                                   "(white = redraw)")
-        control = self._control(controls, control_start, control_end, passes) if controls else None
+        control = self._control(controls, control_start, control_end) if controls else None
         sampler = self._controlled_sampler() if control is not None else self.sampler
         denoisers = (sampler.name, UNGUIDED_UNET, *(CONTROLNET_PREFIX + request.name for request in controls))
         if seed is None:
@@ -314,17 +314,13 @@ class Pipeline:
                                   "convert the model with coreml-convert --controlnet ID_OR_PATH")
         return Sampler(self.model(CONTROLLED_UNET), self.package, name=CONTROLLED_UNET)
 
-    def _control(self, controls: list[ControlRequest], start: float, end: float, passes: list[Pass]) -> Control:
-        """The control stage: each named ControlNet with its scale and its control image at the generation size."""
+    def _control(self, controls: list[ControlRequest], start: float, end: float) -> Control:
+        """The control stage: each named ControlNet with its scale and its control image (each pass resizes it to
+        its own size and cuts it into its Unet windows)."""
         check_control(start, end)
-        if any(stage.size != (self.width, self.height) for stage in passes):
-            raise GenerationError("ControlNets run at the package's own size only for now: leave out --width, "
-                                  f"--height and --upscale ({self.width}x{self.height}), or convert at the size you "
-                                  "want")
         models = [self.model(CONTROLNET_PREFIX + request.name) for request in controls]
-        batch = self.unet_batch_size
-        return Control(models, [request.scale for request in controls],
-                       [control_image_input(request.image, passes[0].size, batch) for request in controls], start, end)
+        return Control(models, [request.scale for request in controls], [request.image for request in controls],
+                       start, end)
 
     def _safety_checker(self) -> SafetyChecker | None:
         if SAFETY_CHECKER not in self.package.components:

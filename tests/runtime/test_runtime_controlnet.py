@@ -116,7 +116,6 @@ def test_canny_preprocessing_is_opencvs():
     (["--controlnet", "TinyCanny", "--control-image", "IMAGE", "--control-start", "0.8", "--control-end", "0.2"],
      "must satisfy 0 <= start < end <= 1"),
     (["--controlnet", "TinyCanny", "--control-image", "IMAGE", "--control-preprocess", "sobel"], "pass canny"),
-    (["--controlnet", "TinyCanny", "--control-image", "IMAGE", "--width", "256"], "package's own size only"),
 ])
 def test_bad_control_input_is_one_line(tiny_controlnet_package, tmp_path, capsys, arguments, message):
     image = tmp_path / "map.png"
@@ -136,10 +135,10 @@ def test_transparent_control_pixels_follow_apples_rule():
     rng = np.random.default_rng(6)
     rgba = rng.integers(0, 256, (64, 64, 4), dtype=np.uint8)
     rgba[..., 3] = np.where(rng.random((64, 64)) < 0.3, 0, rng.integers(1, 256, (64, 64)))
-    ours = control_image_input(Image.fromarray(rgba, "RGBA"), (64, 64), batch=2)
+    ours = control_image_input(Image.fromarray(rgba, "RGBA"), (64, 64))
     planar = rgba[..., :3].astype(np.float32).transpose(2, 0, 1) / 255
     expected = np.where(rgba[..., 3][None] == 0, -1.0, planar)
-    assert ours.shape == (2, 3, 64, 64) and (ours == expected[None]).all() and (ours == -1).any()
+    assert ours.shape == (1, 3, 64, 64) and (ours == expected[None]).all() and (ours == -1).any()
 
 
 def test_sdxl_controlnet_matches_diffusers(tiny_xl_pipeline, tmp_path_factory):
