@@ -39,7 +39,10 @@ def component_settings(component: str, source: ModelSource, dims: ModelDimension
             settings.update(chunks=len(chunk_names(component)))
     elif kind == "safety_checker":
         settings.update(safety_checker=source.safety_checker)
-    elif kind != "text_encoder":
+    elif kind == "text_encoder":
+        if dims.clip_skip_layers > 1:
+            settings.update(clip_skip_layers=dims.clip_skip_layers)
+    else:
         settings.update(attention_implementation=options.attention_implementation)
     if quantize_nbits(source.family.component(component), options.quantize_nbits):
         settings.update(quantize_nbits=options.quantize_nbits)
