@@ -83,6 +83,7 @@ class ClipSkip:
 
     def __init__(self, model, component: str = TEXT_ENCODER, hidden_layer: int = -1,
                  record: EncoderRecord = EncoderRecord(), package: str = "the package"):
+        """`package`: how messages name the package ("package 'name'")."""
         self.model, self.component, self.hidden_layer, self.record = model, component, hidden_layer, record
         self.package = package
 
@@ -101,19 +102,19 @@ class ClipSkip:
             return name
         depth = self.record.depth
         if depth is not None and clip_skip > depth + self.hidden_layer + 1:
-            raise GenerationError(f"--clip-skip {clip_skip} is past the text encoder's depth: {self.package}'s "
-                                  f"{self.component} has {depth} layers, so clip skip goes up to "
+            raise GenerationError(f"--clip-skip {clip_skip} is past the text encoder's depth: the {self.component} of "
+                                  f"{self.package} has {depth} layers, so clip skip goes up to "
                                   f"{depth + self.hidden_layer + 1}")
         outputs = self.model.output_description
         if name not in outputs:
             deepest = self.deepest(outputs)
             held = (f"holds the layers of clip skip up to {deepest}" if deepest > 1 else
                     "holds no layers for clip skip (converted before it, or by another converter)")
-            raise GenerationError(f"--clip-skip {clip_skip}: {self.package}'s {self.component} {held}; convert it "
-                                  f"again with coreml-convert --clip-skip-layers {clip_skip}")
+            raise GenerationError(f"--clip-skip {clip_skip}: the {self.component} of {self.package} {held}; convert "
+                                  f"it again with coreml-convert --clip-skip-layers {clip_skip}")
         if self.hidden_layer == -1 and self.record.final_layer_norm is None:
-            raise GenerationError(f"--clip-skip {clip_skip}: {self.package}'s manifest records no final layer norm "
-                                  f"of its {self.component}, which clip skip applies; convert it again with "
+            raise GenerationError(f"--clip-skip {clip_skip}: the manifest of {self.package} records no final layer "
+                                  f"norm of its {self.component}, which clip skip applies; convert it again with "
                                   "coreml-convert")
         return name
 

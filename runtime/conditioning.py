@@ -111,7 +111,7 @@ def conditioning_for(package: Package, models: dict[str, Model]):
     """The conditioning piece for a package's family, over its text encoder models."""
     def encoder(name: str, pad_token: str = END_OF_TEXT) -> PromptEncoder:
         record = package.text_encoder_records.get(name, EncoderRecord())
-        layers = ClipSkip(models[name], name, package.contract.hidden_layer, record, repr(package.name))
+        layers = ClipSkip(models[name], name, package.contract.hidden_layer, record, f"package {package.name!r}")
         return PromptEncoder(package.vocab_file, package.merges_file, models[name], pad_token, package.embeddings,
                              layers)
 
