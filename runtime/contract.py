@@ -117,6 +117,14 @@ COMPONENT_SUMMARIES = {
 }
 
 
+def tensor_meaning(name: str) -> tuple[str, str] | None:
+    """A tensor's meaning and layout (None: a chunk's intermediate value)."""
+    if name.startswith(DEEPER_HIDDEN_PREFIX):
+        layer = name.removeprefix(DEEPER_HIDDEN_PREFIX)
+        return f"text embeddings, layer {layer} from the end, before the final layer norm", "(1,77,D)"
+    return TENSOR_MEANINGS.get(name)
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
@@ -132,11 +140,7 @@ class TensorSpec:
         of a split model, which has no meaning of its own, is described by its concrete shape."""
         if self.name.startswith(RESIDUAL_PREFIX):
             return f"{RESIDUAL_MEANING}, ({','.join(map(str, self.shape))}) {self.dtype}"
-        if self.name.startswith(DEEPER_HIDDEN_PREFIX):
-            layer = self.name.removeprefix(DEEPER_HIDDEN_PREFIX)
-            return f"text embeddings, layer {layer} from the end, before the final layer norm, (1,77,D) {self.dtype}"
-        meaning, layout = TENSOR_MEANINGS.get(self.name,
-                                              (CHUNK_INTERMEDIATE, "(" + ",".join(map(str, self.shape)) + ")"))
+        meaning, layout = tensor_meaning(self.name) or (CHUNK_INTERMEDIATE, "(" + ",".join(map(str, self.shape)) + ")")
         return f"{meaning}, {layout} {self.dtype}"
 
 
