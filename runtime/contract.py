@@ -117,6 +117,12 @@ COMPONENT_SUMMARIES = {
 }
 
 
+# Clip skip N reads the hidden states N - 1 layers before those the family conditions with (FamilyContract.hidden_layer:
+# SD's last layer after the final layer norm, SDXL's penultimate), each an output of its own: transformers'
+# hidden_states[-2] is `hidden_embeds` (Apple's XL name), hidden_states[-k] deeper down `hidden_embeds_<k>`.
+DEEPER_HIDDEN_PREFIX = "hidden_embeds_"
+
+
 def tensor_meaning(name: str) -> tuple[str, str] | None:
     """A tensor's meaning and layout (None: a chunk's intermediate value)."""
     if name.startswith(DEEPER_HIDDEN_PREFIX):
@@ -225,12 +231,6 @@ class ModelDimensions:
             unet_in_channels=manifest.get("unet_in_channels", LATENT_CHANNELS),
             clip_skip_layers=manifest.get("clip_skip_layers", 1),
         )
-
-
-# Clip skip N reads the hidden states N - 1 layers before those the family conditions with (FamilyContract.hidden_layer:
-# SD's last layer after the final layer norm, SDXL's penultimate), each an output of its own: transformers'
-# hidden_states[-2] is `hidden_embeds` (Apple's XL name), hidden_states[-k] deeper down `hidden_embeds_<k>`.
-DEEPER_HIDDEN_PREFIX = "hidden_embeds_"
 
 
 def hidden_output(layer: int) -> str:
