@@ -23,7 +23,7 @@ from coreml_sd.runtime.sampling import draw_noise
 from prompt_testing import with_tiny_unet_and_vae
 from runtime_testing import PSNR_THRESHOLD_DB, pixels
 
-EMBEDDING_PSNR_DB = 60.0  # measured: hidden_embeds 70.4 dB; SD weighted 69.9-71.6 dB, SDXL 66.7-71.3 dB
+EMBEDDING_PSNR_DB = 60.0  # measured: hidden_embeds 72.5 dB, compel 72.2-72.8 dB, SDXL 72.0-72.2 dB
 PROMPT = "a (red:1.3) cat on a mat, [blurry]"
 PROMPT_PIECES = [("a ", 1.0), ("red", 1.3), (" cat on a mat, ", 1.0), ("blurry", 1 / 1.1)]
 NEGATIVE = "low quality"
@@ -82,9 +82,9 @@ def test_text_encoder_package_holds_the_penultimate_layer(tiny_package, tiny_pip
                                   return_tensors="pt").input_ids
     actual = model.predict({"input_ids": ids.numpy().astype(np.float32)})
     expected = tiny_pipeline.text_encoder(ids, output_hidden_states=True)
-    assert psnr(expected.hidden_states[-2].numpy(), actual["hidden_embeds"]) >= EMBEDDING_PSNR_DB  # 70.4 dB
+    assert psnr(expected.hidden_states[-2].numpy(), actual["hidden_embeds"]) >= EMBEDDING_PSNR_DB  # 72.5 dB
     assert psnr(expected.last_hidden_state.numpy(), actual["last_hidden_state"]) >= EMBEDDING_PSNR_DB
-    assert psnr(expected.hidden_states[-2].numpy(), actual["last_hidden_state"]) < 20  # another layer
+    assert psnr(expected.hidden_states[-2].numpy(), actual["last_hidden_state"]) < 20  # another layer: 6.6 dB
 
 
 @torch.no_grad()
@@ -143,7 +143,7 @@ def test_sdxl_clip_skip_matches_diffusers_clip_skip(xl_base, tiny_xl_pipeline):
     reference = pipe("a photo of an astronaut", num_inference_steps=steps, guidance_scale=7.5, clip_skip=1,
                      latents=torch.from_numpy(draw_noise(np.random.RandomState(seed), (1, 4, 16, 16))),
                      height=128, width=128, output_type="np").images[0]
-    assert psnr(reference, pixels(ours.images[0])) >= PSNR_THRESHOLD_DB  # measured 59.2 dB
+    assert psnr(reference, pixels(ours.images[0])) >= PSNR_THRESHOLD_DB  # measured 57.9 dB
 
 
 @pytest.fixture(scope="module")
