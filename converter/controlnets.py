@@ -1,9 +1,10 @@
 """ControlNets (`coreml-convert --controlnet ID_OR_PATH`): each a `controlnet/<Name>.mlpackage` beside the model's
 packages, and the `ControlledUnet` that takes their residuals, as Apple's converter and Swift package have them.
 
-A ControlNet is its own model source (a diffusers `ControlNetModel` folder or Hugging Face id) whose one component
-is the ControlNet, converted and validated as any component is; it must fit the model's Unet (same text width,
-blocks and channels), which is checked from the configs before anything converts.
+A ControlNet is its own model source (a diffusers `ControlNetModel` folder or Hugging Face id, or a single file as
+model sites publish them: sources/controlnet_file.py) whose one component is the ControlNet, converted and validated
+as any component is; it must fit the model's Unet (same text width, blocks and channels), which is checked from the
+configs (and a single file's tensor shapes) before anything converts.
 """
 import re
 from dataclasses import dataclass, replace
@@ -84,8 +85,9 @@ def controlnet_folder(argument: str) -> tuple[Path, dict]:
     if path.is_dir():
         folder, description = path.resolve(), {"path": str(path.resolve())}
     elif argument.startswith((".", "/", "~")) or argument.count("/") != 1:
-        raise ConversionError(f"--controlnet {argument} is neither a folder nor a Hugging Face id (org/name); pass a "
-                              "diffusers ControlNetModel folder or id (e.g. lllyasviel/sd-controlnet-canny)")
+        raise ConversionError(f"--controlnet {argument} is neither a file, a folder nor a Hugging Face id (org/name); "
+                              "pass a ControlNet file (e.g. control_v11p_sd15_canny.safetensors), a diffusers "
+                              "ControlNetModel folder or id (e.g. lllyasviel/sd-controlnet-canny)")
     else:
         from .sources.folders import _download
 
@@ -128,10 +130,17 @@ def with_controlled_unet(family: Family) -> Family:
 def controlnet_source(argument: str, base: ModelSource, unet_config: dict) -> ModelSource:
     """A ControlNet as a model source of its own, whose one component (the first of its family's) is
     `controlnet/<Name>`."""
-    folder, description = controlnet_folder(argument)
-    reader = ControlNetReader(folder)
-    config = dict(reader.empty("controlnet").config)
-    check_fits(argument, config, unet_config, base)
+    path = Path(argument).expanduser()
+    if path.is_file():
+        from .sources.controlnet_file import controlnet_file_reader
+
+        reader = controlnet_file_reader(path, argument, unet_config,
+                                        lambda config: check_fits(argument, config, unet_config, base), base.name)
+        description = {"path": str(path.resolve())}
+    else:
+        folder, description = controlnet_folder(argument)
+        reader = ControlNetReader(folder)
+        check_fits(argument, dict(reader.empty("controlnet").config), unet_config, base)
     name = controlnet_name(argument)
     component = Component("controlnet", "controlnet", controlnet_spec)
     family = replace(base.family, components={component_name(name): component})

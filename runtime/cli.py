@@ -18,15 +18,8 @@ from .conditioning import SizeConditioning
 from .control import check_control, control_requests, parse_preprocess
 from .errors import GenerationError
 from .infotext import generation_options, read_png_parameters
-from .inpainting import (
-    DEFAULT_MASK_BLUR,
-    DEFAULT_PADDING,
-    INPAINT_AREAS,
-    Inpainting,
-    MaskedArea,
-    open_mask,
-    open_with_alpha,
-)
+from .inpaint_stage import DEFAULT_PADDING, INPAINT_AREAS
+from .inpainting import DEFAULT_MASK_BLUR, open_mask, open_with_alpha
 from .package import PACKAGES_ENV
 from .pipeline import PROMPT_SYNTAXES, Pipeline, check_options, random_seed
 from .sampler_names import A1111_SAMPLERS
@@ -147,13 +140,15 @@ def _list_schedulers(ctx: click.Context, _parameter: click.Parameter, value: boo
 @click.option("--image", help="Start from this image (image-to-image).")
 @click.option("--strength", type=float, help="With --image: how much to change it, 0 to 1 (default: 0.8; 1.0 when "
               "inpainting).")
-@click.option("--mask", help="With --image: inpaint, redrawing only where this mask (of the image's size) is white; "
-              "without --mask, an image's transparent pixels are redrawn.")
+@click.option("--mask", help="With --image: inpaint, redrawing only where this mask (of the image's size) is white "
+              "(a mask with transparency: where it is opaque); without --mask, an image's transparent pixels are "
+              "redrawn.")
 @click.option("--mask-blur", type=int, default=DEFAULT_MASK_BLUR, show_default=True, metavar="PIXELS",
-              help="Feather the mask's edge by this Gaussian radius before compositing the result over the image.")
+              help="Feather the mask's edge by a Gaussian of this standard deviation before compositing the result "
+              "over the image.")
 @click.option("--inpaint-area", type=click.Choice(INPAINT_AREAS), default="whole", show_default=True,
-              help="masked: generate only the box around the mask at the package's size and paste it back (a hand "
-              "in a 1024x1024 image with a 512x512 package).")
+              help="masked: generate only the box around the mask at the package's size (or --width x --height) and "
+              "paste it back (a hand in a 1024x1024 image with a 512x512 package).")
 @click.option("--inpaint-padding", type=int, default=DEFAULT_PADDING, show_default=True, metavar="PIXELS",
               help="With --inpaint-area masked: the margin kept around the mask's box.")
 @click.option("--num-images", type=int, default=1, show_default=True, help="Images from consecutive seeds.")
@@ -251,8 +246,9 @@ def write_images(prompt: str, negative_prompt: str, model: str | None, steps: in
                                   "and --upscale-strength says how much it changes; drop --strength, --width, --height")
         if mask is not None and image is None:
             raise GenerationError("--mask needs the image it masks: add --image PATH")
-        if mask_blur < 0:
-            raise GenerationError(f"--mask-blur must be at least 0 pixels, not {mask_blur}")
+        for name, pixels in (("--mask-blur", mask_blur), ("--inpaint-padding", inpaint_padding)):
+            if pixels < 0:
+                raise GenerationError(f"{name} must be at least 0 pixels, not {pixels}")
         check_clip_skip(clip_skip)
         check_options(scheduler, steps, 1.0 if strength is None else strength, num_images, seed, width, height, hires,
                       refiner_start)
@@ -271,7 +267,12 @@ def write_images(prompt: str, negative_prompt: str, model: str | None, steps: in
     if upscaler is not None:
         hires = Upscale(hires.factor, hires.strength, hires.steps, ModelUpscaler(upscaler))
     start_image = images.open_image(image) if image is not None else None
-    inpainting = open_mask(mask, image, mask_blur) if image is not None else None
+    masked_area = inpaint_area == "masked"
+    inpainting = open_mask(mask, image, mask_blur, inpaint_padding if masked_area else None) if image else None
+    if masked_area and inpainting is None:
+        raise GenerationError("--inpaint-area masked inpaints: add --image and --mask")
+    if masked_area and inpainting.empty:
+        raise GenerationError("--inpaint-area masked needs a mask with white in it; the mask is black everywhere")
     if strength is None:
         strength = 1.0 if inpainting is not None else 0.8
     controls = control_requests(controlnets, control_images, control_preprocess,
@@ -285,13 +286,6 @@ def write_images(prompt: str, negative_prompt: str, model: str | None, steps: in
     loading = dict(backend=backend, compute_unit=compute_unit, verify=verify, reduce_memory=reduce_memory)
     pipe = Pipeline.from_package(model, **loading)
     refiner_pipe = Pipeline.from_package(refiner, **loading) if refiner else None
-    area = None
-    if inpaint_area == "masked":
-        if inpainting is None:
-            raise GenerationError("--inpaint-area masked inpaints: add --image and --mask")
-        area = MaskedArea.around(inpainting, inpaint_padding, (pipe.width, pipe.height))
-        original, start_image = start_image, area.crop(start_image, (pipe.width, pipe.height))
-        inpainting = Inpainting(area.crop(inpainting.mask, (pipe.width, pipe.height)), inpainting.blur)
     result = pipe(
         prompt,
         negative_prompt=negative_prompt,
@@ -320,11 +314,6 @@ def write_images(prompt: str, negative_prompt: str, model: str | None, steps: in
         control_end=control_end,
         inpainting=inpainting,
     )
-    if area is not None and not inpainting.empty:
-        whole = open_mask(mask, image, mask_blur)
-        result.images = [area.paste(picture, original, whole) for picture in result.images]
-        result.parameters = [f"{text}, Inpaint area: Only masked, Masked area padding: {inpaint_padding}"
-                             for text in result.parameters]
     for index, flagged in enumerate(result.nsfw_content_detected or []):
         if flagged:
             click.echo(f"image {index + 1} (seed {result.seeds[index]}) was flagged by the safety checker "

@@ -2,8 +2,8 @@
 
 Every step, the latents outside the mask are replaced by the original image's latents noised to the next step's
 level (the clean latents after the last step), as diffusers' StableDiffusionInpaintPipeline does for a Unet of 4
-input channels; the decoded image is then composited over the original through the blurred mask, as A1111 does,
-so every pixel the blurred mask leaves at 0 is the original's, exactly.
+input channels; the decoded image is then composited over the original through the blurred mask, as A1111 does
+(inpaint_stage.py), so every pixel the blurred mask leaves at 0 is the original's, exactly.
 """
 import logging
 from dataclasses import dataclass
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageFilter, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from .contract import VAE_FACTOR
 from .errors import GenerationError
@@ -23,23 +23,37 @@ OPAQUE = 255
 
 @dataclass(frozen=True)
 class Inpainting:
-    """The redraw mask at the image's size (L: white = redraw) and its blur radius in pixels."""
+    """The redraw mask at the image's size (L: white = redraw), how far its edge is feathered (Gaussian standard
+    deviations in pixels, across and, where it differs, down) and where it is generated: the whole picture, or with
+    `padding` only the box around the mask, that many pixels wider each way (A1111's "only masked")."""
 
     mask: Image.Image
     blur: int = DEFAULT_MASK_BLUR
+    blur_y: int | None = None  # None: `blur`
+    padding: int | None = None  # None: the whole picture
+
+    def __post_init__(self) -> None:
+        for what, value in (("mask blur", self.blur), ("vertical mask blur", self.blur_y), ("padding", self.padding)):
+            if value is not None and value < 0:
+                raise GenerationError(f"the {what} must be at least 0 pixels, not {value}")
 
     @property
     def empty(self) -> bool:
-        return self.mask.getextrema()[1] == 0
-
-    def at(self, size: tuple[int, int]) -> "Inpainting":
-        """The mask at `size` (width, height), the generation's."""
-        if self.mask.size == size:
-            return self
-        return Inpainting(self.mask.resize(size, Image.Resampling.LANCZOS), self.blur)
+        """Nothing to redraw: the blurred mask is black everywhere."""
+        return self.blurred().getextrema()[1] == 0
 
     def blurred(self) -> Image.Image:
-        return self.mask.filter(ImageFilter.GaussianBlur(self.blur)) if self.blur else self.mask
+        """The mask feathered as A1111 feathers it: a Gaussian across, then one down, each cut at 2.5 deviations."""
+        across, down = self.blur, self.blur if self.blur_y is None else self.blur_y
+        if not across and not down:
+            return self.mask
+        import cv2  # the watermark's dependency, loaded once a mask is feathered
+
+        pixels = np.asarray(self.mask)
+        for deviation, kernel in ((across, lambda length: (length, 1)), (down, lambda length: (1, length))):
+            if deviation:
+                pixels = cv2.GaussianBlur(pixels, kernel(2 * int(2.5 * deviation + 0.5) + 1), deviation)
+        return Image.fromarray(pixels)
 
     def latent_mask(self) -> np.ndarray:
         """(1, 1, h, w), 1 where the latents are redrawn: the blurred mask binarised at half and sampled at each
@@ -55,15 +69,28 @@ class Inpainting:
         keep = np.asarray(self.blurred(), dtype=np.float32) / OPAQUE < 0.5
         return (pixels * keep[..., None]).transpose(2, 0, 1)[None]
 
-    def composite(self, generated: Image.Image, original: Image.Image) -> Image.Image:
-        """The generated pixels where the blurred mask is white, the original's where it is black, blended between."""
-        return Image.composite(generated, original.resize(generated.size, Image.Resampling.LANCZOS)
-                               if original.size != generated.size else original, self.blurred())
+    @property
+    def settings(self) -> dict[str, object]:
+        """What the PNG records, in A1111's names (it leaves out a blur of 0 and one that differs down)."""
+        settings = {"Mask blur": self.blur} if self.blur > 0 and self.blur_y in (None, self.blur) else {}
+        if self.padding is not None:
+            settings.update({"Inpaint area": "Only masked", "Masked area padding": self.padding})
+        return settings
 
 
-def open_mask(mask: str | Path | Image.Image | None, image: str | Path | Image.Image, blur: int) -> Inpainting | None:
-    """The inpainting a mask (or, without one, the image's transparency: transparent = redraw) asks for; None
-    without a mask and without transparency. An all-black mask warns: there is nothing to redraw."""
+def redraw_mask(picture: Image.Image) -> Image.Image:
+    """The mask a picture means (L, white = redraw), as A1111 reads one: a picture with transparency is a stroke
+    painted on a clear layer, its pixels more than half opaque redrawn; any other picture, its grey levels."""
+    if "A" in picture.getbands() and picture.getchannel("A").getextrema()[0] < OPAQUE:
+        return picture.getchannel("A").point(lambda alpha: OPAQUE if alpha > OPAQUE // 2 else 0)
+    return picture.convert("L")
+
+
+def open_mask(mask: str | Path | Image.Image | None, image: str | Path | Image.Image, blur: int,
+              padding: int | None = None) -> Inpainting | None:
+    """The inpainting a mask (or, without one, the image's transparency: transparent = redraw) asks for, of the
+    whole picture or (with `padding`) only the masked area; None without a mask and without transparency. An
+    all-black mask warns: there is nothing to redraw."""
     if blur < 0:
         raise GenerationError(f"--mask-blur must be at least 0 pixels, not {blur}")
     picture = open_with_alpha(image, "--image")
@@ -72,11 +99,11 @@ def open_mask(mask: str | Path | Image.Image | None, image: str | Path | Image.I
             return None
         redraw = Image.eval(picture.getchannel("A"), lambda alpha: OPAQUE - alpha)
     else:
-        redraw = open_with_alpha(mask, "--mask").convert("L")
+        redraw = redraw_mask(open_with_alpha(mask, "--mask"))
         if redraw.size != picture.size:
             raise GenerationError(f"the mask is {redraw.size[0]}x{redraw.size[1]} but the image "
                                   f"{picture.size[0]}x{picture.size[1]}: pass a mask of the image's size")
-    inpainting = Inpainting(redraw, blur)
+    inpainting = Inpainting(redraw, blur, padding=padding)
     if inpainting.empty:
         logger.warning("the mask is black everywhere: nothing to inpaint, so the image is returned as it is")
     return inpainting
@@ -108,52 +135,3 @@ class LatentBlend:
         if step < len(self.timesteps) - 1:
             known = self.scheduler.add_noise(self.clean, self.noise, self.timesteps[step + 1 : step + 2])
         return known * (1 - self.redraw) + latents * self.redraw
-
-
-INPAINT_AREAS = ("whole", "masked")  # A1111's "whole picture" and "only masked"
-DEFAULT_PADDING = 32  # pixels around the mask's bounding box, A1111's default
-
-
-@dataclass(frozen=True)
-class MaskedArea:
-    """A1111's "only masked": the box around the mask (padded, then widened to the package's aspect ratio) is
-    generated at the package's size and pasted back, so a 512x512 package repairs a hand in a 1024x1024 image."""
-
-    box: tuple[int, int, int, int]  # left, top, right, bottom in the image
-
-    @classmethod
-    def around(cls, inpainting: Inpainting, padding: int, size: tuple[int, int]) -> "MaskedArea":
-        """The box for `inpainting`'s mask (its blurred extent) in an image of the mask's size, for a package
-        making `size` (width, height) images."""
-        if padding < 0:
-            raise GenerationError(f"--inpaint-padding must be at least 0 pixels, not {padding}")
-        bounds = inpainting.blurred().getbbox()
-        if bounds is None:
-            raise GenerationError("--inpaint-area masked needs a mask with white in it; the mask is black everywhere")
-        width, height = inpainting.mask.size
-        left, top = max(bounds[0] - padding, 0), max(bounds[1] - padding, 0)
-        right, bottom = min(bounds[2] + padding, width), min(bounds[3] + padding, height)
-        # widen the shorter side to the package's aspect ratio, centred, within the image
-        aspect = size[0] / size[1]
-        if (right - left) / (bottom - top) < aspect:
-            left, right = _widened(left, right, round((bottom - top) * aspect), width)
-        else:
-            top, bottom = _widened(top, bottom, round((right - left) / aspect), height)
-        return cls((left, top, right, bottom))
-
-    def crop(self, picture: Image.Image, size: tuple[int, int]) -> Image.Image:
-        return picture.crop(self.box).resize(size, Image.Resampling.LANCZOS)
-
-    def paste(self, generated: Image.Image, original: Image.Image, inpainting: Inpainting) -> Image.Image:
-        """The generated crop back in its box, composited over the original through the whole blurred mask."""
-        full = original.convert("RGB").copy()
-        width, height = self.box[2] - self.box[0], self.box[3] - self.box[1]
-        full.paste(generated.resize((width, height), Image.Resampling.LANCZOS), self.box[:2])
-        return Image.composite(full, original.convert("RGB"), inpainting.blurred())
-
-
-def _widened(low: int, high: int, length: int, limit: int) -> tuple[int, int]:
-    """[low, high) grown to `length` (at most `limit`) around its centre, shifted to stay within [0, limit)."""
-    length = min(length, limit)
-    low = max(0, min((low + high - length) // 2, limit - length))
-    return low, low + length

@@ -20,18 +20,13 @@ from tqdm.auto import tqdm
 
 from . import images, tiling
 from . import watermark as watermarks
-from .backends import (
-    ManagedModel,
-    Model,
-    default_compute_unit,
-    load_model,
-    release,
-    resolve_backend,
-)
+from .backends import Model, release, resolve_backend
+from .components import load_component, unguided_unet
 from .conditioning import SizeConditioning, conditioning_for
 from .contract import CONTROLLED_UNET, CONTROLNET_PREFIX, SAFETY_CHECKER, VAE_DECODER, VAE_ENCODER, VAE_FACTOR
 from .control import Control, ControlRequest, check_control, control_image_input, control_settings
 from .errors import GenerationError
+from .inpaint_stage import InpaintStage, check_inpainting
 from .inpainting import Inpainting
 from .package import Package, find_package, load_package
 from .recommended import choose, consistency_distilled, warn_unless_distilled
@@ -92,32 +87,6 @@ def parameters_text(prompt: str, negative_prompt: str, settings: dict[str, objec
     return "\n".join(lines + [", ".join(f"{key}: {value}" for key, value in settings.items())])
 
 
-def compute_unit_of(package: Package, name: str, requested: str | None) -> str:
-    """Where a component runs: on the compute units asked for, else where its manifest says it runs (a float32
-    VAE: CPU_AND_GPU), else where its attention implementation runs best."""
-    return requested or package.compute_units.get(name) or default_compute_unit(package.attention_implementation)
-
-
-def load_component(package: Package, name: str, backend: str, compute_unit: str | None,
-                   reduce_memory: bool = False, function_name: str | None = None) -> Model:
-    """A component (of a multifunction model, function `function_name`), loaded now or, with `reduce_memory`,
-    when it first runs (and unloaded after its stage)."""
-    files = package.component(name)
-    load = partial(load_model, files, backend, compute_unit_of(package, name, compute_unit), function_name)
-    return ManagedModel(files, load, function_name) if reduce_memory else load()
-
-
-def unguided_unet(package: Package, backend: str, compute_unit: str | None) -> Model | None:
-    """The Unet's batch-1 function for sampling without guidance, where the package has one; loaded when first
-    run, so that guided sampling never loads it."""
-    if package.unguided_function is None:
-        return None
-    files = package.component(package.unet_name)
-    load = partial(load_model, files, backend, compute_unit_of(package, package.unet_name, compute_unit),
-                   package.unguided_function)
-    return ManagedModel(files, load, package.unguided_function)
-
-
 class Pipeline:
     """A package's models behind diffusers-like calls:
 
@@ -136,7 +105,7 @@ class Pipeline:
         self.package = package
         self.models = models
         self.backend = backend
-        self.compute_unit = compute_unit  # as asked; None: each component's own (see compute_unit_of)
+        self.compute_unit = compute_unit  # as asked; None: each component's own (see components.compute_unit_of)
         self.reduce_memory = reduce_memory
         self.conditioning = conditioning_for(package, models)
         self.unguided_unet = unguided_unet(package, backend, compute_unit)
@@ -225,7 +194,8 @@ class Pipeline:
         `refiner` pipeline, this one runs the first `refiner_start` of the schedule and the refiner the rest, as
         diffusers' base + refiner ensemble. `controls` steer the Unet with the package's ControlNets, each on its
         control image, over [`control_start`, `control_end`) of the schedule. With `image` and `inpainting`
-        (`inpainting.open_mask`), only the mask's white part is redrawn and the result composited over the image. The
+        (`inpainting.open_mask`), only the mask's white part is redrawn (of the whole picture, or of the box around the
+        mask with its `padding`) and the result composited over the image (inpaint_stage.py). The
         package's safety checker, if it has one, blackens flagged images (`safety_checker=False` skips it);
         `watermark=False` leaves out the invisible watermark. `on_step` is called after every denoising step (see
         sampling.StepHook). Raises GenerationError for anything the caller can fix."""
@@ -250,10 +220,14 @@ class Pipeline:
         start = None if image is None else images.open_image(image)
         sampling = Sampling(scheduler, steps, guidance_scale, strength, timestep_spacing, karras)
         passes = self._passes(sampling, (width, height), start, upscale)
+        inpaint = None
         if inpainting is not None:
-            inpainting = self._check_inpainting(inpainting, start, passes, refiner, upscale)
+            check_inpainting(start, passes[0].size, refiner is not None or upscale is not None,
+                             (self.width, self.height) if self.sampler.takes_mask else None)
             if inpainting.empty:
                 return GenerationResult([start] * num_images, [seed or 0] * num_images, [""] * num_images)
+            inpaint = InpaintStage.prepare(inpainting, start, passes[0].size)
+            start = inpaint.source
         if self.sampler.takes_mask and inpainting is None:
             raise GenerationError(f"package {self.package.name!r} has an inpainting Unet: pass --image and --mask "
                                   "(white = redraw)")
@@ -270,8 +244,8 @@ class Pipeline:
         refinement.condition(prompt, negative_prompt, size_conditioning, first_size, prompt_syntax, clip_skip)
         start_latents = None if start is None else self._encode(start, passes[0], overlap)
         masked_moments = None
-        if inpainting is not None and self.sampler.takes_mask:
-            masked_moments = self._encode(inpainting.masked_pixels(start), passes[0], overlap)
+        if inpaint is not None and self.sampler.takes_mask:
+            masked_moments = self._encode(inpaint.redraw.masked_pixels(start), passes[0], overlap)
         # The safeguards, in the order Stable Diffusion's scripts apply them: safety check, then watermark.
         checker = self._safety_checker() if safety_checker and output_type == "pil" else None
         safeguard_settings = {
@@ -292,7 +266,7 @@ class Pipeline:
                 with self.stage(*denoisers):
                     latents = sampler.denoise(conditioning, stage, image_seed, init_latents, overlap, bar,
                                               refinement.base_end, on_step, control,
-                                              inpainting and inpainting.latent_mask(), masked_moments)
+                                              inpaint and inpaint.redraw.latent_mask(), masked_moments)
                 latents = refinement(latents, stage, image_seed, overlap, bar, on_step)
                 if output_type == "pil" or number < len(passes) - 1:
                     with decoder.stage(VAE_DECODER):
@@ -303,13 +277,13 @@ class Pipeline:
                 result.nsfw_content_detected.append(flagged)
             if watermark:
                 picture = watermarks.apply(picture, self.package.watermark)
-            if inpainting is not None and output_type == "pil":  # after the watermark: the kept pixels stay exact
-                picture = inpainting.composite(picture, start)
+            if inpaint is not None and output_type == "pil":  # after the watermark: the kept pixels stay exact
+                picture = inpaint.finish(picture)
             result.images.append(picture if output_type == "pil" else latents)
             result.seeds.append(image_seed)
             settings = {**self._settings(passes, image_seed, overlap, start is not None, upscale),
                         **refinement.settings, **control_settings(controls, control_start, control_end),
-                        **({"Mask blur": inpainting.blur} if inpainting is not None else {}),
+                        **(inpaint.settings if inpaint is not None else {}),
                         **({"Prompt syntax": prompt_syntax} if prompt_syntax != "a1111" else {}),
                         **({"Clip skip": clip_skip} if clip_skip != 1 else {}),
                         **safeguard_settings}
@@ -345,19 +319,6 @@ class Pipeline:
         else:
             inputs = self.conditioning(prompt, negative_prompt, size, image_size, clip_skip)
         return {name: value.astype(self.sampler.dtypes[name]) for name, value in inputs.items()}
-
-    def _check_inpainting(self, inpainting: Inpainting, start: Image.Image | None, passes: list[Pass],
-                          refiner: "Pipeline | None", upscale: Upscale | None) -> Inpainting:
-        """The mask at the generation's size, once inpainting is known to apply."""
-        if start is None:
-            raise GenerationError("a mask needs the image it masks: add --image PATH")
-        if refiner is not None or upscale is not None:
-            raise GenerationError("inpainting cannot be combined with --refiner or --upscale yet; inpaint first, then "
-                                  "refine or upscale the result")
-        if self.sampler.takes_mask and passes[0].size != (self.width, self.height):
-            raise GenerationError(f"an inpainting Unet runs at its package's size only ({self.width}x{self.height}): "
-                                  "leave out --width and --height")
-        return inpainting.at(passes[0].size)
 
     def _controlled_sampler(self) -> Sampler:
         """The sampler over the package's ControlledUnet, which takes the ControlNets' residuals."""

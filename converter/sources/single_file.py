@@ -47,6 +47,9 @@ TEXT_LAYER_KEY = re.compile(r"^encoder\.layers\.(\d+)\.")
 # "512 base, epsilon" and every other SD 2.x checkpoint as 768-v.
 SD2_BASE_GLOBAL_STEP = 875000
 SD2_BY_PREDICTION = {"epsilon": "sd2", "v_prediction": "sd2-v"}
+# A text-to-image Unet takes the latents; an inpainting Unet also the mask and the masked image's latents.
+UNET_INPUT_CHANNELS = (4, 9)
+INPAINTING_CHANNELS = 9
 
 
 class Checkpoint:
@@ -144,9 +147,10 @@ def check_supported(checkpoint: Checkpoint) -> None:
     if FIRST_CONV not in checkpoint.shapes:
         raise ConversionError(f"{checkpoint.path.name} has no Stable Diffusion Unet ({FIRST_CONV}): is it a LoRA, an "
                               "embedding or a VAE? pass those with --lora/--embedding, and --model the model itself")
-    if checkpoint.shapes[FIRST_CONV][1] != 4:
-        raise ConversionError(f"{checkpoint.path.name} is an inpainting model (its Unet takes "
-                              f"{checkpoint.shapes[FIRST_CONV][1]} channels), which cannot be converted yet")
+    if checkpoint.shapes[FIRST_CONV][1] not in UNET_INPUT_CHANNELS:
+        raise ConversionError(f"{checkpoint.path.name}'s Unet takes {checkpoint.shapes[FIRST_CONV][1]} input channels "
+                              "(an InstructPix2Pix or depth model?), which this converter does not run: convert a "
+                              "text-to-image (4 channels) or inpainting (9 channels) model")
 
 
 def detect_model_type(checkpoint: Checkpoint) -> tuple[str, str]:
@@ -174,6 +178,8 @@ def choose_prediction_type(model_type: str, checkpoint: Checkpoint, asked: str |
     if "v_pred" in checkpoint.shapes:
         return ("sd2-v" if is_sd2 else model_type), "v_prediction", "the checkpoint's v_pred marker"
     if model_type == "sd2":
+        if checkpoint.shapes[FIRST_CONV][1] == INPAINTING_CHANNELS:
+            return "sd2", "epsilon", "SD 2 inpainting (512-inpainting-ema) is a 512 epsilon model"
         if checkpoint.hints.get("global_step") == SD2_BASE_GLOBAL_STEP:
             return "sd2", "epsilon", f"global_step {SD2_BASE_GLOBAL_STEP}, SD 2.0-base's checkpoint"
         return "sd2-v", "v_prediction", "the SD 2.x default; pass --prediction-type epsilon for a 512 base model"
@@ -207,10 +213,13 @@ def single_file_source(path: Path, model_type: str | None, prediction_type: str 
         configs = {module: read_json(Path(config_folder) / module / ("scheduler_config.json" if module == "scheduler"
                                                                      else "config.json")) for module in configs}
     scheduler = dict(configs["scheduler"], prediction_type=prediction_type)
+    # The weights say whether the Unet inpaints, whatever config they come with.
+    configs["unet"] = dict(configs["unet"], in_channels=checkpoint.shapes[FIRST_CONV][1])
     absent = frozenset(module for module, prefixes in (("vae", VAE_PREFIXES),
                                                         ("text_encoder", (CLIP_PREFIX, OPEN_CLIP_PREFIX)))
                        if not checkpoint.has(prefixes))
-    print(f"{path.name}: {chosen.description} ({why}); {scheduler['prediction_type']} ({prediction_why})"
+    inpainting = "; inpainting Unet (9 input channels)" if configs["unet"]["in_channels"] == INPAINTING_CHANNELS else ""
+    print(f"{path.name}: {chosen.description} ({why}); {scheduler['prediction_type']} ({prediction_why}){inpainting}"
           + (f"; holds no {' or '.join(sorted(absent))} weights" if absent else ""), file=sys.stderr)
     description = {"path": str(path), "model_type": model_type, "prediction_type": scheduler["prediction_type"]}
     if config_folder is not None:

@@ -180,7 +180,8 @@ def create_app(worker: Worker, catalogue: Catalogue, credentials: dict[str, str]
     async def img2img(body: Img2ImgRequest, request: Request) -> dict[str, Any]:
         encoded = translation.check_img2img_inputs(body)
         image = await run_in_threadpool(codec.open_image, encoded, "init_images[0]")
-        return await generate(body, translation.img2img(body, image), request)
+        mask = await run_in_threadpool(codec.open_image, body.mask, "mask", "RGBA") if body.mask else None
+        return await generate(body, translation.img2img(body, image, mask), request)
 
     @app.get("/sdapi/v1/progress", response_model=ProgressResponse)
     async def progress(skip_current_image: bool = False) -> dict[str, Any]:

@@ -38,8 +38,9 @@ def decode_base64(data: str, what: str) -> bytes:
         raise invalid(f"{what} is not base64; send the image file's bytes base64-encoded") from None
 
 
-def open_image(data: str, what: str) -> Image.Image:
-    """An RGB image from a base64 string; 422 for anything that is not a readable image of a sane size."""
+def open_image(data: str, what: str, mode: str = "RGB") -> Image.Image:
+    """An image from a base64 string, in `mode` (a mask keeps its transparency in RGBA); 422 for anything that is not
+    a readable image of a sane size."""
     raw = decode_base64(data, what)
     try:
         with warnings.catch_warnings():
@@ -48,7 +49,7 @@ def open_image(data: str, what: str) -> Image.Image:
             if image.width * image.height > MAX_INPUT_PIXELS:
                 raise invalid(f"{what} is {image.width}x{image.height}, more pixels than this server takes "
                               f"({MAX_INPUT_PIXELS}); send a smaller image")
-            return image.convert("RGB")
+            return image.convert(mode)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise invalid(f"{what} declares more pixels than Pillow safely decodes; send a smaller image") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:

@@ -11,10 +11,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .. import sampler_names
 from ..infotext import parse_infotext
+from ..inpainting import Inpainting, redraw_mask
 from ..pipeline import MAX_SEED, random_seed
 from ..schedulers import SCHEDULERS
 from ..upscaling import MAX_FACTOR, MIN_FACTOR, Upscale
@@ -29,6 +30,9 @@ MAX_SIDE = 2048  # pixels per side of any image made, upscaled ones included
 MAX_IMAGES = 16  # batch_size x n_iter
 MAX_STEPS = 1000  # SD's training timesteps; the pipeline checks the package's own number too
 HIRES_UPSCALERS = ("", "none", "lanczos")  # what `hr_upscaler` may name: the runtime enlarges with Lanczos
+# A1111's `inpainting_fill`: what the masked pixels start as. The runtime starts them as the original (1) always.
+INPAINTING_FILLS = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}
+EMPTY_MASK = "the mask is black everywhere: nothing to inpaint, so the init image is returned as it is"
 
 
 def sampler_items() -> list[dict[str, Any]]:
@@ -61,6 +65,7 @@ class Generation:
     upscale: Upscale | None = None
     refiner: str | None = None
     refiner_start: float = 0.8
+    inpainting: Inpainting | None = None
     clip_skip: int = 1  # A1111's CLIP_stop_at_last_layers
     created: float = field(default_factory=time.time)
 
@@ -70,7 +75,8 @@ class Generation:
         return {"negative_prompt": self.negative_prompt, "steps": self.steps, "guidance_scale": self.guidance_scale,
                 "scheduler": self.scheduler, "seed": self.seed + index, "image": self.image, "strength": self.strength,
                 "num_images": 1, "width": self.width, "height": self.height, "upscale": self.upscale,
-                "refiner_start": self.refiner_start, "clip_skip": self.clip_skip, "progress": False}
+                "refiner_start": self.refiner_start, "inpainting": self.inpainting, "clip_skip": self.clip_skip,
+                "progress": False}
 
 
 def _positive(value: int, name: str, limit: int, hint: str) -> int:
@@ -192,17 +198,41 @@ def _hires(request: Txt2ImgRequest, generation: Generation) -> Upscale:
     return Upscale(request.hr_scale, _strength(request.denoising_strength, "denoising_strength"), steps)
 
 
-def img2img(request: Img2ImgRequest, image: Image.Image) -> Generation:
+def img2img(request: Img2ImgRequest, image: Image.Image, mask: Image.Image | None = None) -> Generation:
     generation = Generation(**_common(request, _count(request)))
     generation.image = image
     generation.strength = _strength(request.denoising_strength, "denoising_strength")
+    if mask is not None:
+        generation.inpainting = _inpainting(request, image, mask)
     return generation
+
+
+def _inpainting(request: Img2ImgRequest, image: Image.Image, mask: Image.Image) -> Inpainting:
+    """A1111's mask settings: white (or opaque) redrawn, or the rest with inpainting_mask_invert; mask_blur, when
+    sent, for both of mask_blur_x and mask_blur_y; inpaint_full_res generates only the area around the mask."""
+    if mask.size != image.size:
+        raise invalid(f"mask is {mask.width}x{mask.height} but init_images[0] {image.width}x{image.height}; send a "
+                      "mask of the init image's size")
+    if request.inpainting_mask_invert not in (0, 1):
+        raise invalid(f"inpainting_mask_invert must be 0 (redraw the white) or 1 (the black), not "
+                      f"{request.inpainting_mask_invert}")
+    if request.inpainting_fill not in INPAINTING_FILLS:
+        fills = ", ".join(f"{key} ({name})" for key, name in INPAINTING_FILLS.items())
+        raise invalid(f"inpainting_fill must be one of {fills}, not {request.inpainting_fill}")
+    across, down = ((request.mask_blur, request.mask_blur) if request.mask_blur is not None
+                    else (request.mask_blur_x, request.mask_blur_y))
+    for name, pixels in (("mask_blur" if request.mask_blur is not None else "mask_blur_x", across),
+                         ("mask_blur_y", down), ("inpaint_full_res_padding", request.inpaint_full_res_padding)):
+        if pixels < 0:
+            raise invalid(f"{name} must be at least 0 pixels, not {pixels}")
+    redraw = redraw_mask(mask)
+    if request.inpainting_mask_invert:
+        redraw = ImageOps.invert(redraw)
+    return Inpainting(redraw, across, down, request.inpaint_full_res_padding if request.inpaint_full_res else None)
 
 
 def check_img2img_inputs(request: Img2ImgRequest) -> str:
     """The one init image to decode (the runtime starts every image of a request from the same one)."""
-    if request.mask:
-        raise invalid("inpainting (mask) is not supported yet; send img2img without a mask")
     if not request.init_images:
         raise invalid("img2img needs init_images: a list with one base64 image")
     if len(request.init_images) > 1:
@@ -235,6 +265,7 @@ def info_json(generation: Generation, seeds: list[int], infotexts: list[str], mo
         "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(generation.created)),
         "clip_skip": generation.clip_skip,
         "is_using_inpainting_conditioning": False,
+        **({"comments": EMPTY_MASK} if generation.inpainting is not None and generation.inpainting.empty else {}),
     })
 
 

@@ -119,3 +119,28 @@ def ldm_state(pipeline, unet=True, vae=True, text_encoder=True, open_clip=False)
     if text_encoder:
         state.update(open_clip_state(pipeline.text_encoder) if open_clip else clip_state(pipeline.text_encoder))
     return {name: tensor.detach().clone().contiguous() for name, tensor in state.items()}
+
+
+def controlnet_key(name: str, config) -> str:
+    """A diffusers ControlNetModel's weight name in lllyasviel's original layout (the Unet encoder's names, the zero
+    convolutions, and the control image's embedding as one sequential `input_hint_block` of convolutions and SiLUs)."""
+    module, kind = name.rsplit(".", 1)
+    if match := re.match(r"controlnet_down_blocks\.(\d+)$", module):
+        return f"zero_convs.{match[1]}.0.{kind}"
+    if module == "controlnet_mid_block":
+        return f"middle_block_out.0.{kind}"
+    if module == "controlnet_cond_embedding.conv_in":
+        return f"input_hint_block.0.{kind}"
+    if match := re.match(r"controlnet_cond_embedding\.blocks\.(\d+)$", module):
+        return f"input_hint_block.{2 * (int(match[1]) + 1)}.{kind}"
+    if module == "controlnet_cond_embedding.conv_out":
+        return f"input_hint_block.{2 * (len(config.conditioning_embedding_out_channels) * 2 - 1)}.{kind}"
+    if match := re.match(r"add_embedding\.linear_(\d)$", module):  # SDXL's pooled text and time ids
+        return f"label_emb.0.{2 * (int(match[1]) - 1)}.{kind}"
+    return unet_key(name, config)
+
+
+def controlnet_state(controlnet, prefix: str = "control_model.") -> dict[str, torch.Tensor]:
+    """A ControlNet's weights as lllyasviel's control_v11p_sd15_* files hold them."""
+    return {prefix + controlnet_key(name, controlnet.config): tensor.detach().clone().contiguous()
+            for name, tensor in controlnet.state_dict().items()}

@@ -89,12 +89,12 @@ def test_model_type_is_inferred_and_refusals_are_one_line(tmp_path, tiny_pipelin
     save_file(state, str(unknown_width))
     with pytest.raises(ConversionError, match="pass --model-type"):
         resolve(str(unknown_width))
-    inpainting = dict(state)
+    image_conditioned = dict(state)  # InstructPix2Pix: latents and the image's latents (inpainting: 9 converts)
     first = "model.diffusion_model.input_blocks.0.0.weight"
-    inpainting[first] = torch.zeros(state[first].shape[0], 9, *state[first].shape[2:])
-    save_file(inpainting, str(tmp_path / "inpaint.safetensors"))
-    with pytest.raises(ConversionError, match="inpainting"):
-        resolve(str(tmp_path / "inpaint.safetensors"))
+    image_conditioned[first] = torch.zeros(state[first].shape[0], 8, *state[first].shape[2:])
+    save_file(image_conditioned, str(tmp_path / "pix2pix.safetensors"))
+    with pytest.raises(ConversionError, match="takes 8 input channels"):
+        resolve(str(tmp_path / "pix2pix.safetensors"))
     save_file(
         {"conditioner.embedders.0.transformer.x": torch.zeros(1), first: state[first]}, str(tmp_path / "xl.safetensors")
     )

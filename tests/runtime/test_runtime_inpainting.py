@@ -1,6 +1,7 @@
 """Inpainting by latent blending on an ordinary package: the redrawn region against diffusers'
 StableDiffusionInpaintPipeline (4-channel Unet) on the same weights and NumPy-RNG numbers, the kept pixels equal to
 the input image exactly, and the one-line refusals."""
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -10,6 +11,7 @@ from PIL import Image, ImageDraw
 from coreml_sd.runtime import Pipeline
 from coreml_sd.runtime.cli import main
 from coreml_sd.runtime.executor import psnr
+from coreml_sd.runtime.inpaint_stage import InpaintStage
 from coreml_sd.runtime.inpainting import Inpainting, open_mask
 from coreml_sd.runtime.sampling import draw_noise, sample_encoder_latents
 
@@ -91,13 +93,16 @@ def test_transparency_serves_as_the_mask(photo):
     ("small-mask", "the mask is 64x64 but the image 128x128"),
     ("mask-only", "--mask needs the image it masks"),
     ("negative-blur", "--mask-blur must be at least 0"),
+    ("negative-padding", "--inpaint-padding must be at least 0"),
 ])
 def test_bad_inpainting_input_is_one_line(tiny_controlnet_package, photo, tmp_path, capsys, case, message):
     image, mask = tmp_path / "photo.png", tmp_path / "mask.png"
     photo.save(image)
     circle_mask(64 if case == "small-mask" else 128).save(mask)
     arguments = {"small-mask": ["--image", str(image), "--mask", str(mask)], "mask-only": ["--mask", str(mask)],
-                 "negative-blur": ["--image", str(image), "--mask", str(mask), "--mask-blur", "-1"]}[case]
+                 "negative-blur": ["--image", str(image), "--mask", str(mask), "--mask-blur", "-1"],
+                 "negative-padding": ["--image", str(image), "--mask", str(mask), "--inpaint-area", "masked",
+                                      "--inpaint-padding", "-8"]}[case]
     output = tmp_path / "out"
     code = main([PROMPT, "--model", str(tiny_controlnet_package), "--backend", "reference", "--steps", "2",
                  "-o", str(output), *arguments])
@@ -185,3 +190,38 @@ def test_only_masked_with_an_empty_mask_is_one_line(tiny_controlnet_package, pho
     error = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("Error")]
     assert code != 0 and len(error) == 1 and "--inpaint-area masked needs a mask with white in it" in error[0]
     assert not output.exists() or not list(output.iterdir())
+
+
+def a1111_feathered(mask: Image.Image, sigma: int) -> np.ndarray:
+    """A1111's mask feathering (processing.py): a Gaussian across, then down, each kernel 2*int(2.5*sigma+0.5)+1."""
+    length = 2 * int(2.5 * sigma + 0.5) + 1
+    return cv2.GaussianBlur(cv2.GaussianBlur(np.asarray(mask), (length, 1), sigma), (1, length), sigma)
+
+
+@pytest.mark.parametrize("area", ["whole picture", "only masked"])
+def test_the_result_goes_back_once_through_a1111s_overlay(area):
+    """The composite, against A1111's overlay computed here: only masked pastes the generated crop into its box and
+    blends it over the image through the feathered mask, once (a second blend inside the crop thinned the edge);
+    the whole picture blends through the feathered mask doubled. A solid blue stands in for the generated picture."""
+    big = Image.fromarray(np.random.default_rng(4).integers(0, 256, (256, 256, 3), dtype=np.uint8))
+    mask = Image.new("L", (256, 256))
+    ImageDraw.Draw(mask).ellipse((170, 150, 220, 210), fill=255)
+    only_masked = area == "only masked"
+    stage = InpaintStage.prepare(Inpainting(mask, 6, padding=16 if only_masked else None), big, (128, 128))
+    result = np.asarray(stage.finish(Image.new("RGB", (128, 128), (0, 0, 255)))).astype(float)
+    original, feathered = np.asarray(big).astype(float), a1111_feathered(mask, 6)
+    alpha = feathered / 255
+    if only_masked:
+        left, top, right, bottom = stage.area.box
+        ys, xs = np.nonzero(alpha)
+        assert right - left == bottom - top and left <= xs.min() - 16 and right >= xs.max() + 17
+        assert stage.source.size == (128, 128) and np.asarray(stage.redraw.mask).max() == 255
+    else:
+        original = np.asarray(big.resize((128, 128), Image.Resampling.LANCZOS)).astype(float)
+        # A1111 brings the feathered mask to the generation's size with Pillow's Lanczos, then doubles it
+        scaled = np.asarray(Image.fromarray(feathered).resize((128, 128), Image.Resampling.LANCZOS))
+        alpha = np.minimum(2 * scaled.astype(float), 255) / 255
+    expected = np.array([0, 0, 255]) * alpha[..., None] + original * (1 - alpha[..., None])
+    error = np.abs(result - expected)
+    print(f"{area}: largest difference {error.max():.2f} levels")
+    assert error.max() <= 1.01  # measured 0.5: rounding

@@ -28,6 +28,7 @@ def png_bomb() -> str:
 
 
 START = png_of(Image.fromarray(np.zeros((128, 128, 3), np.uint8)))
+SMALL = png_of(Image.new("L", (64, 64), 255))
 TXT2IMG, IMG2IMG = "/sdapi/v1/txt2img", "/sdapi/v1/img2img"
 FAST = {"steps": 1, "width": 128, "height": 128}
 
@@ -66,7 +67,14 @@ CASES = [
     ("base64 of text", "POST", IMG2IMG, {**FAST, "init_images": [b64(b"hello, world")]}, 422, "not an image"),
     ("an image URL", "POST", IMG2IMG, {**FAST, "init_images": ["http://127.0.0.1:1/x.png"]}, 422, "fetches nothing"),
     ("a PNG bomb", "POST", IMG2IMG, lambda: {**FAST, "init_images": [png_bomb()]}, 422, "pixels"),
-    ("a mask (inpainting)", "POST", IMG2IMG, {**FAST, "init_images": [START], "mask": START}, 422, "inpainting"),
+    ("a non-base64 mask", "POST", IMG2IMG, {**FAST, "init_images": [START], "mask": "not base64!"}, 422,
+     "mask is not base64"),
+    ("a mask of another size", "POST", IMG2IMG, {**FAST, "init_images": [START], "mask": SMALL}, 422,
+     "mask is 64x64 but init_images[0] 128x128"),
+    ("a negative mask blur", "POST", IMG2IMG, {**FAST, "init_images": [START], "mask": START, "mask_blur": -2}, 422,
+     "mask_blur must be at least 0 pixels, not -2"),
+    ("an unknown inpainting fill", "POST", IMG2IMG, {**FAST, "init_images": [START], "mask": START,
+                                                     "inpainting_fill": 7}, 422, "inpainting_fill must be one of"),
     ("png-info of a non-PNG", "POST", "/sdapi/v1/png-info", {"image": b64(b"GIF89a....")}, 422, "not a PNG"),
     ("an oversized body", "POST", IMG2IMG, lambda: {"init_images": ["A" * (50 * 2**20)]}, 413, "over 24 MiB"),
     ("an unknown endpoint", "GET", "/sdapi/v1/train/embedding", None, 404, "no endpoint /sdapi/v1/train/embedding"),
