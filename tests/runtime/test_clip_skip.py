@@ -15,7 +15,7 @@ from coreml_sd.converter.models.tiny import build_tiny_pipeline
 from coreml_sd.runtime import GenerationError, Pipeline
 from coreml_sd.runtime.cli import main
 from coreml_sd.runtime.clip_skip import FinalLayerNorm
-from coreml_sd.runtime.conditioning import SizeConditioning
+from coreml_sd.runtime.conditioning import SizeConditioning, TextConditioning
 from coreml_sd.runtime.executor import ReferenceModel, psnr
 from coreml_sd.runtime.infotext import parse_infotext
 from coreml_sd.runtime.sampling import draw_noise
@@ -101,6 +101,23 @@ def test_recorded_final_layer_norm_is_the_models():
     ours = FinalLayerNorm.from_manifest(record["final_layer_norm"])(hidden.numpy())
     np.testing.assert_allclose(ours, norm(hidden).numpy(), rtol=1e-5, atol=1e-5)
     assert "final_layer_norm" not in text_encoder_record(text_encoder, SD.component("TextEncoder"), 1)
+
+
+@torch.no_grad()
+def test_break_chunks_each_read_the_skipped_layer(tiny_runtime, tiny_pipeline):
+    """Two 77-token chunks (as a Unet taking 154 tokens gets them), each the normed penultimate layer of its own
+    start, tokens and end; the negative prompt padded with the empty prompt's chunk."""
+    conditioning = TextConditioning(tiny_runtime.conditioning.encoders[0], max_chunks=2)
+    ours = unet_rows(conditioning("a red cat BREAK on a mat", "blurry", SizeConditioning(), (128, 128), clip_skip=2))
+    encoder, tokenizer = tiny_pipeline.text_encoder, tiny_pipeline.tokenizer
+
+    def chunk(text: str) -> np.ndarray:
+        ids = tokenizer(text, padding="max_length", max_length=77, return_tensors="pt").input_ids
+        return final_layer_norm(encoder)(encoder(ids, output_hidden_states=True).hidden_states[-2]).numpy()[0]
+
+    assert ours.shape == (2, 154, 32)
+    assert psnr(np.concatenate([chunk("blurry"), chunk("")]), ours[0]) >= EMBEDDING_PSNR_DB
+    assert psnr(np.concatenate([chunk("a red cat"), chunk("on a mat")]), ours[1]) >= EMBEDDING_PSNR_DB
 
 
 def test_compel_clip_skip_2_matches_compels_penultimate_layer(tiny_runtime, tiny_pipeline):
