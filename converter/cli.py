@@ -67,6 +67,10 @@ def list_models(ctx: click.Context, _, value: bool) -> None:
               help="Also store the Unet at batch 1, as function 'unguided' of the same package (weights stored once): "
               "sampling without guidance runs it once per step, guided sampling and Apple's Swift package run the "
               "batch-2 default function. Needs macOS 15 / iOS 18.")
+@click.option("--max-prompt-chunks", type=int, default=1, show_default=True, metavar="K",
+              help="Let the Unet (and ControlNets) take prompts of up to K 77-token chunks (A1111's long prompts): "
+              "K > 1 adds a function per length, tokens_154 ... tokens_<77K>, to the same package (weights stored "
+              "once); Apple's Swift package runs the 77-token default function. Needs macOS 15 / iOS 18.")
 @click.option("--guidance-embedding", is_flag=True,
               help="LCM checkpoints whose Unet embeds the guidance scale (time_cond_proj_dim): convert it with the "
               "extra input timestep_cond, which coreml-generate feeds and Apple's Swift package does not.")
@@ -121,7 +125,7 @@ def convert(model: str | None, revision: str | None, model_type: str | None, pre
             config_folder: Path | None, loras: tuple[str, ...], embeddings: tuple[str, ...],
             controlnets: tuple[str, ...], output: Path | None, components: str | None,
             attention_implementation: str, height: int | None, width: int | None, unet_batch_size: int | None,
-            unguided_function: bool, guidance_embedding: bool, recommend: tuple[str, ...],
+            unguided_function: bool, max_prompt_chunks: int, guidance_embedding: bool, recommend: tuple[str, ...],
             quantize_nbits: int | None, quantize_recipe: str | None, quantize_granularity: str | None,
             quantize_linear: str | None, min_target: str | None, safety_checker: str | None, vae: str | None,
             chunk_unet: bool,
@@ -159,6 +163,7 @@ def convert(model: str | None, revision: str | None, model_type: str | None, pre
         unet_batch_size=unet_batch_size,
         recommend=recommend,
         unguided_function=unguided_function,
+        max_prompt_chunks=max_prompt_chunks,
         guidance_embedding=guidance_embedding,
         quantize_nbits=quantize_nbits,
         quantize_recipe=quantize_recipe,
@@ -198,10 +203,14 @@ def validate_folder(folder: Path) -> int:
     from .conversion.validate import PSNR_THRESHOLD_DB
 
     results = validate_package(folder)
-    click.echo(f"{'component':<12} {'PSNR (dB)':>10} {'max abs error':>14}  "
+    rows = [(name, result) for component, checked in results.items()  # a multifunction model: each function
+            for name, result in ((component, checked), *((f"{component}:{function}", value) for function, value
+                                                         in checked.get("functions", {}).items()))]
+    width = max(12, *(len(name) for name, _ in rows))
+    click.echo(f"{'component':<{width}} {'PSNR (dB)':>10} {'max abs error':>14}  "
                f"result (threshold {PSNR_THRESHOLD_DB:.0f} dB)")
     failed = 0
-    for component, result in results.items():
+    for component, result in rows:
         passed = result["psnr_db"] >= PSNR_THRESHOLD_DB
         failed += not passed
         palettes = (f"{result['quantize_nbits']}-bit palettes" if "quantize_nbits" in result
@@ -209,7 +218,7 @@ def validate_folder(folder: Path) -> int:
                     else f"recipe {result.get('quantize_recipe')}")
         quantized = (f"  {palettes}: {result['unquantized_psnr_db']:.1f} dB against the unquantized original"
                      if "unquantized_psnr_db" in result else "")
-        click.echo(f"{component:<12} {result['psnr_db']:>10.1f} {result['max_abs_error']:>14.3g}  "
+        click.echo(f"{component:<{width}} {result['psnr_db']:>10.1f} {result['max_abs_error']:>14.3g}  "
                    f"{'ok' if passed else 'FAILED'}{quantized}")
     return 1 if failed else 0
 

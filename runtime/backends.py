@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from .contract import TEXT_LENGTH
 from .errors import GenerationError
 from .integrity import content_hash
 from .memory import release_memory
@@ -271,9 +272,30 @@ class ManagedModel:
             release_memory()
 
 
+class PromptLengthFunctions:
+    """A multifunction Unet's (or ControlNet's) functions for text conditioning of 1, 2, ... K 77-token chunks, run
+    as one model: `predict` runs the function whose `encoder_hidden_states` are as long as the inputs' (each has
+    fixed shapes; the description is the 1-chunk function's)."""
+
+    def __init__(self, models: dict[int, Model], name: str):
+        self.models, self.name = models, name
+        self.input_description, self.output_description = models[1].input_description, models[1].output_description
+
+    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        chunks = inputs["encoder_hidden_states"].shape[-1] // TEXT_LENGTH
+        if chunks not in self.models:
+            raise GenerationError(f"{self.name} takes text conditioning of {', '.join(map(str, self.models))} "
+                                  f"77-token chunks, not {chunks}: convert it with the package's --max-prompt-chunks")
+        return self.models[chunks].predict(inputs)
+
+    def release(self) -> None:
+        for model in self.models.values():
+            release(model)
+
+
 def release(model: Model) -> None:
-    """Unload `model` if it loads on demand (a ManagedModel); other models stay as they are."""
-    if isinstance(model, ManagedModel):
+    """Unload `model` if it loads on demand (a ManagedModel, or functions that are); other models stay as they are."""
+    if isinstance(model, (ManagedModel, PromptLengthFunctions)):
         model.release()
 
 

@@ -4,7 +4,8 @@ Each piece turns a prompt and a negative prompt into the Unet's conditioning inp
 guidance, keyed by the contract's names, row 0 unconditional and row 1 conditional, as diffusers' pipelines
 condition: `TextConditioning` for SD 1/2, `XLConditioning` for SDXL base and refiner. Prompts are read in
 AUTOMATIC1111's syntax and weighted as it weights them (prompt.py); a prompt and its negative prompt are
-padded to the same number of 77-token chunks with the empty prompt's chunk, as the web UI pads them.
+padded to the same number of 77-token chunks with the empty prompt's chunk, as the web UI pads them; a package
+converted with --max-prompt-chunks K takes up to K chunks, the Unet's function for their count running them.
 `conditioning_for(package, models)` picks the piece a package needs.
 """
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ import numpy as np
 
 from . import contract
 from .backends import Model
-from .contract import TEXT_ENCODER, TEXT_ENCODER_2, TEXT_LENGTH
+from .contract import TEXT_ENCODER, TEXT_ENCODER_2
 from .package import Package
 from .prompt import END_OF_TEXT, PromptEncoder
 from .prompt_chunks import Chunk
@@ -110,7 +111,7 @@ def conditioning_for(package: Package, models: dict[str, Model]):
         return PromptEncoder(package.vocab_file, package.merges_file, models[name], pad_token, package.embeddings)
 
     unet_inputs = models[package.unet_name].input_description
-    max_chunks = max(1, unet_inputs["encoder_hidden_states"][0][-1] // TEXT_LENGTH)
+    max_chunks = package.max_prompt_chunks  # the Unet's functions take 1 ... K chunks (see backends.py)
     if package.family == contract.SD.name:
         return TextConditioning(encoder(TEXT_ENCODER, package.pad_token), max_chunks)  # SD 2.x pads with "!"
     # SDXL's second tokenizer pads with "!"; the refiner has only that encoder.

@@ -73,6 +73,22 @@ class MinimumOS:
 
 # The packages' format: ML Programs of Core ML specification 7, with float16 inputs and palettes.
 PACKAGE_MINIMUM_OS = MinimumOS(macos="13", ios="16")
+# A multifunction model (several functions sharing one copy of the weights) loads from these versions on.
+MULTIFUNCTION_MINIMUM_OS = MinimumOS(macos="15", ios="18")
+
+# A multifunction Unet's (and ControlNet's) functions, one per Unet batch and prompt length: `main` takes the batch
+# of guided sampling (2) and 77 tokens, as Apple's Swift package loads it; `unguided` takes batch 1; a prompt of k
+# 77-token chunks runs `tokens_<77k>` / `unguided_tokens_<77k>`. The manifest lists each function's batch and chunks.
+MAIN_FUNCTION = "main"
+UNGUIDED_FUNCTION = "unguided"
+
+
+def function_name(unguided: bool, prompt_chunks: int) -> str:
+    """The name of the function that takes batch 1 (`unguided`) or the guided batch, and `prompt_chunks` chunks."""
+    tokens = f"tokens_{prompt_chunks * TEXT_LENGTH}" if prompt_chunks > 1 else ""
+    if unguided:
+        return f"{UNGUIDED_FUNCTION}_{tokens}" if tokens else UNGUIDED_FUNCTION
+    return tokens or MAIN_FUNCTION
 
 # What each tensor is (its description in Xcode, "sample: noisy latents, (B,4,h,w) float16") and its layout in
 # symbols: B the Unet's batch (2 with guidance in one call), h x w the latent size, H x W the image's, D and P the
@@ -177,6 +193,7 @@ class ModelDimensions:
     residuals: tuple[tuple[int, int], ...] = ()
     # An inpainting Unet's input channels: the latents, the mask and the masked image's latents (4 + 1 + 4).
     unet_in_channels: int = LATENT_CHANNELS
+    prompt_chunks: int = 1  # the Unet's text conditioning is this many 77-token chunks long (a function's)
 
     @property
     def latent_size(self) -> tuple[int, int]:
@@ -194,6 +211,7 @@ class ModelDimensions:
                 del fields[name]
         if fields["unet_in_channels"] == LATENT_CHANNELS:
             del fields["unet_in_channels"]
+        del fields["prompt_chunks"]  # a function's; the package's main function takes one chunk
         if "text_encoders" in fields:
             fields["text_encoders"] = {name: list(widths) for name, widths in fields["text_encoders"].items()}
         if "residuals" in fields:
@@ -230,7 +248,8 @@ def text_encoder_spec(name: str, hidden_output: str, dims: ModelDimensions) -> C
 
 
 def unet_spec(name: str, dims: ModelDimensions) -> ComponentSpec:
-    """The latents, timestep and text conditioning in the Swift package's (B, D, 1, 77) layout, and for
+    """The latents, timestep and text conditioning in the Swift package's (B, D, 1, 77) layout (77 k tokens for a
+    function taking k prompt chunks), and for
     SDXL-style Unets `time_ids` (B, n) and the pooled `text_embeds` (B, P) after them; an LCM Unet converted
     with its guidance embedding takes `timestep_cond` (B, G) last (Apple's Swift package does not feed it)."""
     h, w = dims.latent_size
@@ -246,7 +265,7 @@ def unet_spec(name: str, dims: ModelDimensions) -> ComponentSpec:
         inputs=(
             TensorSpec("sample", (b, dims.unet_in_channels, h, w), "float16"),
             TensorSpec("timestep", (b,), "float16"),
-            TensorSpec("encoder_hidden_states", (b, dims.text_width, 1, TEXT_LENGTH), "float16"),
+            TensorSpec("encoder_hidden_states", (b, dims.text_width, 1, TEXT_LENGTH * dims.prompt_chunks), "float16"),
             *added,
         ),
         outputs=(TensorSpec("noise_pred", (b, LATENT_CHANNELS, h, w), "float32"),),

@@ -24,10 +24,12 @@ from .contract import (
     CONTROLNET_FOLDER,
     CONTROLNET_PREFIX,
     FAMILY_CONTRACTS,
+    MAIN_FUNCTION,
     MANIFEST_FILE,
     MODEL_SUFFIXES,
     SAFETY_CHECKER,
     TEXT_ENCODER_2,
+    TEXT_LENGTH,
     TOKENIZER_FILES,
     UNET,
     UNET_REFINER,
@@ -68,6 +70,10 @@ class Package:
     # The Unet's batch-1 function for sampling without guidance, in a multifunction Unet (its default function
     # `main` takes batch 2, as Apple's Swift package loads it)
     unguided_function: str | None = None
+    # The functions of multifunction models, as the manifest lists them: component -> function name -> (Unet batch,
+    # prompt chunks); and the most 77-token prompt chunks the Unet takes (its functions for 1 ... K chunks).
+    functions: dict[str, dict[str, tuple[int, int]]] = field(default_factory=dict)
+    max_prompt_chunks: int = 1
     # textual-inversion embeddings: TOKEN -> its tokens, one per vector (TOKEN, TOKENb, ...)
     embeddings: dict[str, list[str]] = field(default_factory=dict)
     pad_token: str = SD_V1_PAD_TOKEN  # what fills the 77 tokens after the end of the prompt
@@ -89,6 +95,11 @@ class Package:
         """The names of the package's ControlNets (`controlnet/<Name>` components)."""
         return tuple(name.removeprefix(CONTROLNET_PREFIX) for name in self.components
                      if name.startswith(CONTROLNET_PREFIX))
+
+    def prompt_length_functions(self, name: str, batch: int) -> dict[int, str]:
+        """A component's functions that take `batch` rows, by the prompt chunks they take (none: one function)."""
+        return {chunks: function for function, (rows, chunks) in self.functions.get(name, {}).items()
+                if rows == batch}
 
     def component(self, name: str) -> tuple[Path, ...]:
         if name.startswith(CONTROLNET_PREFIX) and name not in self.components:
@@ -324,8 +335,26 @@ def load_package(folder: Path, verify: bool = False) -> Package:
                        if isinstance(entry, dict) and "compute_units" in entry},
         recommended=_recommended(manifest, folder),
         unguided_function=manifest.get("components", {}).get(defaults.unet, {}).get("unguided_function"),
+        functions=_functions(manifest),
+        max_prompt_chunks=int(manifest.get("components", {}).get(defaults.unet, {}).get("max_prompt_chunks", 1)),
         embeddings=_embeddings(manifest),
     )
+
+
+def _functions(manifest: dict) -> dict[str, dict[str, tuple[int, int]]]:
+    """Per multifunction component, each function's (Unet batch, prompt chunks), `main` too (packages converted
+    with --unguided-function before the manifest recorded them give them by their input shapes)."""
+    functions = {}
+    for name, entry in manifest.get("components", {}).items():
+        if not isinstance(entry, dict) or not entry.get("functions"):
+            continue
+        functions[name] = {MAIN_FUNCTION: (entry["inputs"]["sample"]["shape"][0], 1)}
+        for function, described in entry["functions"].items():
+            shapes = described["inputs"]
+            functions[name][function] = (
+                described.get("unet_batch_size", shapes["sample"]["shape"][0]),
+                described.get("prompt_chunks", shapes["encoder_hidden_states"]["shape"][-1] // TEXT_LENGTH))
+    return functions
 
 
 def _recommended(manifest: dict, folder: Path) -> Recommended:

@@ -20,14 +20,8 @@ from tqdm.auto import tqdm
 
 from . import images, tiling
 from . import watermark as watermarks
-from .backends import (
-    ManagedModel,
-    Model,
-    default_compute_unit,
-    load_model,
-    release,
-    resolve_backend,
-)
+from .backends import Model, release, resolve_backend
+from .components import load_component, unguided_unet
 from .conditioning import SizeConditioning, conditioning_for
 from .contract import CONTROLLED_UNET, CONTROLNET_PREFIX, SAFETY_CHECKER, VAE_DECODER, VAE_ENCODER, VAE_FACTOR
 from .control import Control, ControlRequest, check_control, control_image_input, control_settings
@@ -93,32 +87,6 @@ def parameters_text(prompt: str, negative_prompt: str, settings: dict[str, objec
     return "\n".join(lines + [", ".join(f"{key}: {value}" for key, value in settings.items())])
 
 
-def compute_unit_of(package: Package, name: str, requested: str | None) -> str:
-    """Where a component runs: on the compute units asked for, else where its manifest says it runs (a float32
-    VAE: CPU_AND_GPU), else where its attention implementation runs best."""
-    return requested or package.compute_units.get(name) or default_compute_unit(package.attention_implementation)
-
-
-def load_component(package: Package, name: str, backend: str, compute_unit: str | None,
-                   reduce_memory: bool = False, function_name: str | None = None) -> Model:
-    """A component (of a multifunction model, function `function_name`), loaded now or, with `reduce_memory`,
-    when it first runs (and unloaded after its stage)."""
-    files = package.component(name)
-    load = partial(load_model, files, backend, compute_unit_of(package, name, compute_unit), function_name)
-    return ManagedModel(files, load, function_name) if reduce_memory else load()
-
-
-def unguided_unet(package: Package, backend: str, compute_unit: str | None) -> Model | None:
-    """The Unet's batch-1 function for sampling without guidance, where the package has one; loaded when first
-    run, so that guided sampling never loads it."""
-    if package.unguided_function is None:
-        return None
-    files = package.component(package.unet_name)
-    load = partial(load_model, files, backend, compute_unit_of(package, package.unet_name, compute_unit),
-                   package.unguided_function)
-    return ManagedModel(files, load, package.unguided_function)
-
-
 class Pipeline:
     """A package's models behind diffusers-like calls:
 
@@ -137,7 +105,7 @@ class Pipeline:
         self.package = package
         self.models = models
         self.backend = backend
-        self.compute_unit = compute_unit  # as asked; None: each component's own (see compute_unit_of)
+        self.compute_unit = compute_unit  # as asked; None: each component's own (see components.compute_unit_of)
         self.reduce_memory = reduce_memory
         self.conditioning = conditioning_for(package, models)
         self.unguided_unet = unguided_unet(package, backend, compute_unit)

@@ -71,8 +71,9 @@ class PromptEncoder:
         if len(chunks) > max_chunks:
             dropped = [token for chunk in chunks[max_chunks:] for token in chunk.ids]
             length = sum(len(chunk.ids) for chunk in chunks) + 2
-            logger.warning("the prompt is %d tokens long but CLIP reads %d; the last %d tokens were dropped (%r)",
-                           length, max_chunks * TEXT_LENGTH, len(dropped), self.tokenizer.decode(dropped))
+            logger.warning("the prompt is %d tokens long but CLIP reads %d; the last %d tokens were dropped (%r); a "
+                           "package converted with coreml-convert --max-prompt-chunks %d would keep them",
+                           length, max_chunks * TEXT_LENGTH, len(dropped), self.tokenizer.decode(dropped), len(chunks))
         return chunks[:max_chunks]
 
     def _tokenize(self, text: str) -> list[int]:

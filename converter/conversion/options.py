@@ -4,7 +4,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from coreml_sd.runtime.contract import VAE_FACTOR, ModelDimensions
+from coreml_sd.runtime.contract import MULTIFUNCTION_MINIMUM_OS, VAE_FACTOR, ModelDimensions
 
 from ..ane import ATTENTION_IMPLEMENTATIONS
 from ..compression import (
@@ -23,6 +23,7 @@ from ..errors import ConversionError
 from ..sources import ModelSource
 
 RESOLUTION_STEP = 64
+MULTIFUNCTION_TARGET = int(MULTIFUNCTION_MINIMUM_OS.ios)
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class ComponentOptions:
     validation_seed: int = 0
     verbose: bool = False  # show coremltools' own progress bars
     unguided_function: bool = False  # the Unet also as a batch-1 function `unguided` (see multifunction.py)
+    max_prompt_chunks: int = 1  # the Unet and ControlNets also take 2..K 77-token chunks (see multifunction.py)
 
 
 @dataclass
@@ -61,6 +63,7 @@ class ConversionOptions:
     unet_batch_size: int | None = None  # None: 1 for a model recommended without guidance (Turbo), else 2
     recommend: tuple[str, ...] = ()  # NAME=VALUE: sampling settings to record, over the model's own
     unguided_function: bool = False  # the Unet also as a batch-1 function `unguided` (see multifunction.py)
+    max_prompt_chunks: int = 1  # the Unet and ControlNets also take 2..K 77-token chunks (see multifunction.py)
     guidance_embedding: bool = False  # an LCM Unet's guidance embedding as the input `timestep_cond`
     quantize_nbits: int | None = None  # palettize the TextEncoder's and Unet's weights to this many bits
     quantize_recipe: str | None = None  # FILE.json[:NAME]: an Apple mixed-bit recipe for the Unet's layers
@@ -83,7 +86,8 @@ class ConversionOptions:
             attention_implementation=self.attention_implementation, quantize_nbits=self.quantize_nbits,
             chunk_unet=self.chunk_unet, quantize_recipe=recipe, quantize_group=group, quantize_linear=linear,
             min_target=target, vae_swapped=bool(self.vae), validate=self.validate,
-            validation_seed=self.validation_seed, verbose=self.verbose, unguided_function=self.unguided_function)
+            validation_seed=self.validation_seed, verbose=self.verbose, unguided_function=self.unguided_function,
+            max_prompt_chunks=self.max_prompt_chunks)
 
 
 def compression_modes(options: ConversionOptions) -> tuple[int | None, LinearQuantization | None, int]:
@@ -102,6 +106,8 @@ def compression_modes(options: ConversionOptions) -> tuple[int | None, LinearQua
         raise ConversionError("--quantize-linear stores integers and scales, --quantize-nbits and --quantize-recipe "
                               "palettes: pass one of them")
     needs = [(GROUPED_TARGET, f"--quantize-granularity {options.quantize_granularity}")] if group else []
+    if options.max_prompt_chunks > 1:
+        needs.append((MULTIFUNCTION_TARGET, f"--max-prompt-chunks {options.max_prompt_chunks} (a multifunction Unet)"))
     if linear and linear.minimum_target() > BASE_TARGET:
         needs.append((linear.minimum_target(), f"--quantize-linear {options.quantize_linear}"))
     required, reason = max(needs, default=(BASE_TARGET, ""))
@@ -124,16 +130,22 @@ def check_options(options: ConversionOptions) -> None:
             raise ConversionError(f"--{side} {value} is not a positive multiple of {RESOLUTION_STEP}")
     if options.unet_batch_size not in (None, 1, 2):
         raise ConversionError(f"--unet-batch-size must be 1 or 2 (got {options.unet_batch_size})")
-    if options.unguided_function and (options.unet_batch_size == 1 or options.chunk_unet):
+    if options.max_prompt_chunks < 1:
+        raise ConversionError(f"--max-prompt-chunks must be at least 1 (got {options.max_prompt_chunks}): 1 is "
+                              "77 tokens, each more another 77")
+    multifunction = [flag for flag, given in (("--unguided-function", options.unguided_function),
+                                              ("--max-prompt-chunks", options.max_prompt_chunks > 1)) if given]
+    if multifunction and options.chunk_unet:
+        raise ConversionError(f"{multifunction[0]} adds functions to a Unet in one package: drop --chunk-unet")
+    if options.unguided_function and options.unet_batch_size == 1:
         raise ConversionError("--unguided-function adds a batch-1 function to a batch-2 Unet in one package: drop "
-                              f"{'--unet-batch-size 1' if options.unet_batch_size == 1 else '--chunk-unet'}")
+                              "--unet-batch-size 1")
     per_layer = [flag for flag, given in (("--quantize-recipe", options.quantize_recipe),
                                           ("--quantize-granularity", options.quantize_granularity),
                                           ("--quantize-linear", options.quantize_linear)) if given]
-    if options.unguided_function and per_layer:
-        # the batch-1 function is converted with uniform palettes only: its weights would not be the main function's
-        raise ConversionError(f"--unguided-function cannot be combined with {per_layer[0]} yet: convert at "
-                              "--unet-batch-size 1 for unguided sampling, or drop the function")
+    if multifunction and per_layer:
+        # further functions are converted with uniform palettes only: their weights would not be the main function's
+        raise ConversionError(f"{multifunction[0]} cannot be combined with {per_layer[0]} yet: drop one of them")
     if options.quantize_nbits is not None and options.quantize_nbits not in NBITS_CHOICES:
         raise ConversionError(f"--quantize-nbits must be one of {', '.join(map(str, NBITS_CHOICES))} (got "
                               f"{options.quantize_nbits})")

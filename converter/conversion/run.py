@@ -39,10 +39,10 @@ from ..sources.recommended import recommendation
 from .convert import describe, to_mil_program, to_ml_program, trace
 from .metadata import model_licence, model_version, user_metadata
 from .multifunction import (
-    add_unguided_function,
+    combine_functions,
+    component_functions,
     converted_model,
     manifest_entry,
-    unguided_spec,
 )
 from .options import (
     ComponentOptions,
@@ -248,14 +248,16 @@ def convert_component(folder: PackageFolder, source: ModelSource, component: str
             model.save(str(staged))
             del model
             release_memory()
-        unguided = options.unguided_function and kind.kind == "unet"
-        if unguided:
-            with stage(report, component, "batch 1"):
-                batch_1 = converted_model(source, component, unguided_spec(source, component, dims), precision, nbits,
-                                          options.attention_implementation, options.verbose)
-                add_unguided_function(staged, batch_1, lambda combined: describe_package(combined, spec), staging,
-                                      options.verbose)
-                del batch_1
+        functions = component_functions(kind.kind, dims, options.unguided_function, options.max_prompt_chunks)
+        if functions:
+            with stage(report, component, "functions"):
+                models = {function.name: converted_model(source, component, function.spec(source, component),
+                                                         precision, nbits, options.attention_implementation,
+                                                         options.verbose, target)
+                          for function in functions}
+                combine_functions(staged, models, lambda combined: describe_package(combined, spec), staging,
+                                  options.verbose)
+                del models
                 release_memory()
         validation = None
         if options.validate:
@@ -264,18 +266,25 @@ def convert_component(folder: PackageFolder, source: ModelSource, component: str
                                       lambda: source.load(component, torch.float32),
                                       options.validation_seed, source.latent_scaling_factor, nbits, recipe,
                                       group, linear)
+                for function in functions:
+                    checked = validate(staged, source.family.component(component), function.spec(source, component),
+                                       lambda: source.load(component, torch.float32), options.validation_seed,
+                                       source.latent_scaling_factor, nbits, function_name=function.name)
+                    validation.setdefault("functions", {})[function.name] = checked
             print_validation(component, validation)
-            if validation["non_finite_outputs"]:
+            checked = [validation, *validation.get("functions", {}).values()]
+            if any(result["non_finite_outputs"] for result in checked):
                 raise ConversionError(overflow_message(component, source.family.component(component), precision))
-            if not validation["psnr_db"] >= PSNR_THRESHOLD_DB:
+            worst = min(result["psnr_db"] for result in checked)
+            if not worst >= PSNR_THRESHOLD_DB:
                 original = "the diffusers original" + (" with the same compression" if nbits or recipe or linear
                                                        else "")
                 raise ConversionError(
-                    f"{component}: PSNR {validation['psnr_db']:.1f} dB against {original} is below "
+                    f"{component}: PSNR {worst:.1f} dB against {original} is below "
                     f"{PSNR_THRESHOLD_DB:.0f} dB, so it was not installed (--no-validate installs it anyway)")
         entry = dict(spec.to_json(), settings=settings, validation=validation)
-        if unguided:
-            entry.update(manifest_entry(unguided_spec(source, component, dims)))
+        if functions:
+            entry.update(manifest_entry(functions, source, component, options.max_prompt_chunks))
         if feature_extractor is not None:
             entry["feature_extractor"] = feature_extractor  # the runtime prepares the checker's input with it
         if precision == "float32":
@@ -320,3 +329,6 @@ def print_validation(component: str, validation: dict) -> None:
     if "unquantized_psnr_db" in validation:
         print(f"{component:<11} PSNR {validation['unquantized_psnr_db']:.1f} dB against the unquantized original "
               "(what compression costs)", file=sys.stderr)
+    for name, result in validation.get("functions", {}).items():
+        print(f"{component:<11} function {name}: PSNR {result['psnr_db']:.1f} dB, max abs error "
+              f"{result['max_abs_error']:.3g}", file=sys.stderr)

@@ -6,6 +6,7 @@ from .. import __version__
 from ..compression import BASE_TARGET, GROUPED_TARGET, QUANTIZED_KINDS
 from ..families import Component
 from ..sources import ModelSource
+from .multifunction import TOKEN_FUNCTION_KINDS
 from .options import ComponentOptions
 
 # Where a float32-compute component runs well: the Neural Engine computes in float16 only.
@@ -41,6 +42,8 @@ def component_settings(component: str, source: ModelSource, dims: ModelDimension
         settings.update(safety_checker=source.safety_checker)
     elif kind != "text_encoder":
         settings.update(attention_implementation=options.attention_implementation)
+    if options.max_prompt_chunks > 1 and kind in TOKEN_FUNCTION_KINDS:
+        settings.update(max_prompt_chunks=options.max_prompt_chunks)
     if quantize_nbits(source.family.component(component), options.quantize_nbits):
         settings.update(quantize_nbits=options.quantize_nbits)
     if options.quantize_recipe and kind == "unet":

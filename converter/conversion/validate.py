@@ -112,7 +112,8 @@ def safety_concept_scores(checker: torch.nn.Module, clip_input: torch.Tensor, ad
 
 def validate(package: Path | tuple[Path, ...], component: Component, spec: ComponentSpec, load_reference, seed: int,
              latent_scaling_factor: float, quantize_nbits: int | None = None, recipe: Recipe | None = None,
-             group: int | None = None, linear: LinearQuantization | None = None) -> dict:
+             group: int | None = None, linear: LinearQuantization | None = None,
+             function_name: str | None = None) -> dict:
     """PSNR (worst output) and max abs error of the package against the original; `load_reference()`
     returns the float32 ModelParts and is called only when needed, so nothing else is held then.
 
@@ -121,7 +122,8 @@ def validate(package: Path | tuple[Path, ...], component: Component, spec: Compo
     its PSNR against the unquantized original is reported as `unquantized_psnr_db`. So is a Unet palettized with a
     `recipe` (its layers each at their own bits), or with palettes per `group` output channels, or `linear`
     integers. A chunked model (a tuple
-    of packages) runs chunk after chunk, as the Swift package runs it."""
+    of packages) runs chunk after chunk, as the Swift package runs it. Of a multifunction package, the function
+    `function_name` runs (its default one when None), on inputs of its `spec`."""
 
     inputs = validation_inputs(spec, seed, latent_scaling_factor)
     parts = load_reference()
@@ -138,7 +140,8 @@ def validate(package: Path | tuple[Path, ...], component: Component, spec: Compo
         expected = reference_outputs(parts, component, spec, inputs)
     del parts
     release_memory()
-    model = chunked_reference_model(package) if isinstance(package, tuple) else ReferenceModel(package)
+    model = (chunked_reference_model(package) if isinstance(package, tuple)
+             else ReferenceModel(package, function_name=function_name))
     actual = model.predict(inputs)
     del model
     release_memory()

@@ -12,6 +12,7 @@ from ..controlnets import recorded_sources
 from ..errors import ConversionError
 from ..package_folder import PackageFolder
 from ..sources import ModelSource, resolve
+from .multifunction import recorded_functions
 from .run import ConversionReport, load_adapters, stage
 from .validate import validate
 
@@ -75,6 +76,11 @@ def validate_package(path: Path, seed: int = 0) -> dict[str, dict]:
                                               origin.latent_scaling_factor, settings.get("quantize_nbits"),
                                               recorded_recipe(manifest["components"][names[0]]),
                                               settings.get("quantize_group"), recorded_linear(settings))
+                for function in recorded_functions(manifest["components"][names[0]], dims):
+                    results[component].setdefault("functions", {})[function.name] = validate(
+                        packages[0], origin.family.component(component), function.spec(origin, component),
+                        lambda c=component, o=origin: o.load(c, torch.float32), seed, origin.latent_scaling_factor,
+                        settings.get("quantize_nbits"), function_name=function.name)
             for name in names:
                 manifest["components"][name]["validation"] = results[component]
             folder.write_manifest()

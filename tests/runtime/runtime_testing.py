@@ -81,9 +81,11 @@ def diffusers_img2img(
     strength: float,
     monkeypatch,
     guidance_scale: float = 7.5,
+    **embeddings: torch.Tensor,
 ) -> np.ndarray:
     """diffusers' image-to-image fed the runtime's noise for `seed`: first the noise it adds at the start
-    step (diffusers draws it with `randn_tensor`, replaced here), then the VAE posterior's sample."""
+    step (diffusers draws it with `randn_tensor`, replaced here), then the VAE posterior's sample. `embeddings`
+    (prompt_embeds, negative_prompt_embeds) stand for the prompts."""
     rng = np.random.RandomState(seed)
     noise = torch.from_numpy(draw_noise(rng, latent_shape(reference)))
     sample_noise = torch.from_numpy(draw_noise(rng, latent_shape(reference)))
@@ -101,4 +103,5 @@ def diffusers_img2img(
         guidance_scale=guidance_scale,
         generator=torch.Generator().manual_seed(seed),
         output_type="np",
+        **embeddings,
     ).images[0]

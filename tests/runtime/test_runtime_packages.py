@@ -8,8 +8,8 @@ import pytest
 from coreml_sd.converter.conversion import ConversionOptions, convert_model
 from coreml_sd.runtime import Pipeline
 from coreml_sd.runtime.backends import describe_model
+from coreml_sd.runtime.components import compute_unit_of
 from coreml_sd.runtime.executor import psnr
-from coreml_sd.runtime.pipeline import compute_unit_of
 
 from runtime_testing import PSNR_THRESHOLD_DB, diffusers_img2img, diffusers_txt2img, pixels
 
