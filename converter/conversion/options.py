@@ -108,6 +108,8 @@ def compression_modes(options: ConversionOptions) -> tuple[int | None, LinearQua
     needs = [(GROUPED_TARGET, f"--quantize-granularity {options.quantize_granularity}")] if group else []
     if options.max_prompt_chunks > 1:
         needs.append((MULTIFUNCTION_TARGET, f"--max-prompt-chunks {options.max_prompt_chunks} (a multifunction Unet)"))
+    if options.unguided_function:
+        needs.append((MULTIFUNCTION_TARGET, "--unguided-function (a multifunction Unet)"))
     if linear and linear.minimum_target() > BASE_TARGET:
         needs.append((linear.minimum_target(), f"--quantize-linear {options.quantize_linear}"))
     required, reason = max(needs, default=(BASE_TARGET, ""))

@@ -189,10 +189,13 @@ def test_the_core_ml_backend_runs_the_two_chunk_function_by_name(two_chunk_packa
     (["--max-prompt-chunks", "2", "--min-target", "iOS17"],
      "Error: --min-target iOS17 is lower than --max-prompt-chunks 2 (a multifunction Unet) needs (iOS18 / "
      "macOS15): raise --min-target to iOS18 or leave it out"),
+    (["--unguided-function", "--min-target", "macOS14"],
+     "Error: --min-target macOS14 is lower than --unguided-function (a multifunction Unet) needs (iOS18 / macOS15): "
+     "raise --min-target to iOS18 or leave it out"),
     (["--max-prompt-chunks", "2", "--chunk-unet"],
      "Error: --max-prompt-chunks adds functions to a Unet in one package: drop --chunk-unet"),
 ])
-def test_bad_prompt_chunk_options_are_one_line(capsys, tmp_path, argv, line):
+def test_bad_multifunction_options_are_one_line(capsys, tmp_path, argv, line):
     code = convert_command(["--model", "tiny", "-o", str(tmp_path / "out"), *argv])
     lines = [text for text in capsys.readouterr().err.splitlines() if text.strip()]
     assert (code, lines) == (1, [line])
