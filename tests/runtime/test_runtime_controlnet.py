@@ -142,16 +142,16 @@ def test_transparent_control_pixels_follow_apples_rule():
 
 
 @pytest.fixture(scope="module")
-def xl_controlnet(tiny_xl_pipeline, tmp_path_factory):
+def xl_controlnet(tiny_xl_pipeline, tiny_xl_variant, tmp_path_factory):
     """The tiny-xl base with a tiny SDXL ControlNet (XlEdges; time_ids and text_embeds among its inputs), converted
     once without validation (the tests compare with diffusers): (runtime, float32 ControlNet)."""
-    from coreml_sd.converter.conversion import ConversionOptions, convert_model
+    from coreml_sd.converter.conversion import ConversionOptions
     from coreml_sd.converter.models.tiny_controlnet import save_tiny_controlnet
 
     root = tmp_path_factory.mktemp("xl-controlnet")
     controlnet = save_tiny_controlnet(tiny_xl_pipeline.unet, 3, root / "xl-edges")
-    convert_model(ConversionOptions(model="tiny-xl", output=root / "package", controlnets=(str(root / "xl-edges"),),
-                                    components=("TextEncoder", "TextEncoder2", "Unet", "VAEDecoder"), validate=False))
+    tiny_xl_variant(ConversionOptions(model="tiny-xl", output=root / "package", controlnets=(str(root / "xl-edges"),),
+                                      validate=False), ["ControlledUnet", "controlnet/XlEdges"])
     return Pipeline.from_package(root / "package", backend="reference"), controlnet
 
 
