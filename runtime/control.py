@@ -121,36 +121,38 @@ class Control:
 
     def for_pass(self, layout: Layout, steps: int) -> "PassControl":
         """The ControlNets over a denoising pass of `steps` steps on latents of `layout`'s size: each control image
-        resized to the pass's size in pixels (as diffusers resizes it to the generation size), then cut into the
-        layout's Unet windows, so that each window is steered by its own part of the picture (ControlNet tile
+        resized to the pass's size in pixels (as diffusers resizes it to the generation size), from which each Unet
+        window takes its crop, so that each window is steered by its own part of the picture (ControlNet tile
         upscaling); the scales of each step."""
         size = (layout.size[1] * VAE_FACTOR, layout.size[0] * VAE_FACTOR)
-        crops = [window_crops(control_image_input(image, size), layout) for image in self.images]
-        return PassControl(self.models, crops, [self.scales_at(step, steps) for step in range(steps)])
+        images = [control_image_input(image, size).astype(model.input_description["controlnet_cond"][1])
+                  for model, image in zip(self.models, self.images)]
+        return PassControl(self.models, images, layout, [self.scales_at(step, steps) for step in range(steps)])
 
 
 @dataclass(frozen=True)
 class PassControl:
-    """The ControlNets of one denoising pass: their models, each one's control image as (windows, 3, 8h, 8w) crops
-    of the pass's Unet windows, and each step's scales."""
+    """The ControlNets of one denoising pass: their models, control images at the pass's size (1, 3, H, W, in the
+    models' dtypes), the Unet windows' layout, and each step's scales."""
 
     models: list[Model]
-    crops: list[np.ndarray]
+    images: list[np.ndarray]
+    layout: Layout
     step_scales: list[list[float]]
 
     def residuals(self, inputs: dict[str, np.ndarray], windows: np.ndarray, scales: list[float],
                   residual_inputs: dict[str, tuple[tuple[int, ...], np.dtype]]) -> dict[str, np.ndarray]:
         """The ControlledUnet's residual inputs for one Unet call whose rows lie in `windows` (a window index per
-        row): each ControlNet's residuals on those windows' crops, times its scale, summed in float32 (zeros when
-        no ControlNet acts), then in the ControlledUnet's dtypes."""
+        row): each ControlNet's residuals on those windows' crops of its control image, times its scale, summed in
+        float32 (zeros when no ControlNet acts), then in the ControlledUnet's dtypes."""
         total: dict[str, np.ndarray] = {}
-        for model, scale, crops in zip(self.models, scales, self.crops):
+        for model, scale, image in zip(self.models, scales, self.images):
             if scale == 0:
                 continue
             description = model.input_description
             feed = {name: inputs[name].astype(dtype) for name, (_, dtype) in description.items()
                     if name != "controlnet_cond"}
-            feed["controlnet_cond"] = crops[windows].astype(description["controlnet_cond"][1])
+            feed["controlnet_cond"] = window_crops(image, self.layout, windows)
             for name, value in model.predict(feed).items():
                 total[name] = total.get(name, 0) + scale * value.astype(np.float32)
         return {name: (total[name] if name in total else np.zeros(shape, np.float32)).astype(dtype)

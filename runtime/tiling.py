@@ -13,7 +13,7 @@ weights that fall off toward the window's edges, and the canvas is divided by th
 A latent of exactly the model's shape is one window, whose output is returned untouched.
 """
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -108,12 +108,13 @@ def _batches(items: list, size: int) -> Iterator[list]:
         yield items[start : start + size]
 
 
-def window_crops(image: np.ndarray, layout: Layout, factor: int = VAE_FACTOR) -> np.ndarray:
-    """(1, C, factor H, factor W) pixels over a latent `layout` -> (windows, C, factor h, factor w): each window's
-    crop, at `factor` times its latent offsets (as the tiled VAE cuts its tiles)."""
+def window_crops(image: np.ndarray, layout: Layout, indices: Iterable[int], factor: int = VAE_FACTOR) -> np.ndarray:
+    """(1, C, factor H, factor W) pixels over a latent `layout` -> (N, C, factor h, factor w): the crops of the
+    layout's windows at `indices`, at `factor` times their latent offsets (as the tiled VAE cuts its tiles)."""
     height, width = (side * factor for side in layout.window)
+    windows = layout.windows
     return np.concatenate([image[..., top * factor : top * factor + height, left * factor : left * factor + width]
-                           for top, left in layout.windows])
+                           for top, left in (windows[index] for index in indices)])
 
 
 class TiledNoise:
