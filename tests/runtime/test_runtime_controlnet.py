@@ -209,6 +209,6 @@ def test_sdxl_controlnet_steers_the_base_before_the_refiner(tiny_xl_pipeline, ti
                                          guidance_scale=7.5, output_type="np").images[0]
     figure = psnr(reference, pixels(ours.images[0]))
     print(f"SDXL ControlNet and refiner: {figure:.1f} dB against diffusers")
-    assert figure >= PSNR_THRESHOLD_DB  # measured FIXME dB
+    assert figure >= PSNR_THRESHOLD_DB  # measured 58.2 dB
     assert "ControlNet 0: \"Model: XlEdges, Weight: 1, Guidance Start: 0, Guidance End: 0.5" in ours.parameters[0]
     assert f"Refiner: {refiner.package.name}, Refiner start: {start}" in ours.parameters[0]

@@ -146,8 +146,8 @@ def test_tiled_controlnet_matches_multidiffusion_with_window_crops(controlled_ru
     squeezed_figure = psnr(squeezed, pixels(ours.images[0]))
     print(f"tiled ControlNet, guidance {guidance}: {figure:.1f} dB against MultiDiffusion with window crops, "
           f"{squeezed_figure:.1f} dB against the whole map in each window")
-    assert figure >= PSNR_THRESHOLD_DB  # measured 57.7 dB
-    assert squeezed_figure < figure - 5  # measured 47.1 dB: the crops matter
+    assert figure >= PSNR_THRESHOLD_DB  # measured 57.7 dB guided, 58.8 dB unguided
+    assert squeezed_figure < figure - 5  # measured 47.1 and 50.4 dB: the crops matter
     assert 'ControlNet 0: "Model: TinyTile, Weight: 1' in ours.parameters[0]
 
 
