@@ -87,7 +87,8 @@ class ConversionOptions:
         group, linear, target = compression_modes(self)
         return ComponentOptions(
             attention_implementation=self.attention_implementation, quantize_nbits=self.quantize_nbits,
-            chunk_unet=self.chunk_unet, quantize_recipe=recipe, quantize_bits=self.quantize_bits, quantize_group=group, quantize_linear=linear,
+            chunk_unet=self.chunk_unet, quantize_recipe=recipe, quantize_bits=self.quantize_bits, quantize_group=group,
+            quantize_linear=linear,
             min_target=target, vae_swapped=bool(self.vae), validate=self.validate,
             validation_seed=self.validation_seed, verbose=self.verbose, unguided_function=self.unguided_function,
             max_prompt_chunks=self.max_prompt_chunks)
