@@ -191,6 +191,7 @@ def with_analysed_recipe(options: ComponentOptions, source: ModelSource, compone
     with stage(report, component, "analyse"):
         text, recipe = analysed_recipe(source, options.quantize_bits, dims.height, dims.width)
         folder.write_text(ANALYSIS_FILE, text)
+        release_memory()  # the float32 Unet the analysis ran on
     print(f"{component:<11} recipe {recipe.name} of {ANALYSIS_FILE}", file=sys.stderr)
     return replace(options, quantize_recipe=recipe)
 
