@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from . import NBITS_CHOICES
-from .palettize import palette, palettizable
+from .palettize import centroids_by_bits, palettizable
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
 
@@ -22,28 +22,38 @@ def _ignore(what: str, done: int, total: int) -> None:
     pass
 
 
+def _float16_values() -> torch.Tensor:
+    """The value of each float16 bit pattern, indexed by the pattern as an int16 plus 32768 (inf and NaN as 0: no
+    weight holds them)."""
+    patterns = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    return torch.nan_to_num(patterns.view(torch.float16).double(), nan=0.0, posinf=0.0, neginf=0.0)
+
+
+FLOAT16_VALUES = _float16_values()
+
+
 class _Palettes:
-    """A layer's palettes for each bit width: where its float16 values fall (boundaries) and the value each snaps to,
-    so that the change W' - W is recomputed for each pass instead of held for every layer and bit width."""
+    """A layer's palettes for each bit width (where the float16 values fall, and the value each snaps to). A
+    palettized weight depends only on each element's float16 value, so <W', G> is the sum over the 65536 float16
+    values of the value it snaps to times the gradient summed over the elements holding it: one pass over the
+    gradient serves every bit width, and nothing the size of the weight is kept between passes."""
 
     def __init__(self, weight: torch.Tensor, bits: Sequence[int]):
-        self.tables = {}
-        for nbits in bits:
-            centroids, _ = palette(weight.detach().numpy(), nbits)
+        self.snapped = {}
+        for nbits, centroids in centroids_by_bits(weight.detach().numpy(), bits).items():
             centroids = torch.from_numpy(centroids)
-            self.tables[nbits] = ((centroids[1:] + centroids[:-1]) / 2, centroids)
+            cluster = torch.bucketize(FLOAT16_VALUES, (centroids[1:] + centroids[:-1]) / 2, right=True)
+            # as palettize_layer stores it: the centroid in the weight's dtype
+            self.snapped[nbits] = centroids.to(weight.dtype).double()[cluster].to(torch.float32)
 
     def dot_changes(self, weight: torch.Tensor, gradient: torch.Tensor) -> dict[int, float]:
         """<W' - W, G> for each bit width (W' the palettized weight, as palettize_layer makes it)."""
-        values = weight.detach().to(torch.float16).double().reshape(-1)
-        gradient = gradient.double().reshape(-1)
-        base = float(weight.detach().double().reshape(-1) @ gradient)
-        dots = {}
-        for nbits, (boundaries, centroids) in self.tables.items():
-            cluster = torch.bucketize(values, boundaries, right=True)
-            per_cluster = torch.bincount(cluster, weights=gradient, minlength=len(centroids))
-            dots[nbits] = float(centroids.to(torch.float32).double() @ per_cluster) - base
-        return dots
+        weight = weight.detach().reshape(-1)
+        gradient = gradient.reshape(-1)
+        patterns = weight.to(torch.float16).view(torch.int16).to(torch.int32) + 32768
+        per_value = torch.bincount(patterns, weights=gradient.double(), minlength=len(FLOAT16_VALUES))
+        base = float(weight.double() @ gradient.double())
+        return {nbits: float(snapped.double() @ per_value) - base for nbits, snapped in self.snapped.items()}
 
 
 def palettizable_layers(unet: torch.nn.Module) -> dict[str, torch.nn.Module]:
