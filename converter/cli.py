@@ -74,6 +74,9 @@ def list_models(ctx: click.Context, _, value: bool) -> None:
 @click.option("--guidance-embedding", is_flag=True,
               help="LCM checkpoints whose Unet embeds the guidance scale (time_cond_proj_dim): convert it with the "
               "extra input timestep_cond, which coreml-generate feeds and Apple's Swift package does not.")
+@click.option("--clip-skip-layers", type=int, metavar="K",
+              help="The TextEncoder also outputs the layers coreml-generate --clip-skip 2 to K reads (default: 2, "
+              "the penultimate; the web UI goes up to 12); Apple's Swift package reads its usual output only.")
 @click.option("--recommend", multiple=True, metavar="NAME=VALUE",
               help="Record a sampling setting coreml-generate uses by default: scheduler=lcm, steps=4, "
               "guidance-scale=1 (known few-step models and LoRAs record theirs); repeatable.")
@@ -133,7 +136,8 @@ def convert(model: str | None, revision: str | None, model_type: str | None, pre
             config_folder: Path | None, loras: tuple[str, ...], embeddings: tuple[str, ...],
             controlnets: tuple[str, ...], output: Path | None, components: str | None,
             attention_implementation: str, height: int | None, width: int | None, unet_batch_size: int | None,
-            unguided_function: bool, max_prompt_chunks: int, guidance_embedding: bool, recommend: tuple[str, ...],
+            unguided_function: bool, max_prompt_chunks: int, guidance_embedding: bool, clip_skip_layers: int | None,
+            recommend: tuple[str, ...],
             quantize_nbits: int | None, quantize_recipe: str | None, quantize_bits: float | None,
             mixed_bit_analysis: Path | None, quantize_granularity: str | None,
             quantize_linear: str | None, min_target: str | None, safety_checker: str | None, vae: str | None,
@@ -174,6 +178,7 @@ def convert(model: str | None, revision: str | None, model_type: str | None, pre
         unguided_function=unguided_function,
         max_prompt_chunks=max_prompt_chunks,
         guidance_embedding=guidance_embedding,
+        clip_skip_layers=clip_skip_layers,
         quantize_nbits=quantize_nbits,
         quantize_recipe=quantize_recipe,
         quantize_bits=quantize_bits,

@@ -109,7 +109,7 @@ class Pipeline:
         self.reduce_memory = reduce_memory
         self.conditioning = conditioning_for(package, models)
         self.unguided_unet = unguided_unet(package, backend, compute_unit)
-        self._compel = None  # built when a prompt in compel's syntax first comes
+        self._compel = {}  # per clip skip, built when a prompt in compel's syntax first comes
         self.sampler = Sampler(models[package.unet_name], package, self.unguided_unet)
         self.unet_batch_size = self.sampler.batch_size
         self.latent_window = self.sampler.latent_window
@@ -159,6 +159,7 @@ class Pipeline:
         timestep_spacing: str | None = None,
         karras: bool = False,
         prompt_syntax: str = "a1111",
+        clip_skip: int = 1,
         seed: int | None = None,
         image: str | Path | Image.Image | None = None,
         strength: float = 0.8,
@@ -184,7 +185,8 @@ class Pipeline:
         that keeps `1 - strength` of it. `scheduler` is one of `schedulers.scheduler_names()` (ours or the web
         UI's); it, `steps` and `guidance_scale` default to the package's recommendation (recommended.py), else its
         own scheduler, 50 and 7.5; at guidance 1 or below the Unet runs on the prompt alone, once per window and
-        step. `timestep_spacing` and `karras` change the schedule where the scheduler has those settings.
+        step. `timestep_spacing` and `karras` change the schedule where the scheduler has those settings. `clip_skip`
+        N reads the prompt from N - 1 layers before the last the family conditions with (see clip_skip.py).
         `height`/`width` (default: the package's) may be any multiples of 8 at least the package's; with `upscale`, each
         image is then enlarged and refined (with `image`, the image itself is). `overlap`: image pixels that
         neighbouring windows share (default: a quarter of the package's shorter side). SDXL packages take
@@ -206,6 +208,9 @@ class Pipeline:
         check_steps(scheduler, steps, package.scheduler_config)
         if prompt_syntax not in PROMPT_SYNTAXES:
             raise GenerationError(f"prompt_syntax must be one of {', '.join(PROMPT_SYNTAXES)}, not {prompt_syntax!r}")
+        for pipe in (self, refiner):
+            if pipe is not None:
+                pipe.check_clip_skip(clip_skip)
         if choice.from_package:
             logger.info(choice.describe())
         warn_unless_distilled(scheduler, consistency_distilled(package.recommended, package.scheduler_config,
@@ -234,8 +239,9 @@ class Pipeline:
 
         first_size = passes[0].size[1], passes[0].size[0]
         with self.stage(*self.package.contract.text_encoders):
-            conditioning = self.condition(prompt, negative_prompt, size_conditioning, first_size, prompt_syntax)
-        refinement.condition(prompt, negative_prompt, size_conditioning, first_size, prompt_syntax)
+            conditioning = self.condition(prompt, negative_prompt, size_conditioning, first_size, prompt_syntax,
+                                          clip_skip)
+        refinement.condition(prompt, negative_prompt, size_conditioning, first_size, prompt_syntax, clip_skip)
         start_latents = None if start is None else self._encode(start, passes[0], overlap)
         masked_moments = None
         if inpaint is not None and self.sampler.takes_mask:
@@ -279,6 +285,7 @@ class Pipeline:
                         **refinement.settings, **control_settings(controls, control_start, control_end),
                         **(inpaint.settings if inpaint is not None else {}),
                         **({"Prompt syntax": prompt_syntax} if prompt_syntax != "a1111" else {}),
+                        **({"Clip skip": clip_skip} if clip_skip != 1 else {}),
                         **safeguard_settings}
             result.parameters.append(parameters_text(prompt, negative_prompt, settings))
         return result
@@ -295,16 +302,22 @@ class Pipeline:
         if output_type not in OUTPUT_TYPES:
             raise GenerationError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, not {output_type!r}")
 
-    def condition(self, prompt: str, negative_prompt: str, size: SizeConditioning,
-                  image_size: tuple[int, int], prompt_syntax: str = "a1111") -> dict[str, np.ndarray]:
+    def check_clip_skip(self, clip_skip: int) -> None:
+        """GenerationError unless every text encoder holds the layer `clip_skip` reads."""
+        for encoder in self.conditioning.encoders:
+            encoder.layers.output(clip_skip)
+
+    def condition(self, prompt: str, negative_prompt: str, size: SizeConditioning, image_size: tuple[int, int],
+                  prompt_syntax: str = "a1111", clip_skip: int = 1) -> dict[str, np.ndarray]:
         """The Unet's conditioning inputs for the guidance batch, in the Unet's dtypes."""
-        conditioning = self.conditioning
         if prompt_syntax == "compel":
             from .compel_prompts import CompelConditioning
 
-            self._compel = self._compel or CompelConditioning(self.conditioning)
-            conditioning = self._compel
-        inputs = conditioning(prompt, negative_prompt, size, image_size)
+            if clip_skip not in self._compel:
+                self._compel[clip_skip] = CompelConditioning(self.conditioning, clip_skip)
+            inputs = self._compel[clip_skip](prompt, negative_prompt, size, image_size)
+        else:
+            inputs = self.conditioning(prompt, negative_prompt, size, image_size, clip_skip)
         return {name: value.astype(self.sampler.dtypes[name]) for name, value in inputs.items()}
 
     def _controlled_sampler(self) -> Sampler:

@@ -67,6 +67,7 @@ class ConversionOptions:
     unguided_function: bool = False  # the Unet also as a batch-1 function `unguided` (see multifunction.py)
     max_prompt_chunks: int = 1  # the Unet and ControlNets also take 2..K 77-token chunks (see multifunction.py)
     guidance_embedding: bool = False  # an LCM Unet's guidance embedding as the input `timestep_cond`
+    clip_skip_layers: int | None = None  # the deepest clip skip the TextEncoder holds the layers of (default: 2)
     quantize_nbits: int | None = None  # palettize the TextEncoder's and Unet's weights to this many bits
     quantize_recipe: str | None = None  # FILE.json[:NAME]: an Apple mixed-bit recipe for the Unet's layers
     quantize_bits: float | None = None  # a recipe at this average bits per weight from the mixed-bit analysis
@@ -196,7 +197,7 @@ def chosen_components(source: ModelSource, requested: tuple[str, ...] | None) ->
 
 
 def model_dimensions(source: ModelSource, height: int | None, width: int | None, unet_batch_size: int | None,
-                     unguided: bool = False) -> ModelDimensions:
+                     unguided: bool = False, clip_skip_layers: int = 1) -> ModelDimensions:
     """The package's dimensions: the asked size or the model's own, and the Unet's batch (without one asked, 1
     for a model that samples `unguided`, else 2)."""
     default = source.sample_size * VAE_FACTOR
@@ -204,7 +205,8 @@ def model_dimensions(source: ModelSource, height: int | None, width: int | None,
         print(f"{'Unet':<11} batch 1: the model samples without guidance (--unet-batch-size 2 for guided sampling)",
               file=sys.stderr)
     return ModelDimensions(height=height or default, width=width or default,
-                           unet_batch_size=unet_batch_size or (1 if unguided else 2), **source.conditioning)
+                           unet_batch_size=unet_batch_size or (1 if unguided else 2), clip_skip_layers=clip_skip_layers,
+                           **source.conditioning)
 
 
 def check_guidance_embedding(source: ModelSource, asked: bool) -> None:

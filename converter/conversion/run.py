@@ -37,6 +37,7 @@ from ..families import Component
 from ..package_folder import PackageFolder
 from ..sources import ModelSource, resolve
 from ..sources.recommended import recommendation
+from .clip_skip import clip_skip_layers, text_encoder_record
 from .convert import describe, to_mil_program, to_ml_program, trace
 from .metadata import model_licence, model_version, user_metadata
 from .multifunction import (
@@ -117,11 +118,12 @@ def convert_model(options: ConversionOptions) -> ConversionReport:
     # a multifunction Unet serves unguided sampling from its batch-1 function; an LCM Unet with its guidance
     # embedding never runs classifier-free guidance
     unguided = (recommended.unguided and not options.unguided_function) or options.guidance_embedding
-    dims = model_dimensions(source, options.height, options.width, options.unet_batch_size, unguided)
+    components = chosen_components(source, options.components)
+    dims = model_dimensions(source, options.height, options.width, options.unet_batch_size, unguided,
+                            clip_skip_layers(source, components, options.clip_skip_layers))
     controlnet_sources = []
     if options.controlnets:
         controlnet_sources, dims = prepare_controlnets(options.controlnets, source, dims)
-    components = chosen_components(source, options.components)
     if options.controlnets and CONTROLLED_UNET not in components:
         components = (*components, CONTROLLED_UNET)
     source.check_adapters(list(components))
@@ -228,6 +230,8 @@ def convert_component(folder: PackageFolder, source: ModelSource, component: str
             # A float32 program keeps float32 weights: its constants are what it computes with.
             parts = source.load(component, torch.float32 if precision == "float32" else torch.float16)
         feature_extractor = parts.feature_extractor
+        text_encoder = (text_encoder_record(getattr(parts, kind.module), kind, dims.clip_skip_layers)
+                        if kind.kind == "text_encoder" else {})
         palettized, recipe_entry = None, None
         if nbits:
             with stage(report, component, "palettize"):
@@ -240,7 +244,7 @@ def convert_component(folder: PackageFolder, source: ModelSource, component: str
                 recipe_entry = recipes.describe(getattr(parts, source.family.component(component).module), recipe)
                 palettized = recipes.apply_recipe(getattr(parts, source.family.component(component).module), recipe)
         with stage(report, component, "rewrite"):
-            module = component_module(parts, source.family.component(component), options.attention_implementation)
+            module = component_module(parts, kind, options.attention_implementation, dims.clip_skip_layers)
         with stage(report, component, "trace"):
             program = trace(module, spec)
             del module, parts
@@ -300,7 +304,7 @@ def convert_component(folder: PackageFolder, source: ModelSource, component: str
                 raise ConversionError(
                     f"{component}: PSNR {worst:.1f} dB against {original} is below "
                     f"{PSNR_THRESHOLD_DB:.0f} dB, so it was not installed (--no-validate installs it anyway)")
-        entry = dict(spec.to_json(), settings=settings, validation=validation)
+        entry = dict(spec.to_json(), settings=settings, validation=validation, **text_encoder)
         if functions:
             entry.update(manifest_entry(functions, source, component, options.max_prompt_chunks))
         if feature_extractor is not None:

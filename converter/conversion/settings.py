@@ -40,7 +40,10 @@ def component_settings(component: str, source: ModelSource, dims: ModelDimension
             settings.update(chunks=len(chunk_names(component)))
     elif kind == "safety_checker":
         settings.update(safety_checker=source.safety_checker)
-    elif kind != "text_encoder":
+    elif kind == "text_encoder":
+        if dims.clip_skip_layers > 1:
+            settings.update(clip_skip_layers=dims.clip_skip_layers)
+    else:
         settings.update(attention_implementation=options.attention_implementation)
     if options.max_prompt_chunks > 1 and kind in TOKEN_FUNCTION_KINDS:
         settings.update(max_prompt_chunks=options.max_prompt_chunks)
