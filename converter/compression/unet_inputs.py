@@ -13,6 +13,7 @@ from diffusers import DDIMScheduler
 from transformers import CLIPTokenizer
 
 from coreml_sd.runtime.contract import TEXT_ENCODER_2, TEXT_LENGTH, VAE_FACTOR
+from coreml_sd.runtime.sampling import guidance_scale_embedding
 
 from ..errors import ConversionError
 from ..sources import ModelSource
@@ -32,9 +33,11 @@ class UnetCall:
     timestep: torch.Tensor
     context: torch.Tensor
     added: dict | None = None
+    timestep_cond: torch.Tensor | None = None  # an LCM Unet's guidance embedding
 
     def __call__(self, unet: torch.nn.Module) -> torch.Tensor:
-        return unet(self.sample, self.timestep, self.context, added_cond_kwargs=self.added).sample
+        return unet(self.sample, self.timestep, self.context, timestep_cond=self.timestep_cond,
+                    added_cond_kwargs=self.added).sample
 
 
 def text_conditioning(source: ModelSource, prompts: tuple[str, ...]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
@@ -93,6 +96,9 @@ def record_unet_calls(source: ModelSource, unet: torch.nn.Module, height: int | 
     scheduler.set_timesteps(steps)
     in_channels = unet.config.in_channels
     generator = torch.Generator().manual_seed(seed)
+    width_of_guidance = source.conditioning.get("guidance_embedding_width")
+    timestep_cond = (torch.from_numpy(guidance_scale_embedding(GUIDANCE_SCALE - 1, width_of_guidance)).repeat(2, 1)
+                     if width_of_guidance else None)
     calls = []
     for context, pooled in text_conditioning(source, prompts):
         added = {"text_embeds": pooled, "time_ids": time_ids(source, height, width)} if pooled is not None else None
@@ -104,7 +110,7 @@ def record_unet_calls(source: ModelSource, unet: torch.nn.Module, height: int | 
                 extra = torch.zeros(2, in_channels - sample.shape[1], *sample.shape[2:])
                 extra[:, 0] = 1
                 sample = torch.cat([sample, extra], dim=1)
-            call = UnetCall(sample, torch.full((2,), int(timestep)), context, added)
+            call = UnetCall(sample, torch.full((2,), int(timestep)), context, added, timestep_cond)
             calls.append(call)
             negative, positive = call(unet).chunk(2)
             guided = negative + GUIDANCE_SCALE * (positive - negative)
