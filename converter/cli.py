@@ -86,6 +86,14 @@ def list_models(ctx: click.Context, _, value: bool) -> None:
 @click.option("--quantize-recipe", metavar="FILE.json[:NAME]",
               help="Palettize each Unet layer at the bits an Apple mixed-bit recipe gives it (the JSON that "
               "ml-stable-diffusion's mixed_bit_compression_pre_analysis writes; NAME picks one of its recipes).")
+@click.option("--quantize-bits", type=float, metavar="AVERAGE",
+              help="Analyse the Unet's sensitivity (as --mixed-bit-analysis) and palettize it with the recipe of "
+              "this many bits per weight on average (1 to 16, e.g. 4.5), in one command; the recipes are written to "
+              "mixed_bit_recipes.json in the package folder.")
+@click.option("--mixed-bit-analysis", type=click.Path(path_type=Path, dir_okay=False), metavar="OUT.json",
+              help="Only analyse the Unet's sensitivity to palettes (a few minutes on a laptop, no conversion) and "
+              "write mixed-bit recipes of 2.5 to 6.5 bits per weight in Apple's format, for --quantize-recipe "
+              "OUT.json:NAME.")
 @click.option("--quantize-granularity", metavar="per-tensor|per-grouped-channel[:GROUP]",
               help="With --quantize-nbits: one palette per weight (default), or one per GROUP output channels "
               "(default 16; iOS 18 / macOS 15).")
@@ -130,7 +138,8 @@ def convert(model: str | None, revision: str | None, model_type: str | None, pre
             attention_implementation: str, height: int | None, width: int | None, unet_batch_size: int | None,
             unguided_function: bool, max_prompt_chunks: int, guidance_embedding: bool, clip_skip_layers: int | None,
             recommend: tuple[str, ...],
-            quantize_nbits: int | None, quantize_recipe: str | None, quantize_granularity: str | None,
+            quantize_nbits: int | None, quantize_recipe: str | None, quantize_bits: float | None,
+            mixed_bit_analysis: Path | None, quantize_granularity: str | None,
             quantize_linear: str | None, min_target: str | None, safety_checker: str | None, vae: str | None,
             chunk_unet: bool,
             bundle_resources: bool, force: bool, no_validate: bool, validate_only: Path | None,
@@ -172,6 +181,7 @@ def convert(model: str | None, revision: str | None, model_type: str | None, pre
         clip_skip_layers=clip_skip_layers,
         quantize_nbits=quantize_nbits,
         quantize_recipe=quantize_recipe,
+        quantize_bits=quantize_bits,
         quantize_granularity=quantize_granularity,
         quantize_linear=quantize_linear,
         min_target=min_target,
@@ -183,6 +193,11 @@ def convert(model: str | None, revision: str | None, model_type: str | None, pre
         validate=not no_validate,
         verbose=verbose,
     )
+    if mixed_bit_analysis:
+        from .conversion.mixed_bit_analysis import write_mixed_bit_analysis
+
+        click.echo(write_mixed_bit_analysis(options, mixed_bit_analysis))
+        return 0
     try:
         report = convert_model(options)
     except KeyboardInterrupt:

@@ -17,11 +17,12 @@ from .commandline import CONTEXT_SETTINGS, run_command, shared_options
 from .conditioning import SizeConditioning
 from .control import check_control, control_requests, parse_preprocess
 from .errors import GenerationError
+from .generation_options import check_options, random_seed
 from .infotext import generation_options, read_png_parameters
 from .inpaint_stage import DEFAULT_PADDING, INPAINT_AREAS
 from .inpainting import DEFAULT_MASK_BLUR, open_mask, open_with_alpha
 from .package import PACKAGES_ENV
-from .pipeline import PROMPT_SYNTAXES, Pipeline, check_options, random_seed
+from .pipeline import PROMPT_SYNTAXES, Pipeline
 from .sampler_names import A1111_SAMPLERS
 from .schedulers import SCHEDULERS, TIMESTEP_SPACINGS, check_steps, schedule_options, scheduler_names
 from .upscaling import DEFAULT_STRENGTH, ModelUpscaler, Upscale

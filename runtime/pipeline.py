@@ -6,7 +6,6 @@ The pipeline composes the stages: conditioning (conditioning.py), the VAE encode
 and the watermark (watermark.py); a hires pass (upscaling.py) runs the denoising stages again on the enlarged image.
 """
 import logging
-import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -26,6 +25,8 @@ from .conditioning import SizeConditioning, conditioning_for
 from .contract import CONTROLLED_UNET, CONTROLNET_PREFIX, SAFETY_CHECKER, VAE_DECODER, VAE_ENCODER, VAE_FACTOR
 from .control import Control, ControlRequest, check_control, control_settings
 from .errors import GenerationError
+from .generation_options import check_options, random_seed
+from .infotext import parameters_text
 from .inpaint_stage import InpaintStage, check_inpainting
 from .inpainting import Inpainting
 from .package import Package, find_package, load_package
@@ -34,13 +35,12 @@ from .refiner import refinement_for
 from .safety import SafetyChecker
 from .sampler_names import sampler_fields
 from .sampling import Pass, Sampler, Sampling, StepHook
-from .schedulers import check_steps, schedule_options, scheduler_class
+from .schedulers import check_steps, schedule_options
 from .upscaling import Upscale
 
 logger = logging.getLogger("coreml_sd.runtime")
 OUTPUT_TYPES = ("pil", "latent")
 PROMPT_SYNTAXES = ("a1111", "compel")
-MAX_SEED = 2**32 - 1  # RandomState's seed range
 UNGUIDED_UNET = "unguided Unet"  # the stage name of the Unet's batch-1 function, where the package has one
 
 
@@ -50,41 +50,6 @@ class GenerationResult:
     seeds: list[int]
     parameters: list[str]  # per image, the settings as text in the format other SD tools write into PNGs
     nsfw_content_detected: list[bool] | None = None  # per image, as diffusers; None when no checker ran
-
-
-def random_seed(num_images: int = 1) -> int:
-    return secrets.randbelow(MAX_SEED + 2 - num_images)
-
-
-def check_options(
-    scheduler: str | None, steps: int | None, strength: float, num_images: int, seed: int | None,
-    width: int | None = None, height: int | None = None, upscale: Upscale | None = None, refiner_start: float = 0.8,
-) -> None:
-    """The checks that need no model, so that a command line fails before any model loads."""
-    for name, side in (("--width", width), ("--height", height)):
-        if side is not None and (side < VAE_FACTOR or side % VAE_FACTOR):
-            raise GenerationError(f"{name} {side} is not a positive multiple of {VAE_FACTOR}")
-    if upscale is not None:
-        upscale.check()
-    if not 0 < refiner_start < 1:
-        raise GenerationError(f"--refiner-start must be between 0 and 1 (the fraction of the schedule the base runs), "
-                              f"not {refiner_start}")
-    if scheduler is not None:
-        scheduler_class(scheduler)
-    if steps is not None and steps < 1:
-        raise GenerationError(f"--steps must be at least 1, not {steps}")
-    if not 0 <= strength <= 1:
-        raise GenerationError(f"--strength must be in [0, 1], not {strength}")
-    if num_images < 1:
-        raise GenerationError(f"--num-images must be at least 1, not {num_images}")
-    last_seed = MAX_SEED + 1 - num_images
-    if seed is not None and not 0 <= seed <= last_seed:
-        raise GenerationError(f"--seed must be in [0, {last_seed}] for {num_images} image(s), not {seed}")
-
-
-def parameters_text(prompt: str, negative_prompt: str, settings: dict[str, object]) -> str:
-    lines = [prompt] + ([f"Negative prompt: {negative_prompt}"] if negative_prompt else [])
-    return "\n".join(lines + [", ".join(f"{key}: {value}" for key, value in settings.items())])
 
 
 class Pipeline:

@@ -6,7 +6,7 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -28,6 +28,7 @@ from ..chunks import install_chunks
 from ..compression import QUANTIZED_KINDS
 from ..compression import recipe as recipes
 from ..compression.linear import quantize_parts
+from ..compression.mixed_bit import ANALYSIS_FILE, analysed_recipe
 from ..compression.palettize import palettize_parts
 from ..controlnets import CONTROLLED_UNET
 from ..controlnets import prepare as prepare_controlnets
@@ -161,7 +162,10 @@ def convert_model(options: ConversionOptions) -> ConversionReport:
                     print(f"{component:<11} up to date (pass --force to convert again)", file=sys.stderr)
                     report.skipped.append(component)
                     continue
-                convert_component(folder, component_source, component, dims, component_options, settings, report)
+                convert_component(folder, component_source, component, dims,
+                                  with_analysed_recipe(component_options, component_source, component, dims, folder,
+                                                       report),
+                                  settings, report)
                 report.converted.append(component)
             folder.write_manifest()
         except BaseException:
@@ -178,6 +182,20 @@ def check_recipe(source: ModelSource, components: tuple[str, ...], recipe: recip
         kind = source.family.component(component)
         if recipe and kind.kind == "unet":
             recipes.recipe_layers(source.reader.empty(kind.module), recipe)
+
+
+def with_analysed_recipe(options: ComponentOptions, source: ModelSource, component: str, dims: ModelDimensions,
+                         folder: PackageFolder, report: ConversionReport) -> ComponentOptions:
+    """--quantize-bits: the Unet's options with the recipe the mixed-bit analysis makes at that average (run only
+    when the Unet converts), its file written into the package folder."""
+    if options.quantize_bits is None or source.family.component(component).kind != "unet":
+        return options
+    with stage(report, component, "analyse"):
+        text, recipe = analysed_recipe(source, options.quantize_bits, dims.height, dims.width)
+        folder.write_text(ANALYSIS_FILE, text)
+        release_memory()  # the float32 Unet the analysis ran on
+    print(f"{component:<11} recipe {recipe.name} of {ANALYSIS_FILE}", file=sys.stderr)
+    return replace(options, quantize_recipe=recipe)
 
 
 def load_adapters(loras: tuple[str, ...], embeddings: tuple[str, ...]) -> list:

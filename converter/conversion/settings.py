@@ -51,6 +51,8 @@ def component_settings(component: str, source: ModelSource, dims: ModelDimension
         settings.update(quantize_nbits=options.quantize_nbits)
     if options.quantize_recipe and kind == "unet":
         settings.update(quantize_recipe=options.quantize_recipe.settings())
+    if options.quantize_bits is not None and kind == "unet":  # the analysis is seeded: the same model, the same recipe
+        settings.update(quantize_bits=options.quantize_bits)
     if options.quantize_group and settings.get("quantize_nbits"):
         settings.update(quantize_group=options.quantize_group)
     if options.quantize_linear and kind in QUANTIZED_KINDS:

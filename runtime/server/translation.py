@@ -14,9 +14,9 @@ from typing import Any
 from PIL import Image, ImageOps
 
 from .. import sampler_names
+from ..generation_options import MAX_SEED, random_seed
 from ..infotext import parse_infotext
 from ..inpainting import Inpainting, redraw_mask
-from ..pipeline import MAX_SEED, random_seed
 from ..schedulers import SCHEDULERS
 from ..upscaling import MAX_FACTOR, MIN_FACTOR, Upscale
 from .errors import invalid
