@@ -197,7 +197,7 @@ def chosen_components(source: ModelSource, requested: tuple[str, ...] | None) ->
 
 
 def model_dimensions(source: ModelSource, height: int | None, width: int | None, unet_batch_size: int | None,
-                     unguided: bool = False, clip_skip_layers: int = 1) -> ModelDimensions:
+                     unguided: bool = False) -> ModelDimensions:
     """The package's dimensions: the asked size or the model's own, and the Unet's batch (without one asked, 1
     for a model that samples `unguided`, else 2)."""
     default = source.sample_size * VAE_FACTOR
@@ -205,7 +205,7 @@ def model_dimensions(source: ModelSource, height: int | None, width: int | None,
         print(f"{'Unet':<11} batch 1: the model samples without guidance (--unet-batch-size 2 for guided sampling)",
               file=sys.stderr)
     return ModelDimensions(height=height or default, width=width or default,
-                           unet_batch_size=unet_batch_size or (1 if unguided else 2), clip_skip_layers=clip_skip_layers,
+                           unet_batch_size=unet_batch_size or (1 if unguided else 2),
                            **source.conditioning)
 
 

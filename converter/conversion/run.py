@@ -118,14 +118,14 @@ def convert_model(options: ConversionOptions) -> ConversionReport:
     # a multifunction Unet serves unguided sampling from its batch-1 function; an LCM Unet with its guidance
     # embedding never runs classifier-free guidance
     unguided = (recommended.unguided and not options.unguided_function) or options.guidance_embedding
-    components = chosen_components(source, options.components)
-    dims = model_dimensions(source, options.height, options.width, options.unet_batch_size, unguided,
-                            clip_skip_layers(source, components, options.clip_skip_layers))
+    dims = model_dimensions(source, options.height, options.width, options.unet_batch_size, unguided)
     controlnet_sources = []
-    if options.controlnets:
+    if options.controlnets:  # the family gains the ControlledUnet here
         controlnet_sources, dims = prepare_controlnets(options.controlnets, source, dims)
+    components = chosen_components(source, options.components)
     if options.controlnets and CONTROLLED_UNET not in components:
         components = (*components, CONTROLLED_UNET)
+    dims = replace(dims, clip_skip_layers=clip_skip_layers(source, components, options.clip_skip_layers))
     source.check_adapters(list(components))
     source.safety_checker = options.safety_checker
     component_options = options.component_options()

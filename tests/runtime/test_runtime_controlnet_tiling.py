@@ -2,7 +2,6 @@
 MultiDiffusion with ControlNet written out on diffusers' float32 modules (each window's ControlNet given its crop of
 the control image, as ControlNet tile upscaling needs), and the hires pass (`--upscale`) with a ControlNet."""
 import hashlib
-import shutil
 
 import numpy as np
 import pytest
@@ -10,8 +9,6 @@ import torch
 from diffusers import EulerDiscreteScheduler, StableDiffusionControlNetPipeline
 from PIL import Image, ImageDraw
 
-from coreml_sd.converter.conversion import ConversionOptions, convert_model
-from coreml_sd.converter.models.tiny_controlnet import build_tiny_controlnet
 from coreml_sd.runtime import Pipeline
 from coreml_sd.runtime.cli import main
 from coreml_sd.runtime.control import ControlRequest
@@ -23,10 +20,6 @@ from runtime_testing import PSNR_THRESHOLD_DB, feather, pixels
 
 PROMPT = "a red circle on a blue background"
 WINDOW = 16  # the tiny package's latent side
-# The tiny ControlNets' conditioning embeddings keep diffusers' default initialisation, whose seven convolutions shrink
-# the control image's signal: black and noise control images change their residuals by 0.01%. Drawn with this gain
-# (variance kept through SiLU), they change them by 22%, so that which part of the picture a window sees shows.
-EMBEDDING_GAIN = 1.7
 
 
 def regional_map(width: int, height: int) -> Image.Image:
@@ -98,25 +91,10 @@ def controlled_multidiffusion(reference, controlnet, config: dict, control_image
 
 
 @pytest.fixture(scope="module")
-def seeing_controlnet(tiny_pipeline, tiny_controlnet_package, tmp_path_factory):
-    """A tiny ControlNet whose residuals depend on its control image, added to a copy of the tiny ControlNet package
-    (only it converts; validation off, as the test compares with diffusers itself): (package, float32 original)."""
-    controlnet = build_tiny_controlnet(tiny_pipeline.unet, 3)
-    embedding = controlnet.controlnet_cond_embedding
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for convolution in (embedding.conv_in, *embedding.blocks):
-            weight = convolution.weight
-            weight.copy_(torch.randn(weight.shape, generator=generator) * EMBEDDING_GAIN / weight[0].numel() ** 0.5)
-    root = tmp_path_factory.mktemp("seeing-controlnet")
-    controlnet.save_pretrained(root / "tiny-tile", safe_serialization=True)
-    package = root / "package"
-    shutil.copytree(tiny_controlnet_package, package)
-    report = convert_model(ConversionOptions(model="tiny", output=package, controlnets=(str(root / "tiny-tile"),),
-                                             components=("TextEncoder", "Unet", "VAEDecoder", "VAEEncoder"),
-                                             validate=False))
-    assert report.converted == ["controlnet/TinyTile"], report
-    return package, controlnet
+def seeing_controlnet(tiny_controlnets, tiny_controlnet_package):
+    """The tiny ControlNet package and its TinyCanny's float32 original, whose residuals depend on the control image
+    (see converter/models/tiny_controlnet.py): (package, original)."""
+    return tiny_controlnet_package, next(net for folder, net in tiny_controlnets.items() if folder.name == "tiny-canny")
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +112,7 @@ def test_tiled_controlnet_matches_multidiffusion_with_window_crops(controlled_ru
     control_image = regional_map(*size)
     ours = controlled_runtime(PROMPT, steps=steps, seed=seed, scheduler="euler", guidance_scale=guidance,
                               width=size[0], height=size[1], progress=False,
-                              controls=[ControlRequest("TinyTile", scale, control_image, "")])
+                              controls=[ControlRequest("TinyCanny", scale, control_image, "")])
     overlap = controlled_runtime.default_overlap // 8
     assert len(Layout((16, 32), (WINDOW, WINDOW), overlap).windows) == 3
     config = controlled_runtime.package.scheduler_config
@@ -148,7 +126,7 @@ def test_tiled_controlnet_matches_multidiffusion_with_window_crops(controlled_ru
           f"{squeezed_figure:.1f} dB against the whole map in each window")
     assert figure >= PSNR_THRESHOLD_DB  # measured 57.7 dB guided, 58.8 dB unguided
     assert squeezed_figure < figure - 5  # measured 47.1 and 50.4 dB: the crops matter
-    assert 'ControlNet 0: "Model: TinyTile, Weight: 1' in ours.parameters[0]
+    assert 'ControlNet 0: "Model: TinyCanny, Weight: 1' in ours.parameters[0]
 
 
 def test_upscale_with_a_controlnet_records_it(tiny_controlnet_package, tmp_path):
