@@ -6,6 +6,7 @@ and reuse it). A variant that changes only some components is the base package c
 the changed option: the converter skips the components whose settings did not change (attention implementations
 touch the Unet and the VAE only).
 """
+import dataclasses
 import os
 import shutil
 from collections.abc import Callable
@@ -150,28 +151,60 @@ def tiny_xl_packages(converted_once):
 
 
 @pytest.fixture(scope="session")
-def tiny_controlnets(tiny_pipeline, tmp_path_factory):
-    """Two tiny ControlNets for the tiny Unet, saved as diffusers folders: {folder: the float32 original}."""
-    from coreml_sd.converter.models.tiny_controlnet import save_tiny_controlnet
+def tiny_variant(tiny_packages) -> Callable[[ConversionOptions, list[str]], Path]:
+    """`tiny_variant(options, converted)` -> `options.output`: the tiny package (every component, split einsum)
+    converted again with `options`, which must re-convert exactly `converted`."""
+    def variant(options: ConversionOptions, converted: list[str]) -> Path:
+        variant_of(tiny_packages("split_einsum"), options.output, options, converted)
+        return options.output
 
-    root = tmp_path_factory.mktemp("controlnets")
-    return {root / name: save_tiny_controlnet(tiny_pipeline.unet, seed, root / name)
-            for name, seed in (("tiny-canny", 1), ("tiny-depth", 2))}
-
-
-@pytest.fixture(scope="session")
-def tiny_controlnet_package(tiny_controlnets, tmp_path_factory) -> Path:
-    """The tiny model with both tiny ControlNets and its ControlledUnet, converted once (split einsum)."""
-    output = tmp_path_factory.mktemp("tiny-controlnet")
-    convert_model(ConversionOptions(model="tiny", output=output, controlnets=tuple(map(str, tiny_controlnets)),
-                                    components=("TextEncoder", "Unet", "VAEDecoder", "VAEEncoder")))
-    return output
+    return variant
 
 
 @pytest.fixture(scope="session")
-def tiny_inpainting_package(tmp_path_factory) -> Path:
-    """The `tiny-inpainting` model (a 9-channel inpainting Unet) converted once (split einsum)."""
-    output = tmp_path_factory.mktemp("tiny-inpainting")
-    convert_model(ConversionOptions(model="tiny-inpainting", output=output,
-                                    components=("TextEncoder", "Unet", "VAEDecoder", "VAEEncoder")))
-    return output
+def tiny_xl_variant(tiny_xl_packages) -> Callable[[ConversionOptions, list[str]], Path]:
+    """`tiny_xl_variant(options, converted)` -> `options.output`: the tiny-xl package (its base components, split
+    einsum) converted again with `options` (components: the base's unless they say), which must re-convert exactly
+    `converted`."""
+    def variant(options: ConversionOptions, converted: list[str]) -> Path:
+        if options.components is None:
+            options = dataclasses.replace(options, components=XL_BASE_COMPONENTS)
+        variant_of(tiny_xl_packages("tiny-xl"), options.output, options, converted)
+        return options.output
+
+    return variant
+
+
+@pytest.fixture(scope="session")
+def tiny_controlnets(tiny_pipeline, converted_once):
+    """Two tiny ControlNets for the tiny Unet, saved once per run as diffusers folders: {folder: the float32
+    original}."""
+    from coreml_sd.converter.models.tiny_controlnet import build_tiny_controlnet
+
+    networks = {}
+    for name, seed in (("tiny-canny", 1), ("tiny-depth", 2)):
+        controlnet = build_tiny_controlnet(tiny_pipeline.unet, seed)
+        folder = converted_once(name, lambda folder: controlnet.save_pretrained(folder, safe_serialization=True))
+        networks[folder] = controlnet
+    return networks
+
+
+@pytest.fixture(scope="session")
+def tiny_controlnet_package(tiny_variant, tiny_controlnets, converted_once) -> Path:
+    """The tiny package with both tiny ControlNets and its ControlledUnet (split einsum), converted and validated
+    once per run: the tiny package's other components are reused as they are."""
+    def build(folder: Path) -> None:
+        options = ConversionOptions(model="tiny", output=folder, controlnets=tuple(map(str, tiny_controlnets)),
+                                    components=("TextEncoder", "Unet", "VAEDecoder", "VAEEncoder"))
+        tiny_variant(options, ["ControlledUnet", "controlnet/TinyCanny", "controlnet/TinyDepth"])
+
+    return converted_once("tiny-controlnet", build)
+
+
+@pytest.fixture(scope="session")
+def tiny_inpainting_package(converted_once) -> Path:
+    """The `tiny-inpainting` model (a 9-channel inpainting Unet) converted once per run (split einsum); its tests
+    compare it with diffusers themselves, so the converter's own validation is skipped."""
+    components = ("TextEncoder", "Unet", "VAEDecoder", "VAEEncoder")
+    return converted_once("tiny-inpainting", lambda folder: convert_model(
+        ConversionOptions(model="tiny-inpainting", output=folder, components=components, validate=False)))

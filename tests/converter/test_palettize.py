@@ -158,11 +158,11 @@ def test_palettizing_group_by_group_stores_what_one_pass_stores(tiny_pipeline, m
     unet = copy.deepcopy(tiny_pipeline.unet).half()
     palettize_module(unet, NBITS)
     spec = SD.spec("Unet", ModelDimensions(32, 128, 128))
-    module = component_module(ModelParts(unet=unet), SD.component("Unet"), "split_einsum")
+    traced = trace(component_module(ModelParts(unet=unet), SD.component("Unet"), "split_einsum"), spec)
 
     def stored(group_bytes: int) -> tuple[int, dict]:
         monkeypatch.setattr(palettize, "GROUP_BYTES", group_bytes)
-        program = to_mil_program(trace(module, spec), spec)
+        program = to_mil_program(traced, spec)
         groups = len(palettize._weight_groups(program))
         palettize_program(program, NBITS)
         return groups, {

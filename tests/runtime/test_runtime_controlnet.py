@@ -142,18 +142,18 @@ def test_transparent_control_pixels_follow_apples_rule():
     assert ours.shape == (2, 3, 64, 64) and (ours == expected[None]).all() and (ours == -1).any()
 
 
-def test_sdxl_controlnet_matches_diffusers(tiny_xl_pipeline, tmp_path_factory):
+def test_sdxl_controlnet_matches_diffusers(tiny_xl_pipeline, tiny_xl_variant, tmp_path_factory):
     """An SDXL ControlNet (time_ids and text_embeds among its inputs) against diffusers'
     StableDiffusionXLControlNetPipeline on the tiny-xl weights and the same NumPy-RNG latents."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLControlNetPipeline
 
-    from coreml_sd.converter.conversion import ConversionOptions, convert_model
+    from coreml_sd.converter.conversion import ConversionOptions
     from coreml_sd.converter.models.tiny_controlnet import save_tiny_controlnet
 
     root = tmp_path_factory.mktemp("xl-controlnet")
     controlnet = save_tiny_controlnet(tiny_xl_pipeline.unet, 3, root / "xl-edges")
-    convert_model(ConversionOptions(model="tiny-xl", output=root / "package", controlnets=(str(root / "xl-edges"),),
-                                    components=("TextEncoder", "TextEncoder2", "Unet", "VAEDecoder"), validate=False))
+    tiny_xl_variant(ConversionOptions(model="tiny-xl", output=root / "package", controlnets=(str(root / "xl-edges"),),
+                                      validate=False), ["ControlledUnet", "controlnet/XlEdges"])
     runtime = Pipeline.from_package(root / "package", backend="reference")
     image = control_map(5)
     ours = runtime(PROMPT, steps=3, seed=5, controls=[ControlRequest("XlEdges", 0.8, image, "")], progress=False)
