@@ -24,15 +24,16 @@ PROMPT = "a red circle on a blue background"
 
 
 @pytest.fixture(scope="module")
-def shared_package(tiny_controlnet_package, tiny_controlnets, tmp_path_factory) -> Path:
-    """The ControlNet package converted again with --shared-controlled-unet: only the Unet converts (no validation:
-    the tests compare it with diffusers themselves)."""
-    folder = tmp_path_factory.mktemp("shared") / "package"
-    shutil.copytree(tiny_controlnet_package, folder)
-    report = convert_model(ConversionOptions(model="tiny", output=folder, controlnets=tuple(map(str, tiny_controlnets)),
-                                             components=COMPONENTS, shared_controlled_unet=True, validate=False))
-    assert report.converted == ["Unet"], report
-    return folder
+def shared_package(tiny_controlnet_package, tiny_controlnets, converted_once) -> Path:
+    """The ControlNet package converted again with --shared-controlled-unet, once per run: only the Unet converts
+    (no validation: the tests compare it with diffusers themselves)."""
+    def build(folder: Path) -> None:
+        shutil.copytree(tiny_controlnet_package, folder)
+        options = ConversionOptions(model="tiny", output=folder, controlnets=tuple(map(str, tiny_controlnets)),
+                                    components=COMPONENTS, shared_controlled_unet=True, validate=False)
+        assert convert_model(options).converted == ["Unet"]
+
+    return converted_once("tiny-shared-controlled-unet", build)
 
 
 def weights_size(package: Path) -> int:
