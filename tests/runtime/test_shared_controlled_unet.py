@@ -109,3 +109,22 @@ def test_bad_options_are_one_line(capsys, tmp_path, tiny_controlnets, argv, line
     lines = [text for text in capsys.readouterr().err.splitlines() if text.strip()]
     assert (code, lines) == (1, [line])
     assert not (tmp_path / "out").exists()
+
+
+def test_the_core_ml_backend_loads_the_controlled_function_by_name(shared_package, monkeypatch, tmp_path):
+    """Through the Core ML adapter (coremltools' CompiledMLModel stood in for by the executor), as an app that loads
+    by function name: the same image as the reference executor's."""
+    from coreml_sd.runtime import backends
+
+    from coreml_standin import Compiler, core_ml_standin
+
+    monkeypatch.setattr(backends, "core_ml_functions", core_ml_standin(Compiler()))
+    monkeypatch.setenv(backends.CACHE_ENV, str(tmp_path / "cache"))
+    outline = Image.new("RGB", (128, 128))
+    ImageDraw.Draw(outline).rectangle((30, 20, 100, 90), outline="white", width=3)
+    settings = {"steps": 2, "seed": 6, "controls": [ControlRequest("TinyDepth", 1.0, outline, "")], "progress": False}
+    reference = Pipeline.from_package(shared_package, backend="reference")(PROMPT, **settings).images[0]
+    core_ml = Pipeline.from_package(shared_package, backend="coreml")
+    assert np.array_equal(np.asarray(core_ml(PROMPT, **settings).images[0]), np.asarray(reference))
+    assert core_ml.models["ControlledUnet"]._model.function_name == "controlled"
+    assert core_ml.models["Unet"]._model.function_name is None  # the default function, Apple's plain Unet
