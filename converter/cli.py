@@ -79,6 +79,9 @@ def list_models(ctx: click.Context, _, value: bool) -> None:
 @click.option("--guidance-embedding", is_flag=True,
               help="LCM checkpoints whose Unet embeds the guidance scale (time_cond_proj_dim): convert it with the "
               "extra input timestep_cond, which coreml-generate feeds and Apple's Swift package does not.")
+@click.option("--clip-skip-layers", type=int, metavar="K",
+              help="The TextEncoder also outputs the layers coreml-generate --clip-skip 2 to K reads (default: 2, "
+              "the penultimate; the web UI goes up to 12); Apple's Swift package reads its usual output only.")
 @click.option("--recommend", multiple=True, metavar="NAME=VALUE",
               help="Record a sampling setting coreml-generate uses by default: scheduler=lcm, steps=4, "
               "guidance-scale=1 (known few-step models and LoRAs record theirs); repeatable.")
@@ -88,6 +91,14 @@ def list_models(ctx: click.Context, _, value: bool) -> None:
 @click.option("--quantize-recipe", metavar="FILE.json[:NAME]",
               help="Palettize each Unet layer at the bits an Apple mixed-bit recipe gives it (the JSON that "
               "ml-stable-diffusion's mixed_bit_compression_pre_analysis writes; NAME picks one of its recipes).")
+@click.option("--quantize-bits", type=float, metavar="AVERAGE",
+              help="Analyse the Unet's sensitivity (as --mixed-bit-analysis) and palettize it with the recipe of "
+              "this many bits per weight on average (1 to 16, e.g. 4.5), in one command; the recipes are written to "
+              "mixed_bit_recipes.json in the package folder.")
+@click.option("--mixed-bit-analysis", type=click.Path(path_type=Path, dir_okay=False), metavar="OUT.json",
+              help="Only analyse the Unet's sensitivity to palettes (a few minutes on a laptop, no conversion) and "
+              "write mixed-bit recipes of 2.5 to 6.5 bits per weight in Apple's format, for --quantize-recipe "
+              "OUT.json:NAME.")
 @click.option("--quantize-granularity", metavar="per-tensor|per-grouped-channel[:GROUP]",
               help="With --quantize-nbits: one palette per weight (default), or one per GROUP output channels "
               "(default 16; iOS 18 / macOS 15).")
@@ -131,8 +142,9 @@ def convert(model: str | None, revision: str | None, model_type: str | None, pre
             controlnets: tuple[str, ...], output: Path | None, components: str | None,
             attention_implementation: str, height: int | None, width: int | None, unet_batch_size: int | None,
             unguided_function: bool, max_prompt_chunks: int, shared_controlled_unet: bool, guidance_embedding: bool,
-            recommend: tuple[str, ...],
-            quantize_nbits: int | None, quantize_recipe: str | None, quantize_granularity: str | None,
+            clip_skip_layers: int | None, recommend: tuple[str, ...],
+            quantize_nbits: int | None, quantize_recipe: str | None, quantize_bits: float | None,
+            mixed_bit_analysis: Path | None, quantize_granularity: str | None,
             quantize_linear: str | None, min_target: str | None, safety_checker: str | None, vae: str | None,
             chunk_unet: bool,
             bundle_resources: bool, force: bool, no_validate: bool, validate_only: Path | None,
@@ -172,8 +184,10 @@ def convert(model: str | None, revision: str | None, model_type: str | None, pre
         max_prompt_chunks=max_prompt_chunks,
         shared_controlled_unet=shared_controlled_unet,
         guidance_embedding=guidance_embedding,
+        clip_skip_layers=clip_skip_layers,
         quantize_nbits=quantize_nbits,
         quantize_recipe=quantize_recipe,
+        quantize_bits=quantize_bits,
         quantize_granularity=quantize_granularity,
         quantize_linear=quantize_linear,
         min_target=min_target,
@@ -185,6 +199,11 @@ def convert(model: str | None, revision: str | None, model_type: str | None, pre
         validate=not no_validate,
         verbose=verbose,
     )
+    if mixed_bit_analysis:
+        from .conversion.mixed_bit_analysis import write_mixed_bit_analysis
+
+        click.echo(write_mixed_bit_analysis(options, mixed_bit_analysis))
+        return 0
     try:
         report = convert_model(options)
     except KeyboardInterrupt:

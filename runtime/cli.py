@@ -12,15 +12,17 @@ from click.shell_completion import CompletionItem
 
 from . import images
 from .backends import BACKENDS, COMPUTE_UNITS
+from .clip_skip import check_clip_skip
 from .commandline import CONTEXT_SETTINGS, run_command, shared_options
 from .conditioning import SizeConditioning
 from .control import check_control, control_requests, parse_preprocess
 from .errors import GenerationError
+from .generation_options import check_options, random_seed
 from .infotext import generation_options, read_png_parameters
 from .inpaint_stage import DEFAULT_PADDING, INPAINT_AREAS
 from .inpainting import DEFAULT_MASK_BLUR, open_mask, open_with_alpha
 from .package import PACKAGES_ENV
-from .pipeline import PROMPT_SYNTAXES, Pipeline, check_options, random_seed
+from .pipeline import PROMPT_SYNTAXES, Pipeline
 from .sampler_names import A1111_SAMPLERS
 from .schedulers import SCHEDULERS, TIMESTEP_SPACINGS, check_steps, schedule_options, scheduler_names
 from .upscaling import DEFAULT_STRENGTH, ModelUpscaler, Upscale
@@ -115,9 +117,13 @@ def _list_schedulers(ctx: click.Context, _parameter: click.Parameter, value: boo
 @click.option("--prompt-syntax", type=click.Choice(PROMPT_SYNTAXES), default="a1111", show_default=True,
               help="How prompts are weighted: AUTOMATIC1111's (word:1.3), [word], BREAK; or compel's word++, "
               "(word)1.3, blend and and (needs pip install 'coreml-sd[compel]').")
+@click.option("--clip-skip", type=int, default=1, show_default=True, metavar="N",
+              help="Read the prompt from the text encoder's Nth layer from the end, as the web UI's Clip skip (2: the "
+              "penultimate, what anime-style models are made for; SDXL: diffusers' clip_skip N-1). The package holds "
+              "the layers up to coreml-convert --clip-skip-layers (default 2).")
 @click.option("--from-png", metavar="FILE", help="Reuse a picture's parameters (prompt, negative prompt, steps, "
-              "sampler, CFG scale, seed, size) as coreml-generate or AUTOMATIC1111's web UI wrote them; options given "
-              "override them.")
+              "sampler, CFG scale, seed, size, clip skip) as coreml-generate or AUTOMATIC1111's web UI wrote them; "
+              "options given override them.")
 @click.option("--model", help=f"Package name under ./packages (or ${PACKAGES_ENV}) or a package folder; may be left "
               "out when there is only one package.")
 @click.option("--steps", type=int, help="Denoising steps (default: the package's recommendation, else 50).")
@@ -216,17 +222,13 @@ def with_png_parameters(path: str, options: dict) -> dict:
     """`options` with the settings the picture at `path` carries in place of those not given on the command line."""
     ctx = click.get_current_context()
     settings = generation_options(read_png_parameters(path), path)
-    clip_skip = settings.pop("clip_skip", 1)
-    if clip_skip != 1:
-        logging.getLogger("coreml_sd.runtime").warning("%s: Clip skip %d is not supported yet; the last layer is used",
-                                                       path, clip_skip)
     given = {name for name in options if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE}
     return options | {name: value for name, value in settings.items() if name not in given}
 
 
 def write_images(prompt: str, negative_prompt: str, model: str | None, steps: int | None, guidance_scale: float | None,
                  scheduler: str | None, karras: bool, timestep_spacing: str | None, prompt_syntax: str,
-                 seed: int | None, image: str | None, strength: float | None,
+                 clip_skip: int, seed: int | None, image: str | None, strength: float | None,
                  mask: str | None, mask_blur: int, inpaint_area: str, inpaint_padding: int, num_images: int,
                  height: int | None, width: int | None, upscale: float | None, upscale_strength: float | None,
                  upscale_steps: int | None, upscaler: str | None, tile_overlap: int | None,
@@ -248,6 +250,7 @@ def write_images(prompt: str, negative_prompt: str, model: str | None, steps: in
         for name, pixels in (("--mask-blur", mask_blur), ("--inpaint-padding", inpaint_padding)):
             if pixels < 0:
                 raise GenerationError(f"{name} must be at least 0 pixels, not {pixels}")
+        check_clip_skip(clip_skip)
         check_options(scheduler, steps, 1.0 if strength is None else strength, num_images, seed, width, height, hires,
                       refiner_start)
         if controlnets or control_images:
@@ -293,6 +296,7 @@ def write_images(prompt: str, negative_prompt: str, model: str | None, steps: in
         karras=karras,
         timestep_spacing=timestep_spacing,
         prompt_syntax=prompt_syntax,
+        clip_skip=clip_skip,
         seed=seed,
         image=start_image,
         strength=strength,

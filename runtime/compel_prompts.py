@@ -5,7 +5,9 @@ calls on transformers' CLIP models.
 Compel lowers a weight below 1 by blending with the prompt's embedding without the words; a package's text
 encoder has no attention-mask input, so the words are removed from the tokens (compel's REMOVE mode) rather
 than masked out (its default MASK mode). SDXL: both encoders' penultimate hidden states and the second's
-pooled output, as compel's SDXL recipe asks; an empty negative prompt is zeros where the model says so. A
+pooled output, as compel's SDXL recipe asks; an empty negative prompt is zeros where the model says so. With
+clip skip, the layer clip skip chooses stands in for the one compel reads (compel's own clip skip, its
+PENULTIMATE_HIDDEN_STATES_NORMALIZED, is clip skip 2 of SD: the penultimate layer through the final layer norm). A
 textual-inversion embedding's name typed once is written out as all its tokens, in brackets, before compel
 reads the prompt.
 """
@@ -21,16 +23,16 @@ from .prompt import TEXT_LENGTH, PromptEncoder
 
 
 class CompelTextEncoder:
-    """One TextEncoder package as compel calls transformers' CLIPTextModel(WithProjection): token ids in,
-    `last_hidden_state` (SD) or `hidden_states[-2]` (SDXL's `hidden_embeds`, the only layer a package has
-    besides its output) and the pooled `text_embeds` out."""
+    """One TextEncoder package as compel calls transformers' CLIPTextModel(WithProjection): token ids in, the
+    hidden states of clip skip N as `last_hidden_state` (SD) or `hidden_states[-2]` (SDXL's `hidden_embeds`),
+    and the pooled `text_embeds` out."""
 
     device = torch.device("cpu")
     dtype = torch.float32
 
-    def __init__(self, encoder: PromptEncoder, hidden_name: str):
+    def __init__(self, encoder: PromptEncoder, xl: bool, clip_skip: int):
         self.model = encoder.text_encoder
-        self.hidden_name = hidden_name
+        self.layers, self.xl, self.clip_skip = encoder.layers, xl, clip_skip
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  output_hidden_states: bool = False, return_dict: bool = True) -> SimpleNamespace:
@@ -38,13 +40,13 @@ class CompelTextEncoder:
             raise GenerationError("compel asked to mask tokens, which a Core ML text encoder cannot; this is a bug")
         dtype = self.model.input_description["input_ids"][1]
         outputs = [self.model.predict({"input_ids": row[None].numpy().astype(dtype)}) for row in input_ids]
-        hidden = torch.from_numpy(np.concatenate([output[self.hidden_name] for output in outputs]).astype(np.float32))
+        hidden = torch.from_numpy(np.concatenate([self.layers.hidden(output, self.clip_skip) for output in outputs]))
         result = SimpleNamespace(text_embeds=torch.from_numpy(
             np.concatenate([output["pooled_outputs"] for output in outputs]).astype(np.float32)))
-        if self.hidden_name == "last_hidden_state":
-            result.last_hidden_state = hidden
+        if self.xl:
+            result.hidden_states = (hidden, None)  # [-2]: the penultimate layer, or clip skip's
         else:
-            result.hidden_states = (hidden, None)  # [-2]: the penultimate layer
+            result.last_hidden_state = hidden
         return result
 
 
@@ -58,16 +60,16 @@ def _compel_module():
 
 
 class CompelConditioning:
-    """The Unet's conditioning from prompts in compel's syntax, for the encoders of an SD or SDXL conditioning."""
+    """The Unet's conditioning from prompts in compel's syntax, for the encoders of an SD or SDXL conditioning, at
+    one clip skip."""
 
-    def __init__(self, base: TextConditioning | XLConditioning):
+    def __init__(self, base: TextConditioning | XLConditioning, clip_skip: int = 1):
         compel = _compel_module()
         self.base = base
         xl = isinstance(base, XLConditioning)
-        hidden_name = "hidden_embeds" if xl else "last_hidden_state"
         encoders = base.encoders
         tokenizers = [encoder.tokenizer for encoder in encoders]
-        text_encoders = [CompelTextEncoder(encoder, hidden_name) for encoder in encoders]
+        text_encoders = [CompelTextEncoder(encoder, xl, clip_skip) for encoder in encoders]
         options = {
             "tokenizer": tokenizers if xl else tokenizers[0],
             "text_encoder": text_encoders if xl else text_encoders[0],

@@ -14,6 +14,7 @@ import numpy as np
 
 from . import contract
 from .backends import Model
+from .clip_skip import ClipSkip, EncoderRecord
 from .contract import TEXT_ENCODER, TEXT_ENCODER_2
 from .package import Package
 from .prompt import END_OF_TEXT, PromptEncoder
@@ -55,10 +56,11 @@ class TextConditioning:
         self.encoders = [encoder]
         self.max_chunks = max_chunks
 
-    def __call__(self, prompt: str, negative_prompt: str, size: SizeConditioning, image_size: tuple[int, int]) -> dict:
+    def __call__(self, prompt: str, negative_prompt: str, size: SizeConditioning, image_size: tuple[int, int],
+                 clip_skip: int = 1) -> dict:
         encoder = self.encoders[0]
         positive, negative = chunk_pairs(encoder, prompt, negative_prompt, self.max_chunks)
-        hidden = [encoder.encode(chunks, "last_hidden_state")[0] for chunks in (negative, positive)]
+        hidden = [encoder.encode(chunks, clip_skip)[0] for chunks in (negative, positive)]
         return {"encoder_hidden_states": channels_first(np.concatenate(hidden))}
 
 
@@ -75,13 +77,13 @@ class XLConditioning:
         self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
         self.max_chunks = max_chunks
 
-    def _encode(self, prompt: str, negative_prompt: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    def _encode(self, prompt: str, negative_prompt: str, clip_skip: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """(hidden states, pooled output) of the prompt and of the negative prompt. The encoders tokenize alike
         (they differ in padding only), so both take the first encoder's chunks."""
         pairs = chunk_pairs(self.encoders[0], prompt, negative_prompt, self.max_chunks)
         encoded = []
         for chunks in pairs:
-            outputs = [encoder.encode(chunks, "hidden_embeds") for encoder in self.encoders]
+            outputs = [encoder.encode(chunks, clip_skip) for encoder in self.encoders]
             hidden = np.concatenate([hidden for hidden, _ in outputs], axis=-1)
             encoded.append((hidden, outputs[-1][1]["pooled_outputs"]))
         return encoded
@@ -94,8 +96,9 @@ class XLConditioning:
             last = size.target_size or image_size
         return np.array([[*original, *size.crop_top_left, *last]], dtype=np.float32)
 
-    def __call__(self, prompt: str, negative_prompt: str, size: SizeConditioning, image_size: tuple[int, int]) -> dict:
-        (hidden, pooled), (negative_hidden, negative_pooled) = self._encode(prompt, negative_prompt)
+    def __call__(self, prompt: str, negative_prompt: str, size: SizeConditioning, image_size: tuple[int, int],
+                 clip_skip: int = 1) -> dict:
+        (hidden, pooled), (negative_hidden, negative_pooled) = self._encode(prompt, negative_prompt, clip_skip)
         if not negative_prompt and self.force_zeros_for_empty_prompt:
             negative_hidden, negative_pooled = np.zeros_like(hidden), np.zeros_like(pooled)
         return {
@@ -108,7 +111,10 @@ class XLConditioning:
 def conditioning_for(package: Package, models: dict[str, Model]):
     """The conditioning piece for a package's family, over its text encoder models."""
     def encoder(name: str, pad_token: str = END_OF_TEXT) -> PromptEncoder:
-        return PromptEncoder(package.vocab_file, package.merges_file, models[name], pad_token, package.embeddings)
+        record = package.text_encoder_records.get(name, EncoderRecord())
+        layers = ClipSkip(models[name], name, package.contract.hidden_layer, record, f"package {package.name!r}")
+        return PromptEncoder(package.vocab_file, package.merges_file, models[name], pad_token, package.embeddings,
+                             layers)
 
     unet_inputs = models[package.unet_name].input_description
     max_chunks = package.max_prompt_chunks  # the Unet's functions take 1 ... K chunks (see backends.py)

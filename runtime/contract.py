@@ -101,7 +101,7 @@ def function_name(unguided: bool, prompt_chunks: int, controlled: bool = False) 
 TENSOR_MEANINGS = {
     "input_ids": ("prompt token ids, padded to 77", "(1,77)"),
     "last_hidden_state": ("text embeddings, last layer", "(1,77,D)"),
-    "hidden_embeds": ("text embeddings, penultimate layer", "(1,77,D)"),
+    "hidden_embeds": ("text embeddings, penultimate layer, before the final layer norm", "(1,77,D)"),
     "pooled_outputs": ("pooled text embedding", "(1,P)"),
     "sample": ("noisy latents", "(B,4,h,w)"),
     "timestep": ("diffusion timestep per batch row", "(B)"),
@@ -138,6 +138,20 @@ COMPONENT_SUMMARIES = {
 }
 
 
+# Clip skip N reads the hidden states N - 1 layers before those the family conditions with (FamilyContract.hidden_layer:
+# SD's last layer after the final layer norm, SDXL's penultimate), each an output of its own: transformers'
+# hidden_states[-2] is `hidden_embeds` (Apple's XL name), hidden_states[-k] deeper down `hidden_embeds_<k>`.
+DEEPER_HIDDEN_PREFIX = "hidden_embeds_"
+
+
+def tensor_meaning(name: str) -> tuple[str, str] | None:
+    """A tensor's meaning and layout (None: a chunk's intermediate value)."""
+    if name.startswith(DEEPER_HIDDEN_PREFIX):
+        layer = name.removeprefix(DEEPER_HIDDEN_PREFIX)
+        return f"text embeddings, layer {layer} from the end, before the final layer norm", "(1,77,D)"
+    return TENSOR_MEANINGS.get(name)
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
@@ -153,8 +167,7 @@ class TensorSpec:
         of a split model, which has no meaning of its own, is described by its concrete shape."""
         if self.name.startswith(RESIDUAL_PREFIX):
             return f"{RESIDUAL_MEANING}, ({','.join(map(str, self.shape))}) {self.dtype}"
-        meaning, layout = TENSOR_MEANINGS.get(self.name,
-                                              (CHUNK_INTERMEDIATE, "(" + ",".join(map(str, self.shape)) + ")"))
+        meaning, layout = tensor_meaning(self.name) or (CHUNK_INTERMEDIATE, "(" + ",".join(map(str, self.shape)) + ")")
         return f"{meaning}, {layout} {self.dtype}"
 
 
@@ -198,6 +211,8 @@ class ModelDimensions:
     residuals: tuple[tuple[int, int], ...] = ()
     # An inpainting Unet's input channels: the latents, the mask and the masked image's latents (4 + 1 + 4).
     unet_in_channels: int = LATENT_CHANNELS
+    # The text encoders' deepest clip skip (1: none): the layers it reads are further outputs of each encoder.
+    clip_skip_layers: int = 1
     prompt_chunks: int = 1  # the Unet's text conditioning is this many 77-token chunks long (a function's)
 
     @property
@@ -214,8 +229,9 @@ class ModelDimensions:
         for name in ("pooled_width", "time_ids_length", "text_encoders", "guidance_embedding_width", "residuals"):
             if not fields[name]:
                 del fields[name]
-        if fields["unet_in_channels"] == LATENT_CHANNELS:
-            del fields["unet_in_channels"]
+        for name, default in (("unet_in_channels", LATENT_CHANNELS), ("clip_skip_layers", 1)):
+            if fields[name] == default:
+                del fields[name]
         del fields["prompt_chunks"]  # a function's; the package's main function takes one chunk
         if "text_encoders" in fields:
             fields["text_encoders"] = {name: list(widths) for name, widths in fields["text_encoders"].items()}
@@ -236,18 +252,32 @@ class ModelDimensions:
             guidance_embedding_width=manifest.get("guidance_embedding_width", 0),
             residuals=tuple(tuple(residual) for residual in manifest.get("residuals", ())),
             unet_in_channels=manifest.get("unet_in_channels", LATENT_CHANNELS),
+            clip_skip_layers=manifest.get("clip_skip_layers", 1),
         )
 
 
-def text_encoder_spec(name: str, hidden_output: str, dims: ModelDimensions) -> ComponentSpec:
-    """`input_ids` (1, 77) → hidden states (1, 77, hidden) under `hidden_output`, and `pooled_outputs`."""
+def hidden_output(layer: int) -> str:
+    """The TextEncoder output holding transformers' `hidden_states[layer]` (-1: `last_hidden_state`, normed)."""
+    return {-1: "last_hidden_state", -2: "hidden_embeds"}.get(layer, f"{DEEPER_HIDDEN_PREFIX}{-layer}")
+
+
+def clip_skip_layer(hidden_layer: int, clip_skip: int) -> int:
+    """The `hidden_states` index clip skip N reads where the family conditions with `hidden_layer`."""
+    return hidden_layer - (clip_skip - 1)
+
+
+def text_encoder_spec(name: str, hidden_layer: int, dims: ModelDimensions) -> ComponentSpec:
+    """`input_ids` (1, 77) → the hidden states (1, 77, hidden) the family conditions with (`hidden_layer`), and
+    `pooled_outputs`; then, for clip skip 2 up to `dims.clip_skip_layers`, the layers it reads."""
     hidden, pooled = dims.text_encoder_widths(name)
+    skipped = [clip_skip_layer(hidden_layer, n) for n in range(2, dims.clip_skip_layers + 1)]
     return ComponentSpec(
         name,
         inputs=(TensorSpec("input_ids", (1, TEXT_LENGTH), "float32"),),
         outputs=(
-            TensorSpec(hidden_output, (1, TEXT_LENGTH, hidden), "float32"),
+            TensorSpec(hidden_output(hidden_layer), (1, TEXT_LENGTH, hidden), "float32"),
             TensorSpec("pooled_outputs", (1, pooled), "float32"),
+            *(TensorSpec(hidden_output(layer), (1, TEXT_LENGTH, hidden), "float32") for layer in skipped),
         ),
     )
 
@@ -393,6 +423,9 @@ class FamilyContract:
     latent_scaling_factor: float
     force_zeros_for_empty_prompt: bool | None = None
     prediction_type: str = "epsilon"
+    # the text encoders' hidden states that condition the Unet: -1 the last layer's after the final layer norm,
+    # -2 the penultimate layer's, without it (transformers' hidden_states index)
+    hidden_layer: int = -1
 
     @property
     def required_components(self) -> tuple[str, ...]:
@@ -425,7 +458,7 @@ SDXL_SCHEDULER_CONFIG = {
 }
 SD = FamilyContract("sd", (TEXT_ENCODER,), UNET, SD_V1_SCHEDULER_CONFIG, latent_scaling_factor=0.18215)
 SDXL = FamilyContract("sdxl", (TEXT_ENCODER, TEXT_ENCODER_2), UNET, SDXL_SCHEDULER_CONFIG,
-                      latent_scaling_factor=0.13025, force_zeros_for_empty_prompt=True)
+                      latent_scaling_factor=0.13025, force_zeros_for_empty_prompt=True, hidden_layer=-2)
 SDXL_REFINER = FamilyContract("sdxl-refiner", (TEXT_ENCODER_2,), UNET_REFINER, SDXL_SCHEDULER_CONFIG,
-                              latent_scaling_factor=0.13025, force_zeros_for_empty_prompt=False)
+                              latent_scaling_factor=0.13025, force_zeros_for_empty_prompt=False, hidden_layer=-2)
 FAMILY_CONTRACTS = {family.name: family for family in (SD, SDXL, SDXL_REFINER)}

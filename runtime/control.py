@@ -4,7 +4,10 @@ StableDiffusionControlNetPipeline and Apple's Swift package run them.
 Each ControlNet runs on the same inputs as the Unet (latents, timestep, text conditioning) and on its control
 image (RGB in [0, 1] at the generation size); its residuals, times its scale, are summed over the ControlNets and
 fed to the ControlledUnet. Outside `[start, end)` of the schedule (diffusers' control_guidance_start/end) a
-ControlNet adds nothing.
+ControlNet adds nothing. At sizes beyond the package's, where the Unet runs in overlapping windows, each window's
+ControlNet call takes that window's crop of the control image (resized to the whole generation size first); a hires
+pass resizes the control image to its own size. With an SDXL refiner, the ControlNets steer the base's steps only:
+the refiner has no ControlNet (as with diffusers' StableDiffusionXLControlNetPipeline and its denoising_end).
 """
 import hashlib
 from collections.abc import Callable
@@ -15,7 +18,9 @@ import numpy as np
 from PIL import Image
 
 from .backends import Model
+from .contract import VAE_FACTOR
 from .errors import GenerationError
+from .tiling import Layout, window_crops
 
 CANNY_DEFAULT_THRESHOLDS = (100, 200)  # OpenCV's hysteresis thresholds, as diffusers' ControlNet examples use
 
@@ -84,8 +89,8 @@ def control_requests(controlnets: tuple[str, ...], images: tuple[str, ...], prep
     return requests
 
 
-def control_image_input(image: Image.Image, size: tuple[int, int], batch: int) -> np.ndarray:
-    """(batch, 3, H, W) RGB in [0, 1] at `size` (width, height), resized with Lanczos as diffusers' control image
+def control_image_input(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """(1, 3, H, W) RGB in [0, 1] at `size` (width, height), resized with Lanczos as diffusers' control image
     processor resizes it; every fully transparent pixel is -1 in all three channels, as Apple's Swift package
     converts control images (its rule for inpainting ControlNets: the pixels to redraw are transparent)."""
     image = image.convert("RGBA") if "A" in image.getbands() else image.convert("RGB")
@@ -95,17 +100,17 @@ def control_image_input(image: Image.Image, size: tuple[int, int], batch: int) -
     rgb = pixels[..., :3]
     if pixels.shape[-1] == 4:
         rgb = np.where(pixels[..., 3:] == 0, np.float32(-1), rgb)
-    return np.repeat(rgb.transpose(2, 0, 1)[None], batch, axis=0)
+    return rgb.transpose(2, 0, 1)[None]
 
 
 @dataclass
 class Control:
-    """The ControlNets of one generation: their models, scales and control images (batch, 3, H, W), and the
-    fraction of the schedule they act on."""
+    """The ControlNets of one generation: their models, scales and control images, and the fraction of the
+    schedule they act on."""
 
     models: list[Model]
     scales: list[float]
-    images: list[np.ndarray]
+    images: list[Image.Image]
     start: float = 0.0
     end: float = 1.0
 
@@ -114,10 +119,32 @@ class Control:
         active = not (step / steps < self.start or (step + 1) / steps > self.end)
         return [scale if active else 0.0 for scale in self.scales]
 
-    def residuals(self, inputs: dict[str, np.ndarray], scales: list[float],
+    def for_pass(self, layout: Layout, steps: int) -> "PassControl":
+        """The ControlNets over a denoising pass of `steps` steps on latents of `layout`'s size: each control image
+        resized to the pass's size in pixels (as diffusers resizes it to the generation size), from which each Unet
+        window takes its crop, so that each window is steered by its own part of the picture (ControlNet tile
+        upscaling); the scales of each step."""
+        size = (layout.size[1] * VAE_FACTOR, layout.size[0] * VAE_FACTOR)
+        images = [control_image_input(image, size).astype(model.input_description["controlnet_cond"][1])
+                  for model, image in zip(self.models, self.images)]
+        return PassControl(self.models, images, layout, [self.scales_at(step, steps) for step in range(steps)])
+
+
+@dataclass(frozen=True)
+class PassControl:
+    """The ControlNets of one denoising pass: their models, control images at the pass's size (1, 3, H, W, in the
+    models' dtypes), the Unet windows' layout, and each step's scales."""
+
+    models: list[Model]
+    images: list[np.ndarray]
+    layout: Layout
+    step_scales: list[list[float]]
+
+    def residuals(self, inputs: dict[str, np.ndarray], windows: np.ndarray, scales: list[float],
                   residual_inputs: dict[str, tuple[tuple[int, ...], np.dtype]]) -> dict[str, np.ndarray]:
-        """The ControlledUnet's residual inputs for one Unet call: each ControlNet's residuals times its scale,
-        summed in float32 (zeros when no ControlNet acts), then in the ControlledUnet's dtypes."""
+        """The ControlledUnet's residual inputs for one Unet call whose rows lie in `windows` (a window index per
+        row): each ControlNet's residuals on those windows' crops of its control image, times its scale, summed in
+        float32 (zeros when no ControlNet acts), then in the ControlledUnet's dtypes."""
         total: dict[str, np.ndarray] = {}
         for model, scale, image in zip(self.models, scales, self.images):
             if scale == 0:
@@ -125,7 +152,7 @@ class Control:
             description = model.input_description
             feed = {name: inputs[name].astype(dtype) for name, (_, dtype) in description.items()
                     if name != "controlnet_cond"}
-            feed["controlnet_cond"] = image[: len(inputs["sample"])].astype(description["controlnet_cond"][1])
+            feed["controlnet_cond"] = window_crops(image, self.layout, windows)
             for name, value in model.predict(feed).items():
                 total[name] = total.get(name, 0) + scale * value.astype(np.float32)
         return {name: (total[name] if name in total else np.zeros(shape, np.float32)).astype(dtype)
@@ -137,7 +164,6 @@ def control_settings(controls: list[ControlRequest], start: float, end: float) -
     return {f"ControlNet {index}": f'"Model: {request.name}, Weight: {request.scale:g}, Guidance Start: {start:g}, '
                                    f'Guidance End: {end:g}, Image SHA-256: {request.image_sha256}"'
             for index, request in enumerate(controls)}
-
 
 
 def check_control(start: float, end: float) -> None:

@@ -34,6 +34,12 @@ class Infotext:
     settings: dict[str, str] = field(default_factory=dict)
 
 
+def parameters_text(prompt: str, negative_prompt: str, settings: dict[str, object]) -> str:
+    """The infotext a generation's PNG carries (what `parse_infotext` reads back)."""
+    lines = [prompt] + ([f"{NEGATIVE_PREFIX} {negative_prompt}"] if negative_prompt else [])
+    return "\n".join(lines + [", ".join(f"{key}: {value}" for key, value in settings.items())])
+
+
 def parse_infotext(text: str) -> Infotext:
     *lines, last = text.strip().split("\n")
     if len(_SETTING.findall(last)) < 3:

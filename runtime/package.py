@@ -15,6 +15,7 @@ from pathlib import Path
 
 from . import contract
 from .backends import model_metadata
+from .clip_skip import EncoderRecord
 from .contract import (
     APPLE_CONVERTER_NAMES,
     APPLE_CONVERTER_PREFIX,
@@ -81,6 +82,8 @@ class Package:
     # textual-inversion embeddings: TOKEN -> its tokens, one per vector (TOKEN, TOKENb, ...)
     embeddings: dict[str, list[str]] = field(default_factory=dict)
     pad_token: str = SD_V1_PAD_TOKEN  # what fills the 77 tokens after the end of the prompt
+    # per text encoder, what the manifest records for clip skip: its depth and final layer norm
+    text_encoder_records: dict[str, EncoderRecord] = field(default_factory=dict)
 
     @property
     def contract(self) -> FamilyContract:
@@ -345,6 +348,7 @@ def load_package(folder: Path, verify: bool = False) -> Package:
         component_functions=shared,
         max_prompt_chunks=int(manifest.get("components", {}).get(defaults.unet, {}).get("max_prompt_chunks", 1)),
         embeddings=_embeddings(manifest),
+        text_encoder_records=_text_encoder_records(manifest, folder, defaults),
     )
 
 
@@ -370,6 +374,17 @@ def _functions(manifest: dict) -> dict[str, dict[str, tuple[int, int]]]:
                 described.get("unet_batch_size", shapes["sample"]["shape"][0]),
                 described.get("prompt_chunks", shapes["encoder_hidden_states"]["shape"][-1] // TEXT_LENGTH))
     return functions
+
+
+def _text_encoder_records(manifest: dict, folder: Path, defaults: FamilyContract) -> dict[str, EncoderRecord]:
+    records = {}
+    for name in defaults.text_encoders:
+        try:
+            records[name] = EncoderRecord.from_manifest(manifest.get("components", {}).get(name, {}))
+        except (TypeError, KeyError, ValueError, AttributeError) as exc:
+            raise GenerationError(f"{folder / MANIFEST_FILE}: unreadable {name} 'final_layer_norm' ({exc}); "
+                                  "reconvert the package") from None
+    return records
 
 
 def _recommended(manifest: dict, folder: Path) -> Recommended:

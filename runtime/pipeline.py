@@ -6,7 +6,6 @@ The pipeline composes the stages: conditioning (conditioning.py), the VAE encode
 and the watermark (watermark.py); a hires pass (upscaling.py) runs the denoising stages again on the enlarged image.
 """
 import logging
-import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -24,8 +23,10 @@ from .backends import Model, release, resolve_backend
 from .components import load_component, unguided_unet
 from .conditioning import SizeConditioning, conditioning_for
 from .contract import CONTROLLED_UNET, CONTROLNET_PREFIX, SAFETY_CHECKER, VAE_DECODER, VAE_ENCODER, VAE_FACTOR
-from .control import Control, ControlRequest, check_control, control_image_input, control_settings
+from .control import Control, ControlRequest, check_control, control_settings
 from .errors import GenerationError
+from .generation_options import check_options, random_seed
+from .infotext import parameters_text
 from .inpaint_stage import InpaintStage, check_inpainting
 from .inpainting import Inpainting
 from .package import Package, find_package, load_package
@@ -34,13 +35,12 @@ from .refiner import refinement_for
 from .safety import SafetyChecker
 from .sampler_names import sampler_fields
 from .sampling import Pass, Sampler, Sampling, StepHook
-from .schedulers import check_steps, schedule_options, scheduler_class
+from .schedulers import check_steps, schedule_options
 from .upscaling import Upscale
 
 logger = logging.getLogger("coreml_sd.runtime")
 OUTPUT_TYPES = ("pil", "latent")
 PROMPT_SYNTAXES = ("a1111", "compel")
-MAX_SEED = 2**32 - 1  # RandomState's seed range
 UNGUIDED_UNET = "unguided Unet"  # the stage name of the Unet's batch-1 function, where the package has one
 
 
@@ -50,41 +50,6 @@ class GenerationResult:
     seeds: list[int]
     parameters: list[str]  # per image, the settings as text in the format other SD tools write into PNGs
     nsfw_content_detected: list[bool] | None = None  # per image, as diffusers; None when no checker ran
-
-
-def random_seed(num_images: int = 1) -> int:
-    return secrets.randbelow(MAX_SEED + 2 - num_images)
-
-
-def check_options(
-    scheduler: str | None, steps: int | None, strength: float, num_images: int, seed: int | None,
-    width: int | None = None, height: int | None = None, upscale: Upscale | None = None, refiner_start: float = 0.8,
-) -> None:
-    """The checks that need no model, so that a command line fails before any model loads."""
-    for name, side in (("--width", width), ("--height", height)):
-        if side is not None and (side < VAE_FACTOR or side % VAE_FACTOR):
-            raise GenerationError(f"{name} {side} is not a positive multiple of {VAE_FACTOR}")
-    if upscale is not None:
-        upscale.check()
-    if not 0 < refiner_start < 1:
-        raise GenerationError(f"--refiner-start must be between 0 and 1 (the fraction of the schedule the base runs), "
-                              f"not {refiner_start}")
-    if scheduler is not None:
-        scheduler_class(scheduler)
-    if steps is not None and steps < 1:
-        raise GenerationError(f"--steps must be at least 1, not {steps}")
-    if not 0 <= strength <= 1:
-        raise GenerationError(f"--strength must be in [0, 1], not {strength}")
-    if num_images < 1:
-        raise GenerationError(f"--num-images must be at least 1, not {num_images}")
-    last_seed = MAX_SEED + 1 - num_images
-    if seed is not None and not 0 <= seed <= last_seed:
-        raise GenerationError(f"--seed must be in [0, {last_seed}] for {num_images} image(s), not {seed}")
-
-
-def parameters_text(prompt: str, negative_prompt: str, settings: dict[str, object]) -> str:
-    lines = [prompt] + ([f"Negative prompt: {negative_prompt}"] if negative_prompt else [])
-    return "\n".join(lines + [", ".join(f"{key}: {value}" for key, value in settings.items())])
 
 
 class Pipeline:
@@ -109,7 +74,7 @@ class Pipeline:
         self.reduce_memory = reduce_memory
         self.conditioning = conditioning_for(package, models)
         self.unguided_unet = unguided_unet(package, backend, compute_unit)
-        self._compel = None  # built when a prompt in compel's syntax first comes
+        self._compel = {}  # per clip skip, built when a prompt in compel's syntax first comes
         self.sampler = Sampler(models[package.unet_name], package, self.unguided_unet)
         self.unet_batch_size = self.sampler.batch_size
         self.latent_window = self.sampler.latent_window
@@ -159,6 +124,7 @@ class Pipeline:
         timestep_spacing: str | None = None,
         karras: bool = False,
         prompt_syntax: str = "a1111",
+        clip_skip: int = 1,
         seed: int | None = None,
         image: str | Path | Image.Image | None = None,
         strength: float = 0.8,
@@ -184,7 +150,8 @@ class Pipeline:
         that keeps `1 - strength` of it. `scheduler` is one of `schedulers.scheduler_names()` (ours or the web
         UI's); it, `steps` and `guidance_scale` default to the package's recommendation (recommended.py), else its
         own scheduler, 50 and 7.5; at guidance 1 or below the Unet runs on the prompt alone, once per window and
-        step. `timestep_spacing` and `karras` change the schedule where the scheduler has those settings.
+        step. `timestep_spacing` and `karras` change the schedule where the scheduler has those settings. `clip_skip`
+        N reads the prompt from N - 1 layers before the last the family conditions with (see clip_skip.py).
         `height`/`width` (default: the package's) may be any multiples of 8 at least the package's; with `upscale`, each
         image is then enlarged and refined (with `image`, the image itself is). `overlap`: image pixels that
         neighbouring windows share (default: a quarter of the package's shorter side). SDXL packages take
@@ -206,6 +173,9 @@ class Pipeline:
         check_steps(scheduler, steps, package.scheduler_config)
         if prompt_syntax not in PROMPT_SYNTAXES:
             raise GenerationError(f"prompt_syntax must be one of {', '.join(PROMPT_SYNTAXES)}, not {prompt_syntax!r}")
+        for pipe in (self, refiner):
+            if pipe is not None:
+                pipe.check_clip_skip(clip_skip)
         if choice.from_package:
             logger.info(choice.describe())
         warn_unless_distilled(scheduler, consistency_distilled(package.recommended, package.scheduler_config,
@@ -226,7 +196,7 @@ class Pipeline:
         if self.sampler.takes_mask and inpainting is None:
             raise GenerationError(f"package {self.package.name!r} has an inpainting Unet: pass --image and --mask "
                                   "(white = redraw)")
-        control = self._control(controls, control_start, control_end, passes) if controls else None
+        control = self._control(controls, control_start, control_end) if controls else None
         sampler = self._controlled_sampler() if control is not None else self.sampler
         denoisers = (sampler.name, UNGUIDED_UNET, *(CONTROLNET_PREFIX + request.name for request in controls))
         if seed is None:
@@ -234,8 +204,9 @@ class Pipeline:
 
         first_size = passes[0].size[1], passes[0].size[0]
         with self.stage(*self.package.contract.text_encoders):
-            conditioning = self.condition(prompt, negative_prompt, size_conditioning, first_size, prompt_syntax)
-        refinement.condition(prompt, negative_prompt, size_conditioning, first_size, prompt_syntax)
+            conditioning = self.condition(prompt, negative_prompt, size_conditioning, first_size, prompt_syntax,
+                                          clip_skip)
+        refinement.condition(prompt, negative_prompt, size_conditioning, first_size, prompt_syntax, clip_skip)
         start_latents = None if start is None else self._encode(start, passes[0], overlap)
         masked_moments = None
         if inpaint is not None and self.sampler.takes_mask:
@@ -279,6 +250,7 @@ class Pipeline:
                         **refinement.settings, **control_settings(controls, control_start, control_end),
                         **(inpaint.settings if inpaint is not None else {}),
                         **({"Prompt syntax": prompt_syntax} if prompt_syntax != "a1111" else {}),
+                        **({"Clip skip": clip_skip} if clip_skip != 1 else {}),
                         **safeguard_settings}
             result.parameters.append(parameters_text(prompt, negative_prompt, settings))
         return result
@@ -295,16 +267,22 @@ class Pipeline:
         if output_type not in OUTPUT_TYPES:
             raise GenerationError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, not {output_type!r}")
 
-    def condition(self, prompt: str, negative_prompt: str, size: SizeConditioning,
-                  image_size: tuple[int, int], prompt_syntax: str = "a1111") -> dict[str, np.ndarray]:
+    def check_clip_skip(self, clip_skip: int) -> None:
+        """GenerationError unless every text encoder holds the layer `clip_skip` reads."""
+        for encoder in self.conditioning.encoders:
+            encoder.layers.output(clip_skip)
+
+    def condition(self, prompt: str, negative_prompt: str, size: SizeConditioning, image_size: tuple[int, int],
+                  prompt_syntax: str = "a1111", clip_skip: int = 1) -> dict[str, np.ndarray]:
         """The Unet's conditioning inputs for the guidance batch, in the Unet's dtypes."""
-        conditioning = self.conditioning
         if prompt_syntax == "compel":
             from .compel_prompts import CompelConditioning
 
-            self._compel = self._compel or CompelConditioning(self.conditioning)
-            conditioning = self._compel
-        inputs = conditioning(prompt, negative_prompt, size, image_size)
+            if clip_skip not in self._compel:
+                self._compel[clip_skip] = CompelConditioning(self.conditioning, clip_skip)
+            inputs = self._compel[clip_skip](prompt, negative_prompt, size, image_size)
+        else:
+            inputs = self.conditioning(prompt, negative_prompt, size, image_size, clip_skip)
         return {name: value.astype(self.sampler.dtypes[name]) for name, value in inputs.items()}
 
     def _controlled_sampler(self) -> Sampler:
@@ -314,17 +292,13 @@ class Pipeline:
                                   "convert the model with coreml-convert --controlnet ID_OR_PATH")
         return Sampler(self.model(CONTROLLED_UNET), self.package, name=CONTROLLED_UNET)
 
-    def _control(self, controls: list[ControlRequest], start: float, end: float, passes: list[Pass]) -> Control:
-        """The control stage: each named ControlNet with its scale and its control image at the generation size."""
+    def _control(self, controls: list[ControlRequest], start: float, end: float) -> Control:
+        """The control stage: each named ControlNet with its scale and its control image (each pass resizes it to
+        its own size and cuts it into its Unet windows)."""
         check_control(start, end)
-        if any(stage.size != (self.width, self.height) for stage in passes):
-            raise GenerationError("ControlNets run at the package's own size only for now: leave out --width, "
-                                  f"--height and --upscale ({self.width}x{self.height}), or convert at the size you "
-                                  "want")
         models = [self.model(CONTROLNET_PREFIX + request.name) for request in controls]
-        batch = self.unet_batch_size
-        return Control(models, [request.scale for request in controls],
-                       [control_image_input(request.image, passes[0].size, batch) for request in controls], start, end)
+        return Control(models, [request.scale for request in controls], [request.image for request in controls],
+                       start, end)
 
     def _safety_checker(self) -> SafetyChecker | None:
         if SAFETY_CHECKER not in self.package.components:

@@ -1,8 +1,8 @@
 """Prompt to a text encoder's outputs: CLIP's tokenizer and one TextEncoder package.
 
 `PromptEncoder.encode` reads AUTOMATIC1111's syntax (prompt_syntax.py), encodes the prompt in 77-token chunks
-(prompt_chunks.py) and weights the hidden states as the web UI does: each token's vector times its weight, then
-the whole chunk rescaled to its mean before weighting.
+(prompt_chunks.py) and weights the hidden states (of the layer clip skip chooses, clip_skip.py) as the web UI
+does: each token's vector times its weight, then the whole chunk rescaled to its mean before weighting.
 """
 import logging
 from pathlib import Path
@@ -11,6 +11,7 @@ import numpy as np
 from transformers import CLIPTokenizer
 
 from .backends import Model
+from .clip_skip import ClipSkip
 from .contract import TEXT_LENGTH
 from .errors import GenerationError
 from .prompt_chunks import CHUNK_LENGTH, COMMA_BACKTRACK, Chunk, prompt_chunks
@@ -25,7 +26,7 @@ class PromptEncoder:
     SD 2.x's and SDXL's second with "!" (as the tokenizer each model ships says)."""
 
     def __init__(self, vocab_file: Path, merges_file: Path, text_encoder: Model, pad_token: str = END_OF_TEXT,
-                 embeddings: dict[str, list[str]] | None = None):
+                 embeddings: dict[str, list[str]] | None = None, layers: ClipSkip | None = None):
         try:
             self.tokenizer = CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=TEXT_LENGTH,
                                            pad_token=pad_token)
@@ -35,6 +36,7 @@ class PromptEncoder:
                                   f"{vocab_file.parent} ({reason}): the package is damaged; convert again or copy it "
                                   "again") from None
         self.text_encoder = text_encoder
+        self.layers = layers or ClipSkip(text_encoder)  # which output clip skip reads (default: SD's)
         # TOKEN -> its tokens, and its first token id -> the other tokens' ids (a k-vector embedding is k tokens)
         self.embeddings = {first: tokens for first, tokens in (embeddings or {}).items() if len(tokens) > 1}
         self.expansions = {self._token_id(first): [self._token_id(token) for token in rest]
@@ -85,15 +87,16 @@ class PromptEncoder:
         padding = [tokenizer.pad_token_id] * (CHUNK_LENGTH - len(chunk.ids))
         return np.array([[tokenizer.bos_token_id, *chunk.ids, tokenizer.eos_token_id, *padding]])
 
-    def encode(self, chunks: list[Chunk], hidden_name: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """The weighted hidden states `hidden_name` of the chunks side by side, (1, 77 * chunks, D) in float32,
-        and the text encoder's outputs for the first chunk (its pooled output is the prompt's)."""
+    def encode(self, chunks: list[Chunk], clip_skip: int = 1) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The weighted hidden states of the chunks side by side (the layer `clip_skip` chooses; 1: the one the
+        family conditions with), (1, 77 * chunks, D) in float32, and the text encoder's outputs for the first chunk
+        (its pooled output is the prompt's)."""
         dtype = self.text_encoder.input_description["input_ids"][1]
         hidden, first = [], None
         for chunk in chunks:
             outputs = self.text_encoder.predict({"input_ids": self.chunk_ids(chunk).astype(dtype)})
             first = outputs if first is None else first
-            hidden.append(weighted(outputs[hidden_name].astype(np.float32), chunk.weights))
+            hidden.append(weighted(self.layers.hidden(outputs, clip_skip), chunk.weights))
         return np.concatenate(hidden, axis=1), first
 
 

@@ -28,7 +28,7 @@ class NoRefiner:
         self.settings: dict[str, object] = {}
 
     def condition(self, prompt: str, negative_prompt: str, size: SizeConditioning, image_size: tuple[int, int],
-                  prompt_syntax: str = "a1111") -> None:
+                  prompt_syntax: str = "a1111", clip_skip: int = 1) -> None:
         pass
 
     def __call__(self, latents: torch.Tensor, stage: Pass, seed: int, overlap: int, bar: Callable,
@@ -58,10 +58,12 @@ class Refiner:
         self.conditioning: dict[str, np.ndarray] = {}
 
     def condition(self, prompt: str, negative_prompt: str, size: SizeConditioning, image_size: tuple[int, int],
-                  prompt_syntax: str = "a1111") -> None:
-        """The refiner's own conditioning: its text encoder and its aesthetic-score time ids."""
+                  prompt_syntax: str = "a1111", clip_skip: int = 1) -> None:
+        """The refiner's own conditioning: its text encoder (at the base's clip skip) and its aesthetic-score time
+        ids."""
         with self.refiner.stage(*self.refiner.package.contract.text_encoders):
-            self.conditioning = self.refiner.condition(prompt, negative_prompt, size, image_size, prompt_syntax)
+            self.conditioning = self.refiner.condition(prompt, negative_prompt, size, image_size, prompt_syntax,
+                                                       clip_skip)
 
     def __call__(self, latents: torch.Tensor, stage: Pass, seed: int, overlap: int, bar: Callable,
                  on_step: StepHook | None = None) -> torch.Tensor:

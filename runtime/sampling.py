@@ -16,7 +16,7 @@ import torch
 from . import tiling
 from .backends import Model
 from .contract import LATENT_CHANNELS, RESIDUAL_PREFIX, VAE_FACTOR
-from .control import Control
+from .control import Control, PassControl
 from .inpainting import LatentBlend
 from .package import Package
 from .schedulers import build_scheduler, step_keywords
@@ -148,6 +148,9 @@ class Sampler:
                 latents = noise * scheduler.init_noise_sigma
             elif len(timesteps):
                 latents = scheduler.add_noise(latents, noise, timesteps[:1])
+        # the control fractions are of the whole pass, the refiner's part included (diffusers' controlnet_keep)
+        steered = None if control is None else control.for_pass(
+            Layout(latent_size, self.latent_window, overlap), len(timesteps))
         if end is not None:
             timesteps = timesteps[timesteps >= timestep_cutoff(scheduler, end)]
         blend, unet_extra = None, None
@@ -156,7 +159,7 @@ class Sampler:
             unet_extra = np.concatenate([inpaint_mask, masked], axis=1)
         elif inpaint_mask is not None:
             blend = LatentBlend(inpaint_mask, clean, noise, scheduler, timesteps)
-        return self._run(scheduler, timesteps, latents, conditioning, stage, seed, overlap, bar, on_step, control,
+        return self._run(scheduler, timesteps, latents, conditioning, stage, seed, overlap, bar, on_step, steered,
                          blend, unet_extra)
 
     def refine(self, latents: torch.Tensor, conditioning: dict[str, np.ndarray], stage: Pass, seed: int,
@@ -178,7 +181,7 @@ class Sampler:
 
     def _run(self, scheduler, timesteps: torch.Tensor, latents: torch.Tensor, conditioning: dict[str, np.ndarray],
              stage: Pass, seed: int, overlap: int, bar: Callable, on_step: StepHook | None = None,
-             control: Control | None = None, blend: LatentBlend | None = None,
+             control: PassControl | None = None, blend: LatentBlend | None = None,
              unet_extra: np.ndarray | None = None) -> torch.Tensor:
         """The scheduler's steps over `timesteps`, the Unet run in windows of its own size over the latents (and
         the kept latents blended back after each step, for inpainting)."""
@@ -188,10 +191,11 @@ class Sampler:
         layout = Layout(tuple(latents.shape[2:]), self.latent_window, overlap)
         windows = len(layout.windows)
         if self.guided(guidance_scale):
-            noise = partial(self._guided_noise, conditioning=conditioning, guidance_scale=guidance_scale)
+            noise = partial(self._guided_noise, conditioning=conditioning, guidance_scale=guidance_scale,
+                            control=control, unet_extra=unet_extra)
             windows_per_call = max(1, self.batch_size // 2)
         else:
-            noise = partial(self._unguided_noise,
+            noise = partial(self._unguided_noise, control=control, unet_extra=unet_extra,
                             conditioning=self._unguided_conditioning(conditioning, guidance_scale))
             windows_per_call = self.unguided_batch_size
             if windows % self.unguided_batch_size:
@@ -200,16 +204,13 @@ class Sampler:
                                "--unet-batch-size 1, or --unguided-function for a Unet that serves both",
                                self.package.name, self.unguided_batch_size, -windows % self.unguided_batch_size,
                                windows + -windows % self.unguided_batch_size)
+        noise_prediction = TiledNoise(noise, layout, windows_per_call=windows_per_call, weights=self.window_weights)
         description = f"{stage.size[0]}x{stage.size[1]}, {windows} windows x {len(timesteps)} steps"
         with bar(total=windows * len(timesteps), unit="window", postfix=description) as progress:
             for step, t in enumerate(timesteps):
-                residuals = None if control is None else partial(
-                    control.residuals, scales=control.scales_at(step, len(timesteps)),
-                    residual_inputs=self.residual_inputs)
-                noise_prediction = TiledNoise(partial(noise, residuals=residuals, unet_extra=unet_extra), layout,
-                                              windows_per_call=windows_per_call, weights=self.window_weights)
                 model_input = scheduler.scale_model_input(latents, t).numpy()
-                noise_pred = noise_prediction(model_input, float(t))
+                control_scales = None if control is None else control.step_scales[step]
+                noise_pred = noise_prediction(model_input, float(t), control_scales)
                 latents = scheduler.step(torch.from_numpy(noise_pred), t, latents, **step_kwargs).prev_sample
                 if blend is not None:
                     latents = blend(latents, step)
@@ -225,15 +226,24 @@ class Sampler:
             return samples
         return np.concatenate([samples, np.repeat(unet_extra, len(samples), axis=0)], axis=1)
 
-    def _guided_noise(self, samples: np.ndarray, t: float, conditioning: dict[str, np.ndarray], guidance_scale: float,
-                      residuals: Callable | None = None, unet_extra: np.ndarray | None = None) -> np.ndarray:
-        """Classifier-free guidance for N window-sized samples: their 2N (unconditional, conditional) Unet inputs
-        packed into as few calls of the Unet's batch size as they fill (one sample per call at batch 2)."""
+    def _residuals(self, control: PassControl | None, scales: list[float] | None,
+                   row_windows: np.ndarray) -> Callable | None:
+        """predict_in_batches' `residuals` for Unet input rows of these windows (a window index per row)."""
+        if control is None:
+            return None
+        return lambda call, rows: control.residuals(call, row_windows[rows], scales, self.residual_inputs)
+
+    def _guided_noise(self, samples: np.ndarray, t: float, windows: list[int], control_scales: list[float] | None,
+                      conditioning: dict[str, np.ndarray], guidance_scale: float, control: PassControl | None = None,
+                      unet_extra: np.ndarray | None = None) -> np.ndarray:
+        """Classifier-free guidance for N window-sized samples (of these `windows` of the layout): their 2N
+        (unconditional, conditional) Unet inputs packed into as few calls of the Unet's batch size as they fill (one
+        sample per call at batch 2); with `control`, steered by its ControlNets at the step's `control_scales`."""
         pairs = len(samples)
         samples = self._with_extra(samples, unet_extra)
         rows = {"sample": np.repeat(samples.astype(self.dtypes["sample"]), 2, axis=0),
                 **{name: np.concatenate([value] * pairs) for name, value in conditioning.items()}}
-        noise = predict_in_batches(self.unet, rows, t, residuals)
+        noise = predict_in_batches(self.unet, rows, t, self._residuals(control, control_scales, np.repeat(windows, 2)))
         uncond, cond = noise[0::2], noise[1::2]
         return uncond + guidance_scale * (cond - uncond)
 
@@ -246,33 +256,33 @@ class Sampler:
             conditional[GUIDANCE_EMBEDDING] = embedding.astype(self.dtypes[GUIDANCE_EMBEDDING])
         return conditional
 
-    def _unguided_noise(self, samples: np.ndarray, t: float, conditioning: dict[str, np.ndarray],
-                        residuals: Callable | None = None, unet_extra: np.ndarray | None = None) -> np.ndarray:
+    def _unguided_noise(self, samples: np.ndarray, t: float, windows: list[int], control_scales: list[float] | None,
+                        conditioning: dict[str, np.ndarray], control: PassControl | None = None,
+                        unet_extra: np.ndarray | None = None) -> np.ndarray:
         """The conditional prediction for N window-sized samples, as few calls as they fill."""
         rows = {"sample": self._with_extra(samples, unet_extra).astype(self.dtypes["sample"]),
                 **{name: np.concatenate([value] * len(samples)) for name, value in conditioning.items()}}
-        return predict_in_batches(self.unguided_unet, rows, t, residuals)
+        return predict_in_batches(self.unguided_unet, rows, t,
+                                  self._residuals(control, control_scales, np.asarray(windows)))
 
 
 def predict_in_batches(unet: Model, rows: dict[str, np.ndarray], t: float,
-                       residuals: Callable[[dict], dict] | None = None) -> np.ndarray:
+                       residuals: Callable[[dict, np.ndarray], dict] | None = None) -> np.ndarray:
     """The Unet's noise for N input rows at timestep `t`, in calls of its batch size; the last call's empty
-    places repeat its last row. `residuals` gives a ControlledUnet its ControlNets' residuals for each call's rows."""
+    places repeat its last row. `residuals(call, indices)` gives a ControlledUnet its ControlNets' residuals for
+    a call's inputs, which are `rows`' rows at `indices`."""
     batch = unet.input_description["sample"][0][0]
     count = len(rows["sample"])
-    padding = -count % batch
-    padded = {name: np.concatenate([value, value[-1:].repeat(padding, axis=0)]) for name, value in rows.items()}
+    order = np.minimum(np.arange(count + -count % batch), count - 1)
     timestep = np.full((batch,), t, dtype=unet.input_description["timestep"][1])
 
-    def predict(call: dict[str, np.ndarray]) -> np.ndarray:
+    def predict(indices: np.ndarray) -> np.ndarray:
+        call = {"timestep": timestep, **{name: value[indices] for name, value in rows.items()}}
         if residuals is not None:
-            call.update(residuals(call))
+            call.update(residuals(call, indices))
         return unet.predict(call)["noise_pred"]
 
-    return np.concatenate([
-        predict({"timestep": timestep, **{name: value[i : i + batch] for name, value in padded.items()}})
-        for i in range(0, count + padding, batch)
-    ])[:count]
+    return np.concatenate([predict(order[i : i + batch]) for i in range(0, len(order), batch)])[:count]
 
 
 def guidance_scale_embedding(w: float, width: int) -> np.ndarray:

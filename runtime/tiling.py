@@ -13,15 +13,16 @@ weights that fall off toward the window's edges, and the canvas is divided by th
 A latent of exactly the model's shape is one window, whose output is returned untouched.
 """
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from .contract import VAE_FACTOR
 
-# (N, C, h, w) window-sized inputs and a timestep -> (N, C, h, w) guided noise predictions, N >= 1
-NoiseFunction = Callable[[np.ndarray, float], np.ndarray]
+# (N, C, h, w) window-sized inputs, a timestep, the N windows' indices in the layout and the step's own inputs (a
+# ControlNet's scales) -> (N, C, h, w) guided noise predictions, N >= 1
+NoiseFunction = Callable[..., np.ndarray]
 
 
 def axis_starts(length: int, window: int, overlap: int) -> list[int]:
@@ -102,14 +103,24 @@ class Canvas:
         return self.total / self.weight_sum
 
 
-def _batches(windows: list[tuple[int, int]], size: int) -> Iterator[list[tuple[int, int]]]:
-    for start in range(0, len(windows), size):
-        yield windows[start : start + size]
+def _batches(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def window_crops(image: np.ndarray, layout: Layout, indices: Iterable[int], factor: int = VAE_FACTOR) -> np.ndarray:
+    """(1, C, factor H, factor W) pixels over a latent `layout` -> (N, C, factor h, factor w): the crops of the
+    layout's windows at `indices`, at `factor` times their latent offsets (as the tiled VAE cuts its tiles)."""
+    height, width = (side * factor for side in layout.window)
+    windows = layout.windows
+    return np.concatenate([image[..., top * factor : top * factor + height, left * factor : left * factor + width]
+                           for top, left in (windows[index] for index in indices)])
 
 
 class TiledNoise:
     """The noise prediction for (1, C, H, W) latents of `layout.size`: `guided_noise` on the layout's windows,
-    `windows_per_call` at a time, blended with `weights`. One window is `guided_noise` itself."""
+    `windows_per_call` at a time, told which windows they are (a ControlNet takes each window's crop of its control
+    image), blended with `weights`. One window is `guided_noise` itself."""
 
     def __init__(self, guided_noise: NoiseFunction, layout: Layout, windows_per_call: int = 1,
                  weights: Weights = feathered_weights):
@@ -119,14 +130,16 @@ class TiledNoise:
         self.windows_per_call = windows_per_call
         self.weights = weights
 
-    def __call__(self, model_input: np.ndarray, t: float) -> np.ndarray:
+    def __call__(self, model_input: np.ndarray, t: float, *step_inputs: object) -> np.ndarray:
         if len(self.windows) == 1:
-            return self.guided_noise(model_input, t)
+            return self.guided_noise(model_input, t, [0], *step_inputs)
         height, width = self.layout.window
         canvas = Canvas(self.layout, model_input.shape[1], self.weights)
-        for batch in _batches(self.windows, self.windows_per_call):
-            crops = np.concatenate([model_input[..., top : top + height, left : left + width] for top, left in batch])
-            for (top, left), noise in zip(batch, self.guided_noise(crops, t)):
+        for batch in _batches(list(enumerate(self.windows)), self.windows_per_call):
+            crops = np.concatenate([model_input[..., top : top + height, left : left + width]
+                                    for _, (top, left) in batch])
+            noises = self.guided_noise(crops, t, [index for index, _ in batch], *step_inputs)
+            for (_, (top, left)), noise in zip(batch, noises):
                 canvas.add(noise, top, left)
         return canvas.result()
 

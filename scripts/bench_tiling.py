@@ -79,7 +79,7 @@ def fullsize_run(unet_path: str) -> dict:
     rng = np.random.default_rng(0)
     hidden = rng.standard_normal((batch, text_width, 1, tokens)).astype(np.float16)
 
-    def guided_noise(crops: np.ndarray, t: float) -> np.ndarray:
+    def guided_noise(crops: np.ndarray, t: float, windows: list[int]) -> np.ndarray:
         noise = unet.predict({"sample": np.repeat(crops, 2, axis=0).astype(np.float16),
                               "timestep": np.full((batch,), t, np.float16), "encoder_hidden_states": hidden})
         uncond, cond = np.split(noise["noise_pred"], 2)

@@ -71,8 +71,15 @@ SWIFT_CONTRACT = {
 
 @pytest.mark.parametrize("component", SWIFT_CONTRACT)
 def test_swift_contract(component):
+    """Exactly Apple's contract; with clip skip layers, the TextEncoder's further outputs come after those the Swift
+    package reads, which keep their names, shapes and dtypes."""
     spec = SD.spec(component, ModelDimensions(768, 512, 512))
     inputs, outputs = SWIFT_CONTRACT[component]
     assert {t.name: (t.shape, t.dtype) for t in spec.inputs} == inputs
     assert {t.name: (t.shape, t.dtype) for t in spec.outputs} == outputs
     assert spec.file_name == f"{component}.mlpackage"
+    deeper = SD.spec(component, ModelDimensions(768, 512, 512, clip_skip_layers=3))
+    assert deeper.inputs == spec.inputs and deeper.outputs[: len(spec.outputs)] == spec.outputs
+    extra = {t.name: (t.shape, t.dtype) for t in deeper.outputs[len(spec.outputs):]}
+    assert extra == ({"hidden_embeds": ((1, 77, 768), "float32"), "hidden_embeds_3": ((1, 77, 768), "float32")}
+                     if component == "TextEncoder" else {})

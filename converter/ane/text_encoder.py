@@ -19,14 +19,16 @@ ACTIVATIONS = {
 
 
 class TextEncoder(nn.Module):
-    """(input_ids as float (1, 77),) → (hidden states (1, 77, D), pooled_outputs (1, P)).
+    """(input_ids as float (1, 77),) → (hidden states (1, 77, D), pooled_outputs (1, P), *deeper hidden states).
 
     The hidden states are the last layer's after the final layer norm (`hidden_layer=-1`, SD) or an earlier
     layer's output as transformers' `hidden_states[hidden_layer]` holds it (SDXL takes -2); the pooled output
     is the end token's final hidden state, through the text projection when `projected` (SDXL's `text_embeds`).
+    `skipped_layers` are further `hidden_states` indices, output as they are (clip skip's layers).
     """
 
-    def __init__(self, text_encoder: nn.Module, hidden_layer: int = -1, projected: bool = False):
+    def __init__(self, text_encoder: nn.Module, hidden_layer: int = -1, projected: bool = False,
+                 skipped_layers: tuple[int, ...] = ()):
         super().__init__()
         text_model = getattr(text_encoder, "text_model", text_encoder)  # transformers < 5 nests it
         self.token_embedding = text_model.embeddings.token_embedding
@@ -35,6 +37,9 @@ class TextEncoder(nn.Module):
         self.final_layer_norm = text_model.final_layer_norm
         self.eos_token_id = text_encoder.config.eos_token_id
         self.hidden_layer = hidden_layer
+        self.skipped_layers = skipped_layers
+        if any(-layer > len(self.layers) for layer in skipped_layers):
+            raise ValueError(f"the text encoder has {len(self.layers)} layers, fewer than clip skip needs")
         self.text_projection = text_encoder.text_projection if projected else None
         hidden_act = text_encoder.config.hidden_act
         if hidden_act not in ACTIVATIONS:
@@ -42,7 +47,7 @@ class TextEncoder(nn.Module):
                              f"{', '.join(ACTIVATIONS)}")
         self.activation = ACTIVATIONS[hidden_act]
 
-    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
         token_ids = input_ids.to(torch.int32)
         length = token_ids.shape[1]
         hidden_states = self.token_embedding(token_ids) + self.position_embedding.weight[:length]
@@ -66,4 +71,5 @@ class TextEncoder(nn.Module):
         pooled = last_hidden_state[torch.arange(last_hidden_state.shape[0]), end_positions]
         if self.text_projection is not None:
             pooled = self.text_projection(pooled)
-        return (last_hidden_state if self.hidden_layer == -1 else layer_outputs[self.hidden_layer]), pooled
+        hidden = last_hidden_state if self.hidden_layer == -1 else layer_outputs[self.hidden_layer]
+        return (hidden, pooled, *(layer_outputs[layer] for layer in self.skipped_layers))

@@ -87,6 +87,13 @@ def palette(weight: np.ndarray, nbits: int) -> tuple[np.ndarray, np.ndarray]:
     return centroids, cluster_of_distinct.astype(np.uint8)[position]
 
 
+def centroids_by_bits(weight: np.ndarray, bits) -> dict[int, np.ndarray]:
+    """palette()'s centroids of `weight` at each of `bits`, its float16 values counted once."""
+    distinct, counts, _ = _distinct_float16(weight)
+    return {nbits: distinct if len(distinct) <= 1 << nbits else weighted_kmeans(distinct, counts, 1 << nbits)
+            for nbits in bits}
+
+
 def palettizable(module: torch.nn.Module) -> bool:
     return isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and module.weight.numel() > WEIGHT_THRESHOLD
 

@@ -37,6 +37,7 @@ class Recipe:
     name: str
     bits: dict[str, int]  # diffusers module name -> palette bits (16: float16)
     file_sha256: str
+    origin: dict | None = None  # made by the mixed-bit analysis (mixed_bit.py): its file and target average
 
     def settings(self) -> dict:
         """What a package converted with the recipe depends on."""
@@ -136,4 +137,5 @@ def stored_bytes(size: int) -> int:
 def describe(unet: torch.nn.Module, recipe: Recipe) -> dict:
     """What the manifest records of a recipe applied to `unet`."""
     return {**recipe.settings(), "average_bits": round(average_bits(unet, recipe), 3),
-            "predicted_weight_bytes": predicted_weight_bytes(unet, recipe), "bits": recipe.bits}
+            "predicted_weight_bytes": predicted_weight_bytes(unet, recipe), "bits": recipe.bits,
+            **({"analysis": recipe.origin} if recipe.origin else {})}

@@ -18,6 +18,7 @@ from ..compression import (
     parse_target,
     target_name,
 )
+from ..compression.mixed_bit import parse_bits
 from ..compression.recipe import Recipe, read_recipe
 from ..errors import ConversionError
 from ..sources import ModelSource
@@ -34,6 +35,7 @@ class ComponentOptions:
     quantize_nbits: int | None = None  # palettize the TextEncoder's and Unet's weights to this many bits
     chunk_unet: bool = False  # the Unet as two packages, UnetChunk1 and UnetChunk2 (see chunks.py)
     quantize_recipe: Recipe | None = None  # palettize the Unet's layers each at its own bits
+    quantize_bits: float | None = None  # the Unet's recipe from the mixed-bit analysis, at this average
     quantize_group: int | None = None  # with quantize_nbits: a palette per this many output channels
     quantize_linear: LinearQuantization | None = None  # int8/int4 weights instead of palettes
     min_target: int = BASE_TARGET  # the packages' minimum deployment target asked for (iOS major version)
@@ -67,8 +69,10 @@ class ConversionOptions:
     unguided_function: bool = False  # the Unet also as a batch-1 function `unguided` (see multifunction.py)
     max_prompt_chunks: int = 1  # the Unet and ControlNets also take 2..K 77-token chunks (see multifunction.py)
     guidance_embedding: bool = False  # an LCM Unet's guidance embedding as the input `timestep_cond`
+    clip_skip_layers: int | None = None  # the deepest clip skip the TextEncoder holds the layers of (default: 2)
     quantize_nbits: int | None = None  # palettize the TextEncoder's and Unet's weights to this many bits
     quantize_recipe: str | None = None  # FILE.json[:NAME]: an Apple mixed-bit recipe for the Unet's layers
+    quantize_bits: float | None = None  # a recipe at this average bits per weight from the mixed-bit analysis
     quantize_granularity: str | None = None  # per-tensor | per-grouped-channel[:GROUP], with quantize_nbits
     quantize_linear: str | None = None  # int8|int4[:BLOCK]: linear quantization instead of palettes
     min_target: str | None = None  # iOS16..iOS18 / macOS13..macOS15 (default: the lowest the compression allows)
@@ -86,7 +90,8 @@ class ConversionOptions:
         group, linear, target = compression_modes(self)
         return ComponentOptions(
             attention_implementation=self.attention_implementation, quantize_nbits=self.quantize_nbits,
-            chunk_unet=self.chunk_unet, quantize_recipe=recipe, quantize_group=group, quantize_linear=linear,
+            chunk_unet=self.chunk_unet, quantize_recipe=recipe, quantize_bits=self.quantize_bits, quantize_group=group,
+            quantize_linear=linear,
             min_target=target, vae_swapped=bool(self.vae), validate=self.validate,
             validation_seed=self.validation_seed, verbose=self.verbose, unguided_function=self.unguided_function,
             max_prompt_chunks=self.max_prompt_chunks, shared_controlled_unet=self.shared_controlled_unet)
@@ -104,9 +109,9 @@ def compression_modes(options: ConversionOptions) -> tuple[int | None, LinearQua
     if group and options.quantize_nbits is None:
         raise ConversionError("--quantize-granularity sets how --quantize-nbits palettes are shared: pass "
                               "--quantize-nbits too")
-    if linear and (options.quantize_nbits is not None or options.quantize_recipe):
-        raise ConversionError("--quantize-linear stores integers and scales, --quantize-nbits and --quantize-recipe "
-                              "palettes: pass one of them")
+    if linear and (options.quantize_nbits is not None or options.quantize_recipe or options.quantize_bits):
+        raise ConversionError("--quantize-linear stores integers and scales, --quantize-nbits, --quantize-recipe and "
+                              "--quantize-bits palettes: pass one of them")
     needs = [(GROUPED_TARGET, f"--quantize-granularity {options.quantize_granularity}")] if group else []
     if options.max_prompt_chunks > 1:
         needs.append((MULTIFUNCTION_TARGET, f"--max-prompt-chunks {options.max_prompt_chunks} (a multifunction Unet)"))
@@ -155,6 +160,7 @@ def check_options(options: ConversionOptions) -> None:
         raise ConversionError("--unguided-function adds a batch-1 function to a batch-2 Unet in one package: drop "
                               "--unet-batch-size 1")
     per_layer = [flag for flag, given in (("--quantize-recipe", options.quantize_recipe),
+                                          ("--quantize-bits", options.quantize_bits is not None),
                                           ("--quantize-granularity", options.quantize_granularity),
                                           ("--quantize-linear", options.quantize_linear)) if given]
     if multifunction and per_layer:
@@ -168,6 +174,15 @@ def check_options(options: ConversionOptions) -> None:
             raise ConversionError("--quantize-recipe gives each layer its bits, --quantize-nbits all of them the same: "
                                   "pass one of the two")
         read_recipe(options.quantize_recipe)
+    if options.quantize_bits is not None:
+        other = "--quantize-nbits" if options.quantize_nbits is not None else \
+            "--quantize-recipe" if options.quantize_recipe else None
+        if other:
+            raise ConversionError(f"--quantize-bits makes the recipe that {other} would give: pass one of the two")
+        try:
+            parse_bits(options.quantize_bits)
+        except ValueError as error:
+            raise ConversionError(str(error)) from None
     compression_modes(options)
 
 
@@ -194,7 +209,7 @@ def chosen_components(source: ModelSource, requested: tuple[str, ...] | None) ->
 
 
 def model_dimensions(source: ModelSource, height: int | None, width: int | None, unet_batch_size: int | None,
-                     unguided: bool = False) -> ModelDimensions:
+                     unguided: bool = False, clip_skip_layers: int = 1) -> ModelDimensions:
     """The package's dimensions: the asked size or the model's own, and the Unet's batch (without one asked, 1
     for a model that samples `unguided`, else 2)."""
     default = source.sample_size * VAE_FACTOR
@@ -202,7 +217,8 @@ def model_dimensions(source: ModelSource, height: int | None, width: int | None,
         print(f"{'Unet':<11} batch 1: the model samples without guidance (--unet-batch-size 2 for guided sampling)",
               file=sys.stderr)
     return ModelDimensions(height=height or default, width=width or default,
-                           unet_batch_size=unet_batch_size or (1 if unguided else 2), **source.conditioning)
+                           unet_batch_size=unet_batch_size or (1 if unguided else 2), clip_skip_layers=clip_skip_layers,
+                           **source.conditioning)
 
 
 def check_guidance_embedding(source: ModelSource, asked: bool) -> None:

@@ -6,7 +6,7 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -29,6 +29,7 @@ from ..chunks import install_chunks
 from ..compression import QUANTIZED_KINDS
 from ..compression import recipe as recipes
 from ..compression.linear import quantize_parts
+from ..compression.mixed_bit import ANALYSIS_FILE, analysed_recipe
 from ..compression.palettize import palettize_parts
 from ..controlnets import CONTROLLED_UNET
 from ..controlnets import prepare as prepare_controlnets
@@ -37,6 +38,7 @@ from ..families import Component
 from ..package_folder import PackageFolder
 from ..sources import ModelSource, resolve
 from ..sources.recommended import recommendation
+from .clip_skip import clip_skip_layers, text_encoder_record
 from .convert import describe, to_mil_program, to_ml_program, trace
 from .metadata import model_licence, model_version, user_metadata
 from .multifunction import (
@@ -117,12 +119,12 @@ def convert_model(options: ConversionOptions) -> ConversionReport:
     # a multifunction Unet serves unguided sampling from its batch-1 function; an LCM Unet with its guidance
     # embedding never runs classifier-free guidance
     unguided = (recommended.unguided and not options.unguided_function) or options.guidance_embedding
-    dims = model_dimensions(source, options.height, options.width, options.unet_batch_size, unguided)
+    components = chosen_components(source, options.components)
+    dims = model_dimensions(source, options.height, options.width, options.unet_batch_size, unguided,
+                            clip_skip_layers(source, components, options.clip_skip_layers))
     controlnet_sources = []
     if options.controlnets:
         controlnet_sources, dims = prepare_controlnets(options.controlnets, source, dims)
-    components = chosen_components(source, options.components)
-    if options.controlnets:
         components = with_controlled_unet(components, options.shared_controlled_unet)
     source.check_adapters(list(components))
     source.safety_checker = options.safety_checker
@@ -160,7 +162,10 @@ def convert_model(options: ConversionOptions) -> ConversionReport:
                     print(f"{component:<11} up to date (pass --force to convert again)", file=sys.stderr)
                     report.skipped.append(component)
                     continue
-                convert_component(folder, component_source, component, dims, component_options, settings, report)
+                convert_component(folder, component_source, component, dims,
+                                  with_analysed_recipe(component_options, component_source, component, dims, folder,
+                                                       report),
+                                  settings, report)
                 report.converted.append(component)
             folder.write_manifest()
         except BaseException:
@@ -186,6 +191,20 @@ def check_recipe(source: ModelSource, components: tuple[str, ...], recipe: recip
         kind = source.family.component(component)
         if recipe and kind.kind == "unet":
             recipes.recipe_layers(source.reader.empty(kind.module), recipe)
+
+
+def with_analysed_recipe(options: ComponentOptions, source: ModelSource, component: str, dims: ModelDimensions,
+                         folder: PackageFolder, report: ConversionReport) -> ComponentOptions:
+    """--quantize-bits: the Unet's options with the recipe the mixed-bit analysis makes at that average (run only
+    when the Unet converts), its file written into the package folder."""
+    if options.quantize_bits is None or source.family.component(component).kind != "unet":
+        return options
+    with stage(report, component, "analyse"):
+        text, recipe = analysed_recipe(source, options.quantize_bits, dims.height, dims.width)
+        folder.write_text(ANALYSIS_FILE, text)
+        release_memory()  # the float32 Unet the analysis ran on
+    print(f"{component:<11} recipe {recipe.name} of {ANALYSIS_FILE}", file=sys.stderr)
+    return replace(options, quantize_recipe=recipe)
 
 
 def load_adapters(loras: tuple[str, ...], embeddings: tuple[str, ...]) -> list:
@@ -220,6 +239,8 @@ def convert_component(folder: PackageFolder, source: ModelSource, component: str
             # A float32 program keeps float32 weights: its constants are what it computes with.
             parts = source.load(component, torch.float32 if precision == "float32" else torch.float16)
         feature_extractor = parts.feature_extractor
+        text_encoder = (text_encoder_record(getattr(parts, kind.module), kind, dims.clip_skip_layers)
+                        if kind.kind == "text_encoder" else {})
         palettized, recipe_entry = None, None
         if nbits:
             with stage(report, component, "palettize"):
@@ -232,7 +253,7 @@ def convert_component(folder: PackageFolder, source: ModelSource, component: str
                 recipe_entry = recipes.describe(getattr(parts, source.family.component(component).module), recipe)
                 palettized = recipes.apply_recipe(getattr(parts, source.family.component(component).module), recipe)
         with stage(report, component, "rewrite"):
-            module = component_module(parts, source.family.component(component), options.attention_implementation)
+            module = component_module(parts, kind, options.attention_implementation, dims.clip_skip_layers)
         with stage(report, component, "trace"):
             program = trace(module, spec)
             del module, parts
@@ -295,7 +316,7 @@ def convert_component(folder: PackageFolder, source: ModelSource, component: str
                 raise ConversionError(
                     f"{component}: PSNR {worst:.1f} dB against {original} is below "
                     f"{PSNR_THRESHOLD_DB:.0f} dB, so it was not installed (--no-validate installs it anyway)")
-        entry = dict(spec.to_json(), settings=settings, validation=validation)
+        entry = dict(spec.to_json(), settings=settings, validation=validation, **text_encoder)
         if functions:
             entry.update(manifest_entry(functions, source, component, options.max_prompt_chunks))
         if feature_extractor is not None:

@@ -42,7 +42,10 @@ def component_settings(component: str, source: ModelSource, dims: ModelDimension
             settings.update(chunks=len(chunk_names(component)))
     elif kind == "safety_checker":
         settings.update(safety_checker=source.safety_checker)
-    elif kind != "text_encoder":
+    elif kind == "text_encoder":
+        if dims.clip_skip_layers > 1:
+            settings.update(clip_skip_layers=dims.clip_skip_layers)
+    else:
         settings.update(attention_implementation=options.attention_implementation)
     if options.max_prompt_chunks > 1 and kind in TOKEN_FUNCTION_KINDS:
         settings.update(max_prompt_chunks=options.max_prompt_chunks)
@@ -50,6 +53,8 @@ def component_settings(component: str, source: ModelSource, dims: ModelDimension
         settings.update(quantize_nbits=options.quantize_nbits)
     if options.quantize_recipe and kind == "unet":
         settings.update(quantize_recipe=options.quantize_recipe.settings())
+    if options.quantize_bits is not None and kind == "unet":  # the analysis is seeded: the same model, the same recipe
+        settings.update(quantize_bits=options.quantize_bits)
     if options.quantize_group and settings.get("quantize_nbits"):
         settings.update(quantize_group=options.quantize_group)
     if options.quantize_linear and kind in QUANTIZED_KINDS:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from diffusers.pipelines.stable_diffusion.safety_checker import cosine_distance
 
-from coreml_sd.runtime.contract import RESIDUAL_PREFIX, ComponentSpec
+from coreml_sd.runtime.contract import RESIDUAL_PREFIX, ComponentSpec, clip_skip_layer
 from coreml_sd.runtime.executor import ReferenceModel, psnr
 from coreml_sd.runtime.memory import release_memory
 
@@ -79,7 +79,10 @@ def reference_outputs(parts: ModelParts, component: Component, spec: ComponentSp
         hidden = (output.last_hidden_state if component.hidden_layer == -1
                   else output.hidden_states[component.hidden_layer])
         pooled = output.text_embeds if component.projected else output.pooler_output
-        values = (hidden, pooled)
+        # the outputs after the pooled one: the layers of clip skip 2, 3, ...
+        skipped = [output.hidden_states[clip_skip_layer(component.hidden_layer, n)]
+                   for n in range(2, len(spec.outputs))]
+        values = (hidden, pooled, *skipped)
     elif component.kind in ("unet", "controlled_unet", "controlnet"):
         context = x["encoder_hidden_states"][:, :, 0, :].transpose(1, 2)
         added = {"time_ids": x["time_ids"], "text_embeds": x["text_embeds"]} if "time_ids" in x else None

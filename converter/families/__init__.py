@@ -30,8 +30,8 @@ class Component:
     kind: str
     module: str  # the diffusers pipeline's attribute: "text_encoder", "text_encoder_2", "unet", "vae", "safety_checker"
     spec: Callable[[str, ModelDimensions], ComponentSpec]
-    # Text encoders: which hidden states condition the Unet; -1 is the last layer after the final layer
-    # norm (SD), -2 the penultimate layer's, without it (SDXL).
+    # Text encoders: which hidden states condition the Unet (the family contract's `hidden_layer`); -1 is the last
+    # layer after the final layer norm (SD), -2 the penultimate layer's, without it (SDXL).
     hidden_layer: int = -1
     # Text encoders: pooled outputs through the model's text projection (CLIPTextModelWithProjection).
     projected: bool = False

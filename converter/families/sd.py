@@ -10,7 +10,7 @@ from . import Component, Family
 
 
 def _text_encoder(name, dims):
-    return contract.text_encoder_spec(name, "last_hidden_state", dims)
+    return contract.text_encoder_spec(name, contract.SD.hidden_layer, dims)
 
 
 SD = Family(

@@ -15,7 +15,7 @@ from . import Component, Family
 
 
 def _text_encoder(name, dims):
-    return contract.text_encoder_spec(name, "hidden_embeds", dims)
+    return contract.text_encoder_spec(name, contract.SDXL.hidden_layer, dims)
 
 
 def _is_xl(unet_config: dict) -> bool:
@@ -28,13 +28,15 @@ def _has_first_text_encoder(model_index: dict) -> bool:
 
 _VAE_DECODER = Component("vae_decoder", "vae", contract.vae_decoder_spec)
 _VAE_ENCODER = Component("vae_encoder", "vae", contract.vae_encoder_spec)
-_TEXT_ENCODER_2 = Component("text_encoder", "text_encoder_2", _text_encoder, hidden_layer=-2, projected=True)
+_TEXT_ENCODER_2 = Component("text_encoder", "text_encoder_2", _text_encoder, hidden_layer=contract.SDXL.hidden_layer,
+                            projected=True)
 
 SDXL = Family(
     contract=contract.SDXL,
     description="Stable Diffusion XL",
     components={
-        contract.TEXT_ENCODER: Component("text_encoder", "text_encoder", _text_encoder, hidden_layer=-2),
+        contract.TEXT_ENCODER: Component("text_encoder", "text_encoder", _text_encoder,
+                                          hidden_layer=contract.SDXL.hidden_layer),
         contract.TEXT_ENCODER_2: _TEXT_ENCODER_2,
         contract.UNET: Component("unet", "unet", contract.unet_spec),
         contract.VAE_DECODER: _VAE_DECODER,

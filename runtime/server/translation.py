@@ -14,9 +14,9 @@ from typing import Any
 from PIL import Image, ImageOps
 
 from .. import sampler_names
+from ..generation_options import MAX_SEED, random_seed
 from ..infotext import parse_infotext
 from ..inpainting import Inpainting, redraw_mask
-from ..pipeline import MAX_SEED, random_seed
 from ..schedulers import SCHEDULERS
 from ..upscaling import MAX_FACTOR, MIN_FACTOR, Upscale
 from .errors import invalid
@@ -66,6 +66,7 @@ class Generation:
     refiner: str | None = None
     refiner_start: float = 0.8
     inpainting: Inpainting | None = None
+    clip_skip: int = 1  # A1111's CLIP_stop_at_last_layers
     created: float = field(default_factory=time.time)
 
     def pipeline_keywords(self, index: int) -> dict[str, Any]:
@@ -74,7 +75,8 @@ class Generation:
         return {"negative_prompt": self.negative_prompt, "steps": self.steps, "guidance_scale": self.guidance_scale,
                 "scheduler": self.scheduler, "seed": self.seed + index, "image": self.image, "strength": self.strength,
                 "num_images": 1, "width": self.width, "height": self.height, "upscale": self.upscale,
-                "refiner_start": self.refiner_start, "inpainting": self.inpainting, "progress": False}
+                "refiner_start": self.refiner_start, "inpainting": self.inpainting, "clip_skip": self.clip_skip,
+                "progress": False}
 
 
 def _positive(value: int, name: str, limit: int, hint: str) -> int:
@@ -128,6 +130,15 @@ def _model_override(request: GenerationRequest) -> str | None:
     return override or None
 
 
+def _clip_skip(request: GenerationRequest) -> int:
+    """A1111's clip skip setting, as a request overrides it."""
+    value = (request.override_settings or {}).get("CLIP_stop_at_last_layers", 1)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise invalid(f"override_settings.CLIP_stop_at_last_layers must be a whole number of at least 1 (1: the "
+                      f"last layer, 2: the penultimate), not {value!r}")
+    return value
+
+
 def _common(request: GenerationRequest, count: int) -> dict[str, Any]:
     _unsupported(request)
     steps = _positive(request.steps, "steps", MAX_STEPS, "20 to 50 is usual")
@@ -138,7 +149,8 @@ def _common(request: GenerationRequest, count: int) -> dict[str, Any]:
     return {"prompt": request.prompt, "negative_prompt": request.negative_prompt or "", "steps": steps,
             "guidance_scale": request.cfg_scale, "scheduler": _sampler(request), "seed": _seed(request.seed, count),
             "num_images": count, "width": _side(request.width, "width"), "height": _side(request.height, "height"),
-            "model": _model_override(request), "refiner": refiner, "refiner_start": refiner_start}
+            "model": _model_override(request), "refiner": refiner, "refiner_start": refiner_start,
+            "clip_skip": _clip_skip(request)}
 
 
 def _count(request: GenerationRequest) -> int:
@@ -250,7 +262,8 @@ def info_json(generation: Generation, seeds: list[int], infotexts: list[str], mo
         "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
         "denoising_strength": generation.strength if generation.image is not None else None,
         "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": infotexts, "styles": [],
-        "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(generation.created)), "clip_skip": 1,
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(generation.created)),
+        "clip_skip": generation.clip_skip,
         "is_using_inpainting_conditioning": False,
         **({"comments": EMPTY_MASK} if generation.inpainting is not None and generation.inpainting.empty else {}),
     })

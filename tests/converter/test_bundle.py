@@ -18,12 +18,12 @@ from coreml_sd.converter.docgen.swift_example import parts as swift_parts
 from coreml_sd.converter.errors import ConversionError
 from coreml_sd.converter.families import family_by_name
 from coreml_sd.runtime.contract import (
-    TENSOR_MEANINGS,
     TOKENIZER_FILES,
     ComponentSpec,
     ModelDimensions,
     TensorSpec,
     chunk_contract_problems,
+    tensor_meaning,
 )
 from coreml_sd.runtime.executor import ReferenceModel, psnr
 
@@ -86,7 +86,7 @@ def assert_described(package: Path, spec, manifest: dict) -> None:
     (B,4,h,w) float16"); the source model as the version; and the coreml_sd.* metadata the runtime reads."""
     description = ct.utils.load_spec(str(package)).description
     for feature, tensor in zip((*description.input, *description.output), (*spec.inputs, *spec.outputs)):
-        meaning, layout = TENSOR_MEANINGS[tensor.name]
+        meaning, layout = tensor_meaning(tensor.name)
         assert feature.shortDescription == f"{meaning}, {layout} {tensor.dtype}"
     assert description.metadata.versionString == manifest["source"]["model"]
     assert description.metadata.shortDescription

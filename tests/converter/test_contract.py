@@ -29,7 +29,7 @@ def features(description) -> dict[str, tuple[tuple[int, ...], str]]:
 def test_saved_spec_matches_the_contract(tiny_packages, component):
     folder = tiny_packages("split_einsum")
     spec = ct.utils.load_spec(str(folder / f"{component}.mlpackage"))
-    expected = SD.spec(component, ModelDimensions(TEXT_WIDTH, 128, 128, unet_batch_size=2))
+    expected = SD.spec(component, ModelDimensions(TEXT_WIDTH, 128, 128, unet_batch_size=2, clip_skip_layers=2))
 
     assert spec.WhichOneof("Type") == "mlProgram"
     assert spec.specificationVersion == IOS16_SPECIFICATION_VERSION

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from coreml_sd.converter.compression.analysis import build_recipe, estimated_errors, record
+from coreml_sd.converter.compression.analysis import build_recipe, estimate_errors
 from coreml_sd.converter.compression.palettize import palettizable, palettize_layer
 
 SPEARMAN_FLOOR = 0.9  # measured: 0.98 on the tiny Unet at 6 bits (0.93-0.96 on the demo Unet's final latents)
@@ -22,8 +22,7 @@ def test_estimate_ranks_layers_as_the_measured_output_change_does(tiny_pipeline)
     def run(model):
         return model(sample, timestep, context).sample
 
-    recorded = record(unet, run, probes=8)
-    estimated = estimated_errors(unet, recorded, 6)
+    estimated = estimate_errors(unet, [run], probes=8, bits=(6,)).totals()[6]
     with torch.no_grad():
         reference = run(unet)
         measured = {}

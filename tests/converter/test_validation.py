@@ -44,8 +44,9 @@ def random_inputs(component: str, seed: int) -> dict[str, np.ndarray]:
 def diffusers_outputs(pipeline, component: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     x = {name: torch.from_numpy(value.astype(np.float32)) for name, value in inputs.items()}
     if component == "TextEncoder":
-        output = pipeline.text_encoder(x["input_ids"].long())
-        return {"last_hidden_state": output[0].numpy(), "pooled_outputs": output[1].numpy()}
+        output = pipeline.text_encoder(x["input_ids"].long(), output_hidden_states=True)
+        return {"last_hidden_state": output[0].numpy(), "pooled_outputs": output[1].numpy(),
+                "hidden_embeds": output.hidden_states[-2].numpy()}  # clip skip 2's layer
     if component == "Unet":
         context = x["encoder_hidden_states"].squeeze(2).permute(0, 2, 1)
         return {"noise_pred": pipeline.unet(x["sample"], x["timestep"], encoder_hidden_states=context).sample.numpy()}
@@ -74,7 +75,7 @@ def test_manifest_records_the_psnr_the_package_measures(tiny_packages, tiny_pipe
     folder = tiny_packages("split_einsum")
     validation = json.loads((folder / "manifest.json").read_text())["components"][component]["validation"]
     assert validation["seed"] == 0
-    spec = SD.spec(component, ModelDimensions(TEXT_WIDTH, 128, 128, unet_batch_size=2))
+    spec = SD.spec(component, ModelDimensions(TEXT_WIDTH, 128, 128, unet_batch_size=2, clip_skip_layers=2))
     inputs = validation_inputs(spec, seed=0, latent_scaling_factor=tiny_pipeline.vae.config.scaling_factor)
     actual = ReferenceModel(folder / f"{component}.mlpackage").predict(inputs)
     expected = diffusers_outputs(tiny_pipeline, component, inputs)

@@ -67,6 +67,7 @@ def diffusers_outputs(pipeline, component: str, inputs: dict[str, np.ndarray]) -
         return {
             "hidden_embeds": output.hidden_states[-2].numpy(),
             "pooled_outputs": output[0 if component == "TextEncoder2" else 1].numpy(),
+            "hidden_embeds_3": output.hidden_states[-3].numpy(),  # clip skip 2's layer
         }
     if component.startswith("Unet"):
         context = x["encoder_hidden_states"].squeeze(2).permute(0, 2, 1)
@@ -110,7 +111,10 @@ def test_packages_follow_apples_xl_contract(tiny_xl_packages, model):
         inputs, outputs = XL_CONTRACT[component]
         assert entry["file"] == f"{component}.mlpackage" and (folder / entry["file"]).is_dir()
         assert {name: spec["shape"] for name, spec in entry["inputs"].items()} == inputs
-        assert {name: spec["shape"] for name, spec in entry["outputs"].items()} == outputs
+        # the outputs Apple's Swift package reads, then a text encoder's clip skip layer
+        clip_skip = {"hidden_embeds_3": [1, 77, outputs["hidden_embeds"][2]]} if "hidden_embeds" in outputs else {}
+        assert {name: spec["shape"] for name, spec in entry["outputs"].items()} == outputs | clip_skip
+        assert list(entry["outputs"])[: len(outputs)] == list(outputs)
     assert manifest["family"] == ("sdxl" if model == "tiny-xl" else "sdxl-refiner")
     assert manifest["latent_scaling_factor"] == 0.13025
     assert manifest["force_zeros_for_empty_prompt"] is (model == "tiny-xl")

@@ -102,6 +102,20 @@ def test_size_not_a_multiple_of_64(capsys, tmp_path, argv, line):
 
 
 @pytest.mark.parametrize(
+    "layers, line",
+    [
+        ("0", "Error: --clip-skip-layers must be at least 1 (1: no layers beyond the family's own), not 0"),
+        ("3", "Error: --clip-skip-layers 3 is past the text encoder's depth: TextEncoder has 2 layers, so clip skip "
+              "goes up to 2"),  # the tiny text encoder has 2 layers
+    ],
+)
+def test_clip_skip_layers_out_of_range(capsys, tmp_path, layers, line):
+    code, err = convert(capsys, "--model", "tiny", "--clip-skip-layers", layers, "-o", str(tmp_path / "out"))
+    assert (code, error_line(err)) == (1, line)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
     "argv, line",
     [
         (

@@ -12,8 +12,9 @@ from PIL import Image
 import coreml_sd.converter
 from coreml_sd.runtime.errors import GenerationError
 from coreml_sd.runtime.images import save_png
+from coreml_sd.runtime.infotext import parameters_text
 from coreml_sd.runtime.package import load_package
-from coreml_sd.runtime.pipeline import Pipeline, parameters_text
+from coreml_sd.runtime.pipeline import Pipeline
 from coreml_sd.runtime.prompt import PromptEncoder
 
 DATA = Path(coreml_sd.converter.__file__).parent / "data"

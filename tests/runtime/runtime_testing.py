@@ -38,6 +38,18 @@ def latent_shape(reference: StableDiffusionPipeline) -> tuple[int, int, int, int
     return (1, reference.unet.config.in_channels, side, side)
 
 
+def feather(length: int, overlap: int, neighbour_before: bool, neighbour_after: bool) -> np.ndarray:
+    """MultiDiffusion's cross-fade along one side of a window, from its definition: a cell at distance d from an edge
+    that meets a neighbour weighs (d + 1/2) / overlap, at most 1."""
+    distance = np.arange(length, dtype=np.float64)
+    weights = np.ones(length)
+    if neighbour_before:
+        weights = np.minimum(weights, (distance + 0.5) / overlap)
+    if neighbour_after:
+        weights = np.minimum(weights, (length - 1 - distance + 0.5) / overlap)
+    return weights
+
+
 def pixels(image: Image.Image) -> np.ndarray:
     """A PIL image as floats in [0, 1], the range diffusers' output_type="np" uses."""
     return np.asarray(image, np.float64) / 255

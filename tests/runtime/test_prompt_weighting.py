@@ -5,6 +5,8 @@ The web UI rescales weighted hidden states to their mean before weighting. The t
 has a zero bias, which makes that mean zero up to rounding and the rescaling noise; trained CLIP models'
 biases make it clearly non-zero, and so does the bias given to the tiny text encoder here.
 """
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -93,6 +95,50 @@ def test_weighted_prompt_image_matches_diffusers_given_the_embeddings(biased_run
     ).images[0]
     assert psnr(reference, pixels(ours.images[0])) >= PSNR_THRESHOLD_DB  # measured 58.5 dB
     assert ours.parameters[0].startswith(f"{WEIGHTED}\nNegative prompt: {NEGATIVE}\n")  # as typed
+
+
+@torch.no_grad()
+def clip_skip_2_embeddings(text_encoder, tokenizer, pieces) -> torch.Tensor:
+    """The web UI's clip skip 2: the penultimate layer through the final layer norm, then weighted."""
+    norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm  # transformers < 5 nests it
+
+    class Normed:
+        def __call__(self, ids, output_hidden_states):
+            output = text_encoder(ids, output_hidden_states=True)
+            return SimpleNamespace(last_hidden_state=norm(output.hidden_states[-2]))
+
+    return a1111_embeddings(Normed(), tokenizer, pieces)[0]
+
+
+def test_weighted_clip_skip_matches_the_web_uis_math(biased_runtime, biased_pipeline):
+    """The weights apply to the clip-skipped embeddings, as the web UI applies them; the recorded final layer norm
+    (with the biased encoder's bias) is the model's."""
+    inputs = biased_runtime.condition(WEIGHTED, NEGATIVE, SizeConditioning(), (128, 128), clip_skip=2)
+    ours = inputs["encoder_hidden_states"][:, :, 0, :].transpose(0, 2, 1)
+    encoder, tokenizer = biased_pipeline.text_encoder, biased_pipeline.tokenizer
+    for row, pieces in ((0, NEGATIVE_PIECES), (1, WEIGHTED_PIECES)):
+        reference = clip_skip_2_embeddings(encoder, tokenizer, pieces)
+        assert psnr(reference.numpy()[0], ours[row]) >= EMBEDDING_PSNR_DB  # measured 73.4-74.8 dB
+    last, _ = a1111_embeddings(encoder, tokenizer, WEIGHTED_PIECES)
+    assert psnr(last.numpy()[0], ours[1]) < 30  # another layer: 16.2 dB
+
+
+def test_clip_skip_2_image_matches_diffusers_given_the_embeddings(biased_runtime, biased_pipeline):
+    steps, seed = 4, 3
+    ours = biased_runtime(WEIGHTED, negative_prompt=NEGATIVE, steps=steps, scheduler="pndm", seed=seed, clip_skip=2,
+                          progress=False)
+    encoder, tokenizer = biased_pipeline.text_encoder, biased_pipeline.tokenizer
+    pipe = StableDiffusionPipeline(**{**biased_pipeline.components, "scheduler": PNDMScheduler.from_config(
+        biased_runtime.package.scheduler_config)})
+    pipe.set_progress_bar_config(disable=True)
+    reference = pipe(
+        prompt_embeds=clip_skip_2_embeddings(encoder, tokenizer, WEIGHTED_PIECES),
+        negative_prompt_embeds=clip_skip_2_embeddings(encoder, tokenizer, NEGATIVE_PIECES),
+        num_inference_steps=steps, guidance_scale=7.5, output_type="np",
+        latents=torch.from_numpy(draw_noise(np.random.RandomState(seed), latent_shape(biased_pipeline))),
+    ).images[0]
+    assert psnr(reference, pixels(ours.images[0])) >= PSNR_THRESHOLD_DB  # measured 58.4 dB
+    assert ours.parameters[0].endswith(", Clip skip: 2")
 
 
 @pytest.fixture(scope="module")

@@ -116,7 +116,6 @@ def test_canny_preprocessing_is_opencvs():
     (["--controlnet", "TinyCanny", "--control-image", "IMAGE", "--control-start", "0.8", "--control-end", "0.2"],
      "must satisfy 0 <= start < end <= 1"),
     (["--controlnet", "TinyCanny", "--control-image", "IMAGE", "--control-preprocess", "sobel"], "pass canny"),
-    (["--controlnet", "TinyCanny", "--control-image", "IMAGE", "--width", "256"], "package's own size only"),
 ])
 def test_bad_control_input_is_one_line(tiny_controlnet_package, tmp_path, capsys, arguments, message):
     image = tmp_path / "map.png"
@@ -136,17 +135,16 @@ def test_transparent_control_pixels_follow_apples_rule():
     rng = np.random.default_rng(6)
     rgba = rng.integers(0, 256, (64, 64, 4), dtype=np.uint8)
     rgba[..., 3] = np.where(rng.random((64, 64)) < 0.3, 0, rng.integers(1, 256, (64, 64)))
-    ours = control_image_input(Image.fromarray(rgba, "RGBA"), (64, 64), batch=2)
+    ours = control_image_input(Image.fromarray(rgba, "RGBA"), (64, 64))
     planar = rgba[..., :3].astype(np.float32).transpose(2, 0, 1) / 255
     expected = np.where(rgba[..., 3][None] == 0, -1.0, planar)
-    assert ours.shape == (2, 3, 64, 64) and (ours == expected[None]).all() and (ours == -1).any()
+    assert ours.shape == (1, 3, 64, 64) and (ours == expected[None]).all() and (ours == -1).any()
 
 
-def test_sdxl_controlnet_matches_diffusers(tiny_xl_pipeline, tiny_xl_variant, tmp_path_factory):
-    """An SDXL ControlNet (time_ids and text_embeds among its inputs) against diffusers'
-    StableDiffusionXLControlNetPipeline on the tiny-xl weights and the same NumPy-RNG latents."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLControlNetPipeline
-
+@pytest.fixture(scope="module")
+def xl_controlnet(tiny_xl_pipeline, tiny_xl_variant, tmp_path_factory):
+    """The tiny-xl base with a tiny SDXL ControlNet (XlEdges; time_ids and text_embeds among its inputs), converted
+    once without validation (the tests compare with diffusers): (runtime, float32 ControlNet)."""
     from coreml_sd.converter.conversion import ConversionOptions
     from coreml_sd.converter.models.tiny_controlnet import save_tiny_controlnet
 
@@ -154,18 +152,63 @@ def test_sdxl_controlnet_matches_diffusers(tiny_xl_pipeline, tiny_xl_variant, tm
     controlnet = save_tiny_controlnet(tiny_xl_pipeline.unet, 3, root / "xl-edges")
     tiny_xl_variant(ConversionOptions(model="tiny-xl", output=root / "package", controlnets=(str(root / "xl-edges"),),
                                       validate=False), ["ControlledUnet", "controlnet/XlEdges"])
-    runtime = Pipeline.from_package(root / "package", backend="reference")
-    image = control_map(5)
-    ours = runtime(PROMPT, steps=3, seed=5, controls=[ControlRequest("XlEdges", 0.8, image, "")], progress=False)
+    return Pipeline.from_package(root / "package", backend="reference"), controlnet
+
+
+def xl_controlnet_pipeline(tiny_xl_pipeline, controlnet, scheduler_config: dict):
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLControlNetPipeline
+
     components = {k: v for k, v in tiny_xl_pipeline.components.items() if k in (
         "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet")}
-    pipe = StableDiffusionXLControlNetPipeline(
-        **components, controlnet=controlnet, add_watermarker=False,
-        scheduler=EulerDiscreteScheduler.from_config(runtime.package.scheduler_config))
+    pipe = StableDiffusionXLControlNetPipeline(**components, controlnet=controlnet, add_watermarker=False,
+                                               scheduler=EulerDiscreteScheduler.from_config(scheduler_config))
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_sdxl_controlnet_matches_diffusers(tiny_xl_pipeline, xl_controlnet):
+    """An SDXL ControlNet against diffusers' StableDiffusionXLControlNetPipeline on the tiny-xl weights and the same
+    NumPy-RNG latents."""
+    runtime, controlnet = xl_controlnet
+    image = control_map(5)
+    ours = runtime(PROMPT, steps=3, seed=5, controls=[ControlRequest("XlEdges", 0.8, image, "")], progress=False)
+    pipe = xl_controlnet_pipeline(tiny_xl_pipeline, controlnet, runtime.package.scheduler_config)
     latents = torch.from_numpy(draw_noise(np.random.RandomState(5), (1, 4, 16, 16)))
     reference = pipe(PROMPT, image=image, num_inference_steps=3, height=128, width=128, latents=latents,
                      guidance_scale=7.5, controlnet_conditioning_scale=0.8, output_type="np").images[0]
     figure = psnr(reference, pixels(ours.images[0]))
     print(f"SDXL ControlNet: {figure:.1f} dB against diffusers")
     assert figure >= PSNR_THRESHOLD_DB  # measured 58.0 dB
+
+
+def test_sdxl_controlnet_steers_the_base_before_the_refiner(tiny_xl_pipeline, tiny_xl_refiner_pipeline,
+                                                            tiny_xl_packages, xl_controlnet):
+    """With a refiner, the ControlNet steers the base's steps only (the refiner has none), its start and end
+    fractions of the whole schedule: diffusers' StableDiffusionXLControlNetPipeline with denoising_end, then its
+    refiner with denoising_start, as diffusers users run them. The base's part is the ControlNet run's own."""
+    from diffusers import EulerDiscreteScheduler
+
+    runtime, controlnet = xl_controlnet
+    refiner = Pipeline.from_package(tiny_xl_packages("tiny-xl-refiner"), backend="reference")
+    steps, seed, start, end = 4, 6, 0.75, 0.5
+    image = control_map(6)
+    controls = [ControlRequest("XlEdges", 1.0, image, "")]
+    handed_over, unrefined = [], []
+    ours = runtime(PROMPT, steps=steps, seed=seed, controls=controls, control_end=end, refiner=refiner,
+                   refiner_start=start, progress=False,
+                   on_step=lambda done, total, latents: handed_over.append(latents) if done == total else None)
+    runtime(PROMPT, steps=steps, seed=seed, controls=controls, control_end=end, progress=False, output_type="latent",
+            on_step=lambda done, total, latents: unrefined.append(latents))
+    assert torch.equal(handed_over[0], unrefined[round(steps * start) - 1])
+    latents = torch.from_numpy(draw_noise(np.random.RandomState(seed), (1, 4, 16, 16)))
+    base_latents = xl_controlnet_pipeline(tiny_xl_pipeline, controlnet, runtime.package.scheduler_config)(
+        PROMPT, image=image, num_inference_steps=steps, height=128, width=128, latents=latents, guidance_scale=7.5,
+        control_guidance_end=end, denoising_end=start, output_type="latent").images
+    tiny_xl_refiner_pipeline.scheduler = EulerDiscreteScheduler.from_config(refiner.package.scheduler_config)
+    reference = tiny_xl_refiner_pipeline(PROMPT, image=base_latents, num_inference_steps=steps, denoising_start=start,
+                                         guidance_scale=7.5, output_type="np").images[0]
+    figure = psnr(reference, pixels(ours.images[0]))
+    print(f"SDXL ControlNet and refiner: {figure:.1f} dB against diffusers")
+    assert figure >= PSNR_THRESHOLD_DB  # measured 58.2 dB
+    assert "ControlNet 0: \"Model: XlEdges, Weight: 1, Guidance Start: 0, Guidance End: 0.5" in ours.parameters[0]
+    assert f"Refiner: {refiner.package.name}, Refiner start: {start}" in ours.parameters[0]

@@ -15,7 +15,7 @@ from coreml_sd.runtime.sampling import draw_noise
 from coreml_sd.runtime.tiling import Layout, axis_starts
 from coreml_sd.runtime.upscaling import Upscale
 
-from runtime_testing import _with_scheduler, pixels
+from runtime_testing import _with_scheduler, feather, pixels
 
 PROMPT = "a photo of an astronaut riding a horse"
 
@@ -110,18 +110,6 @@ def test_wide_txt2img_matches_diffusers_panorama(pipe, package, tiny_pipeline, m
         output_type="latent",
     ).images
     assert psnr(reference.numpy(), ours.numpy()) >= PARITY_PSNR_DB
-
-
-def feather(length: int, overlap: int, neighbour_before: bool, neighbour_after: bool) -> np.ndarray:
-    """MultiDiffusion's cross-fade along one side of a window, from its definition: a cell at distance d from an edge
-    that meets a neighbour weighs (d + 1/2) / overlap, at most 1."""
-    distance = np.arange(length, dtype=np.float64)
-    weights = np.ones(length)
-    if neighbour_before:
-        weights = np.minimum(weights, (distance + 0.5) / overlap)
-    if neighbour_after:
-        weights = np.minimum(weights, (length - 1 - distance + 0.5) / overlap)
-    return weights
 
 
 @torch.no_grad()

@@ -136,19 +136,19 @@ def test_from_png_reproduces_an_a1111_pictures_settings(tiny_package, tmp_path, 
     code = main(["--from-png", str(source), "--model", str(tiny_package), "--backend", "reference", "-o", str(output)])
     err = capsys.readouterr().err
     assert code == 0, err
-    assert f"warning: {source}: Clip skip 2 is not supported yet; the last layer is used" in err.splitlines()
     written = parse_infotext(Image.open(output).info["parameters"])
     assert (written.prompt, written.negative_prompt) == (parse_infotext(A1111_PARAMETERS).prompt,
                                                         parse_infotext(A1111_PARAMETERS).negative_prompt)
     settings = written.settings
-    assert (settings["Steps"], settings["Sampler"], settings["CFG scale"], settings["Seed"], settings["Size"]) == (
-        "3", "DPM++ 2M Karras", "6.5", "1234", "128x128")
+    assert (settings["Steps"], settings["Sampler"], settings["CFG scale"], settings["Seed"], settings["Size"],
+            settings["Clip skip"]) == ("3", "DPM++ 2M Karras", "6.5", "1234", "128x128", "2")
     # options given on the command line win, and a picture of ours reads back the same way
     code = main(["--from-png", str(output), "--model", str(tiny_package), "--backend", "reference", "--steps", "1",
                  "--seed", "7", "-o", str(tmp_path / "third.png")])
     assert code == 0
     third = parse_infotext(Image.open(tmp_path / "third.png").info["parameters"]).settings
-    assert (third["Steps"], third["Seed"], third["Sampler"], third["CFG scale"]) == ("1", "7", "DPM++ 2M Karras", "6.5")
+    assert (third["Steps"], third["Seed"], third["Sampler"], third["CFG scale"], third["Clip skip"]) == (
+        "1", "7", "DPM++ 2M Karras", "6.5", "2")
 
 
 @pytest.mark.parametrize(("argv", "message"), [

@@ -61,6 +61,15 @@ def test_img2img_equals_coreml_generate(api, generate_cli, tmp_path):
     assert result.parameters["init_images"] is None  # A1111 echoes the inputs only with include_init_images
 
 
+def test_clip_skip_setting_equals_coreml_generate(api, generate_cli):
+    result = api.txt2img(prompt=PROMPT, seed=3, steps=2, cfg_scale=6.0, sampler_name="DDIM", width=128, height=128,
+                         override_settings={"CLIP_stop_at_last_layers": 2})
+    files = generate_cli(PROMPT, "--model", "tiny", "--seed", "3", "--steps", "2", "--guidance-scale", "6",
+                         "--scheduler", "ddim", "--clip-skip", "2")
+    assert png(result) == files[3]
+    assert result.info["clip_skip"] == 2 and result.info["infotexts"][0].endswith(", Clip skip: 2")
+
+
 def test_switching_the_model(api, generate_cli):
     assert api.util_get_model_names() == ["demo", "tiny"]
     assert api.get_options()["sd_model_checkpoint"] == "tiny"
