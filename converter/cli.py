@@ -71,6 +71,11 @@ def list_models(ctx: click.Context, _, value: bool) -> None:
               help="Let the Unet (and ControlNets) take prompts of up to K 77-token chunks (A1111's long prompts): "
               "K > 1 adds a function per length, tokens_154 ... tokens_<77K>, to the same package (weights stored "
               "once); Apple's Swift package runs the 77-token default function. Needs macOS 15 / iOS 18.")
+@click.option("--shared-controlled-unet", is_flag=True,
+              help="With --controlnet: store the ControlledUnet as functions 'controlled' (and "
+              "'controlled_tokens_154', ...) of Unet.mlpackage, the weights once, instead of a second package "
+              "ControlledUnet.mlpackage that holds them again. coreml-generate and apps that load by function name "
+              "run it; Apple's Swift package does not (no --bundle-resources). Needs macOS 15 / iOS 18.")
 @click.option("--guidance-embedding", is_flag=True,
               help="LCM checkpoints whose Unet embeds the guidance scale (time_cond_proj_dim): convert it with the "
               "extra input timestep_cond, which coreml-generate feeds and Apple's Swift package does not.")
@@ -136,8 +141,8 @@ def convert(model: str | None, revision: str | None, model_type: str | None, pre
             config_folder: Path | None, loras: tuple[str, ...], embeddings: tuple[str, ...],
             controlnets: tuple[str, ...], output: Path | None, components: str | None,
             attention_implementation: str, height: int | None, width: int | None, unet_batch_size: int | None,
-            unguided_function: bool, max_prompt_chunks: int, guidance_embedding: bool, clip_skip_layers: int | None,
-            recommend: tuple[str, ...],
+            unguided_function: bool, max_prompt_chunks: int, shared_controlled_unet: bool, guidance_embedding: bool,
+            clip_skip_layers: int | None, recommend: tuple[str, ...],
             quantize_nbits: int | None, quantize_recipe: str | None, quantize_bits: float | None,
             mixed_bit_analysis: Path | None, quantize_granularity: str | None,
             quantize_linear: str | None, min_target: str | None, safety_checker: str | None, vae: str | None,
@@ -177,6 +182,7 @@ def convert(model: str | None, revision: str | None, model_type: str | None, pre
         recommend=recommend,
         unguided_function=unguided_function,
         max_prompt_chunks=max_prompt_chunks,
+        shared_controlled_unet=shared_controlled_unet,
         guidance_embedding=guidance_embedding,
         clip_skip_layers=clip_skip_layers,
         quantize_nbits=quantize_nbits,

@@ -1,7 +1,8 @@
 """Loading a package's components: each on its compute units, now or (with `reduce_memory`) when its stage first
 runs; of a multifunction Unet or ControlNet, the function a call needs: `unguided` for sampling without guidance,
 and the function for the text conditioning's length (`tokens_154`, ...; --max-prompt-chunks), as the manifest
-names them.
+names them; a ControlledUnet held in the Unet's package (--shared-controlled-unet) as its functions `controlled`,
+`controlled_tokens_154`, ...
 """
 from functools import partial
 
@@ -17,10 +18,12 @@ def compute_unit_of(package: Package, name: str, requested: str | None) -> str:
 
 def load_component(package: Package, name: str, backend: str, compute_unit: str | None,
                    reduce_memory: bool = False, function_name: str | None = None) -> Model:
-    """A component (of a multifunction model, function `function_name`), loaded now or, with `reduce_memory`,
-    when it first runs (and unloaded after its stage). A Unet or ControlNet with functions for longer prompts
-    runs the one the text conditioning's length asks for, each loaded when first run."""
+    """A component (of a multifunction model, function `function_name`, by default the one the component is of
+    another's package), loaded now or, with `reduce_memory`, when it first runs (and unloaded after its stage). A
+    Unet or ControlNet with functions for longer prompts runs the one the text conditioning's length asks for, each
+    loaded when first run."""
     files = package.component(name)
+    function_name = function_name or package.component_functions.get(name)
     load = partial(load_model, files, backend, compute_unit_of(package, name, compute_unit), function_name)
     model = ManagedModel(files, load, function_name) if reduce_memory else load()
     return by_prompt_length(package, name, model, backend, compute_unit)

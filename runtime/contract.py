@@ -78,16 +78,21 @@ MULTIFUNCTION_MINIMUM_OS = MinimumOS(macos="15", ios="18")
 
 # A multifunction Unet's (and ControlNet's) functions, one per Unet batch and prompt length: `main` takes the batch
 # of guided sampling (2) and 77 tokens, as Apple's Swift package loads it; `unguided` takes batch 1; a prompt of k
-# 77-token chunks runs `tokens_<77k>` / `unguided_tokens_<77k>`. The manifest lists each function's batch and chunks.
+# 77-token chunks runs `tokens_<77k>` / `unguided_tokens_<77k>`. A Unet package may also hold the ControlledUnet
+# (--shared-controlled-unet): `controlled`, `controlled_tokens_<77k>`, the same weights stored once. The manifest
+# lists each function's batch and chunks, and the component it computes when that is not the package's own.
 MAIN_FUNCTION = "main"
 UNGUIDED_FUNCTION = "unguided"
+CONTROLLED_FUNCTION = "controlled"
 
 
-def function_name(unguided: bool, prompt_chunks: int) -> str:
-    """The name of the function that takes batch 1 (`unguided`) or the guided batch, and `prompt_chunks` chunks."""
+def function_name(unguided: bool, prompt_chunks: int, controlled: bool = False) -> str:
+    """The name of the function that takes batch 1 (`unguided`) or the guided batch, and `prompt_chunks` chunks;
+    `controlled`: of the ControlledUnet held in the Unet's package."""
     tokens = f"tokens_{prompt_chunks * TEXT_LENGTH}" if prompt_chunks > 1 else ""
-    if unguided:
-        return f"{UNGUIDED_FUNCTION}_{tokens}" if tokens else UNGUIDED_FUNCTION
+    prefix = UNGUIDED_FUNCTION if unguided else CONTROLLED_FUNCTION if controlled else ""
+    if prefix:
+        return f"{prefix}_{tokens}" if tokens else prefix
     return tokens or MAIN_FUNCTION
 
 # What each tensor is (its description in Xcode, "sample: noisy latents, (B,4,h,w) float16") and its layout in

@@ -22,6 +22,7 @@ from .contract import (
     BUNDLE_FOLDER,
     CHUNKED_COMPONENTS,
     COMPONENTS,
+    CONTROLLED_UNET,
     CONTROLNET_FOLDER,
     CONTROLNET_PREFIX,
     FAMILY_CONTRACTS,
@@ -75,6 +76,9 @@ class Package:
     # prompt chunks); and the most 77-token prompt chunks the Unet takes (its functions for 1 ... K chunks).
     functions: dict[str, dict[str, tuple[int, int]]] = field(default_factory=dict)
     max_prompt_chunks: int = 1
+    # Components that are a function of another component's model files, by the function's name: the ControlledUnet
+    # held in the Unet's package (--shared-controlled-unet), `components` giving it the Unet's files.
+    component_functions: dict[str, str] = field(default_factory=dict)
     # textual-inversion embeddings: TOKEN -> its tokens, one per vector (TOKEN, TOKENb, ...)
     embeddings: dict[str, list[str]] = field(default_factory=dict)
     pad_token: str = SD_V1_PAD_TOKEN  # what fills the 77 tokens after the end of the prompt
@@ -318,6 +322,8 @@ def load_package(folder: Path, verify: bool = False) -> Package:
         if inside(folder, entry["file"], "the manifest").exists():  # an absent model is a missing component
             check_files(folder, entry["file"], entry.get("files", {}), hashes=verify)
     attention = manifest.get("attention_implementation") or _attention_from_metadata(components[defaults.unet])
+    shared = _shared_components(manifest, defaults.unet)
+    components.update({name: components[defaults.unet] for name in shared})
     return Package(
         path=folder,
         name=package_name,
@@ -339,15 +345,24 @@ def load_package(folder: Path, verify: bool = False) -> Package:
         recommended=_recommended(manifest, folder),
         unguided_function=manifest.get("components", {}).get(defaults.unet, {}).get("unguided_function"),
         functions=_functions(manifest),
+        component_functions=shared,
         max_prompt_chunks=int(manifest.get("components", {}).get(defaults.unet, {}).get("max_prompt_chunks", 1)),
         embeddings=_embeddings(manifest),
         text_encoder_records=_text_encoder_records(manifest, folder, defaults),
     )
 
 
+def _shared_components(manifest: dict, unet: str) -> dict[str, str]:
+    """The components the Unet's package holds as functions, by the function that is each: the ControlledUnet."""
+    entry = manifest.get("components", {}).get(unet, {})
+    function = entry.get("controlled_unet_function") if isinstance(entry, dict) else None
+    return {CONTROLLED_UNET: function} if isinstance(function, str) else {}
+
+
 def _functions(manifest: dict) -> dict[str, dict[str, tuple[int, int]]]:
     """Per multifunction component, each function's (Unet batch, prompt chunks), `main` too (packages converted
-    with --unguided-function before the manifest recorded them give them by their input shapes)."""
+    with --unguided-function before the manifest recorded them give them by their input shapes); the functions
+    that compute another component (the Unet's ControlledUnet) are listed under that one."""
     functions = {}
     for name, entry in manifest.get("components", {}).items():
         if not isinstance(entry, dict) or not entry.get("functions"):
@@ -355,7 +370,7 @@ def _functions(manifest: dict) -> dict[str, dict[str, tuple[int, int]]]:
         functions[name] = {MAIN_FUNCTION: (entry["inputs"]["sample"]["shape"][0], 1)}
         for function, described in entry["functions"].items():
             shapes = described["inputs"]
-            functions[name][function] = (
+            functions.setdefault(described.get("component", name), {})[function] = (
                 described.get("unet_batch_size", shapes["sample"]["shape"][0]),
                 described.get("prompt_chunks", shapes["encoder_hidden_states"]["shape"][-1] // TEXT_LENGTH))
     return functions

@@ -2,7 +2,9 @@
 (coremltools' `save_multifunction`) whose default function `main` takes batch 2 and 77 tokens, as Apple's Swift
 package loads it, and further functions named by `contract.function_name`: `unguided` (batch 1, which
 coreml-generate runs at guidance 1 or below; --unguided-function) and `tokens_154`, `unguided_tokens_154`, ...
-(the text conditioning of 2, 3, ... 77-token prompt chunks; --max-prompt-chunks).
+(the text conditioning of 2, 3, ... 77-token prompt chunks; --max-prompt-chunks). With --shared-controlled-unet
+the Unet's package holds the ControlledUnet too, as `controlled` (and `controlled_tokens_154`, ...), in place of
+Apple's second package ControlledUnet.mlpackage that stores the same weights again.
 
 Every function has fixed shapes: Apple's users measured enumerated shapes about 5x slower
 (apple/ml-stable-diffusion#306), and range shapes keep a model off the Neural Engine and GPU. Their weights are
@@ -19,6 +21,8 @@ import coremltools as ct
 import torch
 
 from coreml_sd.runtime.contract import (
+    CONTROLLED_FUNCTION,
+    CONTROLLED_UNET,
     MAIN_FUNCTION,
     MULTIFUNCTION_MINIMUM_OS,
     TEXT_LENGTH,
@@ -40,21 +44,30 @@ class Function:
 
     name: str
     dims: ModelDimensions
+    computes: str | None = None  # the component it is, where not the package's own (the Unet's ControlledUnet)
+
+    def component(self, package_component: str) -> str:
+        """The component this function computes, in the package of `package_component`."""
+        return self.computes or package_component
 
     def spec(self, source: ModelSource, component: str) -> ComponentSpec:
-        return source.family.spec(component, self.dims)
+        return source.family.spec(self.component(component), self.dims)
 
 
 def component_functions(kind: str, dims: ModelDimensions, unguided_function: bool,
-                        max_prompt_chunks: int) -> list[Function]:
+                        max_prompt_chunks: int, shared_controlled_unet: bool = False) -> list[Function]:
     """The functions of a component after `main` (none: it stays a single-function package): for a Unet with
     `unguided_function` its batch-1 function, and for each prompt length up to `max_prompt_chunks` chunks a
-    function per batch (the Unet's, ControlledUnet's and ControlNets' text conditioning)."""
+    function per batch (the Unet's, ControlledUnet's and ControlNets' text conditioning); for a Unet with
+    `shared_controlled_unet` the ControlledUnet's functions, one per prompt length at the guided batch."""
     batches = [False, True] if unguided_function and kind == "unet" else [False]
     chunks = range(1, max_prompt_chunks + 1) if kind in TOKEN_FUNCTION_KINDS else range(1, 2)
     functions = [Function(function_name(unguided, count),
                           replace(dims, unet_batch_size=1 if unguided else dims.unet_batch_size, prompt_chunks=count))
                  for count in chunks for unguided in batches]
+    if shared_controlled_unet and kind == "unet":
+        functions += [Function(function_name(False, count, controlled=True), replace(dims, prompt_chunks=count),
+                               CONTROLLED_UNET) for count in chunks]
     return [function for function in functions if function.name != MAIN_FUNCTION]
 
 
@@ -65,7 +78,8 @@ def recorded_functions(entry: dict, dims: ModelDimensions) -> list[Function]:
         inputs = recorded["inputs"]
         batch = recorded.get("unet_batch_size", inputs["sample"]["shape"][0])
         chunks = recorded.get("prompt_chunks", inputs["encoder_hidden_states"]["shape"][-1] // TEXT_LENGTH)
-        functions.append(Function(name, replace(dims, unet_batch_size=batch, prompt_chunks=chunks)))
+        functions.append(Function(name, replace(dims, unet_batch_size=batch, prompt_chunks=chunks),
+                                  recorded.get("component")))
     return functions
 
 
@@ -118,15 +132,19 @@ def combine_functions(staged: Path, models: dict[str, ct.models.MLModel],
 
 def manifest_entry(functions: list[Function], source: ModelSource, component: str, max_prompt_chunks: int) -> dict:
     """What the manifest records of a multifunction component beside its entry: each further function's batch,
-    prompt chunks, inputs and outputs, the longest prompt it takes, and the OS versions that load it."""
+    prompt chunks, inputs and outputs (and the component it computes, where not this one), the longest prompt it
+    takes, the OS versions that load it, and which functions serve unguided sampling and the ControlledUnet."""
     entry = {"minimum_os": str(MULTIFUNCTION_MINIMUM_OS), "functions": {}}
     for function in functions:
         spec = function.spec(source, component).to_json()
         entry["functions"][function.name] = {"unet_batch_size": function.dims.unet_batch_size,
                                              "prompt_chunks": function.dims.prompt_chunks,
+                                             **({"component": function.computes} if function.computes else {}),
                                              "inputs": spec["inputs"], "outputs": spec["outputs"]}
     if any(function.name == UNGUIDED_FUNCTION for function in functions):
         entry["unguided_function"] = UNGUIDED_FUNCTION
+    if any(function.name == CONTROLLED_FUNCTION for function in functions):
+        entry["controlled_unet_function"] = CONTROLLED_FUNCTION
     if max_prompt_chunks > 1:
         entry["max_prompt_chunks"] = max_prompt_chunks
     return entry

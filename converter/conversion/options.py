@@ -45,6 +45,7 @@ class ComponentOptions:
     verbose: bool = False  # show coremltools' own progress bars
     unguided_function: bool = False  # the Unet also as a batch-1 function `unguided` (see multifunction.py)
     max_prompt_chunks: int = 1  # the Unet and ControlNets also take 2..K 77-token chunks (see multifunction.py)
+    shared_controlled_unet: bool = False  # the ControlledUnet as functions of the Unet's package (multifunction.py)
 
 
 @dataclass
@@ -58,6 +59,7 @@ class ConversionOptions:
     loras: tuple[str, ...] = ()  # PATH[:SCALE], merged into the Unet and text encoder
     embeddings: tuple[str, ...] = ()  # PATH[:TOKEN], textual-inversion embeddings
     controlnets: tuple[str, ...] = ()  # folders or Hugging Face ids: controlnet/<Name> packages and a ControlledUnet
+    shared_controlled_unet: bool = False  # the ControlledUnet as functions of the Unet's package (multifunction.py)
     components: tuple[str, ...] | None = None  # None: the model family's default components
     attention_implementation: str = "split_einsum"
     height: int | None = None
@@ -92,7 +94,7 @@ class ConversionOptions:
             quantize_linear=linear,
             min_target=target, vae_swapped=bool(self.vae), validate=self.validate,
             validation_seed=self.validation_seed, verbose=self.verbose, unguided_function=self.unguided_function,
-            max_prompt_chunks=self.max_prompt_chunks)
+            max_prompt_chunks=self.max_prompt_chunks, shared_controlled_unet=self.shared_controlled_unet)
 
 
 def compression_modes(options: ConversionOptions) -> tuple[int | None, LinearQuantization | None, int]:
@@ -115,6 +117,8 @@ def compression_modes(options: ConversionOptions) -> tuple[int | None, LinearQua
         needs.append((MULTIFUNCTION_TARGET, f"--max-prompt-chunks {options.max_prompt_chunks} (a multifunction Unet)"))
     if options.unguided_function:
         needs.append((MULTIFUNCTION_TARGET, "--unguided-function (a multifunction Unet)"))
+    if options.shared_controlled_unet:
+        needs.append((MULTIFUNCTION_TARGET, "--shared-controlled-unet (a multifunction Unet)"))
     if linear and linear.minimum_target() > BASE_TARGET:
         needs.append((linear.minimum_target(), f"--quantize-linear {options.quantize_linear}"))
     required, reason = max(needs, default=(BASE_TARGET, ""))
@@ -140,8 +144,16 @@ def check_options(options: ConversionOptions) -> None:
     if options.max_prompt_chunks < 1:
         raise ConversionError(f"--max-prompt-chunks must be at least 1 (got {options.max_prompt_chunks}): 1 is "
                               "77 tokens, each more another 77")
+    if options.shared_controlled_unet and not options.controlnets:
+        raise ConversionError("--shared-controlled-unet stores the ControlledUnet that ControlNets need in the Unet's "
+                              "package: pass --controlnet ID_OR_PATH too, or drop it")
+    if options.shared_controlled_unet and options.bundle_resources:
+        raise ConversionError("--bundle-resources writes Apple's layout, whose Swift package loads "
+                              "ControlledUnet.mlmodelc by its file name: drop --shared-controlled-unet for a Swift "
+                              "bundle (apps that load function 'controlled' of the Unet by name use the package as is)")
     multifunction = [flag for flag, given in (("--unguided-function", options.unguided_function),
-                                              ("--max-prompt-chunks", options.max_prompt_chunks > 1)) if given]
+                                              ("--max-prompt-chunks", options.max_prompt_chunks > 1),
+                                              ("--shared-controlled-unet", options.shared_controlled_unet)) if given]
     if multifunction and options.chunk_unet:
         raise ConversionError(f"{multifunction[0]} adds functions to a Unet in one package: drop --chunk-unet")
     if options.unguided_function and options.unet_batch_size == 1:

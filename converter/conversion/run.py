@@ -14,6 +14,7 @@ import torch
 
 from coreml_sd.runtime.contract import (
     TOKENIZER_FILES,
+    UNET,
     ComponentSpec,
     ModelDimensions,
     chunk_names,
@@ -123,8 +124,8 @@ def convert_model(options: ConversionOptions) -> ConversionReport:
     if options.controlnets:  # the family gains the ControlledUnet here
         controlnet_sources, dims = prepare_controlnets(options.controlnets, source, dims)
     components = chosen_components(source, options.components)
-    if options.controlnets and CONTROLLED_UNET not in components:
-        components = (*components, CONTROLLED_UNET)
+    if options.controlnets:
+        components = with_controlled_unet(components, options.shared_controlled_unet)
     dims = replace(dims, clip_skip_layers=clip_skip_layers(source, components, options.clip_skip_layers))
     source.check_adapters(list(components))
     source.safety_checker = options.safety_checker
@@ -174,6 +175,15 @@ def convert_model(options: ConversionOptions) -> ConversionReport:
         if options.bundle_resources:
             report.bundle = write_bundle(folder.path, source.family)
     return report
+
+
+def with_controlled_unet(components: tuple[str, ...], shared: bool) -> tuple[str, ...]:
+    """The components with the ControlledUnet that ControlNets need: a package of its own (Apple's layout), or
+    functions of the Unet's package (`shared`), which then converts in its place."""
+    if not shared:
+        return components if CONTROLLED_UNET in components else (*components, CONTROLLED_UNET)
+    components = tuple(component for component in components if component != CONTROLLED_UNET)
+    return components if UNET in components else (*components, UNET)
 
 
 def check_recipe(source: ModelSource, components: tuple[str, ...], recipe: recipes.Recipe | None) -> None:
@@ -270,10 +280,12 @@ def convert_component(folder: PackageFolder, source: ModelSource, component: str
             model.save(str(staged))
             del model
             release_memory()
-        functions = component_functions(kind.kind, dims, options.unguided_function, options.max_prompt_chunks)
+        functions = component_functions(kind.kind, dims, options.unguided_function, options.max_prompt_chunks,
+                                        options.shared_controlled_unet)
         if functions:
             with stage(report, component, "functions"):
-                models = {function.name: converted_model(source, component, function.spec(source, component),
+                models = {function.name: converted_model(source, function.component(component),
+                                                         function.spec(source, component),
                                                          precision, nbits, options.attention_implementation,
                                                          options.verbose, target)
                           for function in functions}
@@ -289,8 +301,9 @@ def convert_component(folder: PackageFolder, source: ModelSource, component: str
                                       options.validation_seed, source.latent_scaling_factor, nbits, recipe,
                                       group, linear)
                 for function in functions:
-                    checked = validate(staged, source.family.component(component), function.spec(source, component),
-                                       lambda: source.load(component, torch.float32), options.validation_seed,
+                    computed = function.component(component)
+                    checked = validate(staged, source.family.component(computed), function.spec(source, component),
+                                       lambda: source.load(computed, torch.float32), options.validation_seed,
                                        source.latent_scaling_factor, nbits, function_name=function.name)
                     validation.setdefault("functions", {})[function.name] = checked
             print_validation(component, validation)
@@ -318,6 +331,8 @@ def convert_component(folder: PackageFolder, source: ModelSource, component: str
         if component in installed_names(source, component, options.chunk_unet):
             folder.install(staged, component, entry)
             replaced = chunk_names(component)
+            if any(function.computes == CONTROLLED_UNET for function in functions):
+                replaced += (CONTROLLED_UNET, *chunk_names(CONTROLLED_UNET))  # Apple's second package, before
         else:
             install_chunks(folder, staged, spec, entry, describe_package,
                            validation_inputs(spec, options.validation_seed, source.latent_scaling_factor)

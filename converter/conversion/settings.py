@@ -36,6 +36,8 @@ def component_settings(component: str, source: ModelSource, dims: ModelDimension
         settings.update(attention_implementation=options.attention_implementation, unet_batch_size=dims.unet_batch_size)
         if options.unguided_function:
             settings.update(unguided_function=True)
+        if options.shared_controlled_unet and kind == "unet":
+            settings.update(shared_controlled_unet=True)
         if options.chunk_unet:
             settings.update(chunks=len(chunk_names(component)))
     elif kind == "safety_checker":

@@ -77,9 +77,10 @@ def validate_package(path: Path, seed: int = 0) -> dict[str, dict]:
                                               recorded_recipe(manifest["components"][names[0]]),
                                               settings.get("quantize_group"), recorded_linear(settings))
                 for function in recorded_functions(manifest["components"][names[0]], dims):
+                    computed = function.component(component)  # the Unet's package may hold the ControlledUnet
                     results[component].setdefault("functions", {})[function.name] = validate(
-                        packages[0], origin.family.component(component), function.spec(origin, component),
-                        lambda c=component, o=origin: o.load(c, torch.float32), seed, origin.latent_scaling_factor,
+                        packages[0], origin.family.component(computed), function.spec(origin, component),
+                        lambda c=computed, o=origin: o.load(c, torch.float32), seed, origin.latent_scaling_factor,
                         settings.get("quantize_nbits"), function_name=function.name)
             for name in names:
                 manifest["components"][name]["validation"] = results[component]
