@@ -93,7 +93,8 @@ def test_long_prompt_warns_in_one_line(tiny_package, tmp_path, capsys):
     code, out, err = run(["a " * 80, "--model", str(tiny_package), "--seed", "1", "-o", str(tmp_path), *FAST], capsys)
     assert code == 0
     assert err.strip().splitlines() == [
-        "warning: the prompt is 82 tokens long but CLIP reads 77; the last 5 tokens were dropped ('a a a a a')",
+        "warning: the prompt is 82 tokens long but CLIP reads 77; the last 5 tokens were dropped ('a a a a a'); a "
+        "package converted with coreml-convert --max-prompt-chunks 2 would keep them",
         "warning: 128x128 images are too small for the invisible watermark (256x256 at least): saved without it",
     ]
 
