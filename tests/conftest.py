@@ -7,6 +7,7 @@ the changed option: the converter skips the components whose settings did not ch
 touch the Unet and the VAE only).
 """
 import dataclasses
+import gc
 import os
 import shutil
 from collections.abc import Callable
@@ -28,6 +29,12 @@ def pytest_configure(config):
         import torch
 
         torch.set_num_threads(1)
+
+
+def pytest_collection_finish(session):
+    # What the test modules imported (torch, diffusers, coremltools: some 600,000 objects) lives until the run ends:
+    # left out of garbage collection, each full collection that a test triggers scans only what the tests made.
+    gc.freeze()
 
 
 def shared_temp(tmp_path_factory) -> Path:
