@@ -100,11 +100,14 @@ def assert_package_matches(folder, reference):
     assert psnr(expected_image, pixels(ours)) >= IMAGE_PSNR_DB
 
 
-def test_kohya_then_diffusers_lora_match_diffusers_and_reruns_follow_them(tmp_path, tiny_pipeline, monkeypatch):
+def test_kohya_then_diffusers_lora_match_diffusers_and_reruns_follow_them(tmp_path, tiny_pipeline, tiny_variant,
+                                                                          monkeypatch):
     monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parents[1] / "runtime"))
     kohya = kohya_lora(tiny_pipeline, tmp_path / "style.safetensors")
     output = tmp_path / "package"
-    convert_model(ConversionOptions(model="tiny", output=output, loras=(f"{kohya}:0.8",), validate=False))
+    # the tiny package with the LoRA: only the components it changes convert again
+    tiny_variant(ConversionOptions(model="tiny", output=output, loras=(f"{kohya}:0.8",), validate=False),
+                 ["TextEncoder", "Unet"])
     reference = fused(tiny_pipeline, kohya, 0.8)
     # The LoRA changes the model: without it the package would not match.
     assert not torch.equal(
