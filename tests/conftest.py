@@ -98,13 +98,14 @@ def tiny_packages(converted_once):
 
 
 @pytest.fixture(scope="session")
-def tiny_palettized_unet(converted_once):
-    """A package folder with the `tiny` Unet alone, its weights in 6-bit palettes (converted and validated)."""
+def tiny_palettized_package(tiny_variant, converted_once):
+    """The tiny package with its TextEncoder and Unet in 6-bit palettes (converted and validated again; the other
+    components, which palettes leave alone, as they are)."""
     def build(folder: Path) -> None:
-        report = convert_model(ConversionOptions(model="tiny", output=folder, components=("Unet",), quantize_nbits=6))
-        assert report.converted == ["Unet"]
+        options = ConversionOptions(model="tiny", output=folder, components=tuple(SD.components), quantize_nbits=6)
+        tiny_variant(options, ["TextEncoder", "Unet"])
 
-    return converted_once("tiny-6-bit-unet", build)
+    return converted_once("tiny-6-bit", build)
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ import pytest
 from coreml_sd.converter.bundle import RESOURCES, write_bundle
 from coreml_sd.converter.chunks import WEIGHTS_FILE, split_package
 from coreml_sd.converter.cli import main
+from coreml_sd.converter.conversion import ConversionOptions, convert_model
 from coreml_sd.converter.conversion.metadata import licence_in_card
 from coreml_sd.converter.conversion.program_stats import load_program
 from coreml_sd.converter.docgen.contract_doc import generated
@@ -154,28 +155,13 @@ def test_chunked_bundle_from_the_command_line(tiny_packages, tmp_path, capsys):
     assert "Resources" in capsys.readouterr().out
 
 
-def test_palettized_bundle_from_the_command_line(tiny_packages, tmp_path):
+def test_palettized_bundle_from_the_command_line(tiny_packages, tiny_palettized_package, tmp_path):
     """A bundle of 6-bit packages keeps the float16 contract (palettes change the weights' storage only)."""
-    folder = copy_folder(tiny_packages("split_einsum"), tmp_path / "tiny")
-    float16_bytes = (folder / "Unet.mlpackage" / WEIGHTS_FILE).stat().st_size
+    float16_bytes = (tiny_packages() / "Unet.mlpackage" / WEIGHTS_FILE).stat().st_size
+    folder = copy_folder(tiny_palettized_package, tmp_path / "tiny")
 
-    assert (
-        main(
-            [
-                "--model",
-                "tiny",
-                "-o",
-                str(folder),
-                "--components",
-                "Unet",
-                "--quantize-nbits",
-                "6",
-                "--bundle-resources",
-                "--no-validate",
-            ]
-        )
-        == 0
-    )
+    arguments = ["--model", "tiny", "-o", str(folder), "--quantize-nbits", "6", "--bundle-resources", "--no-validate"]
+    assert main(arguments) == 0
 
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["components"]["Unet"]["settings"]["quantize_nbits"] == 6
@@ -196,11 +182,11 @@ def assert_weights_are_halved(whole: Path, first: Path, second: Path) -> None:
     assert max(weights[1:]) <= MAX_CHUNK_FRACTION * weights[0]
 
 
-def test_palettized_chunks_run_as_the_whole_unet(tiny_palettized_unet, tmp_path):
+def test_palettized_chunks_run_as_the_whole_unet(tiny_palettized_package, tmp_path):
     """chunk 1 -> chunk 2 through the executor gives the whole Unet's output, and neither chunk holds more than
     half the weights + 5% (the palettes counted where their weights are used)."""
-    whole = tiny_palettized_unet / "Unet.mlpackage"
-    unet, first, second = split_unet(tiny_palettized_unet, tmp_path)
+    whole = tiny_palettized_package / "Unet.mlpackage"
+    unet, first, second = split_unet(tiny_palettized_package, tmp_path)
     assert_chunks_chain(unet, first, second)
     assert all(
         "constexpr_lut_to_dense" in {op.op_type for op in load_program(chunk).functions["main"].operations}
@@ -249,11 +235,13 @@ def test_licence_is_read_from_the_model_card_header(card, licence):
     assert licence_in_card(card) == licence
 
 
-def test_bundle_of_a_folder_without_the_pipelines_models_is_refused(tiny_palettized_unet, tmp_path):
-    folder = copy_folder(tiny_palettized_unet, tmp_path / "unet-only")
-    with pytest.raises(ConversionError, match="lacks TextEncoder, VAEDecoder, which StableDiffusionPipeline needs"):
+def test_bundle_of_a_folder_without_the_pipelines_models_is_refused(tmp_path):
+    folder = tmp_path / "text-encoder-only"
+    convert_model(ConversionOptions(model="tiny", output=folder, components=("TextEncoder",), validate=False))
+    with pytest.raises(ConversionError, match="lacks Unet, VAEDecoder, which StableDiffusionPipeline needs"):
         write_bundle(folder, family_by_name("sd"))
-    assert sorted(p.name for p in folder.iterdir()) == ["Unet.mlpackage", "manifest.json", "merges.txt", "vocab.json"]
+    assert sorted(p.name for p in folder.iterdir()) == ["TextEncoder.mlpackage", "manifest.json", "merges.txt",
+                                                         "vocab.json"]
 
 
 def test_compiled_bundle_holds_what_the_swift_package_loads(tiny_packages, tmp_path, capsys):

@@ -63,14 +63,14 @@ def test_palettize_module_changes_large_linear_and_conv_weights_only():
 
 
 @pytest.fixture(scope="module")
-def palettized_unet(tiny_palettized_unet):
+def palettized_unet(tiny_palettized_package):
     assert (
-        json.loads((tiny_palettized_unet / "manifest.json").read_text())["components"]["Unet"]["settings"][
+        json.loads((tiny_palettized_package / "manifest.json").read_text())["components"]["Unet"]["settings"][
             "quantize_nbits"
         ]
         == NBITS
     )
-    return tiny_palettized_unet
+    return tiny_palettized_package
 
 
 def test_every_large_weight_is_stored_as_a_palette(palettized_unet, tiny_pipeline):
@@ -155,10 +155,11 @@ def test_palettizing_group_by_group_stores_what_one_pass_stores(tiny_pipeline, m
     from coreml_sd.converter.sources import ModelParts
     from coreml_sd.runtime.contract import ModelDimensions
 
-    unet = copy.deepcopy(tiny_pipeline.unet).half()
-    palettize_module(unet, NBITS)
-    spec = SD.spec("Unet", ModelDimensions(32, 128, 128))
-    traced = trace(component_module(ModelParts(unet=unet), SD.component("Unet"), "split_einsum"), spec)
+    # the VAE decoder: its weights make as many groups as the Unet's, for a third of its conversion
+    vae = copy.deepcopy(tiny_pipeline.vae).half()
+    palettize_module(vae, NBITS)
+    spec = SD.spec("VAEDecoder", ModelDimensions(32, 128, 128))
+    traced = trace(component_module(ModelParts(vae=vae), SD.component("VAEDecoder"), "split_einsum"), spec)
 
     def stored(group_bytes: int) -> tuple[int, dict]:
         monkeypatch.setattr(palettize, "GROUP_BYTES", group_bytes)
@@ -174,7 +175,7 @@ def test_palettizing_group_by_group_stores_what_one_pass_stores(tiny_pipeline, m
     one_group, in_one_pass = stored(palettize.GROUP_BYTES)
     many_groups, in_groups = stored(64 << 10)
     assert one_group == 1 and many_groups > 5
-    assert in_groups == in_one_pass and len(in_one_pass) > 50
+    assert in_groups == in_one_pass and len(in_one_pass) > 20  # the decoder has 23 weights to palettize
 
 
 def test_only_the_text_encoder_and_unet_depend_on_the_palette_size(tiny_pipeline):
