@@ -1,4 +1,5 @@
 """Handing freed memory back to the system between stages (conversion stages, models the runtime unloads)."""
+import bisect
 import ctypes
 import ctypes.util
 import gc
@@ -53,8 +54,14 @@ def page_out(spans: list[tuple[int, int]]) -> None:
 def file_backed_spans(addresses: list[tuple[int, int]], mapped: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """Those of the (start, end) `addresses` that lie inside file mappings (`file_backed_ranges()`): only they
     are paged out, so that memory a program computed (which only swap could hold) is never touched."""
-    return [(start, end) for start, end in addresses
-            if any(low <= start and end <= high for low, high in mapped)]
+    mapped = sorted(mapped)
+    starts = [low for low, _ in mapped]
+    inside = []
+    for start, end in addresses:
+        index = bisect.bisect_right(starts, start) - 1
+        if index >= 0 and end <= mapped[index][1]:
+            inside.append((start, end))
+    return inside
 
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
