@@ -39,7 +39,7 @@ def report(tmp_path_factory):
 
 def test_every_conversion_is_measured_and_described(report):
     size = VAE_CONFIG["sample_size"]
-    dims = ModelDimensions(TEXT_WIDTH, size, size, unet_batch_size=2)
+    dims = ModelDimensions(TEXT_WIDTH, size, size, unet_batch_size=2, clip_skip_layers=2)
     assert set(report["conversion"]) == {"split_einsum", "split_einsum_v2", "original"}
     assert set(report["conversion"]["split_einsum"]) == {"TextEncoder", "Unet", "VAEDecoder"}
     for implementation, runs in report["conversion"].items():
