@@ -29,26 +29,9 @@ def hub_lora(argument: str) -> tuple[Path, str | None, str]:
 
 def download(hub_id: str, file: str) -> Path:
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-    )
 
-    try:
+    from ..sources.hub import hub_refusals
+
+    with hub_refusals(f"--lora {hub_id}", "pass the LoRA file", file=file,
+                      name_a_file=f"name the file: --lora {hub_id}:FILE"):
         return Path(hf_hub_download(hub_id, file))
-    except GatedRepoError:
-        raise ConversionError(f"--lora {hub_id} is gated: accept its license on huggingface.co and log in "
-                              "(hf auth login), or pass the file") from None
-    except RepositoryNotFoundError:
-        raise ConversionError(f"--lora {hub_id} was not found on the Hugging Face hub (or is private: log in with "
-                              "hf auth login); pass a LoRA file or a hub id (ORG/NAME[:FILE])") from None
-    except LocalEntryNotFoundError:
-        raise ConversionError(f"--lora {hub_id}: {file} is not in the Hugging Face cache and the hub cannot be "
-                              "reached; connect to the network once, or pass the file") from None
-    except EntryNotFoundError:
-        raise ConversionError(f"--lora {hub_id} holds no {file}; name the file: --lora {hub_id}:FILE") from None
-    except HfHubHTTPError as error:
-        raise ConversionError(f"--lora {hub_id}: downloading {file} failed: {str(error).splitlines()[0]}") from None

@@ -17,13 +17,6 @@ import torch
 import transformers
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from huggingface_hub import snapshot_download
-from huggingface_hub.errors import (
-    GatedRepoError,
-    HfHubHTTPError,
-    LocalEntryNotFoundError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
 from safetensors import safe_open
 from tokenizers import Tokenizer
 from transformers import CLIPTextConfig
@@ -31,6 +24,7 @@ from transformers import CLIPTextConfig
 from ..errors import ConversionError
 from ..families import Family, detect_family
 from . import ModelSource, safety_checker
+from .hub import hub_refusals
 
 # What a conversion reads from a diffusers folder; weights in safetensors, else PyTorch pickles.
 HUB_PATTERNS = [
@@ -249,22 +243,8 @@ def vae_folder(vae: str) -> tuple[Path, dict]:
 
 
 def _download(hub_id: str, revision: str | None, patterns: list[str] = HUB_PATTERNS) -> Path:
-    try:
+    with hub_refusals(hub_id, "pass a local diffusers folder", revision=revision):
         return Path(snapshot_download(hub_id, revision=revision, allow_patterns=patterns))
-    except GatedRepoError:
-        raise ConversionError(f"{hub_id} is gated: accept its license on huggingface.co and log in (hf auth login), or "
-                              "pass a local folder") from None
-    except RepositoryNotFoundError:
-        raise ConversionError(f"{hub_id} was not found on the Hugging Face hub (or is private: log in with hf auth "
-                              "login), or pass a local folder") from None
-    except RevisionNotFoundError:
-        raise ConversionError(f"{hub_id} has no revision {revision!r}") from None
-    except LocalEntryNotFoundError:
-        raise ConversionError(f"cannot reach the Hugging Face hub to download {hub_id}, and it is not in the local "
-                              "cache: connect to the network (or log in and accept the model's license), or pass a "
-                              "local diffusers folder") from None
-    except HfHubHTTPError as error:
-        raise ConversionError(f"downloading {hub_id} failed: {str(error).splitlines()[0]}") from None
 
 
 def read_json(path: Path) -> dict:

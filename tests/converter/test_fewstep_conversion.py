@@ -189,8 +189,9 @@ def test_recommend_arguments_and_their_mistakes():
 
 
 def test_a_lora_id_missing_from_an_offline_cache_is_one_line(tmp_path, hub_cache):
-    with pytest.raises(ConversionError, match=r"^--lora latent-consistency/lcm-lora-sdxl: pytorch_lora_weights"
-                                              r"\.safetensors is not in the Hugging Face cache"):
+    line = (r"^cannot reach the Hugging Face hub to download --lora latent-consistency/lcm-lora-sdxl "
+            r"\(pytorch_lora_weights\.safetensors\), and it is not in the local cache")
+    with pytest.raises(ConversionError, match=line):
         convert_model(ConversionOptions(model="tiny", output=tmp_path / "out",
                                         loras=("latent-consistency/lcm-lora-sdxl",)))
     assert not (tmp_path / "out").exists()

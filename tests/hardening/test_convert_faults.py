@@ -197,12 +197,12 @@ def free_port() -> int:
         (
             "some-org/gated",
             "Error: some-org/gated is gated: accept its license on huggingface.co and log in (hf auth "
-            "login), or pass a local folder",
+            "login), or pass a local diffusers folder",
         ),
         (
             "some-org/missing",
             "Error: some-org/missing was not found on the Hugging Face hub (or is private: log in with "
-            "hf auth login), or pass a local folder",
+            "hf auth login), or pass a local diffusers folder",
         ),
         (
             "some-org/unreachable",

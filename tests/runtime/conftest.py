@@ -92,3 +92,11 @@ def tiny_runtime(tiny_package):
     from coreml_sd.runtime import Pipeline
 
     return Pipeline.from_package(tiny_package, backend="reference")
+
+
+@pytest.fixture(scope="session")
+def xl_base(tiny_xl_packages):
+    """The runtime on the tiny-xl base package through the reference executor, loaded once for all tests."""
+    from coreml_sd.runtime import Pipeline
+
+    return Pipeline.from_package(tiny_xl_packages("tiny-xl"), backend="reference")

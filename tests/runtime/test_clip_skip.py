@@ -133,11 +133,6 @@ def test_compel_clip_skip_2_matches_compels_penultimate_layer(tiny_runtime, tiny
             assert psnr(reference(text).numpy()[0], ours[row]) >= EMBEDDING_PSNR_DB
 
 
-@pytest.fixture(scope="module")
-def xl_base(tiny_xl_packages) -> Pipeline:
-    return Pipeline.from_package(tiny_xl_packages("tiny-xl"), backend="reference")
-
-
 def test_sdxl_clip_skip_reads_one_layer_deeper_without_the_norm(xl_base, tiny_xl_pipeline):
     """SDXL's clip skip N is diffusers' clip_skip N - 1: hidden_states[-(N + 1)] of both encoders, no final layer
     norm; the pooled output stays the last layer's."""

@@ -4,7 +4,6 @@ attention mask)."""
 import pytest
 import torch
 
-from coreml_sd.runtime import Pipeline
 from coreml_sd.runtime.cli import main
 from coreml_sd.runtime.conditioning import SizeConditioning
 from coreml_sd.runtime.errors import GenerationError
@@ -32,11 +31,6 @@ def test_sd_compel_matches_compel_on_diffusers(tiny_runtime, tiny_pipeline, prom
     with torch.no_grad():
         for row, text in enumerate((negative, prompt)):
             assert psnr(reference(text).numpy()[0], ours[row]) >= EMBEDDING_PSNR_DB
-
-
-@pytest.fixture(scope="module")
-def xl_base(tiny_xl_packages) -> Pipeline:
-    return Pipeline.from_package(tiny_xl_packages("tiny-xl"), backend="reference")
 
 
 def test_sdxl_compel_matches_compel_on_diffusers_with_pooled(xl_base, tiny_xl_pipeline):

@@ -141,11 +141,6 @@ def test_clip_skip_2_image_matches_diffusers_given_the_embeddings(biased_runtime
     assert ours.parameters[0].endswith(", Clip skip: 2")
 
 
-@pytest.fixture(scope="module")
-def xl_base(tiny_xl_packages) -> Pipeline:
-    return Pipeline.from_package(tiny_xl_packages("tiny-xl"), backend="reference")
-
-
 def test_sdxl_weights_both_encoders_and_keeps_the_pooled_output(xl_base, tiny_xl_pipeline):
     inputs = xl_base.conditioning(WEIGHTED, NEGATIVE, SizeConditioning(), (128, 128))
     hidden = inputs["encoder_hidden_states"][:, :, 0, :].transpose(0, 2, 1)
