@@ -6,15 +6,13 @@ contracting that same axis. Along the scores' other axis (the queries) the eleme
 so the three ops can run on a block of queries at a time: the same ops with the same roundings to
 each value's declared dtype, but S and P never exist whole. At 4096 tokens they are 2 x 4096 x 4096
 values per head, and moving them between float16 and float32 through main memory costs more than
-the matrix products; a block's stay in cache. The blocks run side by side on the cores
-(`block_workers.py`).
+the matrix products; a block's stay in cache.
 """
 import math
 from dataclasses import dataclass
 
 import torch
 
-from .block_workers import run_blocks
 from .steps import OpStep, Output, Widened
 
 BLOCK_ELEMENTS = 2**19  # scores per block: 2 MiB in float32
@@ -113,24 +111,20 @@ class BlockedAttention:
         result = torch.empty(output.shape, dtype=output.dtype, device=queries.device)
         widen_scores = isinstance(self.softmax.tensors["x"], Widened)
         widen_probabilities = isinstance(self.output.tensors[chain.probabilities_operand], Widened)
-
-        def run_block(start: int) -> None:
+        for start in range(0, count, block):
             length = min(block, count - start)
-            block_scores = dict(score_arguments)
-            block_scores[chain.query_operand] = queries.narrow(chain.query_axis, start, length)
-            (scores,) = self.scores.results(block_scores, check_shapes=False)
+            score_arguments[chain.query_operand] = queries.narrow(chain.query_axis, start, length)
+            (scores,) = self.scores.results(score_arguments, check_shapes=False)
             softmax_arguments = dict(self.softmax.bound, x=scores.float() if widen_scores else scores)
             (probabilities,) = self.softmax.results(softmax_arguments, check_shapes=False)
-            block_outputs = dict(output_arguments)
-            block_outputs[chain.probabilities_operand] = probabilities.float() if widen_probabilities else probabilities
-            (block_result,) = self.output.results(block_outputs, check_shapes=False)
+            output_arguments[chain.probabilities_operand] = (probabilities.float() if widen_probabilities
+                                                             else probabilities)
+            (block_result,) = self.output.results(output_arguments, check_shapes=False)
             target = result.narrow(chain.output_axis, start, length)
             if block_result.shape != target.shape:
                 raise RuntimeError(f"executor bug: attention block of {self.name!r} has shape "
                                    f"{tuple(block_result.shape)}")
             target.copy_(block_result)
-
-        run_blocks(run_block, range(0, count, block), queries.device)
         env[output.slot] = result
         for slot in self.release:
             env[slot] = None

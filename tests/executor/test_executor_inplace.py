@@ -1,11 +1,10 @@
-"""Elementwise ops that write into an input nothing else reads (inplace.py), and attention blocks run
-on the block workers (block_workers.py): the values are those of NumPy's float16 arithmetic, and a
-value that other ops still read, or that is a view of one, is never overwritten."""
+"""Elementwise ops that write into an input nothing else reads (inplace.py): the values are those of
+NumPy's float16 arithmetic, and a value that other ops still read, or that is a view of one, is never
+overwritten."""
 import numpy as np
-import torch
 from coremltools.converters.mil import Builder as mb
 
-from coreml_sd.runtime.executor import ReferenceModel, block_workers, fusion
+from coreml_sd.runtime.executor import ReferenceModel
 
 from executor_testing import mil_program, random, save_program
 
@@ -60,34 +59,3 @@ def test_a_view_of_a_value_keeps_its_numbers(tmp_path):
     doubled = half(inputs["x"].astype(np.float32) * 2)
     np.testing.assert_array_equal(outputs["copy"], doubled.reshape(6, 8))
     np.testing.assert_array_equal(outputs["bumped"], half(doubled.astype(np.float32) + 1))
-
-
-def test_attention_blocks_on_workers_equal_blocks_in_order(tmp_path, monkeypatch):
-    """Blocks of a few queries run on the worker threads give the same bits as run one after another."""
-    monkeypatch.setattr(fusion, "BLOCK_ELEMENTS", 64)
-
-    def body(k, q, v):
-        probabilities = mb.softmax(x=mb.matmul(x=k, y=q, transpose_x=True), axis=1)
-        return mb.matmul(x=v, y=probabilities)
-
-    inputs = {name: random((2, 8, 40), seed=i, dtype=np.float16) for i, name in enumerate("kqv")}
-    model = load(body, inputs, tmp_path)
-    assert sum(step.op_type == "attention" for step in model._function.steps) == 1
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        on_workers = model.predict(inputs)
-        assert block_workers._workers() is not None
-        assert torch.get_num_threads() == 2  # the caller's thread count is left as it was
-        monkeypatch.setattr(block_workers, "_workers", lambda: None)
-        in_order = model.predict(inputs)
-    finally:
-        torch.set_num_threads(threads)
-    (name,) = on_workers
-    np.testing.assert_array_equal(on_workers[name], in_order[name])
-    k, q, v = (value.astype(np.float64) for value in inputs.values())
-    scores = np.swapaxes(k, -1, -2) @ q
-    probabilities = np.exp(scores - scores.max(axis=1, keepdims=True))
-    expected = v @ (probabilities / probabilities.sum(axis=1, keepdims=True))
-    # float16 scores and probabilities: measured 0.5% of the largest output
-    np.testing.assert_allclose(on_workers[name], expected, atol=0.02 * np.abs(expected).max())
