@@ -2,7 +2,9 @@
 
 The reference is the original diffusers/transformers module in float32 (not the Neural Engine
 rewrite), so one figure covers both the rewrite and the conversion. The two models run one after
-the other, each released before the next is loaded, so validation never holds both.
+the other, each released before the next is loaded, so validation never holds both: the package first (while
+the least is held), then the reference, which hands each layer's file-mapped weights back after the layer runs
+(`paging`), so that it holds about one layer of its float32 weights, not all of them.
 """
 from pathlib import Path
 
@@ -12,7 +14,7 @@ from diffusers.pipelines.stable_diffusion.safety_checker import cosine_distance
 
 from coreml_sd.runtime.contract import RESIDUAL_PREFIX, ComponentSpec, clip_skip_layer
 from coreml_sd.runtime.executor import ReferenceModel, psnr
-from coreml_sd.runtime.memory import release_memory
+from coreml_sd.runtime.memory import map_large_allocations, release_memory
 
 from ..chunks import chunked_reference_model
 from ..compression import LinearQuantization
@@ -21,6 +23,7 @@ from ..compression.palettize import palettize_parts
 from ..compression.recipe import Recipe, apply_recipe
 from ..families import Component
 from ..sources import ModelParts
+from .paging import page_out_after_use
 
 PSNR_THRESHOLD_DB = 35.0
 TOKEN_RANGE = 49406  # ordinary CLIP tokens; 49406 and 49407 are start and end of text
@@ -118,7 +121,7 @@ def validate(package: Path | tuple[Path, ...], component: Component, spec: Compo
              group: int | None = None, linear: LinearQuantization | None = None,
              function_name: str | None = None) -> dict:
     """PSNR (worst output) and max abs error of the package against the original; `load_reference()`
-    returns the float32 ModelParts and is called only when needed, so nothing else is held then.
+    returns the float32 ModelParts and is called once the package has run and been released.
 
     A palettized package is compared with the original carrying the same palettes (its float32
     weights palettized as the converter palettized the float16 ones), which isolates the conversion;
@@ -128,8 +131,15 @@ def validate(package: Path | tuple[Path, ...], component: Component, spec: Compo
     of packages) runs chunk after chunk, as the Swift package runs it. Of a multifunction package, the function
     `function_name` runs (its default one when None), on inputs of its `spec`."""
 
+    map_large_allocations()
     inputs = validation_inputs(spec, seed, latent_scaling_factor)
+    model = (chunked_reference_model(package) if isinstance(package, tuple)
+             else ReferenceModel(package, function_name=function_name))
+    actual = model.predict(inputs)
+    del model
+    release_memory()
     parts = load_reference()
+    page_out_after_use(getattr(parts, component.module))
     expected = reference_outputs(parts, component, spec, inputs)
     unquantized = None
     if quantize_nbits or recipe or linear:
@@ -142,11 +152,6 @@ def validate(package: Path | tuple[Path, ...], component: Component, spec: Compo
             apply_recipe(getattr(parts, component.module), recipe)
         expected = reference_outputs(parts, component, spec, inputs)
     del parts
-    release_memory()
-    model = (chunked_reference_model(package) if isinstance(package, tuple)
-             else ReferenceModel(package, function_name=function_name))
-    actual = model.predict(inputs)
-    del model
     release_memory()
     non_finite = [name for name in expected if not np.isfinite(actual[name]).all()]
     result = {

@@ -8,6 +8,7 @@ import torch
 from coremltools.converters.mil.frontend.milproto.load import load as load_mil_program
 from coremltools.proto import FeatureTypes_pb2
 
+from .blobs import reading_weights
 from .classifier import detach_classifier
 from .ops.state import StateCell
 from .program import CompiledFunction
@@ -95,7 +96,8 @@ class ReferenceModel:
         spec = mlmodel.get_spec()
         if spec.WhichOneof("Type") != "mlProgram":
             raise ValueError(f"{self.path.name} is a {spec.WhichOneof('Type')} model; only ML Programs can be run")
-        program = load_mil_program(spec, spec.specificationVersion, mlmodel.weights_dir or "")
+        with reading_weights():
+            program = load_mil_program(spec, spec.specificationVersion, mlmodel.weights_dir or "")
         self.function_name = function_name or program.default_function_name
         if self.function_name not in program.functions:
             raise ValueError(f"{self.path.name} has no function {self.function_name!r}; it has "

@@ -5,7 +5,8 @@ dtype, `constexpr_*` ops are decompressed, attribute inputs become Python values
 becomes a step (`steps.py`) that reads its tensor inputs from a slot list, calls the op's function
 from the table, casts its outputs to their declared dtypes and clears the slots whose last reader it
 is, so that a value's memory is released as soon as nothing needs it. Attention chains become one
-step that runs them a block of queries at a time (`fusion.py`).
+step that runs them a block of queries at a time (`fusion.py`); elementwise ops whose input nothing
+else reads write into its memory (`inplace.py`).
 
 Float16 weights stay float16 in memory; an op that computes in float32 widens them when it runs.
 Widening them once at load would hold the weights three times over (float16 + float32 copies: 4.8
@@ -20,6 +21,7 @@ from coremltools.converters.mil.mil import types
 from . import ops  # noqa: F401  (fills the op table)
 from .control_flow import BLOCK_STEPS, CompiledBlock
 from .fusion import BlockedAttention, attention_chain
+from .inplace import write_in_place
 from .registry import OpImplementation, implementation_for
 from .steps import Argument, OpStep, Output, Widened, python_value
 
@@ -126,6 +128,8 @@ class CompiledFunction:
         self.steps = self._compile_operations(function.operations, function.outputs)
         self.output_slots = [(var.name, self._output_source(var)) for var in function.outputs]
         self._release_after_last_use()
+        outputs = {slot for _, slot in self.output_slots if isinstance(slot, int)}
+        self.in_place_steps = write_in_place(self.steps, keep=outputs)
         # The steps hold what they need; the load-time copies can go.
         self._constants.clear()
         self._tensors.clear()
