@@ -35,8 +35,8 @@ def constants(package, reader=None) -> list[np.ndarray]:
 
 
 @pytest.mark.parametrize("package", ["Unet", "TextEncoder", "palettized Unet"])
-def test_weights_read_without_mapping_equal_coremltools_reads(tiny_packages, tiny_palettized_unet, package):
-    path = (tiny_palettized_unet / "Unet.mlpackage" if package == "palettized Unet"
+def test_weights_read_without_mapping_equal_coremltools_reads(tiny_packages, tiny_palettized_package, package):
+    path = (tiny_palettized_package / "Unet.mlpackage" if package == "palettized Unet"
             else tiny_packages("split_einsum") / f"{package}.mlpackage")
     expected, actual = constants(path), constants(path, reading_weights)
     assert len(expected) == len(actual)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 SCRIPT = Path(__file__).parents[2] / "scripts" / "coremltools_op_tests.py"
 SLICE = [
-    "--sample", "12",
+    "--sample", "24",
     "iOS14/test_scatter_gather.py",
     "iOS14/test_image_resizing.py::TestCropResize",
     "iOS15/test_image_resizing.py",

@@ -3,6 +3,7 @@ SillyTavern plugin does, and images equal to `coreml-generate`'s, byte for byte.
 import base64
 import io
 import json
+import shutil
 import threading
 import time
 
@@ -154,14 +155,20 @@ def latest_preview_error(api, **request) -> tuple[float, object]:
     return float(np.abs(preview - blocks).mean()), result
 
 
-def test_the_preview_learns_each_models_colours(api):
+def test_the_preview_learns_each_models_colours(api, packages_root):
     """SD v1's latent colours mean nothing to the demo model's VAE; after one image the preview uses a fit to the
     demo model's own latents and pixels."""
-    request = {"prompt": "a red circle on a white background", "seed": 1, "steps": 40, "cfg_scale": 5.0,
-               "sampler_name": "DPM++ 2M", "width": None, "height": None,
-               "override_settings": {"sd_model_checkpoint": "demo"}}
-    first, _ = latest_preview_error(api, **request)
-    second, result = latest_preview_error(api, **request)
+    # the demo model under a name this server has drawn nothing with (other tests share the server)
+    fresh = shutil.copytree(packages_root / "demo", packages_root / f"demo-{time.monotonic_ns()}")
+    try:
+        request = {"prompt": "a red circle on a white background", "seed": 1, "steps": 40, "cfg_scale": 5.0,
+                   "sampler_name": "DPM++ 2M", "width": None, "height": None,
+                   "override_settings": {"sd_model_checkpoint": fresh.name}}
+        first, _ = latest_preview_error(api, **request)
+        second, result = latest_preview_error(api, **request)
+    finally:
+        api.set_options({"sd_model_checkpoint": "tiny"})
+        shutil.rmtree(fresh)
     assert result.images[0].size == (64, 64)
     assert second < 30 < first, (first, second)  # measured at step 40 of 40: 144 with SD v1's colours, 6.7 after
 
