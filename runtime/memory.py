@@ -2,15 +2,9 @@
 import bisect
 import ctypes
 import ctypes.util
-import functools
 import gc
 import mmap
 import sys
-from collections.abc import Callable
-from typing import ParamSpec, TypeVar
-
-P = ParamSpec("P")
-R = TypeVar("R")
 
 
 def release_memory() -> None:
@@ -24,24 +18,6 @@ def release_memory() -> None:
             malloc_trim(0)
 
 
-def collects_only_new_objects(function: Callable[P, R]) -> Callable[P, R]:
-    """`function` with the objects that exist when it is called left out of every garbage collection while it runs.
-
-    A converter process holds some 600,000 long-lived objects before it converts anything (torch, diffusers,
-    transformers and coremltools, imported), and every full collection, ours in `release_memory` and the automatic
-    ones, scans them all: 0.45 s each, a third of a tiny Unet's conversion. Frozen, a collection scans only what
-    the call made, and still frees all of that. The caller's objects that become garbage meanwhile are freed after
-    the call.
-    """
-    @functools.wraps(function)
-    def call(*args: P.args, **kwargs: P.kwargs) -> R:
-        gc.freeze()
-        try:
-            return function(*args, **kwargs)
-        finally:
-            gc.unfreeze()
-
-    return call
 MADV_PAGEOUT = 21  # Linux 5.4+: reclaim these pages now; a file's clean pages are read back from it when next used
 
 

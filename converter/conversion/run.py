@@ -19,7 +19,7 @@ from coreml_sd.runtime.contract import (
     ModelDimensions,
     chunk_names,
 )
-from coreml_sd.runtime.memory import collects_only_new_objects, release_memory
+from coreml_sd.runtime.memory import release_memory
 
 from ..adapters.embeddings import Embedding
 from ..adapters.lora import Lora
@@ -104,7 +104,6 @@ def is_write_failure(error: Exception) -> bool:
     return "FileWriter" in str(error)
 
 
-@collects_only_new_objects
 def convert_model(options: ConversionOptions) -> ConversionReport:
     check_options(options)
     source = resolve(options.model, options.revision, options.model_type, options.prediction_type, options.config)

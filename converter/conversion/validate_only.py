@@ -5,7 +5,6 @@ import torch
 
 from coreml_sd.runtime.contract import ModelDimensions
 from coreml_sd.runtime.integrity import check_files
-from coreml_sd.runtime.memory import collects_only_new_objects
 
 from ..compression import LinearQuantization, parse_linear
 from ..compression.recipe import Recipe
@@ -48,7 +47,6 @@ def installed_components(manifest: dict) -> dict[str, tuple[str, ...]]:
     return installed
 
 
-@collects_only_new_objects
 def validate_package(path: Path, seed: int = 0) -> dict[str, dict]:
     """Check every component of an existing package folder again (its files' hashes first) and record the results."""
     folder = PackageFolder(path)
