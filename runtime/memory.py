@@ -2,9 +2,16 @@
 import bisect
 import ctypes
 import ctypes.util
+import functools
 import gc
 import mmap
 import sys
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    """The C library, found once: `find_library` runs `ldconfig`, and `page_out` is called after every layer."""
+    return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 
 def release_memory() -> None:
@@ -13,7 +20,7 @@ def release_memory() -> None:
     it), memory the rest of a laptop could have during a run of several minutes."""
     gc.collect()
     if sys.platform.startswith("linux"):
-        malloc_trim = getattr(ctypes.CDLL(ctypes.util.find_library("c")), "malloc_trim", None)
+        malloc_trim = getattr(_libc(), "malloc_trim", None)
         if malloc_trim is not None:  # glibc has it; musl does not
             malloc_trim(0)
 
@@ -43,7 +50,7 @@ def page_out(spans: list[tuple[int, int]]) -> None:
     what they were (the file still holds them); nothing happens off Linux."""
     if not sys.platform.startswith("linux") or not spans:
         return
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc = _libc()
     libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
     page = mmap.PAGESIZE
     for start, end in spans:
@@ -74,6 +81,6 @@ def map_large_allocations() -> None:
     run's activations and per-layer weight copies of up to 32 MiB land in its heap, which they fragment: the
     validation of SD's VAE decoder peaked 0.7 GiB higher after a conversion than with this set."""
     if sys.platform.startswith("linux"):
-        mallopt = getattr(ctypes.CDLL(ctypes.util.find_library("c")), "mallopt", None)
+        mallopt = getattr(_libc(), "mallopt", None)
         if mallopt is not None:  # glibc has it; musl does not
             mallopt(M_MMAP_THRESHOLD, LARGE_ALLOCATION_BYTES)
